@@ -63,7 +63,8 @@ def inner_gradient_step(f, state: tuple[torch.Tensor, ...], k: torch.Tensor, tar
     """
     outer_grad = torch.is_grad_enabled()
     with torch.enable_grad():
-        leaves = [s if s.requires_grad else s.detach().requires_grad_(True) for s in state]
+        # without outer grad, tensors may be no-grad views of parameters: detach them to start a fresh graph
+        leaves = [s if outer_grad and s.requires_grad else s.detach().requires_grad_(True) for s in state]
         pred = per_head_layer_norm(f(k, *leaves), ln_weight, ln_bias)
         # sum_i eta_i * l_i: its gradient is sum_i eta_i * grad l_i
         loss = (0.5 * eta.unsqueeze(-1) * (pred - target) ** 2).sum()
