@@ -1,0 +1,409 @@
+"""CogVideoX with gated, bidirectional TTT layers and segment-local attention.
+
+Design: shared/DESIGN.md, "One transformer block with TTT". Every pretrained module of diffusers'
+CogVideoXTransformer3DModel is kept with its weights and state-dict names; each block gains one TTT layer and four
+gates, and the model gains a scene-boundary embedding. With all gates at 0 and one segment the model is exactly the
+stock CogVideoX.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import CogVideoXTransformer3DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+from diffusers.utils import apply_lora_scale
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .layout import SegmentLayout, num_latent_frames, segment_layout
+from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
+
+TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
+                   "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
+                   "overlap_frames", "checkpoint_ttt")
+TRAINABLE_MODES = ("ttt", "ttt+attn", "lora", "full")
+_ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
+
+
+class CogVideoXTTTBlock(CogVideoXBlock):
+    """A CogVideoXBlock whose attention runs inside segment windows, followed by gated TTT over the whole sequence.
+
+    X' = attn1(norm1(X)) per window;  Z = X' + tanh(a) * TTT(interleave(X'));  Z' = Z + tanh(b) * TTT(reverse(Z));
+    Y = X + gate_msa * Z';  then norm2 + ff exactly as in CogVideoXBlock.
+    """
+
+    def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, time_embed_dim: int,
+                 ttt_layer: TTTLayer, gate_init: float, checkpoint_ttt: bool = False, **block_kwargs):
+        super().__init__(dim, num_attention_heads, attention_head_dim, time_embed_dim, **block_kwargs)
+        self.ttt = ttt_layer
+        self.gate_init, self.checkpoint_ttt = gate_init, checkpoint_ttt
+        self.gate_forward_text = nn.Parameter(torch.full((dim,), float(gate_init)))
+        self.gate_forward_video = nn.Parameter(torch.full((dim,), float(gate_init)))
+        self.gate_reverse_text = nn.Parameter(torch.full((dim,), float(gate_init)))
+        self.gate_reverse_video = nn.Parameter(torch.full((dim,), float(gate_init)))
+
+    def reset_added_parameters(self) -> None:
+        self.ttt.reset_parameters()
+        for gate in (self.gate_forward_text, self.gate_forward_video, self.gate_reverse_text, self.gate_reverse_video):
+            nn.init.constant_(gate, self.gate_init)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, temb: torch.Tensor,
+                layout: SegmentLayout, token_mask: torch.Tensor | None = None,
+                attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden_states: (B, T*hw, W) video; encoder_hidden_states: (B, n*Lt, W) text of all segments;
+        temb: (B, D_t); token_mask: (B, n*Lt + T*hw) canonical, False = never updates the TTT state."""
+        batch, n_text = hidden_states.shape[0], encoder_hidden_states.shape[1]
+        width = hidden_states.shape[-1]
+
+        norm_video, norm_text, gate_msa, enc_gate_msa = self.norm1(hidden_states, encoder_hidden_states, temb)
+
+        # 1. segment-local attention: every window of every sample in ONE batched call
+        mask = layout.window_attn_mask
+        if mask is not None:
+            mask = mask.to(norm_video.dtype).repeat(batch, 1, 1)  # (B*n, 1, Lt + Fw*hw)
+        attn_video, attn_text = self.attn1(
+            hidden_states=layout.to_windows(norm_video),
+            encoder_hidden_states=norm_text.reshape(-1, layout.text_len, width),
+            image_rotary_emb=layout.window_rope,
+            attention_mask=mask,
+            **(attention_kwargs or {}),
+        )
+        x = torch.cat([attn_text.reshape(batch, n_text, width), layout.from_windows(attn_video)], dim=1)
+
+        # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
+        x = self._gated_ttt(x, n_text, layout.forward_order, layout.forward_inverse, layout.forward_rope, token_mask,
+                            self.gate_forward_text, self.gate_forward_video)
+        x = self._gated_ttt(x, n_text, layout.reverse_order, layout.reverse_inverse, layout.reverse_rope, token_mask,
+                            self.gate_reverse_text, self.gate_reverse_video)
+
+        hidden_states = hidden_states + gate_msa * x[:, n_text:]
+        encoder_hidden_states = encoder_hidden_states + enc_gate_msa * x[:, :n_text]
+
+        # 3. feed-forward, as in CogVideoXBlock
+        norm_video, norm_text, gate_ff, enc_gate_ff = self.norm2(hidden_states, encoder_hidden_states, temb)
+        ff_output = self.ff(torch.cat([norm_text, norm_video], dim=1))
+        hidden_states = hidden_states + gate_ff * ff_output[:, n_text:]
+        encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :n_text]
+        return hidden_states, encoder_hidden_states
+
+    def _gated_ttt(self, x, n_text, order, inverse, rope, token_mask, gate_text, gate_video):
+        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W)."""
+        mask = None if token_mask is None else token_mask.index_select(1, order)
+        if self.checkpoint_ttt and torch.is_grad_enabled():
+            y = checkpoint(self.ttt, x.index_select(1, order), mask, rope, use_reentrant=False)
+        else:
+            y = self.ttt(x.index_select(1, order), mask, rope)
+        y = y.index_select(1, inverse)
+        return torch.cat([x[:, :n_text] + torch.tanh(gate_text) * y[:, :n_text],
+                          x[:, n_text:] + torch.tanh(gate_video) * y[:, n_text:]], dim=1)
+
+
+class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
+    """CogVideoXTransformer3DModel + gated bidirectional TTT layers over n segments of 3 s.
+
+    TTT arguments (the base arguments are CogVideoX's own):
+        ttt_type: "mlp" or "linear". ttt_num_heads / ttt_head_dim: default to the attention's.
+        ttt_mini_batch_size, ttt_base_lr: default 64 / 0.1 (MLP), 16 / 1.0 (Linear).
+        ttt_backend: "auto" | "torch" | "triton" | "naive". ttt_checkpoint_group: mini-batches per checkpoint.
+        gate_init: initial alpha of the four gates per block (tanh(0.1) ~ 0.0997); 0 reproduces the base model.
+        latent_frames_first, latent_frames_per_segment: 13 and 12 for CogVideoX (1 + 48 frames, then 48 per 3 s).
+        overlap_frames: 1 puts the last frame of segment i-1 in segment i's attention window (averaged), 0 does not.
+        checkpoint_ttt: activation checkpointing around each TTT call inside a block.
+    """
+
+    _no_split_modules = ["CogVideoXTTTBlock", "CogVideoXPatchEmbed"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_attention_heads: int = 30,
+        attention_head_dim: int = 64,
+        in_channels: int = 16,
+        out_channels: int | None = 16,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        time_embed_dim: int = 512,
+        ofs_embed_dim: int | None = None,
+        text_embed_dim: int = 4096,
+        num_layers: int = 30,
+        dropout: float = 0.0,
+        attention_bias: bool = True,
+        sample_width: int = 90,
+        sample_height: int = 60,
+        sample_frames: int = 49,
+        patch_size: int = 2,
+        patch_size_t: int | None = None,
+        temporal_compression_ratio: int = 4,
+        max_text_seq_length: int = 226,
+        activation_fn: str = "gelu-approximate",
+        timestep_activation_fn: str = "silu",
+        norm_elementwise_affine: bool = True,
+        norm_eps: float = 1e-5,
+        spatial_interpolation_scale: float = 1.875,
+        temporal_interpolation_scale: float = 1.0,
+        use_rotary_positional_embeddings: bool = False,
+        use_learned_positional_embeddings: bool = False,
+        patch_bias: bool = True,
+        ttt_type: str = "mlp",
+        ttt_num_heads: int | None = None,
+        ttt_head_dim: int | None = None,
+        ttt_mini_batch_size: int | None = None,
+        ttt_base_lr: float | None = None,
+        ttt_backend: str = "auto",
+        ttt_checkpoint_group: int = 4,
+        gate_init: float = 0.1,
+        latent_frames_first: int = 13,
+        latent_frames_per_segment: int = 12,
+        overlap_frames: int = 1,
+        checkpoint_ttt: bool = False,
+    ):
+        if patch_size_t is not None:
+            raise ValueError(
+                "CogVideoX 1.5 checkpoints (patch_size_t=2) are not supported: their temporal patches pair latent "
+                "frames, so a 13-frame first segment and 12-frame segments do not fall on patch boundaries")
+        if ttt_type not in TTT_TYPES:
+            raise ValueError(f"ttt_type must be one of {TTT_TYPES}, got {ttt_type!r}")
+        if overlap_frames not in (0, 1):
+            raise ValueError(f"overlap_frames must be 0 or 1, got {overlap_frames}")
+        if latent_frames_first < 1 or latent_frames_per_segment < 1:
+            raise ValueError("latent_frames_first and latent_frames_per_segment must be >= 1, got "
+                             f"{latent_frames_first} and {latent_frames_per_segment}")
+        window_frames = max(latent_frames_first, latent_frames_per_segment + overlap_frames)
+        if use_learned_positional_embeddings and (sample_frames - 1) // temporal_compression_ratio + 1 != window_frames:
+            raise ValueError(
+                f"learned positional embeddings are tied to {(sample_frames - 1) // temporal_compression_ratio + 1} "
+                f"latent frames but the attention windows hold {window_frames}; choose latent_frames_first / "
+                "latent_frames_per_segment / overlap_frames to match")
+        super().__init__(
+            num_attention_heads=num_attention_heads, attention_head_dim=attention_head_dim, in_channels=in_channels,
+            out_channels=out_channels, flip_sin_to_cos=flip_sin_to_cos, freq_shift=freq_shift,
+            time_embed_dim=time_embed_dim, ofs_embed_dim=ofs_embed_dim, text_embed_dim=text_embed_dim,
+            num_layers=num_layers, dropout=dropout, attention_bias=attention_bias, sample_width=sample_width,
+            sample_height=sample_height, sample_frames=sample_frames, patch_size=patch_size, patch_size_t=patch_size_t,
+            temporal_compression_ratio=temporal_compression_ratio, max_text_seq_length=max_text_seq_length,
+            activation_fn=activation_fn, timestep_activation_fn=timestep_activation_fn,
+            norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
+            spatial_interpolation_scale=spatial_interpolation_scale,
+            temporal_interpolation_scale=temporal_interpolation_scale,
+            use_rotary_positional_embeddings=use_rotary_positional_embeddings,
+            use_learned_positional_embeddings=use_learned_positional_embeddings, patch_bias=patch_bias,
+        )
+        inner_dim = num_attention_heads * attention_head_dim
+        heads = ttt_num_heads or num_attention_heads
+        head_dim = ttt_head_dim or attention_head_dim
+        check_rope_head_dim(head_dim)
+        self.transformer_blocks = nn.ModuleList([
+            CogVideoXTTTBlock(
+                inner_dim, num_attention_heads, attention_head_dim, time_embed_dim,
+                ttt_layer=TTTLayer(inner_dim, heads, head_dim, ttt_type, ttt_mini_batch_size, ttt_base_lr, ttt_backend,
+                                   ttt_checkpoint_group),
+                gate_init=gate_init, checkpoint_ttt=checkpoint_ttt, dropout=dropout, activation_fn=activation_fn,
+                attention_bias=attention_bias, norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
+            )
+            for _ in range(num_layers)
+        ])
+        # added to the text tokens of a segment that opens a new scene; 0 at init keeps the base model exact
+        self.scene_embedding = nn.Parameter(torch.zeros(inner_dim))
+
+    # building from a pretrained CogVideoX
+
+    @classmethod
+    def from_base(cls, base: CogVideoXTransformer3DModel | str | os.PathLike, *, subfolder: str | None = None,
+                  torch_dtype: torch.dtype | None = None, adapter: str | os.PathLike | None = None,
+                  **ttt_config) -> CogVideoXTTTTransformer3DModel:
+        """Insert TTT into a pretrained CogVideoX: an object, a local diffusers directory or a hub id
+        (e.g. "THUDM/CogVideoX-5b" with subfolder="transformer"). The base weights are kept as they are; the
+        added weights are initialised (or read from `adapter`, a file written by `save_adapter`)."""
+        unknown = sorted(set(ttt_config) - set(TTT_CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"unknown TTT config keys {unknown}; known: {list(TTT_CONFIG_KEYS)}")
+        if isinstance(base, (str, os.PathLike)):
+            base = CogVideoXTransformer3DModel.from_pretrained(base, subfolder=subfolder, torch_dtype=torch_dtype)
+        elif not isinstance(base, CogVideoXTransformer3DModel):
+            raise TypeError(f"base must be a CogVideoXTransformer3DModel, a directory or a hub id, got {type(base)}")
+        if isinstance(base, cls):
+            raise ValueError("base already has TTT layers; load it with from_pretrained instead")
+        config = {k: v for k, v in base.config.items() if not k.startswith("_")}
+        with init_empty_weights():
+            model = cls(**config, **ttt_config)
+        state = base.state_dict()
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        added = set(model.added_parameter_names())
+        not_loaded = sorted(set(missing) - added)
+        if unexpected or not_loaded:
+            raise ValueError(f"base weights do not fit: unexpected {unexpected}, missing {not_loaded}")
+        param = next(iter(state.values()))
+        model._materialize_added(param.device, param.dtype)
+        if adapter is not None:
+            model.load_adapter(adapter)
+        return model.train(base.training)
+
+    def _materialize_added(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Give the added parameters (left on the meta device by init_empty_weights) real storage and init."""
+        for name in self.added_parameter_names():
+            module_name, _, attr = name.rpartition(".")
+            module = self.get_submodule(module_name) if module_name else self
+            old = getattr(module, attr)
+            setattr(module, attr, nn.Parameter(torch.zeros(old.shape, device=device, dtype=dtype)))
+        for block in self.transformer_blocks:
+            block.reset_added_parameters()
+        nn.init.zeros_(self.scene_embedding)
+
+    # parameter groups
+
+    def added_parameter_names(self) -> list[str]:
+        """Names of the parameters TTT adds to CogVideoX (TTT layers, gates, scene embedding)."""
+        return [n for n, _ in self.named_parameters()
+                if ".ttt." in n or ".gate_forward_" in n or ".gate_reverse_" in n or n == "scene_embedding"]
+
+    ttt_parameter_names = added_parameter_names
+
+    def no_weight_decay_names(self) -> list[str]:
+        """Biases, norms, gates, the scene embedding and the TTT LN affine / inner biases: trained without decay."""
+        inner_biases = (".ttt.b1", ".ttt.b2", ".ttt.b", ".ttt.ln_weight", ".ttt.ln_bias", ".ttt.lr_bias")
+        return [n for n, p in self.named_parameters()
+                if n.endswith("bias") or "norm" in n or ".gate_" in n or n == "scene_embedding" or p.dim() < 2
+                or n.endswith(inner_biases)]
+
+    def set_trainable(self, mode: str) -> list[str]:
+        """requires_grad by mode: "ttt" (TTT + gates + scene embedding), "ttt+attn" (+ attention q/k/v/o and
+        qk-norms), "lora" (TTT + PEFT LoRA weights added with `add_adapter`), "full". Returns the trainable names."""
+        if mode not in TRAINABLE_MODES:
+            raise ValueError(f"trainable mode must be one of {TRAINABLE_MODES}, got {mode!r}")
+        added = set(self.added_parameter_names())
+        names = []
+        for name, p in self.named_parameters():
+            train = (mode == "full" or name in added
+                     or (mode == "ttt+attn" and any(k in name for k in _ATTN_TRAINABLE))
+                     or (mode == "lora" and "lora_" in name))
+            p.requires_grad_(train)
+            if train:
+                names.append(name)
+        if mode == "lora" and not any("lora_" in n for n in names):
+            raise ValueError('trainable mode "lora" needs LoRA layers: call add_adapter(LoraConfig(...)) first')
+        return names
+
+    # adapters: the added weights alone
+
+    def ttt_config(self) -> dict:
+        return {k: self.config[k] for k in TTT_CONFIG_KEYS}
+
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        """Write the added weights (safetensors) with the TTT config in the metadata; atomic (temp + rename)."""
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
+                   if n in set(self.added_parameter_names())}
+        tmp = f"{os.fspath(path)}.tmp"
+        save_file(tensors, tmp, metadata={"ttt_config": json.dumps(self.ttt_config())})
+        os.replace(tmp, path)
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Read the added weights written by `save_adapter`; every added weight must be present and fit."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TTT adapter file not found: {path}")
+        tensors = load_file(os.fspath(path))
+        expected = set(self.added_parameter_names())
+        missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{path}: adapter does not fit this model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}); was it saved from a model with the same TTT config?")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if params[name].shape != tensor.shape:
+                    raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                                     f"the model expects {tuple(params[name].shape)}")
+                params[name].copy_(tensor)
+
+    # forward
+
+    def num_latent_frames(self, num_segments: int) -> int:
+        """Latent frames of n segments: latent_frames_first + (n - 1) * latent_frames_per_segment."""
+        return num_latent_frames(num_segments, self.config.latent_frames_first, self.config.latent_frames_per_segment)
+
+    def segment_layout(self, num_segments: int, height: int, width: int, device: torch.device) -> SegmentLayout:
+        """The (cached) layout for n segments on a latent grid of height x width."""
+        c, p = self.config, self.config.patch_size
+        return segment_layout(
+            num_segments, c.latent_frames_first, c.latent_frames_per_segment, c.overlap_frames, c.max_text_seq_length,
+            (height // p, width // p), (c.sample_height // p, c.sample_width // p),
+            c.attention_head_dim if c.use_rotary_positional_embeddings else None,
+            self.transformer_blocks[0].ttt.head_dim, str(device),
+        )
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        timestep: int | float | torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        scene_start: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        ofs: int | float | torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> tuple[torch.Tensor] | Transformer2DModelOutput:
+        """Denoising prediction for n segments.
+
+        hidden_states: (B, T, C, h, w) latents with T = num_latent_frames(n);
+        encoder_hidden_states: (B, n, L_text, D_text) per-segment text embeddings, L_text = max_text_seq_length;
+        timestep: (B,) or scalar; encoder_attention_mask: (B, n, L_text), 0 on text padding (those tokens do not
+        update the TTT state); scene_start: (B, n) bool, True where a segment opens a new scene.
+        Returns sample (B, T, C, h, w).
+        """
+        batch, frames, _, height, width = hidden_states.shape
+        if encoder_hidden_states.dim() != 4:
+            raise ValueError("encoder_hidden_states must be (B, n_segments, L_text, D_text), got shape "
+                             f"{tuple(encoder_hidden_states.shape)}")
+        n, text_len = encoder_hidden_states.shape[1:3]
+        if frames != self.num_latent_frames(n):
+            raise ValueError(f"{n} segments need {self.num_latent_frames(n)} latent frames, got {frames}")
+        if text_len != self.config.max_text_seq_length:
+            raise ValueError(f"text length must be max_text_seq_length={self.config.max_text_seq_length}, "
+                             f"got {text_len}")
+        layout = self.segment_layout(n, height, width, hidden_states.device)
+
+        # 1. time embedding
+        emb = self.time_embedding(self.time_proj(timestep).to(hidden_states.dtype), timestep_cond)
+        if self.ofs_embedding is not None:
+            emb = emb + self.ofs_embedding(self.ofs_proj(ofs).to(hidden_states.dtype))
+
+        # 2. patch embedding per window (text of segment i + its frames), then back to one sequence
+        windows = hidden_states.index_select(1, layout.window_frames.flatten())  # (B, n*Fw, C, h, w)
+        windows = windows.reshape(batch * n, layout.window_frames_count, *windows.shape[2:])
+        tokens = self.embedding_dropout(self.patch_embed(encoder_hidden_states.flatten(0, 1), windows))
+        text = tokens[:, :text_len].unflatten(0, (batch, n))  # (B, n, Lt, W)
+        if scene_start is not None:
+            text = text + scene_start[:, :, None, None].to(text.dtype) * self.scene_embedding.to(text.dtype)
+        text = text.flatten(1, 2)  # (B, n*Lt, W)
+        video = layout.from_windows(tokens[:, text_len:])  # (B, T*hw, W)
+
+        token_mask = None
+        if encoder_attention_mask is not None:
+            token_mask = torch.cat([encoder_attention_mask.reshape(batch, -1).bool(),
+                                    torch.ones(batch, video.shape[1], dtype=torch.bool, device=video.device)], dim=1)
+
+        # 3. blocks
+        for block in self.transformer_blocks:
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                video, text = self._gradient_checkpointing_func(block, video, text, emb, layout, token_mask,
+                                                                attention_kwargs)
+            else:
+                video, text = block(video, text, emb, layout, token_mask, attention_kwargs)
+
+        # 4. output, as in CogVideoXTransformer3DModel
+        video = self.proj_out(self.norm_out(self.norm_final(video), temb=emb))
+        p = self.config.patch_size
+        output = video.reshape(batch, frames, height // p, width // p, -1, p, p)
+        output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)

@@ -1,0 +1,128 @@
+"""The TTT layer: projections, per-head norms, RoPE and the learned inner learning rate around the TTT op.
+
+Design: shared/DESIGN.md, "The TTT layer". x (B, L, width) → wq/wk/wv → heads → L2-normalised q, k → 3-D RoPE
+(given as tables; identity on text) → target v' = LN_h(v - k) + k → eta = base_lr * sigmoid(x . w_h + b_h) /
+(head_dim * m), 0 on masked tokens → TTT op → post-LayerNorm → wo.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+from torch import nn
+
+from kernels import ttt_linear, ttt_mlp
+from kernels.common import per_head_layer_norm
+
+TTT_TYPES = ("mlp", "linear")
+DEFAULT_MINI_BATCH = {"mlp": 64, "linear": 16}
+DEFAULT_BASE_LR = {"mlp": 0.1, "linear": 1.0}
+
+
+class TTTLayer(nn.Module):
+    """TTT-MLP / TTT-Linear sequence layer (the gates live in the block that uses it).
+
+    Args:
+        width: model width W. num_heads, head_dim: H x D of the TTT heads (need not equal W).
+        ttt_type: "mlp" (f(x) = gelu_tanh(x W1 + b1) W2 + b2, hidden 4D) or "linear" (f(x) = x W + b).
+        mini_batch_size: m, tokens per inner gradient step (default 64 for MLP, 16 for Linear).
+        base_lr: inner learning rate scale (default 0.1 for MLP, 1.0 for Linear).
+        backend: the op backend, "auto" | "torch" | "triton" | "naive".
+        checkpoint_group: mini-batches per activation checkpoint inside the op.
+    """
+
+    def __init__(self, width: int, num_heads: int, head_dim: int, ttt_type: str = "mlp",
+                 mini_batch_size: int | None = None, base_lr: float | None = None, backend: str = "auto",
+                 checkpoint_group: int = 4):
+        super().__init__()
+        if ttt_type not in TTT_TYPES:
+            raise ValueError(f"ttt_type must be one of {TTT_TYPES}, got {ttt_type!r}")
+        self.ttt_type, self.num_heads, self.head_dim = ttt_type, num_heads, head_dim
+        self.mini_batch_size = mini_batch_size or DEFAULT_MINI_BATCH[ttt_type]
+        self.base_lr = DEFAULT_BASE_LR[ttt_type] if base_lr is None else base_lr
+        self.backend, self.checkpoint_group = backend, checkpoint_group
+        inner = num_heads * head_dim
+        self.wq, self.wk, self.wv = (nn.Linear(width, inner) for _ in range(3))
+        self.wo = nn.Linear(inner, width)
+        self.ln_weight = nn.Parameter(torch.ones(num_heads, head_dim))  # the op's per-head LN affine (shared by LN_h)
+        self.ln_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.lr_weight = nn.Parameter(torch.empty(num_heads, width))  # w_h of the inner learning rate
+        self.lr_bias = nn.Parameter(torch.zeros(num_heads))
+        if ttt_type == "mlp":
+            hidden = 4 * head_dim
+            self.w1 = nn.Parameter(torch.empty(num_heads, head_dim, hidden))
+            self.b1 = nn.Parameter(torch.zeros(num_heads, hidden))
+            self.w2 = nn.Parameter(torch.empty(num_heads, hidden, head_dim))
+            self.b2 = nn.Parameter(torch.zeros(num_heads, head_dim))
+        else:
+            self.w = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
+            self.b = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.post_norm = nn.LayerNorm(width, eps=1e-6)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Init of DESIGN.md: weights ~ N(0, 0.02), biases 0, LN affine (1, 0)."""
+        for name, p in self.named_parameters(recurse=False):
+            if name == "ln_weight":
+                nn.init.ones_(p)
+            elif name in ("w1", "w2", "w", "lr_weight"):
+                nn.init.normal_(p, std=0.02)
+            else:  # b1, b2, b, ln_bias, lr_bias
+                nn.init.zeros_(p)
+        for lin in (self.wq, self.wk, self.wv, self.wo):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        self.post_norm.reset_parameters()
+
+    @property
+    def inner_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.w1, self.b1, self.w2, self.b2) if self.ttt_type == "mlp" else (self.w, self.b)
+
+    def inner_lr(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """eta (B, H, L) from x (B, L, W); 0 where token_mask (B, L) is False."""
+        logits = torch.einsum("blw,hw->bhl", x, self.lr_weight.to(x.dtype)) + self.lr_bias.to(x.dtype)[None, :, None]
+        eta = self.base_lr * torch.sigmoid(logits.float()) / (self.head_dim * self.mini_batch_size)
+        if token_mask is not None:
+            eta = eta * token_mask[:, None, :].to(eta.dtype)
+        return eta
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, initial_state=None,
+                return_state: bool = False):
+        """x: (B, L, W); token_mask: (B, L) bool (False = never updates the state); rope: (cos, sin) each (L, D).
+
+        Returns (B, L, W), and with return_state also the final inner state (leading B, fp32).
+        """
+        b, length, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H*D) -> (B, H, L, D)
+            return t.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q = F.normalize(heads(self.wq(x)), dim=-1)
+        k = F.normalize(heads(self.wk(x)), dim=-1)
+        v = heads(self.wv(x))
+        if rope is not None:
+            q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
+        # normalised reconstruction target: the op sees v' - k = LN_h(v - k)
+        target = k + per_head_layer_norm(v - k, self.ln_weight, self.ln_bias).to(k.dtype)
+        eta = self.inner_lr(x, token_mask)  # (B, H, L)
+        op = ttt_mlp if self.ttt_type == "mlp" else ttt_linear
+        result = op(q, k, target, eta, *self.inner_weights, self.ln_weight, self.ln_bias,
+                    mini_batch_size=self.mini_batch_size, initial_state=initial_state, return_state=return_state,
+                    checkpoint_group=self.checkpoint_group, backend=self.backend)
+        out, state = result if return_state else (result, None)
+        out = self.wo(self.post_norm(out.transpose(1, 2).reshape(b, length, -1)))
+        return (out, state) if return_state else out
+
+    def extra_repr(self) -> str:
+        return (f"ttt_type={self.ttt_type}, heads={self.num_heads}x{self.head_dim}, "
+                f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, backend={self.backend!r}")
+
+
+def check_rope_head_dim(head_dim: int) -> None:
+    """diffusers' 3-D RoPE splits D as D/4 (t), 3D/8 (h), 3D/8 (w), each even."""
+    if head_dim % 16:
+        raise ValueError(f"TTT head_dim must be a multiple of 16 for 3-D RoPE, got {head_dim}")
+
+
