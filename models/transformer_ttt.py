@@ -221,7 +221,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
                   **ttt_config) -> CogVideoXTTTTransformer3DModel:
         """Insert TTT into a pretrained CogVideoX: an object, a local diffusers directory or a hub id
         (e.g. "THUDM/CogVideoX-5b" with subfolder="transformer"). The base weights are kept as they are; the
-        added weights are initialised (or read from `adapter`, a file written by `save_adapter`)."""
+        added weights are initialised (or read from `adapter`, a file written by `save_adapter`). A base object's
+        tensors are shared, not copied (no second 5B copy in memory): pass a deep copy to keep the base untouched."""
         unknown = sorted(set(ttt_config) - set(TTT_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"unknown TTT config keys {unknown}; known: {list(TTT_CONFIG_KEYS)}")

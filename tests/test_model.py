@@ -1,0 +1,219 @@
+"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (shared/DESIGN.md, "One transformer block with TTT")."""
+
+import copy
+
+import pytest
+import torch
+from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+from peft import LoraConfig
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer, tiny_transformer_config
+
+from models import CogVideoXTTTTransformer3DModel, segment_layout
+
+GRID = 2  # 4x4 latents, patch 2
+
+
+def ttt_model(base, **config) -> CogVideoXTTTTransformer3DModel:
+    config = {"latent_frames_first": FRAMES_FIRST, "latent_frames_per_segment": FRAMES_PER_SEGMENT,
+              "ttt_mini_batch_size": 16, "ttt_backend": "torch", **config}
+    return CogVideoXTTTTransformer3DModel.from_base(base, **config)
+
+
+def inputs(num_segments: int, batch: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    frames = FRAMES_FIRST + (num_segments - 1) * FRAMES_PER_SEGMENT
+    latents = torch.randn(batch, frames, LATENT_CHANNELS, 4, 4, generator=g)
+    text = torch.randn(batch, num_segments, TEXT_LEN, 16, generator=g)
+    return latents, text, torch.tensor([999, 17][:batch])
+
+
+def stock_rope(frames: int):
+    """RoPE exactly as diffusers' CogVideoXPipeline prepares it for `frames` latent frames."""
+    crops = get_resize_crop_region_for_grid((GRID, GRID), GRID, GRID)
+    return get_3d_rotary_pos_embed(16, crops, (GRID, GRID), frames)
+
+
+def segment_frames(num_segments: int) -> list[slice]:
+    bounds = [0] + [FRAMES_FIRST + i * FRAMES_PER_SEGMENT for i in range(num_segments)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return tiny_transformer(seed=0)
+
+
+@pytest.mark.parametrize("ttt_type", ["mlp", "linear"])
+def test_gates_zero_one_segment_equals_stock_cogvideox(base, ttt_type):
+    model = ttt_model(base, ttt_type=ttt_type, gate_init=0.0)
+    latents, text, t = inputs(1)
+    with torch.no_grad():
+        expected = base(latents, text[:, 0], t, image_rotary_emb=stock_rope(FRAMES_FIRST)).sample
+        got = model(latents, text, t).sample
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_gates_zero_segments_without_overlap_equal_stock_per_segment(base):
+    model = ttt_model(base, gate_init=0.0, overlap_frames=0)
+    latents, text, t = inputs(4)
+    with torch.no_grad():
+        got = model(latents, text, t).sample
+        for i, frames in enumerate(segment_frames(4)):
+            n = frames.stop - frames.start
+            expected = base(latents[:, frames], text[:, i], t, image_rotary_emb=stock_rope(n)).sample
+            torch.testing.assert_close(got[:, frames], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_ttt_is_the_only_long_range_path(base, overlap):
+    latents, text, t = inputs(4)
+    changed = text.clone()
+    changed[:, 0] += 1.0
+    last = segment_frames(4)[-1]
+    for gate, expect_change in [(0.5, True), (0.0, False)]:
+        model = ttt_model(base, gate_init=gate, overlap_frames=overlap)
+        with torch.no_grad():
+            a, b = model(latents, text, t).sample[:, last], model(latents, changed, t).sample[:, last]
+        diff = (a - b).abs().max().item()
+        assert (diff > 1e-4) if expect_change else (diff == 0.0), (gate, diff)
+
+
+def test_all_windows_run_in_one_attention_call(base):
+    model = ttt_model(base)
+    calls = []
+    model.transformer_blocks[0].attn1.register_forward_hook(lambda m, args, out: calls.append(out[0].shape))
+    latents, text, t = inputs(5, batch=2)
+    with torch.no_grad():
+        model(latents, text, t)
+    assert len(calls) == 1 and calls[0][0] == 2 * 5  # batch x segments folded into one batch
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+def test_layout_maps(overlap):
+    n, text_len, hw = 3, 4, GRID * GRID
+    layout = segment_layout(n, FRAMES_FIRST, FRAMES_PER_SEGMENT, overlap, text_len, (GRID, GRID), (GRID, GRID), 16, 16)
+    total = n * text_len + layout.num_frames * hw
+    for order, inverse in [(layout.forward_order, layout.forward_inverse),
+                           (layout.reverse_order, layout.reverse_inverse)]:
+        assert torch.equal(order[inverse], torch.arange(total))
+        assert torch.equal(inverse[order], torch.arange(total))
+    # forward: text_i then the frames of segment i in order; reverse: text_n first, frames reversed, raster kept
+    video = lambda f: (n * text_len + f * hw + torch.arange(hw)).tolist()  # noqa: E731
+    text = lambda i: list(range(i * text_len, (i + 1) * text_len))  # noqa: E731
+    segments = [range(s.start, s.stop) for s in segment_frames(n)]
+    expected_forward = [x for i in range(n) for x in text(i) + sum((video(f) for f in segments[i]), [])]
+    expected_reverse = [x for i in reversed(range(n)) for x in text(i) + sum((video(f) for f in reversed(segments[i])), [])]
+    assert layout.forward_order.tolist() == expected_forward
+    assert layout.reverse_order.tolist() == expected_reverse
+    x = torch.randn(2, layout.num_frames * hw, 3)
+    torch.testing.assert_close(layout.from_windows(layout.to_windows(x)), x)
+
+
+def test_save_load_round_trip(base, tmp_path):
+    model = ttt_model(base, gate_init=0.3)
+    latents, text, t = inputs(2)
+    model.save_pretrained(tmp_path / "ttt")
+    loaded = CogVideoXTTTTransformer3DModel.from_pretrained(tmp_path / "ttt")
+    assert loaded.config.latent_frames_per_segment == FRAMES_PER_SEGMENT and loaded.config.ttt_type == "mlp"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(latents, text, t).sample, model(latents, text, t).sample, atol=0, rtol=0)
+
+
+def test_from_base_directory_and_adapter(base, tmp_path):
+    base.save_pretrained(tmp_path / "base" / "transformer")
+    model = ttt_model(copy.deepcopy(base), gate_init=0.3)  # from_base shares the base's tensors
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # also moves base weights: the adapter must carry only TTT ones
+    model.save_adapter(tmp_path / "ttt.safetensors")
+    rebuilt = CogVideoXTTTTransformer3DModel.from_base(
+        tmp_path / "base", subfolder="transformer", adapter=tmp_path / "ttt.safetensors",
+        **{k: model.config[k] for k in ("latent_frames_first", "latent_frames_per_segment", "ttt_mini_batch_size")})
+    params = dict(rebuilt.named_parameters())
+    added = set(model.added_parameter_names())
+    for name, p in model.named_parameters():
+        if name in added:
+            torch.testing.assert_close(params[name], p, atol=0, rtol=0)
+        else:
+            torch.testing.assert_close(params[name], dict(base.named_parameters())[name], atol=0, rtol=0)
+
+
+def test_from_base_object_shares_storage_and_loads_nothing_twice(base):
+    model = ttt_model(base)
+    assert model.proj_out.weight.data_ptr() == base.proj_out.weight.data_ptr()
+
+
+def test_adapter_mismatch_is_a_clear_error(base, tmp_path):
+    ttt_model(base, ttt_type="linear").save_adapter(tmp_path / "linear.safetensors")
+    with pytest.raises(ValueError, match="adapter does not fit"):
+        ttt_model(base, ttt_type="mlp").load_adapter(tmp_path / "linear.safetensors")
+
+
+def test_bf16_close_to_fp32(base):
+    model = ttt_model(base, gate_init=0.5)
+    latents, text, t = inputs(3)
+    with torch.no_grad():
+        ref = model(latents, text, t).sample
+        got = model.to(torch.bfloat16)(latents.bfloat16(), text.bfloat16(), t).sample.float()
+    assert torch.isfinite(got).all()
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("mode", ["ttt", "ttt+attn", "full", "lora"])
+def test_gradients_reach_exactly_the_trained_parameters(base, mode):
+    model = ttt_model(base, gate_init=0.5)
+    if mode == "lora":
+        model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    trainable = set(model.set_trainable(mode))
+    latents, text, t = inputs(2)
+    mask = torch.ones(2, 2, TEXT_LEN)
+    mask[:, :, -2:] = 0
+    out = model(latents, text, t, encoder_attention_mask=mask, scene_start=torch.tensor([[True, True]] * 2)).sample
+    out.square().mean().backward()
+    got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    # the last block's text tokens after its reverse TTT feed nothing but the discarded text output
+    unused = {f"transformer_blocks.{len(model.transformer_blocks) - 1}.gate_reverse_text"}
+    assert got == trainable - unused
+    if mode == "ttt":
+        assert trainable == set(model.added_parameter_names())
+    if mode == "ttt+attn":
+        assert any("attn1.to_q" in n for n in trainable) and not any(".ff." in n for n in trainable)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(base):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the same TTT init for both models
+        model = ttt_model(base, gate_init=0.5, checkpoint_ttt=checkpointing)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        latents, text, t = inputs(2)
+        model(latents, text, t).sample.square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_shapes_and_configs_are_clear_errors(base):
+    model = ttt_model(base)
+    latents, text, t = inputs(2)
+    with pytest.raises(ValueError, match="2 segments need 5 latent frames"):
+        model(latents[:, :4], text, t)
+    with pytest.raises(ValueError, match="max_text_seq_length"):
+        model(latents, text[:, :, :4], t)
+    with pytest.raises(ValueError, match="patch_size_t"):
+        CogVideoXTTTTransformer3DModel(**tiny_transformer_config(patch_size_t=2))
+    with pytest.raises(ValueError, match="unknown TTT config keys"):
+        CogVideoXTTTTransformer3DModel.from_base(base, ttt_tpye="mlp")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ttt_model(base, ttt_head_dim=8)
+
+
+def test_from_base_refuses_a_model_that_has_ttt_already(base, tmp_path):
+    ttt_model(base).save_pretrained(tmp_path / "ttt")
+    with pytest.raises(ValueError, match="already has TTT"):
+        CogVideoXTTTTransformer3DModel.from_base(CogVideoXTTTTransformer3DModel.from_pretrained(tmp_path / "ttt"))
