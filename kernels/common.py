@@ -32,6 +32,21 @@ def check_qkv_eta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.
     return tuple(q.shape)
 
 
+def check_state(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: tuple[tuple[int, ...], ...],
+                batch: int, per_sample_only: bool = False) -> None:
+    """Checks that tensors[i] has shape shapes[i] (shared by the batch) or (batch, *shapes[i]) (per sample)."""
+    if len(tensors) != len(names):
+        raise ValueError(f"expected {len(names)} state tensors ({', '.join(names)}), got {len(tensors)}")
+    for name, t, shape in zip(names, tensors, shapes):
+        per_sample = (batch, *shape)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor of shape {per_sample}, got {type(t).__name__}")
+        if tuple(t.shape) == per_sample or (tuple(t.shape) == shape and not per_sample_only):
+            continue
+        want = str(per_sample) if per_sample_only else f"{shape} or {per_sample}"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the state and the inner maths run in: float32 whatever the input, float64 kept (for tests)."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -48,7 +63,8 @@ def expand_state(tensors: tuple[torch.Tensor, ...], batch: int, shared_dims: tup
         if t.dim() == nd:
             t = t.unsqueeze(0).expand(batch, *t.shape)
         elif t.dim() != nd + 1 or t.shape[0] != batch:
-            raise ValueError(f"state tensor of shape {tuple(t.shape)}: expected {nd} dims, or {nd + 1} with batch {batch}")
+            raise ValueError(f"state tensor of shape {tuple(t.shape)}: expected {nd} dims, "
+                             f"or {nd + 1} with batch {batch}")
         out.append(t.to(dtype))
     return tuple(out)
 

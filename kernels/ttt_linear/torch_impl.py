@@ -1,0 +1,75 @@
+"""TTT-Linear, torch backend: batched matmuls over (batch, head), a scan over mini-batches, a hand-written
+backward and activation checkpointing (kernels/torch_scan.py). Runs on any device torch supports.
+
+Design: shared/DESIGN.md, "The TTT op contract".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..torch_scan import InnerLossGrad, State, ln_backward, ln_forward, run_scan
+
+
+class LinearStep:
+    """One scan step of TTT-Linear (see torch_scan.InnerStep). State: w (N, D, D), b (N, 1, D)."""
+
+    def forward(self, state: State, x, nq, target, eta, lnw, lnb, save):
+        w, b = state
+        x_hat, rstd = ln_forward(torch.baddbmm(b, x, w))  # (N, R, D)
+        y = x_hat * lnw + lnb
+        y_q = y[:, :nq]
+        saved = [x, nq, w, x_hat, rstd, lnw, None]
+        if target is None:
+            return y_q, state, saved if save else None
+        loss = InnerLossGrad(x_hat[:, nq:], rstd[:, nq:], y[:, nq:], target, eta, lnw)
+        x_k = x[:, nq:]
+        if save:
+            saved[-1] = loss
+            new = (torch.baddbmm(w, x_k.transpose(1, 2), loss.dz, alpha=-1), b - loss.dz.sum(1, keepdim=True))
+            return y_q, new, saved
+        # no backward will look at this step's state: update in place
+        w.baddbmm_(x_k.transpose(1, 2), loss.dz, alpha=-1)
+        b.sub_(loss.dz.sum(1, keepdim=True))
+        return y_q, state, None
+
+    def backward(self, saved, g_yq, g_state: State):
+        x, nq, w, x_hat, rstd, lnw, loss = saved
+        g_w, g_b = g_state
+        N, R, D = x.shape
+        g_z = x.new_empty(N, R, D)
+        g_lnw = x.new_zeros(N, D)
+        g_lnb = x.new_zeros(N, D)
+        g_eta = g_target = None
+        if nq:
+            g_lnw += (g_yq * x_hat[:, :nq]).sum(1)
+            g_lnb += g_yq.sum(1)
+            g_z[:, :nq] = ln_backward(g_yq * lnw, x_hat[:, :nq], rstd[:, :nq])
+        if loss is not None:
+            x_k = x[:, nq:]
+            # the new state is W - dW with dW = k^T dz, db = sum dz: dW's cotangent is minus the new state's
+            g_dz = torch.baddbmm(g_b, x_k, g_w, beta=-1, alpha=-1)  # (N, M, D)
+            g_xk = torch.bmm(loss.dz, g_w.transpose(1, 2)).neg_()
+            g_z[:, nq:], g_target, g_eta, g_w_ln, g_b_ln = loss.backward(g_dz)
+            g_lnw += g_w_ln
+            g_lnb += g_b_ln
+        g_w = torch.baddbmm(g_w, x.transpose(1, 2), g_z)
+        g_b = g_b + g_z.sum(1, keepdim=True)
+        g_x = torch.bmm(g_z, w.transpose(1, 2))  # (N, R, D)
+        if loss is not None:
+            g_x[:, nq:] += g_xk
+        return (g_w, g_b), g_x, g_target, g_eta, g_lnw, g_lnb
+
+
+def ttt_linear_torch(q, k, v, eta, w, b, ln_weight, ln_bias, *, mini_batch_size=16, initial_state=None,
+                     return_state=False, checkpoint_group=4):
+    """TTT-Linear with the torch backend; the arguments and results are those of `kernels.ttt_linear`.
+
+    q, k, v: (B, H, L, D); eta: (B, H, L); w (H, D, D), b (H, D), each optionally with a leading B;
+    ln_weight, ln_bias (H, D); initial_state, if given, replaces (w, b) (leading B).
+    Returns out (B, H, L, D) in q's dtype and, with return_state, the final (w, b) (leading B, float32, or
+    float64 for float64 inputs).
+    """
+    state = tuple(initial_state) if initial_state is not None else (w, b)
+    return run_scan(LinearStep(), q, k, v, eta, state, (3, 2), ln_weight, ln_bias, mini_batch_size,
+                    checkpoint_group, return_state)
