@@ -50,6 +50,7 @@ class SegmentLayout:
         reverse_order: (N,) long, canonical index of each token of [text_n, rev(video_n), ..., text_1, rev(video_1)].
         forward_inverse, reverse_inverse: (N,) long, the inverse permutations (back to canonical).
         forward_rope, reverse_rope: (cos, sin) each (N, D_ttt) in that order; identity (cos 1, sin 0) on text.
+        full_rope: (cos, sin) each (T * hw, D_attn) over all frames, for the full-attention baseline, or None.
     """
 
     num_segments: int
@@ -69,6 +70,7 @@ class SegmentLayout:
     reverse_inverse: torch.Tensor
     forward_rope: tuple[torch.Tensor, torch.Tensor] | None
     reverse_rope: tuple[torch.Tensor, torch.Tensor] | None
+    full_rope: tuple[torch.Tensor, torch.Tensor] | None
 
     @property
     def window_frames_count(self) -> int:
@@ -149,12 +151,13 @@ def segment_layout(
     attention_head_dim: int | None,
     ttt_head_dim: int | None,
     device: str = "cpu",
+    full_attention: bool = False,
 ) -> SegmentLayout:
     """The layout of one shape (cached).
 
     grid: (h, w) of the patch grid; base_grid: (h, w) of the model's sample size in patches (window RoPE crops
     the same way diffusers' CogVideoXPipeline does); attention_head_dim: None for models without RoPE;
-    ttt_head_dim: None when no TTT RoPE is needed.
+    ttt_head_dim: None when no TTT RoPE is needed; full_attention: also build the all-frames attention RoPE.
     """
     hw = grid[0] * grid[1]
     num_frames = num_latent_frames(num_segments, frames_first, frames_per_segment)
@@ -173,10 +176,12 @@ def segment_layout(
                                valid[:, :, None].expand(-1, -1, hw).reshape(num_segments, -1)], dim=1)
         attn_mask = torch.zeros(key_valid.shape).masked_fill(~key_valid, float("-inf"))[:, None, :]
 
-    window_rope = None
+    window_rope = full_rope = None
     if attention_head_dim is not None:
         crops = get_resize_crop_region_for_grid(grid, base_grid[1], base_grid[0])
         window_rope = _rope_3d(attention_head_dim, grid, fw, crops)
+        if full_attention:
+            full_rope = _rope_3d(attention_head_dim, grid, num_frames, crops)
 
     segments = _segment_frames(num_segments, frames_first, frames_per_segment)
     forward, reverse = _ttt_orders(num_segments, text_len, hw, segments)
@@ -194,14 +199,16 @@ def segment_layout(
     def dev(t):
         return None if t is None else t.to(device)
 
+    def dev_pair(pair):
+        return None if pair is None else tuple(t.to(device) for t in pair)
+
     return SegmentLayout(
         num_segments=num_segments, text_len=text_len, tokens_per_frame=hw, num_frames=num_frames,
         window_frames=dev(frames), window_tokens=dev(tokens), window_valid=dev(valid_positions),
         windows_are_partition=partition,
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
-        window_rope=None if window_rope is None else tuple(dev(t) for t in window_rope),
+        window_rope=dev_pair(window_rope),
         forward_order=dev(forward), reverse_order=dev(reverse),
         forward_inverse=dev(torch.argsort(forward)), reverse_inverse=dev(torch.argsort(reverse)),
-        forward_rope=None if forward_rope is None else tuple(dev(t) for t in forward_rope),
-        reverse_rope=None if reverse_rope is None else tuple(dev(t) for t in reverse_rope),
+        forward_rope=dev_pair(forward_rope), reverse_rope=dev_pair(reverse_rope), full_rope=dev_pair(full_rope),
     )

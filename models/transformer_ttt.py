@@ -28,8 +28,9 @@ from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
 TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
                    "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
-                   "overlap_frames", "checkpoint_ttt")
+                   "overlap_frames", "checkpoint_ttt", "attention_window")
 TRAINABLE_MODES = ("ttt", "ttt+attn", "lora", "full")
+ATTENTION_WINDOWS = ("segment", "full")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
 
 
@@ -41,16 +42,20 @@ class CogVideoXTTTBlock(CogVideoXBlock):
     """
 
     def __init__(self, dim: int, num_attention_heads: int, attention_head_dim: int, time_embed_dim: int,
-                 ttt_layer: TTTLayer, gate_init: float, checkpoint_ttt: bool = False, **block_kwargs):
+                 ttt_layer: TTTLayer | None, gate_init: float, checkpoint_ttt: bool = False,
+                 full_attention: bool = False, **block_kwargs):
         super().__init__(dim, num_attention_heads, attention_head_dim, time_embed_dim, **block_kwargs)
-        self.ttt = ttt_layer
-        self.gate_init, self.checkpoint_ttt = gate_init, checkpoint_ttt
-        self.gate_forward_text = nn.Parameter(torch.full((dim,), float(gate_init)))
-        self.gate_forward_video = nn.Parameter(torch.full((dim,), float(gate_init)))
-        self.gate_reverse_text = nn.Parameter(torch.full((dim,), float(gate_init)))
-        self.gate_reverse_video = nn.Parameter(torch.full((dim,), float(gate_init)))
+        self.ttt = ttt_layer  # None: local attention only (the baseline without TTT)
+        self.gate_init, self.checkpoint_ttt, self.full_attention = gate_init, checkpoint_ttt, full_attention
+        if ttt_layer is not None:
+            self.gate_forward_text = nn.Parameter(torch.full((dim,), float(gate_init)))
+            self.gate_forward_video = nn.Parameter(torch.full((dim,), float(gate_init)))
+            self.gate_reverse_text = nn.Parameter(torch.full((dim,), float(gate_init)))
+            self.gate_reverse_video = nn.Parameter(torch.full((dim,), float(gate_init)))
 
     def reset_added_parameters(self) -> None:
+        if self.ttt is None:
+            return
         self.ttt.reset_parameters()
         for gate in (self.gate_forward_text, self.gate_forward_video, self.gate_reverse_text, self.gate_reverse_video):
             nn.init.constant_(gate, self.gate_init)
@@ -66,23 +71,29 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         norm_video, norm_text, gate_msa, enc_gate_msa = self.norm1(hidden_states, encoder_hidden_states, temb)
 
         # 1. segment-local attention: every window of every sample in ONE batched call
-        mask = layout.window_attn_mask
-        if mask is not None:
-            mask = mask.to(norm_video.dtype).repeat(batch, 1, 1)  # (B*n, 1, Lt + Fw*hw)
-        attn_video, attn_text = self.attn1(
-            hidden_states=layout.to_windows(norm_video),
-            encoder_hidden_states=norm_text.reshape(-1, layout.text_len, width),
-            image_rotary_emb=layout.window_rope,
-            attention_mask=mask,
-            **(attention_kwargs or {}),
-        )
-        x = torch.cat([attn_text.reshape(batch, n_text, width), layout.from_windows(attn_video)], dim=1)
+        if self.full_attention:  # the quadratic baseline: one window over all texts and all frames
+            attn_video, attn_text = self.attn1(hidden_states=norm_video, encoder_hidden_states=norm_text,
+                                               image_rotary_emb=layout.full_rope, **(attention_kwargs or {}))
+            x = torch.cat([attn_text, attn_video], dim=1)
+        else:
+            mask = layout.window_attn_mask
+            if mask is not None:
+                mask = mask.to(norm_video.dtype).repeat(batch, 1, 1)  # (B*n, 1, Lt + Fw*hw)
+            attn_video, attn_text = self.attn1(
+                hidden_states=layout.to_windows(norm_video),
+                encoder_hidden_states=norm_text.reshape(-1, layout.text_len, width),
+                image_rotary_emb=layout.window_rope,
+                attention_mask=mask,
+                **(attention_kwargs or {}),
+            )
+            x = torch.cat([attn_text.reshape(batch, n_text, width), layout.from_windows(attn_video)], dim=1)
 
         # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
-        x = self._gated_ttt(x, n_text, layout.forward_order, layout.forward_inverse, layout.forward_rope, token_mask,
-                            self.gate_forward_text, self.gate_forward_video)
-        x = self._gated_ttt(x, n_text, layout.reverse_order, layout.reverse_inverse, layout.reverse_rope, token_mask,
-                            self.gate_reverse_text, self.gate_reverse_video)
+        if self.ttt is not None:
+            x = self._gated_ttt(x, n_text, layout.forward_order, layout.forward_inverse, layout.forward_rope,
+                                token_mask, self.gate_forward_text, self.gate_forward_video)
+            x = self._gated_ttt(x, n_text, layout.reverse_order, layout.reverse_inverse, layout.reverse_rope,
+                                token_mask, self.gate_reverse_text, self.gate_reverse_video)
 
         hidden_states = hidden_states + gate_msa * x[:, n_text:]
         encoder_hidden_states = encoder_hidden_states + enc_gate_msa * x[:, :n_text]
@@ -117,6 +128,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         latent_frames_first, latent_frames_per_segment: 13 and 12 for CogVideoX (1 + 48 frames, then 48 per 3 s).
         overlap_frames: 1 puts the last frame of segment i-1 in segment i's attention window (averaged), 0 does not.
         checkpoint_ttt: activation checkpointing around each TTT call inside a block.
+    Baselines for the long-range benchmark: ttt_type="none" (segment-local attention only) and
+    attention_window="full" (one attention window over every text and frame: quadratic in length).
     """
 
     _no_split_modules = ["CogVideoXTTTBlock", "CogVideoXPatchEmbed"]
@@ -164,13 +177,16 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         latent_frames_per_segment: int = 12,
         overlap_frames: int = 1,
         checkpoint_ttt: bool = False,
+        attention_window: str = "segment",
     ):
         if patch_size_t is not None:
             raise ValueError(
                 "CogVideoX 1.5 checkpoints (patch_size_t=2) are not supported: their temporal patches pair latent "
                 "frames, so a 13-frame first segment and 12-frame segments do not fall on patch boundaries")
-        if ttt_type not in TTT_TYPES:
-            raise ValueError(f"ttt_type must be one of {TTT_TYPES}, got {ttt_type!r}")
+        if ttt_type not in (*TTT_TYPES, "none"):
+            raise ValueError(f"ttt_type must be one of {(*TTT_TYPES, 'none')}, got {ttt_type!r}")
+        if attention_window not in ATTENTION_WINDOWS:
+            raise ValueError(f"attention_window must be one of {ATTENTION_WINDOWS}, got {attention_window!r}")
         if overlap_frames not in (0, 1):
             raise ValueError(f"overlap_frames must be 0 or 1, got {overlap_frames}")
         if latent_frames_first < 1 or latent_frames_per_segment < 1:
@@ -199,13 +215,16 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         inner_dim = num_attention_heads * attention_head_dim
         heads = ttt_num_heads or num_attention_heads
         head_dim = ttt_head_dim or attention_head_dim
-        check_rope_head_dim(head_dim)
+        if ttt_type != "none":
+            check_rope_head_dim(head_dim)
         self.transformer_blocks = nn.ModuleList([
             CogVideoXTTTBlock(
                 inner_dim, num_attention_heads, attention_head_dim, time_embed_dim,
-                ttt_layer=TTTLayer(inner_dim, heads, head_dim, ttt_type, ttt_mini_batch_size, ttt_base_lr, ttt_backend,
-                                   ttt_checkpoint_group),
-                gate_init=gate_init, checkpoint_ttt=checkpoint_ttt, dropout=dropout, activation_fn=activation_fn,
+                ttt_layer=None if ttt_type == "none" else TTTLayer(
+                    inner_dim, heads, head_dim, ttt_type, ttt_mini_batch_size, ttt_base_lr, ttt_backend,
+                    ttt_checkpoint_group),
+                gate_init=gate_init, checkpoint_ttt=checkpoint_ttt, full_attention=attention_window == "full",
+                dropout=dropout, activation_fn=activation_fn,
                 attention_bias=attention_bias, norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,
             )
             for _ in range(num_layers)
@@ -336,7 +355,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
             num_segments, c.latent_frames_first, c.latent_frames_per_segment, c.overlap_frames, c.max_text_seq_length,
             (height // p, width // p), (c.sample_height // p, c.sample_width // p),
             c.attention_head_dim if c.use_rotary_positional_embeddings else None,
-            self.transformer_blocks[0].ttt.head_dim, str(device),
+            None if c.ttt_type == "none" else (c.ttt_head_dim or c.attention_head_dim), str(device),
+            c.attention_window == "full",
         )
 
     @apply_lora_scale("attention_kwargs")

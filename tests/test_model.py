@@ -1,4 +1,4 @@
-"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (shared/DESIGN.md, "One transformer block with TTT")."""
+"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (DESIGN.md, "One transformer block with TTT")."""
 
 import copy
 
@@ -99,11 +99,13 @@ def test_layout_maps(overlap):
         assert torch.equal(order[inverse], torch.arange(total))
         assert torch.equal(inverse[order], torch.arange(total))
     # forward: text_i then the frames of segment i in order; reverse: text_n first, frames reversed, raster kept
-    video = lambda f: (n * text_len + f * hw + torch.arange(hw)).tolist()  # noqa: E731
-    text = lambda i: list(range(i * text_len, (i + 1) * text_len))  # noqa: E731
+    def tokens(i: int, frames) -> list[int]:  # text of segment i, then the given frames in raster order
+        video = [n * text_len + f * hw + j for f in frames for j in range(hw)]
+        return list(range(i * text_len, (i + 1) * text_len)) + video
+
     segments = [range(s.start, s.stop) for s in segment_frames(n)]
-    expected_forward = [x for i in range(n) for x in text(i) + sum((video(f) for f in segments[i]), [])]
-    expected_reverse = [x for i in reversed(range(n)) for x in text(i) + sum((video(f) for f in reversed(segments[i])), [])]
+    expected_forward = [x for i in range(n) for x in tokens(i, segments[i])]
+    expected_reverse = [x for i in reversed(range(n)) for x in tokens(i, reversed(segments[i]))]
     assert layout.forward_order.tolist() == expected_forward
     assert layout.reverse_order.tolist() == expected_reverse
     x = torch.randn(2, layout.num_frames * hw, 3)
@@ -217,3 +219,23 @@ def test_from_base_refuses_a_model_that_has_ttt_already(base, tmp_path):
     ttt_model(base).save_pretrained(tmp_path / "ttt")
     with pytest.raises(ValueError, match="already has TTT"):
         CogVideoXTTTTransformer3DModel.from_base(CogVideoXTTTTransformer3DModel.from_pretrained(tmp_path / "ttt"))
+
+
+def test_baselines_local_attention_only_and_full_attention(base):
+    latents, text, t = inputs(3)
+    changed = text.clone()
+    changed[:, 0] += 1.0
+    last = segment_frames(3)[-1]
+    local = ttt_model(base, ttt_type="none", overlap_frames=0)
+    assert local.added_parameter_names() == ["scene_embedding"]
+    full = ttt_model(base, ttt_type="none", attention_window="full")
+    with torch.no_grad():
+        for i, frames in enumerate(segment_frames(3)):  # local only: each segment is the stock model alone
+            expected = base(latents[:, frames], text[:, i], t, image_rotary_emb=stock_rope(frames.stop - frames.start))
+            torch.testing.assert_close(local(latents, text, t).sample[:, frames], expected.sample, atol=1e-5, rtol=0)
+        assert (local(latents, text, t).sample[:, last] == local(latents, changed, t).sample[:, last]).all()
+        assert (full(latents, text, t).sample[:, last] - full(latents, changed, t).sample[:, last]).abs().max() > 1e-4
+        one = inputs(1)
+        torch.testing.assert_close(full(*one).sample, base(one[0], one[1][:, 0], one[2],
+                                                           image_rotary_emb=stock_rope(FRAMES_FIRST)).sample,
+                                   atol=1e-5, rtol=0)
