@@ -58,7 +58,7 @@ class TTTLayer(nn.Module):
         else:
             self.w = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
             self.b = nn.Parameter(torch.zeros(num_heads, head_dim))
-        self.post_norm = nn.LayerNorm(width, eps=1e-6)
+        self.post_norm = nn.LayerNorm(inner, eps=1e-6)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
