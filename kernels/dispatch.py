@@ -52,8 +52,9 @@ def _check_weights(q, names, weights, shapes, initial_state, B) -> None:
     check_state(names, weights, shapes, B)
     _check_device(q, **dict(zip(names, weights)))
     if initial_state is not None:
-        if not isinstance(initial_state, (tuple, list)):
-            raise ValueError(f"initial_state must be a tuple ({', '.join(names)}), got {type(initial_state).__name__}")
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != len(names):
+            got = len(initial_state) if isinstance(initial_state, (tuple, list)) else type(initial_state).__name__
+            raise ValueError(f"initial_state must be a tuple of {len(names)} tensors ({', '.join(names)}), got {got}")
         names = tuple(f"initial_state.{n}" for n in names)
         check_state(names, tuple(initial_state), shapes, B, per_sample_only=True)
         _check_device(q, **dict(zip(names, initial_state)))

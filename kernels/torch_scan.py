@@ -122,8 +122,8 @@ class CheckpointedScan(torch.autograd.Function):
         pairs, targets, etas = _layout(q, k, v, eta, m)
         T = targets.shape[1]
         n_groups = math.ceil((T + 1) / group)
-        starts = tuple(s.new_empty(n_groups, *s.shape) for s in state)
-        out = q.new_empty(N, T, m, D)
+        starts = tuple(torch.empty(n_groups, *s.shape, dtype=s.dtype, device=s.device) for s in state)
+        out = torch.empty(N, T, m, D, dtype=q.dtype, device=q.device)
         state = tuple(s.clone() for s in state)
         lnw_n, lnb_n = _per_row(lnw, N), _per_row(lnb, N)
         for s in range(T + 1):

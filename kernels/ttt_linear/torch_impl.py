@@ -37,7 +37,7 @@ class LinearStep:
         x, nq, w, x_hat, rstd, lnw, loss = saved
         g_w, g_b = g_state
         N, R, D = x.shape
-        g_z = x.new_empty(N, R, D)
+        g_z = torch.empty_like(x)
         g_lnw = x.new_zeros(N, D)
         g_lnb = x.new_zeros(N, D)
         g_eta = g_target = None

@@ -73,7 +73,7 @@ class MLPStep:
         x, nq, (w1, b1, w2, b2), x2, z1, sig, z1sq, x_hat, rstd, lnw, k_part = saved
         g_w1, g_b1, g_w2, g_b2 = g_state
         N, R, D = x.shape
-        g_z2 = x.new_empty(N, R, D)
+        g_z2 = torch.empty_like(x)
         g_lnw = x.new_zeros(N, D)
         g_lnb = x.new_zeros(N, D)
         g_eta = g_target = None
