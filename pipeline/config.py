@@ -1,0 +1,328 @@
+"""Training configuration: typed dataclasses with defaults, loaded from YAML, with `key=value` overrides.
+
+A YAML file mirrors `Config` (sections `model`, `data`, `train`, `optim`, `checkpoint`, `log`, `validation`); a
+top-level `extends: other.yaml` (relative to the file) starts from another file, so the stages of a curriculum
+only state what changes. Unknown keys, wrong types and values outside a field's choices are rejected with the key
+path and what was expected. `save_config` writes the resolved config (all defaults filled in), which is what
+train.py stores next to every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key path and what was expected."""
+
+
+def _choice(default: Any, choices: tuple, **kwargs) -> Any:
+    return field(default=default, metadata={"choices": choices}, **kwargs)
+
+
+@dataclass
+class TTTConfig:
+    """The TTT arguments of `CogVideoXTTTTransformer3DModel` (models/transformer_ttt.py, which validates them),
+    passed through verbatim when TTT is inserted into a base CogVideoX. None means the model's default for the TTT
+    type. ttt_backend, ttt_checkpoint_group and checkpoint_ttt may change from stage to stage; the others must
+    match a previous stage's transformer (`model.init_from`)."""
+
+    ttt_type: str = "mlp"
+    ttt_num_heads: int | None = None
+    ttt_head_dim: int | None = None
+    ttt_mini_batch_size: int | None = None
+    ttt_base_lr: float | None = None
+    ttt_backend: str = "auto"
+    ttt_checkpoint_group: int = 4
+    gate_init: float = 0.1
+    latent_frames_first: int = 13
+    latent_frames_per_segment: int = 12
+    overlap_frames: int = 1
+    checkpoint_ttt: bool = False
+    attention_window: str = "segment"
+
+
+@dataclass
+class ModelConfig:
+    """Where the components come from.
+
+    pretrained: a diffusers CogVideoX pipeline directory or hub id (tokenizer, text_encoder, vae, scheduler and the
+        base transformer). init_from: a previous stage's exported pipeline directory; its TTT transformer is
+        trained further (the other components still come from `pretrained`). builder: the name of a component
+        builder registered in pipeline.training.components ("pretrained" loads the above; a from-scratch builder
+        registers its own name and reads `builder_args`).
+    """
+
+    pretrained: str = "THUDM/CogVideoX-5b"
+    init_from: str | None = None
+    builder: str = "pretrained"
+    builder_args: dict[str, Any] = field(default_factory=dict)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+
+@dataclass
+class DataConfig:
+    """The dataset (docs/dataset.md) and its precomputed cache.
+
+    root: folder with metadata.jsonl and the videos. cache: precompute's output folder. height, width, fps: the
+    model's resolution and frame rate (pixels). segments: consecutive 3-s segments per training sequence (the
+    curriculum: 1, 3, 6, 10, 21). stride: a sequence may start every `stride` segments. text_dropout: probability
+    that a segment's text is replaced by the null embedding (the encoded empty text the sampler uses).
+    """
+
+    root: str = "data/dataset"
+    cache: str = "data/cache"
+    height: int = 480
+    width: int = 720
+    fps: int = 16
+    max_text_length: int = 226
+    segments: int = 1
+    stride: int = 1
+    text_dropout: float = 0.1
+    num_workers: int = 2
+    vae_tiling: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """global_batch_size = micro_batch_size x gradient accumulation x processes; accumulation is derived.
+
+    trainable: "full", "ttt" (TTT layers, gates, scene embedding), "ttt+attn" (+ attention q/k/v/o and qk-norms) or
+    "lora" (TTT + LoRA of rank lora_rank on attn1's to_q, to_k, to_v, to_out.0).
+    """
+
+    steps: int = 5000
+    global_batch_size: int = 64
+    micro_batch_size: int = 1
+    trainable: str = _choice("full", ("full", "ttt", "ttt+attn", "lora"))
+    lora_rank: int = 64
+    lora_alpha: float = 64.0
+    mixed_precision: str = _choice("bf16", ("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = True
+    ema: bool = False
+    ema_decay: float = 0.9999
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. lr applies to the base parameters, ttt_lr (None: lr) to the parameters TTT adds. The schedule warms
+    up linearly for warmup_steps, then stays constant or follows a cosine down to min_lr (a group whose lr is at or
+    below min_lr stays constant). use_8bit: bitsandbytes' AdamW8bit (must be installed)."""
+
+    lr: float = 1e-5
+    ttt_lr: float | None = None
+    schedule: str = _choice("constant", ("constant", "cosine"))
+    warmup_steps: int = 100
+    min_lr: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    use_8bit: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    """Accelerate state every `every` steps (0: never) under output_dir/checkpoints, the last `keep` kept."""
+
+    every: int = 500
+    keep: int = 3
+
+
+@dataclass
+class LogConfig:
+    """Scalars every `every` steps to the tracker ("tensorboard", "wandb" or "none") under output_dir/logs."""
+
+    every: int = 10
+    tracker: str = _choice("tensorboard", ("tensorboard", "wandb", "none"))
+    project: str = "ttt-video"
+
+
+@dataclass
+class ValidationConfig:
+    """Every `every` steps (0: never), sample each storyboard file listed in `storyboards` to an mp4 under
+    output_dir/validation and log it. cpu_offload: move idle components to the CPU while sampling on a GPU."""
+
+    every: int = 0
+    storyboards: list[str] = field(default_factory=list)
+    num_inference_steps: int = 50
+    guidance_scale: float = 6.0
+    seed: int = 0
+    cpu_offload: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Config from a YAML file (None: the defaults) with `section.key=value` overrides applied in order.
+
+    Override values are parsed as YAML (`optim.lr=2e-5`, `validation.storyboards=[a.json, b.json]`,
+    `model.init_from=null`).
+    """
+    raw = _read_yaml(Path(path), seen=()) if path is not None else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=2e-5")
+        _set_path(raw, key.strip().split("."), yaml.safe_load(value), item)
+    return from_dict(Config, raw)
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build the dataclass `cls` from nested dicts, checking every key and value (errors name the key path)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        where = f" under '{prefix.rstrip('.')}'" if prefix else ""
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; known keys{where}: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        key = prefix + name
+        values[name] = _coerce(value, hints[name], key)
+        choices = fields[name].metadata.get("choices")
+        if choices is not None and values[name] not in choices:
+            raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+    return cls(**values)
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dicts/lists (YAML-ready) of a config dataclass."""
+    return _plain(dataclasses.asdict(config))
+
+
+def save_config(config: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML, atomically (temporary name in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(to_dict(config), f, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to a file already being read")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: extends: expected a file path, got {parent!r}")
+    return _merge(_read_yaml(path.parent / parent, seen + (resolved,)), data)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_path(raw: dict, keys: list[str], value: Any, item: str) -> None:
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value if value is not None else {}, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    elif origin is dict and isinstance(value, dict):
+        return dict(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

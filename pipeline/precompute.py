@@ -1,0 +1,233 @@
+"""Precompute the training cache: VAE latent distributions and text embeddings of every 3-s segment.
+
+    python -m pipeline.precompute --config configs/cogvideox-5b-ttt-mlp/3s.yaml [key=value ...]
+    accelerate launch -m pipeline.precompute --config ...     # several processes/GPUs: videos split by rank
+
+For every video of data.root/metadata.jsonl: decode with PyAV, resample to data.fps (nearest source frame), resize to
+cover data.height x data.width and center-crop, then encode each segment separately as 1 + frames_per_segment
+frames (its frames and the first frame of the next segment of the same scene; at a cut or at the end the last frame
+is repeated) into the VAE posterior (mean, logvar), and encode each segment's text with the pipeline's
+`encode_text`. One safetensors file per video under data.cache/items/, written atomically, so an interrupted run
+resumes where it stopped; unreadable videos are skipped and counted. data.cache/null.safetensors holds the null
+embedding (the encoded empty text); data.cache/manifest.json records what produced the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import Config, load_config
+from .data import (
+    MANIFEST_FILE,
+    NULL_FILE,
+    SHAPE_FIELDS,
+    DatasetError,
+    VideoRecord,
+    atomic_write_text,
+    item_path,
+    num_pixel_frames,
+    read_manifest,
+    read_metadata,
+)
+from .pipeline_ttt_video import encode_text
+from .training.components import build_components, torch_dtype
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def segment_frame_times(record: VideoRecord, fps: int) -> list[list[float]]:
+    """Per segment, the 1 + frames_per_segment times (seconds into the file) of the frames it is encoded from."""
+    frames = num_pixel_frames(fps)
+    times = []
+    for j, segment in enumerate(record.segments):
+        t = [segment.start + i / fps for i in range(frames + 1)]
+        continues = j + 1 < len(record.segments) and not record.segments[j + 1].scene_start
+        if not continues:  # do not reach across a cut or past the end: repeat the segment's last frame
+            t[-1] = t[-2]
+        times.append(t)
+    return times
+
+
+def decode_segments(path: str | os.PathLike, record: VideoRecord, fps: int, height: int, width: int
+                    ) -> Iterator[tuple[int, np.ndarray]]:
+    """Yields (segment index, frames (1 + frames_per_segment, height, width, 3) uint8), segments in order.
+
+    Frame times map to source frames by index (round(t * record.fps)); a time at most one frame past the end of the
+    file takes the last frame, anything further is an error naming the video.
+    """
+    wanted = [[round(t * record.fps) for t in times] for times in segment_frame_times(record, fps)]
+    frames: dict[int, np.ndarray] = {}
+    needed = {i for indices in wanted for i in indices}
+    next_segment, decoded, final = 0, 0, None
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        for frame in container.decode(stream):
+            if decoded in needed:
+                frames[decoded] = _cover_crop(frame, height, width)
+            final = frame
+            decoded += 1
+            while next_segment < len(wanted) and wanted[next_segment][-1] < decoded:
+                yield next_segment, np.stack([frames[i] for i in wanted[next_segment]])
+                next_segment += 1
+                if next_segment < len(wanted):  # free what no later segment uses
+                    frames = {i: f for i, f in frames.items() if i >= wanted[next_segment][0]}
+            if next_segment == len(wanted):
+                return
+    for j in range(next_segment, len(wanted)):
+        if final is None or wanted[j][-1] > decoded:
+            raise DatasetError(f"{path}: segment {j} needs frame {wanted[j][-1]} at {record.fps:g} fps but the video "
+                               f"has {decoded} frames; check the segments' start times and fps")
+        frames[decoded] = _cover_crop(final, height, width)  # at most one frame past the end: repeat the last
+        yield j, np.stack([frames[min(i, decoded)] for i in wanted[j]])
+
+
+def _cover_crop(frame: av.VideoFrame, height: int, width: int) -> np.ndarray:
+    """Resize (keeping the aspect ratio) to cover height x width, then center-crop: (height, width, 3) uint8."""
+    scale = max(height / frame.height, width / frame.width)
+    h, w = max(height, round(frame.height * scale)), max(width, round(frame.width * scale))
+    image = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+    top, left = (h - height) // 2, (w - width) // 2
+    return image[top:top + height, left:left + width]
+
+
+@torch.no_grad()
+def encode_frames(vae, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """frames (F, H, W, 3) uint8 → the VAE posterior's mean and logvar, each (F', C, h, w) float32."""
+    pixels = torch.from_numpy(frames).to(device=vae.device, dtype=vae.dtype)
+    pixels = pixels.permute(3, 0, 1, 2).unsqueeze(0) / 127.5 - 1.0  # (1, 3, F, H, W) in [-1, 1]
+    dist = vae.encode(pixels).latent_dist
+    return dist.mean[0].permute(1, 0, 2, 3).float(), dist.logvar[0].permute(1, 0, 2, 3).float()
+
+
+def make_manifest(cfg: Config, vae, text_embed_dim: int) -> dict:
+    frames = num_pixel_frames(cfg.data.fps)
+    ratio = vae.config.temporal_compression_ratio
+    if frames % ratio:
+        raise DatasetError(f"data.fps={cfg.data.fps} gives {frames} frames per segment, not a multiple of the VAE's "
+                           f"temporal compression {ratio}")
+    return {"version": CACHE_VERSION, "model": cfg.model.pretrained, "height": cfg.data.height,
+            "width": cfg.data.width, "fps": cfg.data.fps, "max_text_length": cfg.data.max_text_length,
+            "latent_frames_first": frames // ratio + 1, "latent_frames_per_segment": frames // ratio,
+            "latent_channels": vae.config.latent_channels, "text_embed_dim": text_embed_dim,
+            "scaling_factor": vae.config.scaling_factor}
+
+
+def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Accelerator | None = None) -> dict:
+    """Fill cfg.data.cache for cfg.data.root (see module docstring). Returns counts: done, skipped (already done),
+    failed — for this process."""
+    accelerator = accelerator or Accelerator()
+    device = accelerator.device
+    compute_dtype = torch_dtype(cfg.train.mixed_precision) if device.type == "cuda" else torch.float32
+    cache = Path(cfg.data.cache)
+    records = read_metadata(cfg.data.root)
+    parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
+    tokenizer, text_encoder, vae = parts["tokenizer"], parts["text_encoder"], parts["vae"]
+    text_encoder.to(device, compute_dtype).eval()
+    vae.to(device, compute_dtype).eval()
+    if cfg.data.vae_tiling:
+        vae.enable_tiling()
+
+    null_text, null_mask = encode_text(tokenizer, text_encoder, [""], cfg.data.max_text_length, device)
+    manifest = make_manifest(cfg, vae, null_text.shape[-1])
+    expected = {"latent_frames_first": cfg.model.ttt.latent_frames_first,
+                "latent_frames_per_segment": cfg.model.ttt.latent_frames_per_segment}
+    for key, want in expected.items():
+        if manifest[key] != want:
+            raise DatasetError(f"data.fps={cfg.data.fps} gives {key}={manifest[key]} but model.ttt.{key}={want}")
+    if accelerator.is_main_process:
+        if (cache / MANIFEST_FILE).is_file():
+            existing = read_manifest(cache)
+            differs = [k for k in (*SHAPE_FIELDS, "scaling_factor") if existing.get(k) != manifest[k]]
+            if differs:
+                raise DatasetError(f"{cache / MANIFEST_FILE}: this cache was made with other settings ("
+                                   + ", ".join(f"{k}={existing.get(k)!r}, now {manifest[k]!r}" for k in differs)
+                                   + "); use another data.cache folder")
+        else:
+            atomic_write_text(cache / MANIFEST_FILE, _json(manifest))
+        _save(cache / NULL_FILE, {"text": null_text[0].to(dtype), "text_mask": null_mask[0]}, {})
+    accelerator.wait_for_everyone()
+
+    mine = records[accelerator.process_index::accelerator.num_processes]
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    bar = tqdm(mine, desc=f"precompute [{accelerator.process_index}]", disable=not accelerator.is_local_main_process)
+    for record in bar:
+        path = item_path(cache, record)
+        if path.is_file():
+            counts["skipped"] += 1
+            continue
+        try:
+            tensors = encode_record(cfg, record, tokenizer, text_encoder, vae, dtype)
+        except (av.FFmpegError, OSError, DatasetError) as e:
+            counts["failed"] += 1
+            logger.warning("skipping %s: %s", record.video, e)
+            continue
+        _save(path, tensors, {"video": record.video})
+        counts["done"] += 1
+        bar.set_postfix(counts)
+    accelerator.wait_for_everyone()
+    logger.info("precompute [%d]: %s", accelerator.process_index, counts)
+    return counts
+
+
+def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae, dtype: torch.dtype
+                  ) -> dict[str, torch.Tensor]:
+    """All tensors of one cache item (shapes in SequenceDataset, per segment S of the video)."""
+    video = Path(cfg.data.root) / record.video
+    if not video.is_file():
+        raise DatasetError(f"{video}: video file not found")
+    means, logvars = [], []
+    for _, frames in decode_segments(video, record, cfg.data.fps, cfg.data.height, cfg.data.width):
+        mean, logvar = encode_frames(vae, frames)
+        means.append(mean.to(dtype).cpu())
+        logvars.append(logvar.to(dtype).cpu())
+    text, mask = encode_text(tokenizer, text_encoder, [s.text for s in record.segments], cfg.data.max_text_length,
+                             vae.device)
+    return {"latent_mean": torch.stack(means), "latent_logvar": torch.stack(logvars),  # (S, F1, C, h, w)
+            "text": text.to(dtype).cpu(), "text_mask": mask.cpu(),  # (S, L, D), (S, L)
+            "scene_start": torch.tensor([s.scene_start for s in record.segments])}  # (S,)
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _json(data: dict) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training config YAML (its model and data sections)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="dtype of the stored latents and embeddings")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.cache=/scratch/cache")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    precompute(cfg, getattr(torch, args.dtype))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Validation sampling during training, EMA weight swapping, and the final export of a pipeline directory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedType, cpu_offload_with_hook
+from accelerate.hooks import remove_hook_from_module
+
+from ..config import ValidationConfig
+from ..pipeline_ttt_video import TTTVideoPipeline
+from ..video_io import write_video
+
+logger = logging.getLogger(__name__)
+FRAMES_LOGGED = 8  # frames per video sent to image trackers (tensorboard has no video support without moviepy)
+
+
+@torch.no_grad()
+def validate(pipe: TTTVideoPipeline, accelerator: Accelerator, cfg: ValidationConfig, out_dir: str | Path,
+             step: int) -> list[Path]:
+    """Sample every storyboard of cfg.storyboards to out_dir/step-XXXXXXXX/<name>.mp4 and log them.
+
+    Every process samples (a sharded transformer needs all ranks in each forward); the main process writes and
+    logs. On a GPU with cfg.cpu_offload the text encoder and VAE sit on the CPU and visit the GPU only for their
+    turn, so validation needs little more memory than the training step. Returns the written paths.
+    """
+    device = accelerator.device
+    folder = Path(out_dir) / f"step-{step:08d}"
+    was_training = pipe.transformer.training
+    pipe.transformer.eval()
+    hooks = []
+    if cfg.cpu_offload and device.type == "cuda":
+        _, text_hook = cpu_offload_with_hook(pipe.text_encoder, device)
+        _, vae_hook = cpu_offload_with_hook(pipe.vae, device, prev_module_hook=text_hook)
+        hooks = [text_hook, vae_hook]
+    else:
+        pipe.text_encoder.to(device)
+        pipe.vae.to(device)
+    written = []
+    try:
+        for source in cfg.storyboards:
+            generator = torch.Generator(device).manual_seed(cfg.seed)
+            with accelerator.autocast():
+                output = pipe(storyboard=source, num_inference_steps=cfg.num_inference_steps,
+                              guidance_scale=cfg.guidance_scale, generator=generator, output_type="np")
+            frames = output.frames[0]  # (F, H, W, 3) float in [0, 1]
+            if accelerator.is_main_process:
+                path = write_video(frames, folder / f"{Path(source).stem}.mp4", output.fps)
+                written.append(path)
+                _log_video(accelerator, f"validation/{Path(source).stem}", path, frames, step)
+    finally:
+        for hook in hooks:
+            hook.offload()
+        for module in (pipe.text_encoder, pipe.vae):
+            remove_hook_from_module(module)
+        pipe.transformer.train(was_training)
+    accelerator.wait_for_everyone()
+    return written
+
+
+def _log_video(accelerator: Accelerator, name: str, path: Path, frames: np.ndarray, step: int) -> None:
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            import wandb
+
+            tracker.log({name: wandb.Video(str(path))}, step=step)
+        elif tracker.name == "tensorboard":
+            picks = np.linspace(0, len(frames) - 1, min(FRAMES_LOGGED, len(frames))).round().astype(int)
+            tracker.log_images({name: frames[picks]}, step=step, dataformats="NHWC")
+
+
+@contextlib.contextmanager
+def ema_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Temporarily load the EMA weights into `parameters` (no-op when ema is None)."""
+    if ema is None:
+        yield
+        return
+    ema.store(parameters)
+    ema.copy_to(parameters)
+    try:
+        yield
+    finally:
+        ema.restore(parameters)
+
+
+def export_pipeline(pipe: TTTVideoPipeline, out_dir: str | Path) -> Path:
+    """Save a pipeline directory that sample.py and app.py load (`TTTVideoPipeline.from_pretrained`), atomically:
+    written to a temporary sibling folder, then renamed over out_dir. LoRA weights, if any, are fused first."""
+    out_dir = Path(out_dir)
+    transformer = pipe.transformer
+    if getattr(transformer, "_hf_peft_config_loaded", False):
+        transformer.fuse_lora()
+        transformer.unload_lora()
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    logger.info("exported the pipeline to %s", out_dir)
+    return out_dir
+
+
+def full_transformer(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
+    """The trained transformer with whole (unsharded) weights for saving: the unwrapped model itself, or under
+    FSDP / DeepSpeed a fresh copy holding the gathered state dict on the main process (None on the others). Call on
+    every process."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return unwrapped
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    copy = type(unwrapped).from_config(unwrapped.config)
+    copy.load_state_dict(state)
+    return copy

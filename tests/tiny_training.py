@@ -1,0 +1,85 @@
+"""A tiny pipeline directory and a tiny video dataset for training tests and the debug config.
+
+    python tests/tiny_training.py outputs/debug    # writes outputs/debug/pipeline and outputs/debug/dataset
+
+configs/debug.yaml reads exactly these paths. The pipeline is a stock diffusers CogVideoXPipeline of the random
+components in tests/tiny.py, saved with save_pretrained (so training loads it through the real from_pretrained).
+The dataset's videos are written with PyAV at 8 fps, 48x64 pixels: moving coloured squares over a background that
+changes at every scene cut, so the model fps (4), the resize/crop and scene boundaries are all exercised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from diffusers import CogVideoXPipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import tiny_components  # noqa: E402
+
+from pipeline.data import SEGMENT_SECONDS, SegmentInfo, VideoRecord, write_metadata  # noqa: E402
+from pipeline.video_io import write_video  # noqa: E402
+
+SOURCE_FPS = 8
+SOURCE_HEIGHT, SOURCE_WIDTH = 48, 64
+# (segments, indices of segments that open a new scene) per video
+DEFAULT_VIDEOS = ((3, (2,)), (2, ()), (4, (1, 3)))
+TEXTS = ("a red square slides to the right", "a green square falls", "a blue square circles the centre",
+         "two squares meet in the middle")
+
+
+def save_tiny_pipeline(path: str | Path, seed: int = 0) -> Path:
+    """The tiny stock CogVideoX pipeline (tokenizer, T5, VAE, transformer, DDIM scheduler) saved to `path`."""
+    CogVideoXPipeline(**tiny_components(seed)).save_pretrained(path)
+    return Path(path)
+
+
+def render_video(num_segments: int, cuts: tuple[int, ...], seed: int) -> np.ndarray:
+    """(F, H, W, 3) uint8 frames of a test video: num_segments x 3 s at SOURCE_FPS."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    background = rng.integers(0, 255, 3)
+    per_segment = round(SOURCE_FPS * SEGMENT_SECONDS)
+    for segment in range(num_segments):
+        if segment in cuts:
+            background = rng.integers(0, 255, 3)
+        colour = rng.integers(0, 255, 3)
+        for i in range(per_segment):
+            frame = np.empty((SOURCE_HEIGHT, SOURCE_WIDTH, 3), dtype=np.uint8)
+            frame[:] = background
+            x = (4 * (segment * per_segment + i)) % (SOURCE_WIDTH - 12)
+            frame[16:28, x:x + 12] = colour
+            frames.append(frame)
+    return np.stack(frames)
+
+
+def write_tiny_dataset(root: str | Path, videos=DEFAULT_VIDEOS, seed: int = 0) -> list[VideoRecord]:
+    """mp4 files plus metadata.jsonl in the dataset format (docs/dataset.md)."""
+    root = Path(root)
+    records = []
+    for v, (num_segments, cuts) in enumerate(videos):
+        name = f"clips/video{v}.mp4"
+        write_video(render_video(num_segments, cuts, seed + v), root / name, SOURCE_FPS)
+        segments = tuple(SegmentInfo(start=s * SEGMENT_SECONDS, text=TEXTS[(v + s) % len(TEXTS)],
+                                     scene_start=s in cuts) for s in range(num_segments))
+        records.append(VideoRecord(video=name, fps=SOURCE_FPS, segments=segments))
+    write_metadata(root, records)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="folder to write pipeline/ and dataset/ into")
+    args = parser.parse_args()
+    save_tiny_pipeline(Path(args.out) / "pipeline")
+    write_tiny_dataset(Path(args.out) / "dataset")
+    print(f"wrote {args.out}/pipeline and {args.out}/dataset")
+
+
+if __name__ == "__main__":
+    main()
