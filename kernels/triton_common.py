@@ -26,11 +26,13 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
+from . import common
 from .common import check_qkv_eta
 
-LN_EPS = 1e-6  # the contract's LayerNorm eps (kernels/common.py)
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-GELU_C = 0.044715
+# globals read inside @triton.jit functions must be constexpr
+LN_EPS = tl.constexpr(common.LN_EPS)
+SQRT_2_OVER_PI = tl.constexpr(math.sqrt(2.0 / math.pi))
+GELU_C = tl.constexpr(0.044715)
 
 
 @triton.jit
