@@ -1,0 +1,353 @@
+"""Storyboards: ordered 3-second segments of text, grouped into scenes (shared/DESIGN.md, "What the system does").
+
+Three file formats are read:
+
+- JSON or YAML (the project's own)::
+
+      {"title": "optional", "negative_text": "optional default",
+       "scenes": [{"segments": [{"text": "...", "negative_text": "optional"}, ...]}, ...]}
+
+  Every scene after the first opens with a scene transition.
+- The original TTT-Video release's list: ``[{"text": ..., "requires_scene_transition": bool, "neg_text": ...}]``.
+- Plain text (``.txt``): one segment per line, a blank line between scenes.
+
+Every problem is reported as one line naming its place (file, line/column or key path) and what was expected;
+all problems of a storyboard are raised together in one `StoryboardError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SEGMENT_SECONDS = 3.0
+DEFAULT_MAX_SEGMENTS = 21  # 63 s, the longest stage of the training recipe
+
+_TOP_KEYS = ("title", "negative_text", "scenes")
+_SCENE_KEYS = ("segments",)
+_SEGMENT_KEYS = ("text", "negative_text")
+_LEGACY_SEGMENT_KEYS = ("text", "requires_scene_transition", "neg_text")
+
+
+class StoryboardError(ValueError):
+    """A storyboard that cannot be used. `problems` holds one line per problem; str() joins them with newlines."""
+
+    def __init__(self, problems: Iterable[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One 3-second segment.
+
+    scene_start: the segment opens a new scene after a cut from the previous segment. Always False for the first
+    segment of a storyboard (there is nothing to cut from); this is the transformer's `scene_start` input.
+    negative_text: this segment's own negative text, or None to use the storyboard's default.
+    place: where the segment came from, for error messages (not part of equality).
+    """
+
+    text: str
+    negative_text: str | None = None
+    scene_start: bool = False
+    place: str = field(default="", compare=False, repr=False)
+
+
+@dataclass
+class Storyboard:
+    """A parsed, validated storyboard: `segments` in order, scenes marked by `Segment.scene_start`."""
+
+    segments: list[Segment]
+    title: str | None = None
+    negative_text: str | None = None
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segments)
+
+    @property
+    def duration_seconds(self) -> float:
+        return self.num_segments * SEGMENT_SECONDS
+
+    @property
+    def scenes(self) -> list[list[Segment]]:
+        scenes: list[list[Segment]] = []
+        for i, segment in enumerate(self.segments):
+            if i == 0 or segment.scene_start:
+                scenes.append([])
+            scenes[-1].append(segment)
+        return scenes
+
+    @property
+    def texts(self) -> list[str]:
+        return [segment.text for segment in self.segments]
+
+    def negative_texts(self, default: str | None = None) -> list[str]:
+        """Each segment's negative text: its own, else `default` when given, else the storyboard's, else ""."""
+        fallback = default if default is not None else (self.negative_text or "")
+        return [s.negative_text if s.negative_text is not None else fallback for s in self.segments]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The project's JSON/YAML format (optional keys only when set)."""
+        data: dict[str, Any] = {}
+        if self.title is not None:
+            data["title"] = self.title
+        if self.negative_text is not None:
+            data["negative_text"] = self.negative_text
+        data["scenes"] = [
+            {"segments": [_segment_dict(s) for s in scene]} for scene in self.scenes
+        ]
+        return data
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the storyboard as .json, .yaml/.yml or .txt (atomically: a temporary name, then a rename)."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        elif suffix in (".yaml", ".yml"):
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+        elif suffix == ".txt":
+            if self.negative_text is not None or any(s.negative_text is not None for s in self.segments):
+                raise StoryboardError([f"{path}: the .txt format has no negative texts; save as .json or .yaml"])
+            text = "\n\n".join("\n".join(s.text for s in scene) for scene in self.scenes) + "\n"
+        else:
+            raise StoryboardError([f"{path}: unknown storyboard suffix {path.suffix!r}; expected .json, .yaml, "
+                                   ".yml or .txt"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a storyboard is an ordinary file
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    def validate(self, max_segments: int | None = DEFAULT_MAX_SEGMENTS) -> Storyboard:
+        """Checks texts, types and the segment count (1 .. max_segments; None: no maximum). Returns self."""
+        problems = []
+        for i, segment in enumerate(self.segments):
+            place = segment.place or f"segments[{i}]"
+            problems += _text_problems(segment.text, f"{place}.text", required=True)
+            problems += _text_problems(segment.negative_text, f"{place}.negative_text", required=False)
+            if not isinstance(segment.scene_start, bool):
+                problems.append(f"{place}.scene_start: expected true or false, got {_describe(segment.scene_start)}")
+        problems += _text_problems(self.title, "title", required=False)
+        problems += _text_problems(self.negative_text, "negative_text", required=False)
+        problems += count_problems(self.num_segments, max_segments)
+        if problems:
+            raise StoryboardError(problems)
+        return self
+
+    def check_token_budget(self, tokenizer, max_tokens: int, extra_negative_text: str | None = None) -> None:
+        """Raises StoryboardError naming every text whose token count (special tokens included) exceeds max_tokens.
+
+        tokenizer: a transformers tokenizer (the pipeline's); max_tokens: the transformer's max_text_seq_length.
+        extra_negative_text: a caller-supplied default negative text, checked too.
+        """
+        checks = []
+        for i, segment in enumerate(self.segments):
+            place = segment.place or f"segments[{i}]"
+            checks.append((place, "text", segment.text))
+            if segment.negative_text:
+                checks.append((place, "negative_text", segment.negative_text))
+        if self.negative_text:
+            checks.append(("storyboard", "negative_text", self.negative_text))
+        if extra_negative_text:
+            checks.append(("argument", "negative_text", extra_negative_text))
+        problems = []
+        for place, name, text in checks:
+            count = count_tokens(tokenizer, text)
+            if count > max_tokens:
+                problems.append(f"{place}: {name} has {count} tokens, over the text encoder's budget of {max_tokens} "
+                                "(shorten it)")
+        if problems:
+            raise StoryboardError(problems)
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """Tokens the text encoder sees for `text`, special tokens included."""
+    return len(tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"])
+
+
+def count_problems(num_segments: int, max_segments: int | None) -> list[str]:
+    if num_segments == 0:
+        return ["storyboard has no segments; expected at least 1"]
+    if max_segments is not None and num_segments > max_segments:
+        return [f"storyboard has {num_segments} segments ({num_segments * SEGMENT_SECONDS:g} s); the maximum is "
+                f"{max_segments} ({max_segments * SEGMENT_SECONDS:g} s) — raise max_segments to allow more"]
+    return []
+
+
+def load_storyboard(source: Storyboard | str | os.PathLike | dict | list,
+                    max_segments: int | None = DEFAULT_MAX_SEGMENTS) -> Storyboard:
+    """Reads and validates a storyboard from a path (.json, .yaml, .yml, .txt), a parsed dict/list, or a Storyboard.
+
+    max_segments: the most segments allowed (default 21 = 63 s); None for no maximum.
+    Raises StoryboardError with one line per problem; warns (UserWarning) about unknown keys.
+    """
+    if isinstance(source, Storyboard):
+        return source.validate(max_segments)
+    if isinstance(source, (dict, list)):
+        return _from_data(source, "", max_segments)
+    if isinstance(source, (str, os.PathLike)):
+        return _from_file(Path(source), max_segments)
+    raise StoryboardError([f"storyboard: expected a path, a dict, a list or a Storyboard, got {_describe(source)}"])
+
+
+def _from_file(path: Path, max_segments: int | None) -> Storyboard:
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml", ".txt"):
+        raise StoryboardError([f"{path}: unknown storyboard suffix {path.suffix!r}; expected .json, .yaml, .yml "
+                               "or .txt"])
+    if not path.is_file():
+        raise StoryboardError([f"{path}: storyboard file not found"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StoryboardError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
+    if suffix == ".txt":
+        return _from_text(text, str(path), max_segments)
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise StoryboardError([f"{path} line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}"]) from None
+    else:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e)
+            raise StoryboardError([f"{path}{where}: invalid YAML: {problem}"]) from None
+    return _from_data(data, f"{path}: ", max_segments)
+
+
+def _from_text(text: str, name: str, max_segments: int | None) -> Storyboard:
+    segments = []
+    new_scene = False
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            new_scene = bool(segments)
+            continue
+        segments.append(Segment(text=line.strip(), scene_start=new_scene, place=f"{name} line {lineno}"))
+        new_scene = False
+    problems = count_problems(len(segments), max_segments)
+    if problems:
+        raise StoryboardError([f"{name}: {p}" for p in problems])
+    return Storyboard(segments=segments, title=Path(name).stem)
+
+
+def _from_data(data: Any, prefix: str, max_segments: int | None) -> Storyboard:
+    problems: list[str] = []
+    if isinstance(data, list):
+        storyboard = _from_legacy_list(data, prefix, problems)
+    elif isinstance(data, dict):
+        storyboard = _from_scenes(data, prefix, problems)
+    else:
+        raise StoryboardError([f"{prefix}storyboard: expected an object with 'scenes' or a list of segments, "
+                               f"got {_describe(data)}"])
+    if not problems:
+        problems += [prefix + p for p in count_problems(storyboard.num_segments, max_segments)]
+    if problems:
+        raise StoryboardError(problems)
+    return storyboard
+
+
+def _from_scenes(data: dict, prefix: str, problems: list[str]) -> Storyboard:
+    _warn_unknown(data, _TOP_KEYS, f"{prefix}storyboard")
+    title = data.get("title")
+    negative_text = data.get("negative_text")
+    problems += _text_problems(title, f"{prefix}title", required=False)
+    problems += _text_problems(negative_text, f"{prefix}negative_text", required=False)
+    scenes = data.get("scenes")
+    segments: list[Segment] = []
+    if scenes is None:
+        problems.append(f"{prefix}scenes: missing; expected a list of scenes, each {{\"segments\": [...]}}")
+    elif not isinstance(scenes, list):
+        problems.append(f"{prefix}scenes: expected a list of scenes, got {_describe(scenes)}")
+    for i, scene in enumerate(scenes if isinstance(scenes, list) else []):
+        place = f"{prefix}scenes[{i}]"
+        if not isinstance(scene, dict):
+            problems.append(f"{place}: expected an object with 'segments', got {_describe(scene)}")
+            continue
+        _warn_unknown(scene, _SCENE_KEYS, place)
+        entries = scene.get("segments")
+        if not isinstance(entries, list) or not entries:
+            got = "nothing" if entries is None else _describe(entries)
+            problems.append(f"{place}.segments: expected a non-empty list of segments, got {got}")
+            continue
+        for j, entry in enumerate(entries):
+            segment_place = f"{place}.segments[{j}]"
+            if not isinstance(entry, dict):
+                problems.append(f"{segment_place}: expected an object with 'text', got {_describe(entry)}")
+                continue
+            _warn_unknown(entry, _SEGMENT_KEYS, segment_place)
+            problems += _text_problems(entry.get("text"), f"{segment_place}.text", required=True)
+            problems += _text_problems(entry.get("negative_text"), f"{segment_place}.negative_text", required=False)
+            segments.append(Segment(text=entry.get("text"), negative_text=entry.get("negative_text"),
+                                    scene_start=j == 0 and bool(segments), place=segment_place))
+    return Storyboard(segments=segments, title=title, negative_text=negative_text)
+
+
+def _from_legacy_list(data: list, prefix: str, problems: list[str]) -> Storyboard:
+    segments = []
+    for i, entry in enumerate(data):
+        place = f"{prefix}[{i}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{place}: expected an object with 'text', got {_describe(entry)}")
+            continue
+        _warn_unknown(entry, _LEGACY_SEGMENT_KEYS, place)
+        problems += _text_problems(entry.get("text"), f"{place}.text", required=True)
+        problems += _text_problems(entry.get("neg_text"), f"{place}.neg_text", required=False)
+        transition = entry.get("requires_scene_transition", False)
+        if not isinstance(transition, bool):
+            problems.append(f"{place}.requires_scene_transition: expected true or false, got {_describe(transition)}")
+        elif transition and not segments:
+            warnings.warn(f"{place}.requires_scene_transition: ignored on the first segment (nothing to cut from)",
+                          stacklevel=2)
+        segments.append(Segment(text=entry.get("text"), negative_text=entry.get("neg_text"),
+                                scene_start=transition is True and bool(segments), place=place))
+    return Storyboard(segments=segments)
+
+
+def _text_problems(value: Any, place: str, required: bool) -> list[str]:
+    if value is None:
+        return [f"{place}: missing; expected a non-empty string"] if required else []
+    if not isinstance(value, str):
+        return [f"{place}: expected a string, got {_describe(value)}"]
+    if required and not value.strip():
+        return [f"{place}: empty; expected a non-empty string"]
+    return []
+
+
+def _warn_unknown(entry: dict, known: tuple[str, ...], place: str) -> None:
+    for key in entry:
+        if key not in known:
+            warnings.warn(f"{place}: unknown key {key!r} ignored (known keys: {', '.join(known)})", stacklevel=2)
+
+
+def _segment_dict(segment: Segment) -> dict[str, str]:
+    data = {"text": segment.text}
+    if segment.negative_text is not None:
+        data["negative_text"] = segment.negative_text
+    return data
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{text} ({type(value).__name__})"
