@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML under configs/")
     parser.add_argument("--resume", help='"latest", a step number or a checkpoint folder')
+    parser.add_argument("--stop-after", type=int, help="save a checkpoint and stop after this many steps in this run "
+                        "(for jobs with a time limit; continue with --resume latest)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-5 train.steps=100")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.seed)  # the same TTT initialisation on every process
     parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
     model, sampler_scheduler = parts["transformer"], parts["scheduler"]
+    fsdp = accelerator.state.fsdp_plugin
+    if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
+        model.disable_gradient_checkpointing()  # FSDP checkpoints every wrapped block already
+        logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
     noise_scheduler = training_scheduler(sampler_scheduler)
     dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
                               cfg.data.text_dropout, expected=expected_manifest(cfg, model))
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     first_bad_step = torch.full((), -1, device=accelerator.device)  # checked on log/save steps: no per-step sync
     grad_norm = None
     steps_since_log, last_log = 0, time.perf_counter()
-    while step < cfg.train.steps:
+    stop_at = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, step + args.stop_after)
+    while step < stop_at:
         for _ in range(accumulation):
             batch = next(batches)
             with accelerator.accumulate(model):
@@ -111,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
         bar.update()
 
         last = step == cfg.train.steps
-        should_log = step % cfg.log.every == 0 or last
-        should_save = cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or last)
+        should_log = step % cfg.log.every == 0 or step == stop_at
+        should_save = (step == stop_at and not last) or (
+            cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or last))
         should_validate = cfg.validation.every > 0 and bool(cfg.validation.storyboards) and (
             step % cfg.validation.every == 0 or last)
         if should_log or should_save or should_validate:
@@ -136,9 +144,12 @@ def main(argv: list[str] | None = None) -> None:
             with ema_weights(ema, trainable):
                 validate(pipe, accelerator, cfg.validation, Path(cfg.output_dir) / "validation", step)
     bar.close()
+    if step < cfg.train.steps:
+        logger.info("stopped after step %d of %d (--stop-after); continue with --resume latest", step, cfg.train.steps)
+        accelerator.end_training()
+        return
 
     # 4. save
-    stop_if_not_finite(accelerator, first_bad_step, checkpointer)
     with ema_weights(ema, trainable):
         final = full_transformer(accelerator, model)
         if accelerator.is_main_process:

@@ -25,6 +25,7 @@ from tiny import tiny_components  # noqa: E402
 from pipeline.data import SEGMENT_SECONDS, SegmentInfo, VideoRecord, write_metadata  # noqa: E402
 from pipeline.video_io import write_video  # noqa: E402
 
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
 SOURCE_FPS = 8
 SOURCE_HEIGHT, SOURCE_WIDTH = 48, 64
 # (segments, indices of segments that open a new scene) per video
@@ -70,6 +71,35 @@ def write_tiny_dataset(root: str | Path, videos=DEFAULT_VIDEOS, seed: int = 0) -
         records.append(VideoRecord(video=name, fps=SOURCE_FPS, segments=segments))
     write_metadata(root, records)
     return records
+
+
+def debug_overrides(base: str | Path) -> list[str]:
+    """configs/debug.yaml overrides that point it at a tiny pipeline/dataset/cache under `base`."""
+    base = Path(base)
+    return [f"model.pretrained={base / 'pipeline'}", f"data.root={base / 'dataset'}", f"data.cache={base / 'cache'}",
+            f"output_dir={base / 'run'}"]
+
+
+_PREPARED: dict[str, Path] = {}
+
+
+def prepared(base: str | Path) -> Path:
+    """Tiny pipeline + dataset + precomputed float32 cache under `base`, made once per test session (later calls
+    return the first base); tests that change files work on copies."""
+    if "base" not in _PREPARED:
+        import torch
+        from accelerate import Accelerator
+
+        from pipeline.config import load_config
+        from pipeline.precompute import precompute
+
+        base = Path(base)
+        save_tiny_pipeline(base / "pipeline")
+        write_tiny_dataset(base / "dataset")
+        cfg = load_config(CONFIG, debug_overrides(base))
+        precompute(cfg, torch.float32, Accelerator(cpu=True))
+        _PREPARED["base"] = base
+    return _PREPARED["base"]
 
 
 def main() -> None:

@@ -1,0 +1,252 @@
+"""Dataset format, precompute (decode → resample → crop → VAE / text encoder → cache) and the sequence dataset."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from tiny_training import CONFIG, debug_overrides, prepared
+
+from pipeline.config import load_config
+from pipeline.data import (
+    DatasetError,
+    EpochSampler,
+    SegmentInfo,
+    SequenceDataset,
+    VideoRecord,
+    item_path,
+    read_metadata,
+    write_metadata,
+)
+from pipeline.pipeline_ttt_video import encode_text
+from pipeline.precompute import decode_segments, encode_frames, precompute, segment_frame_times
+from pipeline.training.components import build_components
+from pipeline.training.loss import DiffusionCollate
+from pipeline.video_io import read_video, write_video
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return prepared(tmp_path_factory.mktemp("tiny"))
+
+
+def config(base, *overrides):
+    return load_config(CONFIG, [*debug_overrides(base), *overrides])
+
+
+def record(segments=3, cuts=(), fps=8.0, start=0.0, video="v.mp4"):
+    return VideoRecord(video, fps, tuple(SegmentInfo(start + 3.0 * i, f"text {i}", i in cuts) for i in range(segments)))
+
+
+# metadata
+
+
+def test_metadata_round_trip(tmp_path):
+    records = [record(3, cuts=(1,)), record(1, video="sub/w.mp4", start=1.5)]
+    path = write_metadata(tmp_path, records)
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert read_metadata(tmp_path) == records
+    assert len(path.read_text().splitlines()) == 2
+    assert records[0].key != record(3, cuts=()).key  # an edited record is a new cache item
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0}, {"start": 4}]}',
+     "metadata.jsonl:2: segments[1].start: expected 3 (3 s after the previous segment), got 4"),
+    ('{"fps": 30, "segments": [{"start": 0}]}', "metadata.jsonl:2: video: expected a path"),
+    ('{"video": "a.mp4", "fps": 0, "segments": [{"start": 0}]}', "metadata.jsonl:2: fps: expected the source frame"),
+    ('{"video": "a.mp4", "fps": 30, "segments": []}', "metadata.jsonl:2: segments: expected a non-empty list"),
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0, "caption": "x"}]}',
+     "metadata.jsonl:2: segments[0]: unknown field 'caption'"),
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0, "scene_start": "yes"}]}',
+     "metadata.jsonl:2: segments[0].scene_start: expected true or false"),
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0, "text": 3}]}', "segments[0].text: expected a string"),
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0}], "extra": 1}', "unknown field 'extra'"),
+    ("{not json", "metadata.jsonl:2: not valid JSON"),
+])
+def test_bad_metadata_names_line_and_field(tmp_path, line, message):
+    good = json.dumps(record(1).to_json())
+    (tmp_path / "metadata.jsonl").write_text(f"{good}\n{line}\n")
+    with pytest.raises(DatasetError) as e:
+        read_metadata(tmp_path)
+    assert message in str(e.value)
+
+
+def test_missing_metadata(tmp_path):
+    with pytest.raises(DatasetError, match="metadata.jsonl: not found"):
+        read_metadata(tmp_path)
+
+
+# decoding and resampling
+
+
+def test_frame_times_stop_at_cuts_and_the_end():
+    times = segment_frame_times(record(3, cuts=(2,)), fps=4)  # 12 frames per segment, 13 times each
+    assert [len(t) for t in times] == [13, 13, 13]
+    assert times[0] == [i / 4 for i in range(12)] + [3.0]  # continues into segment 1: its first frame
+    assert times[1][-1] == times[1][-2] == 3.0 + 11 / 4  # segment 2 opens a scene: the last frame repeats
+    assert times[2][-1] == times[2][-2]  # end of the video
+
+
+def test_decode_resamples_by_source_index_and_crops(tmp_path):
+    """Every source frame is a flat grey level that encodes its index; at 8 → 4 fps frame i of segment j must be
+    source frame 24 j + 2 i. The 48x64 source is covered and center-cropped to 32x32."""
+    levels = (np.arange(3 * 24) * 3).astype(np.uint8)
+    frames = np.repeat(levels[:, None, None, None], 48 * 64 * 3, axis=1).reshape(-1, 48, 64, 3)
+    write_video(frames, tmp_path / "grey.mp4", fps=8, crf=0)
+    rec = record(3, fps=8.0, video="grey.mp4")
+    segments = list(decode_segments(tmp_path / "grey.mp4", rec, fps=4, height=32, width=32))
+    assert [j for j, _ in segments] == [0, 1, 2]
+    for j, seg in segments:
+        assert seg.shape == (13, 32, 32, 3) and seg.dtype == np.uint8
+        wanted = [24 * j + 2 * i for i in range(12)] + [24 * (j + 1) if j < 2 else 24 * j + 22]
+        np.testing.assert_allclose(seg.reshape(13, -1).mean(axis=1), levels[wanted], atol=2)
+
+
+def test_decode_reports_a_short_video(tmp_path):
+    write_video(np.zeros((10, 32, 32, 3), np.uint8), tmp_path / "short.mp4", fps=8)
+    with pytest.raises(DatasetError, match="short.mp4: segment 0 needs frame"):
+        list(decode_segments(tmp_path / "short.mp4", record(1, video="short.mp4"), 4, 32, 32))
+
+
+# precompute
+
+
+def test_precompute_matches_direct_encoding(base):
+    """The cache holds, per segment, exactly the VAE posterior of the resampled frames and encode_text of the text
+    (the sampler's text function); null.safetensors holds the encoded empty text."""
+    cfg = config(base)
+    parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
+    manifest = json.loads((base / "cache" / "manifest.json").read_text())
+    assert manifest == {"version": 1, "model": str(base / "pipeline"), "height": 32, "width": 32, "fps": 4,
+                        "max_text_length": 8, "latent_frames_first": 4, "latent_frames_per_segment": 3,
+                        "latent_channels": 4, "text_embed_dim": 16,
+                        "scaling_factor": parts["vae"].config.scaling_factor}
+    rec = read_metadata(base / "dataset")[0]
+    item = load_file(item_path(base / "cache", rec))
+    assert item["latent_mean"].shape == (3, 4, 4, 4, 4)  # (segments, 1 + 3 latent frames, C, h, w)
+    assert item["scene_start"].tolist() == [s.scene_start for s in rec.segments]
+
+    # reference frames: read independently with read_video, source index round(t * 8), resized by covering
+    # (48x64 → 32x43) and center-cropped; PyAV's area resize and torch's differ by rounding only
+    source, fps = read_video(base / "dataset" / rec.video)
+    assert fps == 8
+    decoded = dict(decode_segments(base / "dataset" / rec.video, rec, 4, 32, 32))
+    for j, times in enumerate(segment_frame_times(rec, 4)):
+        frames = torch.from_numpy(source[[round(t * fps) for t in times]]).permute(0, 3, 1, 2).float()
+        reference = torch.nn.functional.interpolate(frames, size=(32, 43), mode="area")[..., 5:37]
+        assert (torch.from_numpy(decoded[j]).permute(0, 3, 1, 2).float() - reference).abs().mean() < 2.5
+        mean, logvar = encode_frames(parts["vae"], decoded[j])
+        torch.testing.assert_close(item["latent_mean"][j], mean)
+        torch.testing.assert_close(item["latent_logvar"][j], logvar)
+
+    text, mask = encode_text(parts["tokenizer"], parts["text_encoder"], [s.text for s in rec.segments], 8)
+    torch.testing.assert_close(item["text"], text)
+    assert torch.equal(item["text_mask"], mask)
+    null = load_file(base / "cache" / "null.safetensors")
+    null_text, null_mask = encode_text(parts["tokenizer"], parts["text_encoder"], [""], 8)
+    torch.testing.assert_close(null["text"], null_text[0])
+    assert torch.equal(null["text_mask"], null_mask[0])
+
+
+def test_precompute_resumes_and_skips_bad_videos(base, tmp_path):
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    shutil.copytree(base / "pipeline", tmp_path / "pipeline")
+    records = read_metadata(tmp_path / "dataset")
+    item_path(tmp_path / "cache", records[1]).unlink()
+    (tmp_path / "dataset" / "clips" / "broken.mp4").write_bytes(b"not a video")
+    write_metadata(tmp_path / "dataset", [*records, record(1, video="clips/broken.mp4"),
+                                          record(1, video="clips/absent.mp4")])
+    counts = precompute(config(tmp_path), torch.float32, Accelerator(cpu=True))
+    assert counts == {"done": 1, "skipped": 2, "failed": 2}
+    assert item_path(tmp_path / "cache", records[1]).is_file()
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_precompute_refuses_a_cache_made_with_other_settings(base, tmp_path):
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    cfg = config(base, f"data.cache={tmp_path / 'cache'}", "data.height=64")
+    with pytest.raises(DatasetError, match="height=32, now 64"):
+        precompute(cfg, torch.float32, Accelerator(cpu=True))
+
+
+# the sequence dataset
+
+
+def test_sequences_join_segments(base):
+    cache = base / "cache"
+    ds = SequenceDataset(base / "dataset", cache, segments=2)
+    assert len(ds) == 2 + 1 + 3  # windows of 2 in videos of 3, 2 and 4 segments
+    ds3 = SequenceDataset(base / "dataset", cache, segments=3, stride=2)
+    assert len(ds3) == 1 + 0 + 1  # starts 0 (3 segments), none (2), 0 (4; start 2 would run past the end)
+    assert ds3.skipped["too_short"] == 1
+
+    rec = read_metadata(base / "dataset")[2]  # 4 segments, scenes open at 1 and 3
+    item = load_file(item_path(cache, rec))
+    index = next(i for i, (p, s) in enumerate(ds.windows) if p == item_path(cache, rec) and s == 1)
+    sample = ds[index]
+    assert sample["latent_mean"].shape == (4 + 3, 4, 4, 4)
+    expected = torch.cat([item["latent_mean"][1], item["latent_mean"][2, 1:]])  # later segments drop latent 0
+    torch.testing.assert_close(sample["latent_mean"], expected)
+    torch.testing.assert_close(sample["text"], item["text"][1:3])
+    assert sample["scene_start"].tolist() == [False, False]  # segment 1 opens a scene, but it starts the sequence
+    index = next(i for i, (p, s) in enumerate(ds.windows) if p == item_path(cache, rec) and s == 2)
+    assert ds[index]["scene_start"].tolist() == [False, True]
+
+
+def test_text_dropout_uses_the_null_embedding(base):
+    null = load_file(base / "cache" / "null.safetensors")
+    always = SequenceDataset(base / "dataset", base / "cache", segments=2, text_dropout=1.0)
+    never = SequenceDataset(base / "dataset", base / "cache", segments=2, text_dropout=0.0)
+    sample = always[(0, 7)]
+    torch.testing.assert_close(sample["text"], null["text"].expand(2, -1, -1))
+    assert torch.equal(sample["text_mask"], null["text_mask"].expand(2, -1))
+    assert not torch.allclose(never[(0, 7)]["text"], sample["text"])
+    half = SequenceDataset(base / "dataset", base / "cache", segments=2, text_dropout=0.5)
+    dropped = [torch.equal(half[(0, seed)]["text"], sample["text"]) for seed in range(200)]
+    assert 60 < sum(dropped) < 140  # about half
+    assert dropped == [torch.equal(half[(0, seed)]["text"], sample["text"]) for seed in range(200)]  # by seed
+
+
+def test_missing_and_corrupt_items_are_skipped_and_counted(base, tmp_path, caplog):
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    records = read_metadata(base / "dataset")
+    item_path(tmp_path / "cache", records[0]).unlink()
+    corrupt = item_path(tmp_path / "cache", records[1])
+    corrupt.write_bytes(corrupt.read_bytes()[:200])  # truncated
+    with caplog.at_level("INFO"):
+        ds = SequenceDataset(base / "dataset", tmp_path / "cache", segments=2)
+    assert ds.skipped == {"missing": 1, "corrupt": 1, "too_short": 0}
+    assert len(ds) == 3  # only the 4-segment video is left
+    assert "skipped videos: {'missing': 1, 'corrupt': 1" in caplog.text
+
+
+def test_manifest_mismatch_is_a_clear_error(base):
+    with pytest.raises(DatasetError, match="precomputed with height=32 .* but training expects height=64"):
+        SequenceDataset(base / "dataset", base / "cache", segments=1, expected={"height": 64})
+    with pytest.raises(DatasetError, match="no sequence of 5 segments"):
+        SequenceDataset(base / "dataset", base / "cache", segments=5)
+
+
+def test_sampler_and_collate_randomness_follows_the_sample_seed(base):
+    sampler = EpochSampler(6, seed=3)
+    first = list(sampler)
+    assert sorted(i for i, _ in first) == list(range(6))
+    assert first == list(sampler)  # same epoch, same order and seeds
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert len({s for _, s in first + list(sampler)}) == 12
+
+    ds = SequenceDataset(base / "dataset", base / "cache", segments=2)
+    collate = DiffusionCollate(1000, ds.scaling_factor)
+    a, b = ds[(0, 11)], ds[(1, 12)]
+    pair, alone = collate([a, b]), collate([b])
+    for key in ("latents", "noise", "timesteps", "text"):
+        torch.testing.assert_close(pair[key][1], alone[key][0])  # independent of the batch it is in
+    mean, std = a["latent_mean"], torch.exp(0.5 * a["latent_logvar"])
+    z = (pair["latents"][0] / ds.scaling_factor - mean) / std  # the drawn posterior noise
+    assert z.abs().max() < 6 and 0.5 < z.std() < 1.5
