@@ -1,0 +1,122 @@
+"""Command line of the toy world: `python -m pipeline.toyworld {generate,score,corrupt} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .dataset import generate
+
+    low, high = (args.segments, args.segments) if args.segments else (args.min_segments, args.max_segments)
+    metadata = generate(args.out, args.stories, low, high, seed=args.seed, size=args.size)
+    print(f"wrote {args.stories} stories to {metadata.parent} ({metadata.name}, <id>.mp4, <id>.storyboard.json, "
+          f"<id>.truth.json)")
+
+
+def _score(args: argparse.Namespace) -> None:
+    from .dataset import score_folder
+    from .metrics import summarize
+    from .report import format_table, plot_identity
+
+    results = score_folder(args.videos, args.storyboards)
+    summary = summarize([r for _, r in results])
+    print(format_table(summary))
+    if args.plot:
+        print(f"plot: {plot_identity({args.label: summary}, args.plot)}")
+    if args.json:
+        from .dataset import write_text
+
+        write_text(Path(args.json), json.dumps(_finite(summary), indent=1) + "\n")
+        print(f"summary: {args.json}")
+
+
+def _finite(value):
+    """NaN (a segment index with nothing to count) as null, so that the JSON is standard."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _corrupt(args: argparse.Namespace) -> None:
+    from ..video_io import write_video
+    from .corrupt import corrupt
+    from .dataset import load_truth, write_text
+    from .world import FPS
+
+    data, out = Path(args.data), Path(args.out)
+    truths = sorted(data.glob("*.truth.json"))
+    if not truths:
+        raise FileNotFoundError(f"{data}: no <id>.truth.json files; expected a folder made by 'generate'")
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for i, truth in enumerate(tqdm(truths, desc=args.kind, unit="story")):
+        story_id = truth.name[: -len(".truth.json")]
+        story = load_truth(truth)
+        corruption = corrupt(story, args.kind, np.random.default_rng([args.seed, i]))
+        if corruption is None:
+            continue
+        write_video(corruption.render(args.size), out / f"{story_id}.mp4", fps=FPS)
+        shutil.copyfile(data / f"{story_id}.storyboard.json", out / f"{story_id}.storyboard.json")
+        write_text(out / f"{story_id}.corruption.json", json.dumps(
+            {"kind": corruption.kind, "check": corruption.check, "targets": corruption.targets}) + "\n")
+        written += 1
+    print(f"wrote {written} '{args.kind}' videos (of {len(truths)} stories) to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.toyworld",
+                                     description="Synthetic storyboard world: generate videos, score videos.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="sample and render stories into a dataset folder")
+    g.add_argument("--out", required=True, help="dataset folder to write")
+    g.add_argument("--stories", type=int, required=True, help="number of stories")
+    g.add_argument("--segments", type=int, help="segments per story (3 s each); or use --min/--max-segments")
+    g.add_argument("--min-segments", type=int, default=1)
+    g.add_argument("--max-segments", type=int, default=21)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--size", type=int, default=64, help="frame height and width in pixels (even)")
+    g.set_defaults(run=_generate)
+
+    s = sub.add_parser("score", help="score videos against their storyboards")
+    s.add_argument("--videos", required=True, help="folder of .mp4 files")
+    s.add_argument("--storyboards", help="folder of <id>.storyboard.json or <id>.json (default: --videos)")
+    s.add_argument("--plot", help="write identity accuracy by segment to this PNG")
+    s.add_argument("--label", default="videos", help="legend label in the plot")
+    s.add_argument("--json", help="write the summary (all numbers) to this JSON file")
+    s.set_defaults(run=_score)
+
+    c = sub.add_parser("corrupt", help="re-render a generated folder with a deliberate error or as a baseline")
+    c.add_argument("--data", required=True, help="folder made by 'generate'")
+    c.add_argument("--out", required=True, help="folder to write the corrupted videos and their storyboards")
+    c.add_argument("--kind", required=True, choices=["color", "swap", "background", "reverse", "memoryless"])
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--size", type=int, default=64)
+    c.set_defaults(run=_corrupt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "segments", None) is not None and args.segments < 1:
+        print("error: --segments: expected at least 1", file=sys.stderr)
+        return 2
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

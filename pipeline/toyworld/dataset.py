@@ -1,0 +1,130 @@
+"""Toy-world dataset folders: generate them, and score a folder of videos against their storyboards.
+
+Layout of a generated folder (one story per id, `story_00000` ...)::
+
+    DIR/metadata.jsonl                  one line per video, the project's training metadata format
+    DIR/<id>.mp4                        24 n + 1 frames at 8 fps, H.264 yuv420p
+    DIR/<id>.storyboard.json            the storyboard ({"title", "scenes": [{"segments": [{"text"}]}]})
+    DIR/<id>.truth.json                 the sampled story (cast, backdrops, actions), enough to re-render it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..video_io import read_video, write_video
+from .metrics import VideoResult, score_video
+from .render import render_story
+from .sampler import sample_story
+from .world import FPS, Story, segment_frames
+
+
+def storyboard_dict(story: Story) -> dict:
+    """The story's storyboard in the project's JSON format; every scene after the first opens with a cut."""
+    scenes: list[dict] = []
+    for segment in story.segments:
+        if segment.scene_start:
+            scenes.append({"segments": []})
+        scenes[-1]["segments"].append({"text": segment.text})
+    return {"title": story.title, "scenes": scenes}
+
+
+def metadata_line(story: Story, video: str) -> dict:
+    """The story's line of metadata.jsonl: segment i covers frames [start * fps, start * fps + 24 (+1 if i = 0))."""
+    return {
+        "video": video,
+        "fps": FPS,
+        "segments": [
+            {"start": segment_frames(i)[0] / FPS, "text": seg.text, "scene_start": i > 0 and seg.scene_start}
+            for i, seg in enumerate(story.segments)
+        ],
+    }
+
+
+def story_seed(seed: int, index: int) -> int:
+    """The seed of story `index` of a dataset generated with `seed` (independent streams per story)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes under a temporary name in the same folder, then renames: `path` is never half-written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_story(out: Path, story_id: str, story: Story, frames: np.ndarray) -> dict:
+    """Writes one story's video, storyboard and ground truth into `out`; returns its metadata line."""
+    write_video(frames, out / f"{story_id}.mp4", fps=FPS)
+    write_text(out / f"{story_id}.storyboard.json", json.dumps(storyboard_dict(story), indent=1) + "\n")
+    write_text(out / f"{story_id}.truth.json", json.dumps(story.to_dict()) + "\n")
+    return metadata_line(story, f"{story_id}.mp4")
+
+
+def generate(out: str | os.PathLike, stories: int, min_segments: int = 1, max_segments: int = 21, seed: int = 0,
+             size: int = 64, progress: bool = True) -> Path:
+    """Samples, renders and writes `stories` stories into folder `out`; returns the metadata.jsonl path.
+
+    Story i is `sample_story(story_seed(seed, i), min_segments, max_segments)`, so a dataset is reproducible
+    from its command line, and the first k stories of a larger dataset are the same k stories.
+    """
+    if stories < 1:
+        raise ValueError(f"stories: expected at least 1, got {stories}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in tqdm(range(stories), desc="stories", unit="story", disable=not progress):
+        story = sample_story(story_seed(seed, i), min_segments, max_segments)
+        lines.append(write_story(out, f"story_{i:05d}", story, render_story(story, size)))
+    metadata = out / "metadata.jsonl"
+    write_text(metadata, "".join(json.dumps(line) + "\n" for line in lines))
+    return metadata
+
+
+def find_storyboard(video: Path, storyboards: Path | None = None) -> Path:
+    """The storyboard of `video`: <stem>.storyboard.json or <stem>.json in `storyboards` (default: its folder)."""
+    folder = storyboards or video.parent
+    candidates = [folder / f"{video.stem}.storyboard.json", folder / f"{video.stem}.json"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{video}: no storyboard found; expected one of {', '.join(map(str, candidates))}")
+
+
+def score_folder(videos: str | os.PathLike, storyboards: str | os.PathLike | None = None,
+                 progress: bool = True) -> list[tuple[Path, VideoResult]]:
+    """Scores every .mp4 in folder `videos` against its storyboard (see `find_storyboard`)."""
+    videos = Path(videos)
+    paths = sorted(videos.glob("*.mp4"))
+    if not paths:
+        raise FileNotFoundError(f"{videos}: no .mp4 files to score")
+    results = []
+    for path in tqdm(paths, desc="scoring", unit="video", disable=not progress):
+        storyboard_path = find_storyboard(path, Path(storyboards) if storyboards else None)
+        try:
+            storyboard = json.loads(storyboard_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{storyboard_path} line {e.lineno}: invalid JSON: {e.msg}") from None
+        frames, _ = read_video(path)
+        try:
+            results.append((path, score_video(frames, storyboard)))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return results
+
+
+def load_truth(path: str | os.PathLike) -> Story:
+    """A story from its <id>.truth.json (to re-render it, e.g. corrupted or at another size)."""
+    return Story.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

@@ -1,0 +1,192 @@
+"""Vectorised numpy rendering of toy-world stories: anti-aliased shapes over patterned backdrops.
+
+Shapes are signed distance functions (SDFs) in unit space (circumradius about 1, area centroid at the origin);
+a pixel's coverage is clip(0.5 - distance in pixels, 0, 1), the area of the pixel inside a straight edge through
+it. Every frame of a segment is computed at once, each character only inside the box its track sweeps.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+
+from .world import (
+    BACKDROP_COLORS,
+    COLORS,
+    PAN,
+    SIZES,
+    Appearance,
+    Backdrop,
+    StageState,
+    Story,
+    ease,
+    plan,
+    segment_phases,
+    segment_tracks,
+)
+
+PATTERN_PERIOD = 0.25  # stripes, checks and dots repeat every quarter of the frame height
+DOT_RADIUS = 0.05
+DARK_TONE = 0.45  # the pattern's second tone is the backdrop colour times this
+
+
+def _polygon(points: np.ndarray) -> np.ndarray:
+    return np.asarray(points, dtype=np.float64)
+
+
+def _star(points: int, outer: float, inner: float) -> np.ndarray:
+    angles = -np.pi / 2 + np.pi * np.arange(2 * points) / points
+    radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
+    return _polygon(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1))
+
+
+_TRIANGLE = _star(3, 1.0, 0.5)[::2]  # y points down: the first vertex is the top one
+_STAR = _star(5, 1.0, 0.45)
+
+
+def polygon_sdf(px: np.ndarray, py: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """Signed distance (negative inside) from points (px, py) (any equal shapes) to a closed polygon (V, 2).
+
+    Distance is the minimum over edges; the sign flips once per edge that a ray from the point crosses.
+    """
+    d2 = np.full(px.shape, np.inf)
+    inside = np.zeros(px.shape, dtype=bool)
+    for (ax, ay), (bx, by) in zip(vertices, np.roll(vertices, 1, axis=0)):
+        ex, ey = bx - ax, by - ay
+        wx, wy = px - ax, py - ay
+        t = np.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
+        d2 = np.minimum(d2, (wx - ex * t) ** 2 + (wy - ey * t) ** 2)
+        above, below, left = py >= ay, py < by, ex * wy > ey * wx
+        inside ^= (above & below & left) | (~above & ~below & ~left)
+    return np.where(inside, -1.0, 1.0) * np.sqrt(d2)
+
+
+def _box_sdf(px: np.ndarray, py: np.ndarray, half_w: float, half_h: float) -> np.ndarray:
+    qx, qy = np.abs(px) - half_w, np.abs(py) - half_h
+    return np.hypot(np.maximum(qx, 0.0), np.maximum(qy, 0.0)) + np.minimum(np.maximum(qx, qy), 0.0)
+
+
+def _moon_raw(px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    return np.maximum(np.hypot(px, py) - 0.92, 0.75 - np.hypot(px - 0.42, py + 0.3))
+
+
+@cache
+def _moon_centroid() -> tuple[float, float]:
+    # The crescent's area centroid, so that a character's position is the centre of its visible mass.
+    g = np.linspace(-1.2, 1.2, 961)
+    gx, gy = np.meshgrid(g, g)
+    inside = _moon_raw(gx, gy) < 0
+    return float(gx[inside].mean()), float(gy[inside].mean())
+
+
+def shape_sdf(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """Signed distance to a unit shape (circumradius ~1, centroid at the origin); px, py any equal shapes."""
+    if shape == "circle":
+        return np.hypot(px, py) - 0.85
+    if shape == "square":
+        return _box_sdf(px, py, 0.75, 0.75)
+    if shape == "triangle":
+        return polygon_sdf(px, py, _TRIANGLE)
+    if shape == "star":
+        return polygon_sdf(px, py, _STAR)
+    if shape == "cross":
+        return np.minimum(_box_sdf(px, py, 0.95, 0.32), _box_sdf(px, py, 0.32, 0.95))
+    if shape == "moon":
+        cx, cy = _moon_centroid()
+        return _moon_raw(px + cx, py + cy)
+    raise ValueError(f"shape: expected one of circle, square, triangle, star, cross, moon, got {shape!r}")
+
+
+def coverage(shape: str, radius_px: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] of a shape at pixel offsets (dx, dy) from its centre.
+
+    radius_px, angle: (F, 1, 1) per frame; dx, dy: (F, h, w) pixel offsets. Returns (F, h, w).
+    """
+    cos, sin = np.cos(angle), np.sin(angle)
+    ux, uy = (cos * dx + sin * dy) / radius_px, (cos * dy - sin * dx) / radius_px  # rotate back by `angle`
+    return np.clip(0.5 - shape_sdf(shape, ux, uy) * radius_px, 0.0, 1.0)
+
+
+def backdrop_frames(backdrop: Backdrop, camera: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A backdrop as float RGB frames (F, H, W, 3) in [0, 255]; camera: (F,) horizontal offsets (pans)."""
+    y = (np.arange(height) + 0.5)[None, :, None] / height  # (1, H, 1), frame-height units
+    x = (np.arange(width) + 0.5)[None, None, :] / height + camera[:, None, None]  # (F, 1, W)
+    px = height * PATTERN_PERIOD / (2 * np.pi)  # turns a sine's slope into ~one-pixel-wide soft edges
+    phase_x, phase_y = 2 * np.pi * x / PATTERN_PERIOD, 2 * np.pi * y / PATTERN_PERIOD
+    zero = np.zeros((camera.shape[0], height, width))
+    if backdrop.pattern == "plain":
+        dark = zero
+    elif backdrop.pattern == "horizontal stripes":
+        dark = zero + 0.5 + 0.5 * np.clip(np.sin(phase_y) * px, -1, 1)
+    elif backdrop.pattern == "vertical stripes":
+        dark = zero + 0.5 + 0.5 * np.clip(np.sin(phase_x) * px, -1, 1)
+    elif backdrop.pattern == "checks":
+        dark = 0.5 + 0.5 * np.clip(np.sin(phase_x) * px, -1, 1) * np.clip(np.sin(phase_y) * px, -1, 1)
+    elif backdrop.pattern == "dots":
+        gx = np.mod(x, PATTERN_PERIOD) - PATTERN_PERIOD / 2
+        gy = np.mod(y, PATTERN_PERIOD) - PATTERN_PERIOD / 2
+        dark = np.clip(0.5 - (np.hypot(gx, gy) - DOT_RADIUS) * height, 0.0, 1.0)
+    elif backdrop.pattern == "gradient":
+        dark = zero + y
+    else:
+        raise ValueError(f"backdrop.pattern: unknown pattern {backdrop.pattern!r}")
+    base = np.asarray(BACKDROP_COLORS[backdrop.color], dtype=np.float64)
+    return base * (1.0 - (1.0 - DARK_TONE) * dark[..., None])
+
+
+def render_segment(story: Story, index: int, state: StageState, size: int = 64,
+                   looks: dict[str, Appearance] | None = None, backdrop: Backdrop | None = None) -> np.ndarray:
+    """Frames of segment `index` (25 for the first, else 24) as uint8 (F, size, size, 3).
+
+    state: the stage at the segment's start (from `world.plan`). looks / backdrop override the story's
+    appearances / the scene's backdrop (used to build corrupted videos that the metrics must catch).
+    """
+    segment = story.segments[index]
+    s = segment_phases(index)
+    tracks = segment_tracks(story.cast, state, segment, s)
+    camera = state.camera + segment.pan * PAN * ease(s)  # (F,)
+    frames = backdrop_frames(backdrop or story.backdrops[segment.scene], camera, size, size)
+    looks = looks or {}
+    for name in story.cast:  # a fixed drawing order
+        if name not in tracks:
+            continue
+        look = looks.get(name, story.cast[name])
+        t = tracks[name]
+        _draw(frames, look, t.x * size, t.y * size, SIZES[look.size] * size * t.scale, t.angle)
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def _draw(frames: np.ndarray, look: Appearance, cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
+          angle: np.ndarray) -> None:
+    """Composites one character into frames (F, H, W, 3) in place; cx, cy, r (pixels), angle: (F,)."""
+    _, height, width, _ = frames.shape
+    reach = 1.5 * r + 1.0  # every unit shape lies within 1.5 of its centroid, plus a pixel of anti-aliasing
+    x0, x1 = int(max(np.floor(np.min(cx - reach)), 0)), int(min(np.ceil(np.max(cx + reach)), width))
+    y0, y1 = int(max(np.floor(np.min(cy - reach)), 0)), int(min(np.ceil(np.max(cy + reach)), height))
+    if x0 >= x1 or y0 >= y1:
+        return
+    dx = (np.arange(x0, x1) + 0.5)[None, None, :] - cx[:, None, None]  # (F, 1, w)
+    dy = (np.arange(y0, y1) + 0.5)[None, :, None] - cy[:, None, None]  # (F, h, 1)
+    dx, dy = np.broadcast_arrays(dx, dy)
+    alpha = coverage(look.shape, r[:, None, None], angle[:, None, None], dx, dy)[..., None]
+    color = np.asarray(COLORS[look.color], dtype=np.float64)
+    region = frames[:, y0:y1, x0:x1]
+    region += alpha * (color - region)
+
+
+def render_story(story: Story, size: int = 64, looks: list[dict[str, Appearance]] | None = None,
+                 backdrops: list[Backdrop] | None = None) -> np.ndarray:
+    """All frames of a story, uint8 (24 n + 1, size, size, 3) at 8 fps.
+
+    looks: per segment, appearance overrides by name; backdrops: per scene, a replacement backdrop
+    (both only for corrupted variants used to validate the metrics and to build baselines).
+    """
+    if size < 16 or size % 2:
+        raise ValueError(f"size: expected an even frame size of at least 16 pixels, got {size}")
+    states = plan(story)
+    return np.concatenate([
+        render_segment(story, i, states[i], size, looks[i] if looks else None,
+                       backdrops[seg.scene] if backdrops else None)
+        for i, seg in enumerate(story.segments)
+    ])

