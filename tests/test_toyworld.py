@@ -220,7 +220,7 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
         frames, fps = read_video(data / line["video"])
         n = len(line["segments"])
         assert frames.shape == (24 * n + 1, 64, 64, 3) and fps == FPS
-        assert [s["start"] * FPS for s in line["segments"]] == [0] + [1 + 24 * i for i in range(1, n)]
+        assert [s["start"] * FPS for s in line["segments"]] == [24 * i for i in range(n)]
         assert line["segments"][0]["scene_start"] is False
         storyboard = json.loads((data / line["video"].replace(".mp4", ".storyboard.json")).read_text())
         texts = [s["text"] for scene in storyboard["scenes"] for s in scene["segments"]]

@@ -22,7 +22,7 @@ from ..video_io import read_video, write_video
 from .metrics import VideoResult, score_video
 from .render import render_story
 from .sampler import sample_story
-from .world import FPS, Story, segment_frames
+from .world import FPS, FRAMES_PER_SEGMENT, Story
 
 
 def storyboard_dict(story: Story) -> dict:
@@ -36,12 +36,14 @@ def storyboard_dict(story: Story) -> dict:
 
 
 def metadata_line(story: Story, video: str) -> dict:
-    """The story's line of metadata.jsonl: segment i covers frames [start * fps, start * fps + 24 (+1 if i = 0))."""
+    """The story's line of metadata.jsonl in the project's format (pipeline/data.py: starts exactly 3 s apart):
+    segment i starts at 3 i s, the frame 24 i that its motion starts from (the previous segment's last frame,
+    shared), and precompute encodes frames 24 i ... 24 (i + 1) for it."""
     return {
         "video": video,
         "fps": FPS,
         "segments": [
-            {"start": segment_frames(i)[0] / FPS, "text": seg.text, "scene_start": i > 0 and seg.scene_start}
+            {"start": FRAMES_PER_SEGMENT * i / FPS, "text": seg.text, "scene_start": i > 0 and seg.scene_start}
             for i, seg in enumerate(story.segments)
         ],
     }
