@@ -10,12 +10,13 @@ has the recipe, the Accelerate configs and the memory table.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator, DistributedType, PartialState
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.seed)  # the same TTT initialisation on every process
     parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
     model, sampler_scheduler = parts["transformer"], parts["scheduler"]
-    fsdp = accelerator.state.fsdp_plugin
+    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
         model.disable_gradient_checkpointing()  # FSDP checkpoints every wrapped block already
         logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
             if grad_norm is not None:  # DeepSpeed clips inside its engine and reports no norm here
                 logs["grad_norm"] = accelerator.reduce(grad_norm, reduction="mean").item()
             accelerator.log(logs, step=step)
+            if accelerator.is_main_process:  # the same numbers as plain text, for scripts and grep
+                with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **logs}) + "\n")
             bar.set_postfix(loss=f"{mean_loss:.4g}", s_per_step=f"{seconds:.2f}")
             loss_sum.zero_()
             steps_since_log, last_log = 0, time.perf_counter()

@@ -48,6 +48,6 @@ def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, ba
                        encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
                        return_dict=False)[0]
     x0 = scheduler.get_velocity(prediction.float(), noisy.float(), timesteps)  # v → x_0 estimate
-    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)[timesteps]  # (B,)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps]  # (B,)
     weights = 1.0 / (1.0 - alphas_cumprod)
     return weights * (x0 - latents.float()).pow(2).flatten(1).mean(dim=1)

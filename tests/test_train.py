@@ -1,0 +1,306 @@
+"""Training: the loss, parameter groups and schedule, learning on tiny random components, checkpoints, and train.py
+end to end (resume, two processes, FSDP on a CPU mesh, non-finite stop, export → sample.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tiny_training import CONFIG, debug_overrides, prepared
+
+from pipeline.config import load_config
+from pipeline.data import SequenceDataset
+from pipeline.training import (
+    Checkpointer,
+    DiffusionCollate,
+    build_components,
+    build_optimizer,
+    build_scheduler,
+    diffusion_loss,
+    param_groups,
+    training_scheduler,
+)
+from pipeline.video_io import read_video
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=2", "log.every=1", "validation.every=0"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return prepared(tmp_path_factory.mktemp("tiny"))
+
+
+def config(base, *overrides):
+    return load_config(CONFIG, [*debug_overrides(base), *overrides])
+
+
+def build(base, *overrides):
+    cfg = config(base, *overrides)
+    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
+    return cfg, parts["transformer"], training_scheduler(parts["scheduler"])
+
+
+def fixed_batch(base, size=2):
+    dataset = SequenceDataset(base / "dataset", base / "cache", segments=2)
+    return DiffusionCollate(1000, dataset.scaling_factor)([dataset[(i, 100 + i)] for i in range(size)])
+
+
+# the objective
+
+
+def test_noise_schedule_is_cogvideox(base):
+    _, _, scheduler = build(base)
+    c = scheduler.config
+    assert (c.beta_start, c.beta_end, c.beta_schedule, c.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)
+    assert c.prediction_type == "v_prediction" and c.rescale_betas_zero_snr
+    assert scheduler.alphas_cumprod[-1] < 1e-6  # zero terminal SNR
+
+
+def test_loss_is_weighted_x0_error_and_equals_v_error(base):
+    """diffusion_loss = mean(1 / (1 - ᾱ_t) (x0_pred - x0)^2), which is the v-prediction error written out by hand."""
+    _, model, scheduler = build(base)
+    model.eval()
+    batch = fixed_batch(base)
+    with torch.no_grad():
+        loss = diffusion_loss(model, scheduler, batch)
+        x0, eps, t = batch["latents"], batch["noise"], batch["timesteps"]
+        a = scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        v = model(x_t, batch["text"], t, encoder_attention_mask=batch["text_mask"],
+                  scene_start=batch["scene_start"]).sample
+        v_target = a.sqrt() * eps - (1 - a).sqrt() * x0
+        x0_pred = a.sqrt() * x_t - (1 - a).sqrt() * v
+    assert loss.shape == (2,) and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ((x0_pred - x0) ** 2 / (1 - a)).flatten(1).mean(1), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss, ((v - v_target) ** 2).flatten(1).mean(1), rtol=1e-3, atol=1e-5)
+
+
+# optimizer and schedule
+
+
+def test_param_groups(base):
+    cfg, model, _ = build(base, "train.trainable=ttt+attn", "optim.lr=1e-5", "optim.ttt_lr=1e-4",
+                          "optim.weight_decay=0.01")
+    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    assert set(groups) == {"base", "base_no_decay", "ttt", "ttt_no_decay"}
+    names = {id(p): n for n, p in model.named_parameters()}
+    members = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set().union(*members.values()) == trainable and sum(map(len, members.values())) == len(trainable)
+    assert "transformer_blocks.0.attn1.to_q.weight" in members["base"]
+    assert "transformer_blocks.0.attn1.to_q.bias" in members["base_no_decay"]
+    assert "transformer_blocks.0.attn1.norm_q.weight" in members["base_no_decay"]
+    assert "scene_embedding" in members["ttt_no_decay"]
+    assert any(".gate_" in n for n in members["ttt_no_decay"]) and not any(".gate_" in n for n in members["ttt"])
+    assert (groups["base"]["lr"], groups["ttt"]["lr"]) == (1e-5, 1e-4)
+    assert (groups["base"]["weight_decay"], groups["ttt_no_decay"]["weight_decay"]) == (0.01, 0.0)
+    assert not any("ff." in n for n in trainable)  # the feed-forward stays frozen in "ttt+attn"
+
+
+def test_warmup_then_cosine_to_min_lr(base):
+    """The 3 s recipe: base 1e-5 constant, TTT 1e-4 cosine down to 1e-5, after a linear warmup."""
+    cfg, model, _ = build(base, "train.trainable=full", "optim.lr=1e-5", "optim.ttt_lr=1e-4", "optim.schedule=cosine",
+                          "optim.min_lr=1e-5", "optim.warmup_steps=10")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, total_steps=110)
+    lrs = []
+    for _ in range(110):
+        lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    lrs.append({g["name"]: g["lr"] for g in optimizer.param_groups})
+    assert lrs[0]["ttt"] == pytest.approx(1e-5) and lrs[4]["base"] == pytest.approx(5e-6)  # warmup (step + 1) / 10
+    assert lrs[10]["ttt"] == pytest.approx(1e-4) and lrs[10]["base"] == pytest.approx(1e-5)
+    assert lrs[60]["ttt"] == pytest.approx(5.5e-5)  # half way down the cosine
+    assert lrs[110]["ttt"] == pytest.approx(1e-5) and lrs[110]["base"] == pytest.approx(1e-5)
+    assert all(a["ttt"] >= b["ttt"] for a, b in zip(lrs[10:], lrs[11:]))
+
+
+# learning
+
+
+@pytest.mark.parametrize("trainable", ["ttt", "lora"])
+def test_steps_lower_the_loss_and_train_only_the_chosen_parameters(base, trainable):
+    cfg, model, scheduler = build(base, f"train.trainable={trainable}", "train.lora_rank=4", "train.lora_alpha=4",
+                                  "optim.lr=1e-2", "optim.ttt_lr=1e-2", "optim.warmup_steps=0",
+                                  "train.gradient_checkpointing=false")
+    batch = fixed_batch(base)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, cfg.optim)
+    losses = []
+    for _ in range(8):
+        loss = diffusion_loss(model, scheduler, batch).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = diffusion_loss(model, scheduler, batch).mean().item()
+    trajectory = losses + [final]
+    assert all(b < a for a, b in zip(trajectory, trajectory[1:])) and final < 0.95 * losses[0], trajectory
+    ttt = set(model.ttt_parameter_names())
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p.detach(), before[name])
+        chosen = name in ttt or (trainable == "lora" and "lora_" in name)
+        if chosen and "lora_A" not in name:  # LoRA's A starts random, B at zero: A moves only once B has
+            assert p.requires_grad
+        if not chosen:
+            assert not p.requires_grad and not moved, name
+    assert any("lora_B" in n for n in before) == (trainable == "lora")
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if ".ttt.w" in n)
+
+
+# checkpoints
+
+
+def test_checkpoints_rotate_store_trainable_only_and_restore(base, tmp_path):
+    cfg, model, _ = build(base, "train.trainable=ttt", f"output_dir={tmp_path}", "checkpoint.keep=2")
+    accelerator = Accelerator(cpu=True)
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    checkpointer = Checkpointer(accelerator, cfg, model)
+    for step in (1, 2, 3):
+        checkpointer.save(step)
+    assert checkpointer.steps() == [2, 3]
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    saved = checkpointer.path(3)
+    with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
+        stored = set(f.keys())
+    assert stored == {n for n, p in model.named_parameters() if p.requires_grad} == set(model.ttt_parameter_names())
+    assert load_config(saved / "config.yaml") == cfg
+    assert json.loads((saved / "trainer_state.json").read_text()) == {"step": 3}
+
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert checkpointer.load("latest") == 3
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), trained[n]), n
+    assert checkpointer.load("2") == 2
+    with pytest.raises(FileNotFoundError, match=r"available steps: \[2, 3\]"):
+        checkpointer.resolve("7")
+
+    # a checkpoint whose weights are not exactly the trainable parameters (another trainable mode) must not load
+    weights = load_file(saved / "model.safetensors")
+    save_file(dict(list(weights.items())[1:]), saved / "model.safetensors")
+    with pytest.raises(ValueError, match="do not match the trainable parameters"):
+        checkpointer.load("3")
+
+
+# train.py end to end
+
+
+def run(args, tmp_path, processes=1, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if processes == 1:
+        command = [sys.executable, "train.py", *args]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def metrics(output_dir):
+    lines = (Path(output_dir) / "metrics.jsonl").read_text().splitlines()
+    return {entry["step"]: entry for entry in map(json.loads, lines)}
+
+
+@pytest.fixture(scope="module")
+def runs(base, tmp_path_factory):
+    """train.py on the debug config, 4 steps of global batch 2: uninterrupted (1 process, accumulation 2, with
+    validation and export), interrupted after step 2 and resumed, and with 2 processes (no accumulation)."""
+    tmp = tmp_path_factory.mktemp("runs")
+    common = ["--config", str(CONFIG), *debug_overrides(base), *RUN]
+    out = {name: tmp / name for name in ("whole", "resumed", "two")}
+    run([*common, f"output_dir={out['whole']}", "validation.every=4"], tmp)
+    run([*common, f"output_dir={out['resumed']}", "--stop-after", "2"], tmp)
+    assert sorted(metrics(out["resumed"])) == [1, 2]
+    run([*common, f"output_dir={out['resumed']}", "--resume", "latest"], tmp)
+    run([*common, f"output_dir={out['two']}"], tmp, processes=2)
+    return out
+
+
+def test_resume_continues_exactly(runs):
+    whole, resumed = metrics(runs["whole"]), metrics(runs["resumed"])
+    assert sorted(whole) == sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6, abs=1e-9), step
+        assert resumed[step]["grad_norm"] == pytest.approx(whole[step]["grad_norm"], rel=1e-6), step
+        assert resumed[step]["lr/ttt"] == pytest.approx(whole[step]["lr/ttt"], rel=1e-12)
+    a = load_file(runs["whole"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(runs["resumed"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+
+
+def test_two_processes_match_one(runs):
+    """Per-sample seeds make a global batch the same whether one process accumulates it or two share it."""
+    whole, two = metrics(runs["whole"]), metrics(runs["two"])
+    for step in (1, 2, 3, 4):
+        assert two[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-4), step
+    a = load_file(runs["whole"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(runs["two"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_validation_and_export(runs, tmp_path):
+    whole = runs["whole"]
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert load_config(whole / "config.yaml") == load_config(whole / "checkpoints" / "step-00000004" / "config.yaml")
+    frames, fps = read_video(whole / "validation" / "step-00000004" / "debug.mp4")
+    assert frames.shape == (25, 32, 32, 3) and fps == 4  # 2 segments: (4 + 3 - 1) latent frames x 4 + 1
+    assert list((whole / "logs").rglob("events.out.tfevents.*"))
+
+    # the export holds the trained weights: those of the last checkpoint
+    exported = load_file(whole / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    trained = load_file(whole / "checkpoints" / "step-00000004" / "model.safetensors")
+    assert trained and set(trained) <= set(exported)
+    for name, value in trained.items():
+        assert torch.equal(exported[name], value), name
+
+    # ... and sample.py renders with it
+    out = tmp_path / "story.mp4"
+    result = subprocess.run([sys.executable, "sample.py", "--model", str(whole / "final"), "--storyboard",
+                             "configs/storyboards/debug.json", "--output", str(out), "--steps", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames, fps = read_video(out)
+    assert frames.shape == (25, 32, 32, 3) and fps == 4
+
+
+def test_non_finite_loss_stops_naming_the_step(base, tmp_path):
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    for item in (tmp_path / "cache" / "items").iterdir():
+        tensors = load_file(item)
+        tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
+        save_file(tensors, item)
+    result = run(["--config", str(CONFIG), *debug_overrides(base), *RUN, f"data.cache={tmp_path / 'cache'}",
+                  f"output_dir={tmp_path / 'out'}", "checkpoint.every=1"], tmp_path, check=False)
+    assert result.returncode != 0
+    assert "non-finite loss or gradient norm at step 1; stopping without saving" in result.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists() or not list((tmp_path / "out" / "checkpoints").iterdir())
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_fsdp_per_block_wrapping_on_a_cpu_mesh():
+    """The GPU configs' FSDP wrapping (one unit per CogVideoXTTTBlock and TTT layer) trains a step on 2 gloo ranks
+    exactly as one process does (tests/fsdp_step.py checks loss, gradients and updated weights)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "tests/fsdp_step.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "fsdp ok: 4 units + root" in result.stdout
