@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from pipeline.data import (
 )
 from pipeline.pipeline_ttt_video import encode_text
 from pipeline.precompute import decode_segments, encode_frames, precompute, segment_frame_times
+from pipeline.prepare import prepare_captions, prepare_scenes, whole_segments
 from pipeline.training.components import build_components
 from pipeline.training.loss import DiffusionCollate
 from pipeline.video_io import read_video, write_video
@@ -250,3 +252,70 @@ def test_sampler_and_collate_randomness_follows_the_sample_seed(base):
     mean, std = a["latent_mean"], torch.exp(0.5 * a["latent_logvar"])
     z = (pair["latents"][0] / ds.scaling_factor - mean) / std  # the drawn posterior noise
     assert z.abs().max() < 6 and 0.5 < z.std() < 1.5
+
+
+# preparing raw footage and captioned clips
+
+
+def raw_video(path, scenes, fps=10):
+    """Flat-colour scenes (seconds, RGB) with a moving square, cut hard from one to the next."""
+    frames = []
+    for seconds, colour in scenes:
+        for i in range(round(seconds * fps)):
+            frame = np.empty((48, 64, 3), np.uint8)
+            frame[:] = colour
+            frame[10:20, 2 * i % 50:2 * i % 50 + 10] = 128
+            frames.append(frame)
+    write_video(np.stack(frames), path, fps)
+
+
+SCENES = ((7.2, (150, 0, 0)), (4.1, (20, 240, 20)), (2.0, (0, 0, 0)), (3.5, (255, 255, 255)))
+
+
+def test_prepare_scenes_keeps_whole_segments_of_each_scene(tmp_path):
+    pytest.importorskip("scenedetect")
+    raw_video(tmp_path / "raw" / "show" / "ep1.mp4", SCENES)
+    records = prepare_scenes(tmp_path / "raw", tmp_path / "out")
+    assert records == read_metadata(tmp_path / "out")
+    (rec,) = records
+    assert rec.video == "videos/show/ep1.mp4" and rec.fps == 10
+    # 7.2 s → 2 segments, 4.1 s → 1, 2.0 s dropped, 3.5 s → 1; texts left empty for captioning
+    assert [s.scene_start for s in rec.segments] == [True, False, True, True]
+    assert [s.start for s in rec.segments] == [0.0, 3.0, 6.0, 9.0] and all(s.text == "" for s in rec.segments)
+    frames, fps = read_video(tmp_path / "out" / rec.video)
+    assert frames.shape == (120, 48, 64, 3) and fps == 10
+    corner = frames[:, 40:, 40:].reshape(120, -1, 3).mean(axis=1)  # away from the moving square
+    for segment, colour in zip(range(4), ((150, 0, 0), (150, 0, 0), (20, 240, 20), (255, 255, 255))):
+        np.testing.assert_allclose(corner[30 * segment:30 * (segment + 1)], np.broadcast_to(colour, (30, 3)), atol=8)
+
+
+def test_whole_segments_are_centred_in_their_scene():
+    # 7.2 s → 6 s from frame 6, 4.1 s → 3 s from frame 77, 2 s dropped
+    assert whole_segments([(0, 72), (72, 113), (113, 133)], Fraction(10)) == [(6, 60, 2), (77, 30, 1)]
+    assert whole_segments([(0, 90)], Fraction(30000, 1001)) == [(0, 90, 1)]  # 3 s at 29.97 fps is 89.9 frames
+
+
+def test_prepare_scenes_detector_none(tmp_path):
+    raw_video(tmp_path / "raw" / "a.mp4", ((6.5, (10, 10, 10)),))
+    (rec,) = prepare_scenes(tmp_path / "raw", tmp_path / "out", detector="none")
+    assert [s.scene_start for s in rec.segments] == [True, False]
+    assert read_video(tmp_path / "out" / rec.video)[0].shape[0] == 60
+
+
+def test_prepare_captions_from_text_files_and_csv(tmp_path):
+    raw_video(tmp_path / "clips" / "a.mp4", ((7.0, (10, 10, 10)),))
+    raw_video(tmp_path / "clips" / "b.mp4", ((2.0, (10, 10, 10)),))  # too short: skipped
+    (tmp_path / "clips" / "a.txt").write_text("a square glides\n")
+    (tmp_path / "clips" / "b.txt").write_text("too short")
+    (rec,) = prepare_captions(tmp_path / "clips")
+    assert rec.video == "a.mp4" and [s.text for s in rec.segments] == ["a square glides"] * 2
+    assert read_metadata(tmp_path / "clips") == [rec]
+
+    (tmp_path / "captions.csv").write_text('path,text\na.mp4,"from the csv"\n')
+    (rec,) = prepare_captions(tmp_path / "clips", tmp_path / "captions.csv", video_column="path", text_column="text")
+    assert rec.segments[0].text == "from the csv"
+    with pytest.raises(DatasetError, match="no column 'caption'"):
+        prepare_captions(tmp_path / "clips", tmp_path / "captions.csv", video_column="path")
+    (tmp_path / "missing.csv").write_text("video,caption\nnope.mp4,x\n")
+    with pytest.raises(DatasetError, match="nope.mp4: video file not found"):
+        prepare_captions(tmp_path / "clips", tmp_path / "missing.csv")
