@@ -4,6 +4,8 @@ maths of the inner loss (forward, backward and the backward of that backward).
 Every tensor here is flattened over (batch, head) into N = B * H, so one batched matmul serves all heads.
 Step s of the scan reads the rows [q of mini-batch s-1; k of mini-batch s]: both use the same state W_{s-1}
 (the read-out of mini-batch s-1 and the inner gradient of mini-batch s), so one matmul over 2m rows does both.
+The steps write into preallocated scratch tensors (`Workspace`): a fresh allocation of this size costs page
+faults on every step, which measured as much as the arithmetic on CPU.
 Design: shared/DESIGN.md, "The TTT op contract".
 """
 
@@ -20,88 +22,115 @@ from .common import LN_EPS, check_qkv_eta, compute_dtype, expand_state
 State = tuple[torch.Tensor, ...]
 
 
+class Workspace:
+    """Named scratch tensors, allocated on first use and reused by every later step."""
+
+    def __init__(self):
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != shape:
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+
 def ln_forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm over the last dim without affine. z: (N, R, D) -> x_hat (N, R, D), rstd (N, R, 1)."""
-    mean = z.mean(-1, keepdim=True)
-    centred = z - mean
-    rstd = centred.square().mean(-1, keepdim=True).add_(LN_EPS).rsqrt_()
-    return centred.mul_(rstd), rstd
+    """LayerNorm over the last dim without affine, in place. z: (N, R, D) -> x_hat (z itself), rstd (N, R, 1)."""
+    z.sub_(z.mean(-1, keepdim=True))
+    rstd = torch.linalg.vector_norm(z, dim=-1, keepdim=True).square_().div_(z.shape[-1]).add_(LN_EPS).rsqrt_()
+    return z.mul_(rstd), rstd
 
 
-def ln_backward(g: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """Gradient through x_hat = LN(z) (no affine): rstd * (g - mean(g) - x_hat * mean(g * x_hat)). (N, R, D)."""
-    proj = (g * x_hat).mean(-1, keepdim=True)
-    return (g - g.mean(-1, keepdim=True)).sub_(x_hat * proj).mul_(rstd)
+def ln_backward(g: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor, out: torch.Tensor,
+                tmp: torch.Tensor) -> torch.Tensor:
+    """Gradient through x_hat = LN(z) without affine: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+
+    g, x_hat, out (may be g), tmp (scratch): (N, R, D); rstd (N, R, 1). Returns out.
+    """
+    proj = torch.mul(g, x_hat, out=tmp).mean(-1, keepdim=True)
+    return torch.sub(g, g.mean(-1, keepdim=True), out=out).addcmul_(x_hat, proj, value=-1).mul_(rstd)
 
 
 class InnerLossGrad:
-    """The inner loss's gradient at the LN output, for the k rows of one mini-batch, and its backward.
+    """The inner loss's gradient at the LN output, for the gradient rows of one step, and its backward.
 
-    Forward: y = x_hat * lnw + lnb, dy = eta * (y - target), dz = LN-backward(dy * lnw) (the gradient that the
-    inner model's last layer receives). `backward` differentiates dz (given its cotangent) with respect to
-    x_hat's pre-norm input, target, eta, lnw and lnb. Shapes: (N, M, D); eta (N, M, 1); rstd (N, M, 1).
+    Forward: y = x_hat * lnw + lnb, dy = eta * (y - target), dz = LN-backward(dy * lnw): the gradient that the
+    inner model's output receives. `backward` differentiates dz (given its cotangent) with respect to the
+    pre-norm input, target, eta, lnw and lnb. Shapes: (N, M, D); eta, rstd (N, M, 1); lnw (N, 1, D).
     """
 
-    def __init__(self, x_hat: torch.Tensor, rstd: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                 eta: torch.Tensor, lnw: torch.Tensor):
+    def __init__(self, x_hat, rstd, y, target, eta, lnw, ws: Workspace):
+        shape = x_hat.shape
         self.x_hat, self.rstd, self.eta, self.lnw = x_hat, rstd, eta, lnw
-        self.err = y - target
-        self.dy = self.err * eta
-        self.dxh = self.dy * lnw
-        self.dz = ln_backward(self.dxh, x_hat, rstd)
+        self.err = torch.sub(y, target, out=ws("loss.err", shape, y))
+        self.dy = torch.mul(self.err, eta, out=ws("loss.dy", shape, y))
+        self.dxh = torch.mul(self.dy, lnw, out=ws("loss.dxh", shape, y))
+        self.dz = ln_backward(self.dxh, x_hat, rstd, out=ws("loss.dz", shape, y), tmp=ws("loss.tmp", shape, y))
 
-    def backward(self, g_dz: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """g_dz (N, M, D) -> (g_z, g_target, g_eta (N, M, 1), g_lnw (N, D), g_lnb (N, D))."""
-        x_hat, rstd = self.x_hat, self.rstd
-        g_dxh = ln_backward(g_dz, x_hat, rstd)
-        g_dy = g_dxh * self.lnw
-        g_eta = (g_dy * self.err).sum(-1, keepdim=True)
+    def backward(self, g_dz: torch.Tensor, g_z: torch.Tensor, ws: Workspace) -> tuple[torch.Tensor, ...]:
+        """g_dz (N, M, D); writes g_z (N, M, D); returns (g_target (N, M, D), g_eta (N, M, 1), g_lnw (N, D),
+        g_lnb (N, D)), the first in `ws` scratch."""
+        x_hat, rstd, shape = self.x_hat, self.rstd, g_dz.shape
+        tmp = ws("loss.tmp", shape, g_dz)
+        g_dy = ln_backward(g_dz, x_hat, rstd, out=ws("loss.g_dy", shape, g_dz), tmp=tmp)  # the dxh cotangent...
+        g_lnw = torch.mul(g_dy, self.dy, out=tmp).sum(1)
+        g_dy.mul_(self.lnw)  # ...made dy's
+        g_eta = torch.mul(g_dy, self.err, out=tmp).sum(-1, keepdim=True)
         g_y = g_dy.mul_(self.eta)
-        # dz depends on x_hat (through the mean(dxh * x_hat) term) and on rstd, besides through y
-        c = (self.dxh * x_hat).mean(-1, keepdim=True)
-        e = (g_dz * x_hat).mean(-1, keepdim=True)
-        g_xhat = g_y * self.lnw - rstd * (g_dz * c + self.dxh * e)
-        g_z = ln_backward(g_xhat, x_hat, rstd).sub_(x_hat * (rstd * (g_dz * self.dz).mean(-1, keepdim=True)))
-        g_lnw = (g_dxh * self.dy).sum(1) + (g_y * x_hat).sum(1)
-        return g_z, g_y.neg(), g_eta, g_lnw, g_y.sum(1)
+        # dz depends on x_hat (through mean(dxh * x_hat)) and on rstd, besides through y
+        c = torch.mul(self.dxh, x_hat, out=tmp).mean(-1, keepdim=True)
+        e = torch.mul(g_dz, x_hat, out=tmp).mean(-1, keepdim=True)
+        r = torch.mul(g_dz, self.dz, out=tmp).mean(-1, keepdim=True).mul_(rstd)
+        g_xhat = torch.mul(g_dz, c, out=g_z).addcmul_(self.dxh, e).mul_(rstd).neg_().addcmul_(g_y, self.lnw)
+        ln_backward(g_xhat, x_hat, rstd, out=g_z, tmp=tmp).addcmul_(x_hat, r, value=-1)
+        g_lnw += torch.mul(g_y, x_hat, out=tmp).sum(1)
+        return torch.neg(g_y, out=ws("loss.g_target", shape, g_dz)), g_eta, g_lnw, g_y.sum(1)
 
 
 class InnerStep(Protocol):
     """One scan step of an inner model (what differs between TTT-MLP and TTT-Linear).
 
-    forward(state, x, nq, target, eta, lnw, lnb, save): x (N, R, D) holds nq read-out rows then R - nq
-    gradient rows (target (N, R - nq, D), eta (N, R - nq, 1)); returns (y_q (N, nq, D) = LN(f_W(q)) with
-    affine, the updated state, and what backward needs when save is set, else None). The state passed in
-    may be updated in place when save is unset.
-    backward(saved, g_yq, g_state) -> (g_state_before, g_x (N, R, D), g_target, g_eta, g_lnw (N, D), g_lnb (N, D)).
+    forward(state, x, nq, target, eta, lnw, lnb, ws, save): x (N, R, D) holds nq read-out rows then R - nq
+    gradient rows (target (N, R - nq, D), eta (N, R - nq, 1), both None when R == nq); lnw, lnb (N, 1, D).
+    Returns (y_q (N, nq, D) = LN(f_W(q)) with affine, the updated state, what backward needs or None).
+    Without save the state is updated in place; with save, the new state and everything saved live in `ws`,
+    so each step kept for backward needs its own workspace.
+    backward(saved, g_yq, g_state, ws): adds the step's contribution to the state cotangent g_state in place
+    (on entry that of the state after the step, on return that of the state before it) and returns
+    (g_x (N, R, D), g_target, g_eta, g_lnw (N, D), g_lnb (N, D)), the tensors possibly in `ws`.
     """
 
     def forward(self, state: State, x: torch.Tensor, nq: int, target: torch.Tensor | None,
-                eta: torch.Tensor | None, lnw: torch.Tensor, lnb: torch.Tensor, save: bool): ...
+                eta: torch.Tensor | None, lnw: torch.Tensor, lnb: torch.Tensor, ws: Workspace, save: bool): ...
 
-    def backward(self, saved, g_yq: torch.Tensor | None, g_state: State): ...
+    def backward(self, saved, g_yq: torch.Tensor | None, g_state: State, ws: Workspace): ...
 
 
 def _layout(q, k, v, eta, m: int):
-    """(N, L, D) inputs -> pairs (N, T+1, 2m, D) with [q_{s-1}; k_s] in step s, targets (N, T, m, D) = v - k and
-    eta (N, T, m, 1), zero-padded to T = ceil(L / m) mini-batches (padding has eta 0, so it never updates)."""
+    """(N, L, D) inputs -> pairs (N, T+1, 2m, D) with [q_{s-1}; k_s] in step s, k and v as (N, T, m, D) and eta
+    as (N, T, m, 1), zero-padded to T = ceil(L / m) mini-batches (padding has eta 0, so it never updates)."""
     N, L, D = q.shape
     T = math.ceil(L / m)
     pad = T * m - L
     if pad:
-        q, k, v, eta = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v, eta.unsqueeze(-1)))
-        eta = eta.squeeze(-1)
-    pairs = q.new_zeros(N, T + 1, 2 * m, D)
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        eta = torch.nn.functional.pad(eta, (0, pad))
+    # the first half of step 0 and the second half of step T are never read
+    pairs = torch.empty(N, T + 1, 2 * m, D, dtype=q.dtype, device=q.device)
     pairs[:, 1:, :m] = q.view(N, T, m, D)
     pairs[:, :T, m:] = k.view(N, T, m, D)
-    return pairs, (v - k).view(N, T, m, D), eta.view(N, T, m, 1)
+    return pairs, k.view(N, T, m, D), v.view(N, T, m, D), eta.view(N, T, m, 1)
 
 
-def _step_inputs(pairs, targets, etas, s: int, m: int):
-    """Rows, read-out count, target and eta of step s (step 0 has no read-out, step T no gradient rows)."""
-    T = targets.shape[1]
+def _step_inputs(pairs, k, v, etas, s: int, m: int, ws: Workspace):
+    """Rows, read-out count, target v - k (in `ws`) and eta of step s (step 0 has no read-out, step T no
+    gradient rows)."""
+    T = k.shape[1]
     lo, hi = (m if s == 0 else 0), (m if s == T else 2 * m)
-    target, eta = (targets[:, s], etas[:, s]) if s < T else (None, None)
+    target, eta = None, None
+    if s < T:
+        target, eta = torch.sub(v[:, s], k[:, s], out=ws("target", k[:, s].shape, k)), etas[:, s]
     return pairs[:, s, lo:hi], m - lo, target, eta
 
 
@@ -119,19 +148,20 @@ class CheckpointedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: InnerStep, m: int, group: int, q, k, v, eta, lnw, lnb, *state):
         N, L, D = q.shape
-        pairs, targets, etas = _layout(q, k, v, eta, m)
-        T = targets.shape[1]
+        pairs, k_mb, v_mb, etas = _layout(q, k, v, eta, m)
+        T = k_mb.shape[1]
         n_groups = math.ceil((T + 1) / group)
         starts = tuple(torch.empty(n_groups, *s.shape, dtype=s.dtype, device=s.device) for s in state)
         out = torch.empty(N, T, m, D, dtype=q.dtype, device=q.device)
         state = tuple(s.clone() for s in state)
         lnw_n, lnb_n = _per_row(lnw, N), _per_row(lnb, N)
+        ws = Workspace()
         for s in range(T + 1):
             if s % group == 0:
                 for buf, t in zip(starts, state):
                     buf[s // group].copy_(t)
-            x, nq, target, eta_s = _step_inputs(pairs, targets, etas, s, m)
-            y_q, state, _ = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, save=False)
+            x, nq, target, eta_s = _step_inputs(pairs, k_mb, v_mb, etas, s, m, ws)
+            y_q, state, _ = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, ws, save=False)
             if nq:
                 torch.add(x[:, :nq], y_q, out=out[:, s - 1])
         ctx.step, ctx.m, ctx.group = step, m, group
@@ -140,32 +170,36 @@ class CheckpointedScan(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g_out, *g_state):
+    def backward(ctx, g_out, *g_final):
         q, k, v, eta, lnw, lnb, *starts = ctx.saved_tensors
         step, m, group = ctx.step, ctx.m, ctx.group
         N, L, D = q.shape
-        pairs, targets, etas = _layout(q, k, v, eta, m)
-        T = targets.shape[1]
+        pairs, k_mb, v_mb, etas = _layout(q, k, v, eta, m)
+        T = k_mb.shape[1]
         g_out = g_out.reshape(N, T, m, D)
-        g_pairs = torch.zeros_like(pairs)
-        g_targets = torch.zeros_like(targets)
-        g_etas = torch.zeros_like(etas)
+        # every slot that is read back below is written by exactly one step
+        g_pairs = torch.empty_like(pairs)
+        g_targets = torch.empty_like(k_mb)
+        g_etas = torch.empty_like(etas)
         g_lnw = lnw.new_zeros(N, D)
         g_lnb = lnw.new_zeros(N, D)
         lnw_n, lnb_n = _per_row(lnw, N), _per_row(lnb, N)
+        g_state = tuple(g.clone(memory_format=torch.contiguous_format) for g in g_final)
+        step_ws = [Workspace() for _ in range(min(group, T + 1))]
+        back_ws = Workspace()
         for first in reversed(range(0, T + 1, group)):
+            steps = range(first, min(first + group, T + 1))
             state = tuple(buf[first // group] for buf in starts)
             saved = []
-            for s in range(first, min(first + group, T + 1)):
-                x, nq, target, eta_s = _step_inputs(pairs, targets, etas, s, m)
-                _, state, sv = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, save=True)
+            for s, ws in zip(steps, step_ws):
+                x, nq, target, eta_s = _step_inputs(pairs, k_mb, v_mb, etas, s, m, back_ws)
+                _, state, sv = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, ws, save=True)
                 saved.append(sv)
-            for s in reversed(range(first, min(first + group, T + 1))):
+            for s in reversed(steps):
                 nq = 0 if s == 0 else m
-                g_yq = g_out[:, s - 1] if nq else None
-                g_state, g_x, g_t, g_e, g_w, g_b = step.backward(saved.pop(), g_yq, g_state)
-                lo = m - nq
-                g_pairs[:, s, lo:lo + g_x.shape[1]] = g_x
+                g_x, g_t, g_e, g_w, g_b = step.backward(saved.pop(), g_out[:, s - 1] if nq else None, g_state,
+                                                        back_ws)
+                g_pairs[:, s, m - nq:m - nq + g_x.shape[1]] = g_x
                 if s < T:
                     g_targets[:, s] = g_t
                     g_etas[:, s] = g_e
@@ -177,9 +211,8 @@ class CheckpointedScan(torch.autograd.Function):
         g_v = g_targets.reshape(N, T * m, D)[:, :L]
         g_eta = g_etas.reshape(N, T * m)[:, :L]
         H = lnw.shape[0]
-        g_lnw = g_lnw.view(-1, H, D).sum(0)
-        g_lnb = g_lnb.view(-1, H, D).sum(0)
-        return (None, None, None, g_q, g_k, g_v, g_eta, g_lnw, g_lnb, *g_state)
+        return (None, None, None, g_q, g_k, g_v, g_eta, g_lnw.view(-1, H, D).sum(0), g_lnb.view(-1, H, D).sum(0),
+                *g_state)
 
 
 def run_scan(step: InnerStep, q, k, v, eta, state: State, state_dims: tuple[int, ...], ln_weight, ln_bias,

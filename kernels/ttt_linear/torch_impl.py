@@ -8,57 +8,59 @@ from __future__ import annotations
 
 import torch
 
-from ..torch_scan import InnerLossGrad, State, ln_backward, ln_forward, run_scan
+from ..torch_scan import InnerLossGrad, State, Workspace, ln_backward, ln_forward, run_scan
 
 
 class LinearStep:
     """One scan step of TTT-Linear (see torch_scan.InnerStep). State: w (N, D, D), b (N, 1, D)."""
 
-    def forward(self, state: State, x, nq, target, eta, lnw, lnb, save):
+    def forward(self, state: State, x, nq, target, eta, lnw, lnb, ws: Workspace, save: bool):
         w, b = state
-        x_hat, rstd = ln_forward(torch.baddbmm(b, x, w))  # (N, R, D)
-        y = x_hat * lnw + lnb
-        y_q = y[:, :nq]
-        saved = [x, nq, w, x_hat, rstd, lnw, None]
+        N, R, D = x.shape
+        x_hat, rstd = ln_forward(torch.baddbmm(b, x, w, out=ws("x_hat", (N, R, D), x)))
+        y = torch.addcmul(lnb, x_hat, lnw, out=ws("y", (N, R, D), x))
+        saved = [x, nq, w, x_hat, rstd, lnw, None] if save else None
         if target is None:
-            return y_q, state, saved if save else None
-        loss = InnerLossGrad(x_hat[:, nq:], rstd[:, nq:], y[:, nq:], target, eta, lnw)
+            return y[:, :nq], state, saved
+        loss = InnerLossGrad(x_hat[:, nq:], rstd[:, nq:], y[:, nq:], target, eta, lnw, ws)
         x_k = x[:, nq:]
-        if save:
-            saved[-1] = loss
-            new = (torch.baddbmm(w, x_k.transpose(1, 2), loss.dz, alpha=-1), b - loss.dz.sum(1, keepdim=True))
-            return y_q, new, saved
-        # no backward will look at this step's state: update in place
-        w.baddbmm_(x_k.transpose(1, 2), loss.dz, alpha=-1)
-        b.sub_(loss.dz.sum(1, keepdim=True))
-        return y_q, state, None
+        if not save:
+            # no backward will look at this step's state: update in place
+            w.baddbmm_(x_k.transpose(1, 2), loss.dz, alpha=-1)
+            b.sub_(loss.dz.sum(1, keepdim=True))
+            return y[:, :nq], state, None
+        saved[-1] = loss
+        new = (torch.baddbmm(w, x_k.transpose(1, 2), loss.dz, alpha=-1, out=ws("w", w.shape, w)),
+               torch.sub(b, loss.dz.sum(1, keepdim=True), out=ws("b", b.shape, b)))
+        return y[:, :nq], new, saved
 
-    def backward(self, saved, g_yq, g_state: State):
+    def backward(self, saved, g_yq, g_state: State, ws: Workspace):
         x, nq, w, x_hat, rstd, lnw, loss = saved
         g_w, g_b = g_state
         N, R, D = x.shape
-        g_z = torch.empty_like(x)
+        g_z = ws("g_z", (N, R, D), x)
+        tmp = ws("tmp", (N, R, D), x)
         g_lnw = x.new_zeros(N, D)
         g_lnb = x.new_zeros(N, D)
         g_eta = g_target = None
         if nq:
-            g_lnw += (g_yq * x_hat[:, :nq]).sum(1)
+            g_lnw += torch.mul(g_yq, x_hat[:, :nq], out=tmp[:, :nq]).sum(1)
             g_lnb += g_yq.sum(1)
-            g_z[:, :nq] = ln_backward(g_yq * lnw, x_hat[:, :nq], rstd[:, :nq])
+            g_zq = torch.mul(g_yq, lnw, out=g_z[:, :nq])
+            ln_backward(g_zq, x_hat[:, :nq], rstd[:, :nq], out=g_zq, tmp=tmp[:, :nq])
         if loss is not None:
             x_k = x[:, nq:]
             # the new state is W - dW with dW = k^T dz, db = sum dz: dW's cotangent is minus the new state's
-            g_dz = torch.baddbmm(g_b, x_k, g_w, beta=-1, alpha=-1)  # (N, M, D)
-            g_xk = torch.bmm(loss.dz, g_w.transpose(1, 2)).neg_()
-            g_z[:, nq:], g_target, g_eta, g_w_ln, g_b_ln = loss.backward(g_dz)
+            g_dz = torch.baddbmm(g_b, x_k, g_w, beta=-1, alpha=-1, out=ws("g_dz", (N, R - nq, D), x))
+            g_target, g_eta, g_w_ln, g_b_ln = loss.backward(g_dz, g_z[:, nq:], ws)
             g_lnw += g_w_ln
             g_lnb += g_b_ln
-        g_w = torch.baddbmm(g_w, x.transpose(1, 2), g_z)
-        g_b = g_b + g_z.sum(1, keepdim=True)
-        g_x = torch.bmm(g_z, w.transpose(1, 2))  # (N, R, D)
+        g_x = torch.bmm(g_z, w.transpose(1, 2), out=ws("g_x", (N, R, D), x))
         if loss is not None:
-            g_x[:, nq:] += g_xk
-        return (g_w, g_b), g_x, g_target, g_eta, g_lnw, g_lnb
+            g_x[:, nq:].baddbmm_(loss.dz, g_w.transpose(1, 2), alpha=-1)
+        g_w.baddbmm_(x.transpose(1, 2), g_z)
+        g_b += g_z.sum(1, keepdim=True)
+        return g_x, g_target, g_eta, g_lnw, g_lnb
 
 
 def ttt_linear_torch(q, k, v, eta, w, b, ln_weight, ln_bias, *, mini_batch_size=16, initial_state=None,
