@@ -17,6 +17,7 @@ from tiny_training import CONFIG, debug_overrides, prepared
 
 from pipeline.config import load_config
 from pipeline.data import SequenceDataset
+from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
     Checkpointer,
     DiffusionCollate,
@@ -24,6 +25,7 @@ from pipeline.training import (
     build_optimizer,
     build_scheduler,
     diffusion_loss,
+    export_pipeline,
     param_groups,
     training_scheduler,
 )
@@ -195,6 +197,32 @@ def test_checkpoints_rotate_store_trainable_only_and_restore(base, tmp_path):
     save_file(dict(list(weights.items())[1:]), saved / "model.safetensors")
     with pytest.raises(ValueError, match="do not match the trainable parameters"):
         checkpointer.load("3")
+
+
+def test_export_fuses_lora_into_a_loadable_pipeline(base, tmp_path):
+    cfg, model, scheduler = build(base, "train.trainable=lora", "train.lora_rank=4", "train.lora_alpha=4")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init: give the adapter an effect to keep
+                p.normal_(0.0, 0.1)
+    model.eval()
+    batch = fixed_batch(base, size=1)
+    inputs = dict(hidden_states=batch["latents"], encoder_hidden_states=batch["text"], timestep=batch["timesteps"],
+                  encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"])
+    with torch.no_grad():
+        expected = model(**inputs).sample
+        model.disable_lora()
+        without = model(**inputs).sample
+        model.enable_lora()
+    assert not torch.allclose(expected, without)
+    parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae", "scheduler"))
+    export_pipeline(TTTVideoPipeline(transformer=model, fps=cfg.data.fps, **parts), tmp_path / "final")
+    assert not (tmp_path / ".final.tmp").exists()
+    loaded = TTTVideoPipeline.from_pretrained(tmp_path / "final")
+    assert not any("lora" in n for n, _ in loaded.transformer.named_parameters())
+    assert loaded.config.fps == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.transformer(**inputs).sample, expected, rtol=1e-4, atol=1e-5)
 
 
 # train.py end to end
