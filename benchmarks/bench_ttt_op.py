@@ -1,0 +1,238 @@
+"""Benchmark of the TTT ops (kernels.ttt_mlp / kernels.ttt_linear) per backend: forward and forward+backward time
+(median of --repeats after --warmup), memory, and achieved FLOP/s against a measured matmul rate.
+
+    python benchmarks/bench_ttt_op.py                       # CPU defaults: L = 2k, 8k; a few minutes
+    python benchmarks/bench_ttt_op.py --lengths 2048 8192 32768 --dtype bf16 --device cuda
+
+Prints a markdown table (and writes it to --output if given). Memory: "saved" is what autograd keeps for backward
+(exact, from saved-tensor hooks); "peak" is the peak allocated increase on CUDA, and on CPU the peak resident-set
+increase sampled every millisecond (Linux only). FLOPs count the op's matmuls only: TTT-MLP 14 D F per token and
+head for the forward (read-out 4, inner forward 4, inner backward 2, update 4), TTT-Linear 6 D^2; forward+backward
+is counted as 3x the forward (the conventional 1 + 2), so recomputation inside the backward is not credited.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from kernels import ttt_linear, ttt_mlp  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ops", nargs="+", default=["ttt_mlp", "ttt_linear"], choices=["ttt_mlp", "ttt_linear"])
+    p.add_argument("--backends", nargs="+", default=None, choices=["torch", "triton", "naive"],
+                   help="default: torch, plus triton on CUDA")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--mlp-mini-batch", type=int, default=64)
+    p.add_argument("--linear-mini-batch", type=int, default=16)
+    p.add_argument("--checkpoint-group", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--output", default=None, help="also write the markdown table to this file")
+    args = p.parse_args(argv)
+    for name in ("batch", "heads", "head_dim", "mlp_mini_batch", "linear_mini_batch", "checkpoint_group",
+                 "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if any(L < 1 for L in args.lengths):
+        p.error(f"--lengths must all be >= 1, got {args.lengths}")
+    return args
+
+
+def make_inputs(op: str, B: int, H: int, L: int, D: int, m: int, dtype: torch.dtype, device: str,
+                requires_grad: bool) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """Inputs in the ranges the TTT layer produces (unit-norm q, k; eta = 0.1 sigmoid(.) / (D m))."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    q = torch.nn.functional.normalize(rand(B, H, L, D), dim=-1).to(dtype)
+    k = torch.nn.functional.normalize(rand(B, H, L, D), dim=-1).to(dtype)
+    v = rand(B, H, L, D).to(dtype)
+    eta = (0.1 * torch.sigmoid(rand(B, H, L)) / (D * m)).to(dtype)
+    if op == "ttt_mlp":
+        F = 4 * D
+        weights = (rand(H, D, F, scale=0.02), torch.zeros(H, F, device=device), rand(H, F, D, scale=0.02),
+                   torch.zeros(H, D, device=device))
+    else:
+        weights = (rand(H, D, D, scale=0.02), torch.zeros(H, D, device=device))
+    ln = (torch.ones(H, D, device=device), torch.zeros(H, D, device=device))
+    tensors = tuple(t.requires_grad_(requires_grad) for t in (q, k, v, eta, *weights, *ln))
+    return tensors, dict(mini_batch_size=m)
+
+
+def forward_flops(op: str, B: int, H: int, L: int, D: int) -> float:
+    per_token = 14 * D * 4 * D if op == "ttt_mlp" else 6 * D * D
+    return float(per_token * B * H * L)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], None], repeats: int, warmup: int, device: str) -> tuple[float, float, float]:
+    """(median, min, max) wall seconds of fn over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn: Callable[[], None], device: str) -> float | None:
+    """Peak memory increase (bytes) while fn runs: CUDA allocator peak, or sampled RSS on Linux CPU."""
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return float(torch.cuda.max_memory_allocated() - base)
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    base, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return float(max(peak[0], _rss_bytes()) - base)
+
+
+def saved_for_backward(fn: Callable[[], torch.Tensor]) -> float:
+    """Bytes autograd keeps for backward after fn's forward (distinct storages)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return float(sum(storages.values()))
+
+
+def matmul_rate(device: str, dtype: torch.dtype) -> float:
+    """Measured FLOP/s of a large square matmul in `dtype` (bf16 on CUDA, fp32 on CPU is the reference)."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t, _, _ = median_time(lambda: torch.mm(a, b), repeats=5, warmup=2, device=device)
+    return 2 * n**3 / t
+
+
+def bench_one(op: str, backend: str, L: int, args, dtype: torch.dtype) -> dict:
+    fn_op = ttt_mlp if op == "ttt_mlp" else ttt_linear
+    m = args.mlp_mini_batch if op == "ttt_mlp" else args.linear_mini_batch
+    B, H, D, device = args.batch, args.heads, args.head_dim, args.device
+    tensors, kwargs = make_inputs(op, B, H, L, D, m, dtype, device, requires_grad=True)
+    kwargs.update(backend=backend)
+    if backend != "naive":
+        kwargs.update(checkpoint_group=args.checkpoint_group)
+
+    def forward():
+        with torch.no_grad():
+            fn_op(*tensors, **kwargs)
+
+    def forward_backward():
+        for t in tensors:
+            t.grad = None
+        fn_op(*tensors, **kwargs).float().square().mean().backward()
+
+    fwd = median_time(forward, args.repeats, args.warmup, device)
+    fwd_bwd = median_time(forward_backward, args.repeats, args.warmup, device)
+    return dict(op=op, backend=backend, L=L, fwd=fwd, fwd_bwd=fwd_bwd, flops=forward_flops(op, B, H, L, D),
+                saved=saved_for_backward(lambda: fn_op(*tensors, **kwargs)), peak=peak_memory(forward_backward, device))
+
+
+def format_table(rows: list[dict], rate: float, rate_label: str) -> str:
+    def mib(x):
+        return "n/a" if x is None else f"{x / 2**20:.1f}"
+
+    lines = [
+        f"| op | backend | L | fwd median (s) [min-max] | fwd+bwd median (s) [min-max] | fwd TFLOP/s | "
+        f"fwd+bwd TFLOP/s | fwd+bwd % of {rate_label} | saved for bwd (MiB) | peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        f, fb = r["fwd"], r["fwd_bwd"]
+        tf_f, tf_fb = r["flops"] / f[0] / 1e12, 3 * r["flops"] / fb[0] / 1e12
+        lines.append(
+            f"| {r['op']} | {r['backend']} | {r['L']} | {f[0]:.3f} [{f[1]:.3f}-{f[2]:.3f}] | "
+            f"{fb[0]:.3f} [{fb[1]:.3f}-{fb[2]:.3f}] | {tf_f:.3g} | {tf_fb:.3g} | {100 * tf_fb * 1e12 / rate:.1f} | "
+            f"{mib(r['saved'])} | {mib(r['peak'])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    backends = args.backends or (["torch", "triton"] if cuda else ["torch"])
+    rate_dtype = torch.bfloat16 if cuda else torch.float32
+    rate = matmul_rate(args.device, rate_dtype)
+    rate_label = f"{'bf16' if cuda else 'fp32'} matmul {rate / 1e12:.2f} TFLOP/s"
+    rows = []
+    for op in args.ops:
+        for backend in backends:
+            for L in args.lengths:
+                rows.append(bench_one(op, backend, L, args, dtype))
+                print(f"done: {op} {backend} L={L}", file=sys.stderr, flush=True)
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    header = (f"{device_name}{load}; dtype {str(dtype).removeprefix('torch.')}, B={args.batch}, H={args.heads}, "
+              f"D={args.head_dim}, m={args.mlp_mini_batch} (MLP) / {args.linear_mini_batch} (Linear), "
+              f"checkpoint_group={args.checkpoint_group}, median of {args.repeats}")
+    table = header + "\n\n" + format_table(rows, rate, rate_label)
+    print(table)
+    if args.output:
+        tmp = args.output + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(table + "\n")
+        os.replace(tmp, args.output)
+
+
+if __name__ == "__main__":
+    main()
