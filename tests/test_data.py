@@ -319,3 +319,18 @@ def test_prepare_captions_from_text_files_and_csv(tmp_path):
     (tmp_path / "missing.csv").write_text("video,caption\nnope.mp4,x\n")
     with pytest.raises(DatasetError, match="nope.mp4: video file not found"):
         prepare_captions(tmp_path / "clips", tmp_path / "missing.csv")
+
+
+def test_toy_world_datasets_are_read_as_they_are_written(tmp_path):
+    """pipeline/toyworld writes this dataset format (8 fps, 24 frames per segment + 1): it validates and decodes
+    into whole segments at the toy model's frame rate."""
+    from pipeline.toyworld.dataset import generate
+
+    generate(tmp_path, stories=1, min_segments=2, max_segments=2, seed=0, size=32, progress=False)
+    (rec,) = read_metadata(tmp_path)
+    assert rec.fps == 8 and [s.start for s in rec.segments] == [0.0, 3.0]
+    segments = dict(decode_segments(tmp_path / rec.video, rec, fps=8, height=32, width=32))
+    assert sorted(segments) == [0, 1] and segments[1].shape == (25, 32, 32, 3)
+    source, _ = read_video(tmp_path / rec.video)
+    np.testing.assert_array_equal(segments[0][24], segments[1][0])  # segment 0 ends on segment 1's first frame
+    np.testing.assert_allclose(segments[1][0].astype(float), source[24].astype(float), atol=1)
