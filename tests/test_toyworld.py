@@ -238,8 +238,15 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
 
     broken = tmp_path / "broken"
     assert main(["corrupt", "--data", str(data), "--out", str(broken), "--kind", "background"]) == 0
+    capsys.readouterr()
     assert main(["score", "--videos", str(broken), "--json", str(summary_path)]) == 0
     assert json.loads(summary_path.read_text())["background"] < 1.0
+    assert re.search(r"corruption 'background': (\d+) of \1 deliberate errors detected", capsys.readouterr().out)
+
+    strip = tmp_path / "strip.png"
+    assert main(["show", "--truth", str(data / "story_00000.truth.json"), "--out", str(strip)]) == 0
+    assert json.loads(capsys.readouterr().out) == json.loads((data / "story_00000.storyboard.json").read_text())
+    assert strip.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):

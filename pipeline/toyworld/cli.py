@@ -30,6 +30,7 @@ def _score(args: argparse.Namespace) -> None:
     results = score_folder(args.videos, args.storyboards)
     summary = summarize([r for _, r in results])
     print(format_table(summary))
+    _report_detection(results)
     if args.plot:
         print(f"plot: {plot_identity({args.label: summary}, args.plot)}")
     if args.json:
@@ -37,6 +38,23 @@ def _score(args: argparse.Namespace) -> None:
 
         write_text(Path(args.json), json.dumps(_finite(summary), indent=1) + "\n")
         print(f"summary: {args.json}")
+
+
+def _report_detection(results: list) -> None:
+    """For videos made by 'corrupt' (an <id>.corruption.json beside them): how many deliberate errors were caught."""
+    from .corrupt import detected
+
+    flags: dict[str, list[bool]] = {}
+    for path, result in results:
+        record = path.with_name(path.stem + ".corruption.json")
+        if record.is_file():
+            info = json.loads(record.read_text(encoding="utf-8"))
+            targets = [(int(i), name) for i, name in info["targets"]]
+            flags.setdefault(info["kind"], []).extend(detected(result, info["check"], targets))
+    for kind, caught in flags.items():
+        if caught:
+            print(f"corruption '{kind}': {sum(caught)} of {len(caught)} deliberate errors detected "
+                  f"({100 * sum(caught) / len(caught):.1f}%)")
 
 
 def _finite(value):
@@ -76,9 +94,24 @@ def _corrupt(args: argparse.Namespace) -> None:
     print(f"wrote {written} '{args.kind}' videos (of {len(truths)} stories) to {out}")
 
 
+def _show(args: argparse.Namespace) -> None:
+    from .dataset import load_truth, storyboard_dict
+    from .render import render_story
+    from .report import plot_story
+    from .sampler import sample_story
+
+    if args.truth:
+        story = load_truth(args.truth)
+    else:
+        story = sample_story(args.seed, args.segments or 1, args.segments or 21)
+    frames = render_story(story, args.size)
+    print(json.dumps(storyboard_dict(story), indent=1))
+    print(f"frame strip: {plot_story(frames, [s.text for s in story.segments], args.out)}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.toyworld",
-                                     description="Synthetic storyboard world: generate videos, score videos.")
+                                     description="Synthetic storyboard world: generate, score, corrupt, show.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="sample and render stories into a dataset folder")
@@ -106,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=1)
     c.add_argument("--size", type=int, default=64)
     c.set_defaults(run=_corrupt)
+
+    v = sub.add_parser("show", help="print a story's storyboard and draw its frame strip")
+    v.add_argument("--out", required=True, help="PNG to write")
+    v.add_argument("--seed", type=int, default=0, help="story seed (sample_story's)")
+    v.add_argument("--segments", type=int, help="segments (default: 1 to 21 at random)")
+    v.add_argument("--truth", help="draw this <id>.truth.json instead of sampling")
+    v.add_argument("--size", type=int, default=64)
+    v.set_defaults(run=_show)
     return parser
 
 

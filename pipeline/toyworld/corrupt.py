@@ -54,15 +54,20 @@ class Corruption:
 
     def detected(self, result: VideoResult) -> list[bool]:
         """For every target, whether the metrics flagged it."""
-        flags = []
-        for index, name in self.targets:
-            segment = result.segments[index]
-            if name is None:
-                flags.append(not segment.background_ok)
-            else:
-                character = next(c for c in segment.characters if c.name == name)
-                flags.append(not getattr(character, self.check))
-        return flags
+        return detected(result, self.check, self.targets)
+
+
+def detected(result: VideoResult, check: str | None, targets: list[tuple[int, str | None]]) -> list[bool]:
+    """For every target (segment, character or None for the backdrop), whether `check` failed in `result`."""
+    flags = []
+    for index, name in targets:
+        segment = result.segments[index]
+        if name is None:
+            flags.append(not segment.background_ok)
+        else:
+            character = next(c for c in segment.characters if c.name == name)
+            flags.append(not getattr(character, check))
+    return flags
 
 
 def _on_stage(story: Story) -> list[list[str]]:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
+
+import numpy as np
 
 _ROWS = (
     ("background", "backdrop colour and pattern, per segment"),
@@ -32,6 +35,11 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _percent(values: list[float | None]) -> np.ndarray:
+    """Percentages; None (a summary read back from JSON) or NaN where a segment index had nothing to count."""
+    return np.array([np.nan if v is None else 100.0 * v for v in values])
+
+
 def plot_identity(summaries: dict[str, dict], path: str | os.PathLike) -> Path:
     """Plots identity accuracy against segment index for each labelled summary, with the chance level.
 
@@ -42,15 +50,15 @@ def plot_identity(summaries: dict[str, dict], path: str | os.PathLike) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(8.5, 3.6), dpi=100)
     for i, (label, summary) in enumerate(summaries.items()):
         color = f"C{i}"
         x = range(1, len(summary["identity_by_segment"]) + 1)
-        ax.plot(x, [100 * v for v in summary["identity_by_segment"]], "-o", color=color, ms=3,
-                label=f"{label}: identity")
-        ax.plot(x, [100 * v for v in summary["identity_recall_by_segment"]], "--", color=color,
+        ax.plot(x, _percent(summary["identity_by_segment"]), "-o", color=color, ms=3, label=f"{label}: identity")
+        ax.plot(x, _percent(summary["identity_recall_by_segment"]), "--", color=color,
                 label=f"{label}: after introduction")
     chance = 100 * next(iter(summaries.values()))["chance"]["identity"]
     ax.axhline(chance, color="gray", lw=1, ls=":", label=f"chance ({chance:.1f}%)")
@@ -58,8 +66,43 @@ def plot_identity(summaries: dict[str, dict], path: str | os.PathLike) -> Path:
     ax.set_ylabel("identity accuracy (%)")
     ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_story(frames: np.ndarray, texts: list[str], path: str | os.PathLike, per_segment: int = 3) -> Path:
+    """A frame strip: one row per segment, `per_segment` frames from its start to its end, then its text.
+
+    frames: (24 n + 1, H, W, 3) uint8; texts: the n segment texts. Written as PNG (temporary name, then renamed).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .world import segment_frames
+
+    path = Path(path)
+    rows = len(texts)
+    fig = plt.figure(figsize=(1.0 * per_segment + 4.6, 1.05 * rows), dpi=100)
+    for i, text in enumerate(texts):
+        start, stop = segment_frames(i)
+        for j, t in enumerate(np.linspace(start, stop - 1, per_segment).round().astype(int)):
+            ax = fig.add_axes((j / (per_segment + 4.6), 1 - (i + 1) / rows + 0.05 / rows, 0.95 / (per_segment + 4.6),
+                               0.9 / rows))
+            ax.imshow(frames[t], interpolation="nearest")
+            ax.set_axis_off()
+            if j == 0:
+                ax.text(-4, frames.shape[1] / 2, str(i + 1), ha="right", va="center", fontsize=9)
+        fig.text((per_segment + 0.15) / (per_segment + 4.6), 1 - (i + 0.5) / rows, textwrap.fill(text, 52),
+                 va="center", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, format="png")
