@@ -59,7 +59,7 @@ class ModelConfig:
         base transformer). init_from: a previous stage's exported pipeline directory; its TTT transformer is
         trained further (the other components still come from `pretrained`). builder: the name of a component
         builder registered in pipeline.training.components ("pretrained" loads the above; a from-scratch builder
-        registers its own name and reads `builder_args`).
+        registers its own name, is named as "package.module:name" to be imported, and reads `builder_args`).
     """
 
     pretrained: str = "THUDM/CogVideoX-5b"

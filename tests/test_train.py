@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_training import CONFIG, debug_overrides, prepared
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import SequenceDataset
 from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
@@ -53,6 +53,23 @@ def build(base, *overrides):
 def fixed_batch(base, size=2):
     dataset = SequenceDataset(base / "dataset", base / "cache", segments=2)
     return DiffusionCollate(1000, dataset.scaling_factor)([dataset[(i, 100 + i)] for i in range(size)])
+
+
+def test_a_builder_named_by_module_makes_components_from_scratch(base):
+    """model.builder=tiny_training:tiny imports the module that registers it and builds the same tiny components in
+    code that the "pretrained" builder reads from the saved directory."""
+    _, from_dir, _ = build(base)
+    cfg = config(base, "model.builder=tiny_training:tiny")
+    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
+    made = dict(parts["transformer"].named_parameters())
+    for name, p in from_dir.named_parameters():
+        if name not in from_dir.added_parameter_names():  # the TTT layers are initialised at random by both
+            assert torch.equal(p, made[name]), name
+    assert parts["scheduler"].config.prediction_type == "v_prediction"
+    with pytest.raises(ConfigError, match="cannot import no_such_module"):
+        build_components(config(base, "model.builder=no_such_module:x").model, cfg.train)
+    with pytest.raises(ConfigError, match="expected one of .*'pretrained'.* got 'nothing'"):
+        build_components(config(base, "model.builder=nothing").model, cfg.train)
 
 
 # the objective

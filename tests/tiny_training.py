@@ -11,6 +11,7 @@ changes at every scene cut, so the model fps (4), the resize/crop and scene boun
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,7 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny import tiny_components  # noqa: E402
 
+from models import CogVideoXTTTTransformer3DModel  # noqa: E402
+from pipeline.config import ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import SEGMENT_SECONDS, SegmentInfo, VideoRecord, write_metadata  # noqa: E402
+from pipeline.training.components import prepare_transformer, register_builder  # noqa: E402
 from pipeline.video_io import write_video  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
@@ -71,6 +75,18 @@ def write_tiny_dataset(root: str | Path, videos=DEFAULT_VIDEOS, seed: int = 0) -
         records.append(VideoRecord(video=name, fps=SOURCE_FPS, segments=segments))
     write_metadata(root, records)
     return records
+
+
+@register_builder("tiny")
+def build_tiny(model: ModelConfig, train: TrainConfig, parts) -> dict:
+    """Components made from scratch in code (tests/tiny.py, seed `model.builder_args.seed`), no directory: the
+    from-scratch builder path (`model.builder=tiny_training:tiny`). Same weights as `save_tiny_pipeline`."""
+    components = tiny_components(model.builder_args.get("seed", 0))
+    out = {name: components[name] for name in parts if name != "transformer"}
+    if "transformer" in parts:
+        ttt = CogVideoXTTTTransformer3DModel.from_base(components["transformer"], **dataclasses.asdict(model.ttt))
+        out["transformer"] = prepare_transformer(ttt, train)
+    return out
 
 
 def debug_overrides(base: str | Path) -> list[str]:

@@ -4,7 +4,8 @@ A builder returns the requested parts of {"tokenizer", "text_encoder", "vae", "s
 transformer is always a `CogVideoXTTTTransformer3DModel` with its trainable parameters chosen. "pretrained" reads a
 diffusers pipeline directory or hub id (the stock CogVideoX, or a previous stage's export through `init_from`).
 A builder that makes components from scratch (e.g. a toy model) registers itself with `register_builder("name")`
-and is selected with `model.builder: name`; it reads its own settings from `model.builder_args`.
+and is selected with `model.builder: name`, or `model.builder: package.module:name` to have its module imported
+first; it reads its own settings from `model.builder_args`.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ def build_components(model: ModelConfig, train: TrainConfig, parts: Iterable[str
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"unknown component {unknown[0]!r}; known: {', '.join(PARTS)}")
-    if model.builder not in BUILDERS:
-        raise ConfigError(f"model.builder: expected one of {sorted(BUILDERS)}, got {model.builder!r}")
-    return BUILDERS[model.builder](model, train, parts)
+    name = model.builder
+    if name not in BUILDERS and ":" in name:
+        module, _, name = name.partition(":")
+        try:
+            importlib.import_module(module)  # registers its builders
+        except ImportError as e:
+            raise ConfigError(f"model.builder={model.builder!r}: cannot import {module} ({e})") from None
+    if name not in BUILDERS:
+        raise ConfigError(f"model.builder: expected one of {sorted(BUILDERS)} or 'module:name', got {model.builder!r}")
+    return BUILDERS[name](model, train, parts)
 
 
 @register_builder("pretrained")
