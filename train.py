@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipeline.config import Config, ConfigError, load_config, save_config, to_dict
-from pipeline.data import EpochSampler, SequenceDataset, batch_stream
+from pipeline.data import DatasetError, EpochSampler, SequenceDataset, batch_stream
 from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
     Checkpointer,
@@ -200,10 +201,11 @@ def build_pipeline(cfg: Config, accelerator: Accelerator, model, scheduler) -> T
 
 def stop_if_not_finite(accelerator: Accelerator, first_bad_step: torch.Tensor, checkpointer: Checkpointer) -> None:
     """Raise, naming the step, if any process saw a non-finite loss or gradient norm (nothing is saved then)."""
-    bad = int(accelerator.gather(first_bad_step[None]).max().item())
-    if bad >= 0:
-        steps = checkpointer.steps()
-        last_good = checkpointer.path(steps[-1]) if steps else "none"
+    steps = accelerator.gather(first_bad_step[None])
+    if (steps >= 0).any():
+        bad = int(steps[steps >= 0].min().item())
+        saved = checkpointer.steps()
+        last_good = checkpointer.path(saved[-1]) if saved else "none"
         raise FloatingPointError(f"non-finite loss or gradient norm at step {bad}; stopping without saving "
                                  f"(last good checkpoint: {last_good})")
 
@@ -222,4 +224,7 @@ def flat_config(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DatasetError) as e:  # bad input: one line naming the field or file, not a traceback
+        sys.exit(f"train.py: error: {e}")

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .config import Config, load_config
+from .config import Config, ConfigError, load_config
 from .data import (
     MANIFEST_FILE,
     NULL_FILE,
@@ -230,4 +231,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, DatasetError) as e:
+        sys.exit(f"precompute: error: {e}")

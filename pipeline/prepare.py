@@ -21,6 +21,7 @@ import csv
 import logging
 import math
 import os
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -146,6 +147,10 @@ def prepare_captions(clips_dir: str | os.PathLike, csv_path: str | os.PathLike |
                      video_column: str = "video", text_column: str = "caption") -> list[VideoRecord]:
     """The `captions` command (module docstring). Returns the records written to clips_dir/metadata.jsonl."""
     clips_dir = Path(clips_dir)
+    if not clips_dir.is_dir():
+        raise DatasetError(f"{clips_dir}: not a folder of clips")
+    if csv_path is not None and not Path(csv_path).is_file():
+        raise DatasetError(f"{csv_path}: CSV file not found")
     if csv_path is None:
         pairs = [(p.relative_to(clips_dir), p.with_suffix(".txt").read_text().strip())
                  for p in sorted(clips_dir.rglob("*")) if p.suffix.lower() in VIDEO_SUFFIXES
@@ -196,4 +201,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetError as e:
+        sys.exit(f"prepare: error: {e}")

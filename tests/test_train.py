@@ -349,3 +349,11 @@ def test_fsdp_per_block_wrapping_on_a_cpu_mesh():
                              "tests/fsdp_step.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "fsdp ok: 4 units + root" in result.stdout
+
+
+def test_bad_config_is_one_line_not_a_traceback():
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.yaml", "optim.lrr=1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "train.py: error: unknown config key 'optim.lrr'; known keys under 'optim': lr, ttt_lr")
