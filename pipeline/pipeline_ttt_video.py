@@ -1,0 +1,513 @@
+"""TTTVideoPipeline: a storyboard of n 3-second segments → one video, denoised jointly (shared/DESIGN.md).
+
+Follows diffusers' CogVideoXPipeline (pipelines/cogvideo/pipeline_cogvideox.py): the same components, prompt
+handling, latents, schedulers (DDIM and DPM), classifier-free guidance (constant or CogVideoX's dynamic schedule)
+and VAE. What differs: the text of every segment is encoded separately and the transformer
+(`models.CogVideoXTTTTransformer3DModel`) takes all segments at once — (B, n, L_text, D) text, (B, T, C, h, w)
+latents with T = num_latent_frames(n) — and the VAE decodes in temporal windows with its causal conv cache carried
+from window to window, so a minute of video never sits on the device as one float tensor and has no seams.
+
+Load a saved pipeline with `TTTVideoPipeline.from_pretrained(directory)` (not `DiffusionPipeline.from_pretrained`,
+which cannot find this class from model_index.json), or build one from a stock CogVideoX pipeline and a TTT adapter
+with `TTTVideoPipeline.from_cogvideox(...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    CogVideoXDDIMScheduler,
+    CogVideoXDPMScheduler,
+    CogVideoXPipeline,
+    DiffusionPipeline,
+    ModelMixin,  # noqa: F401  (looked up in this module when loading; see __init__)
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from diffusers.video_processor import VideoProcessor
+from safetensors import safe_open
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from models import CogVideoXTTTTransformer3DModel
+
+from .storyboard import DEFAULT_MAX_SEGMENTS, SEGMENT_SECONDS, Storyboard, load_storyboard
+
+OUTPUT_TYPES = ("np", "pil", "pt", "latent")
+CFG_MODES = ("batched", "sequential")
+
+
+@dataclass
+class TTTVideoPipelineOutput(BaseOutput):
+    """frames: "np" (B, F, H, W, 3) float in [0, 1]; "pt" (B, F, 3, H, W) in [0, 1]; "pil" B lists of F images;
+    "latent" (B, T, C, h, w). fps: the frame rate to play them at (the pipeline's config)."""
+
+    frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
+    fps: float
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, texts: list[str],
+                max_length: int, device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text encoder last hidden states, padded to max_length, as CogVideoXPipeline computes them.
+
+    The encoder sees the padded ids without an attention mask (CogVideoX's convention; the transformer was trained
+    on such embeddings), and the padding mask is returned for the TTT layers, where padding must not update the
+    state. Training's precompute and text dropout must call this too, so that both sides use the same embeddings.
+    Returns embeds (N, max_length, D) and mask (N, max_length) bool, True on real tokens.
+    """
+    device = device if device is not None else text_encoder.device
+    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
+                       return_tensors="pt")
+    embeds = text_encoder(inputs.input_ids.to(device))[0]
+    return embeds.to(device=device, dtype=dtype or embeds.dtype), inputs.attention_mask.to(device).bool()
+
+
+class TTTVideoPipeline(DiffusionPipeline):
+    r"""Storyboard-to-video generation with CogVideoX + gated TTT layers.
+
+    Args:
+        tokenizer, text_encoder: as CogVideoX (T5) or any transformers encoder whose output[0] is (N, L, D_text).
+        vae ([`AutoencoderKLCogVideoX`]): decodes (B, C, T, h, w) latents to (B, 3, 4 (T - 1) + 1, H, W) frames.
+        transformer ([`CogVideoXTTTTransformer3DModel`]): denoises all segments jointly.
+        scheduler ([`CogVideoXDDIMScheduler`] or [`CogVideoXDPMScheduler`]).
+        fps: frame rate of the videos; default: one segment's frames per 3 s, i.e. 4 * latent_frames_per_segment / 3
+            (16 for CogVideoX; 8 for a model with 6 latent frames per segment). Stored in the pipeline's config.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder: PreTrainedModel,
+        vae: AutoencoderKLCogVideoX,
+        transformer: CogVideoXTTTTransformer3DModel,
+        scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
+        fps: float | None = None,
+    ):
+        super().__init__()
+        self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                              scheduler=scheduler)
+        if type(transformer) is CogVideoXTTTTransformer3DModel:
+            # model_index.json names the module a component is imported from, and from_pretrained looks up the
+            # component's diffusers base class (ModelMixin) in that same module. The model's own module does not
+            # import ModelMixin; this one does and re-exports the class, so loading works.
+            self.register_to_config(transformer=(__name__, CogVideoXTTTTransformer3DModel.__name__))
+        self.vae_scale_factor_spatial = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale_factor_temporal = self.vae.config.temporal_compression_ratio
+        if fps is None:
+            fps = self.frames_per_segment / SEGMENT_SECONDS
+        self.register_to_config(fps=float(fps))
+        self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
+
+    @property
+    def frames_per_segment(self) -> int:
+        """Pixel frames of every segment after the first (the first has one more)."""
+        return self.transformer.config.latent_frames_per_segment * self.vae_scale_factor_temporal
+
+    def num_frames(self, num_segments: int) -> int:
+        """Pixel frames of n segments: frames_per_segment * n + 1 (48 n + 1 for CogVideoX)."""
+        return (self.transformer.num_latent_frames(num_segments) - 1) * self.vae_scale_factor_temporal + 1
+
+    # building
+
+    @classmethod
+    def from_cogvideox(cls, base: str | os.PathLike | CogVideoXPipeline, ttt_adapter: str | os.PathLike | None = None,
+                       fps: float | None = None, dtype: torch.dtype | None = None,
+                       **ttt_config) -> TTTVideoPipeline:
+        """A pipeline from a stock CogVideoX pipeline (object, local directory or hub id) plus TTT layers.
+
+        ttt_adapter: a safetensors file written by `CogVideoXTTTTransformer3DModel.save_adapter`; its TTT config (in
+        the file's metadata) is used, and any `ttt_config` keyword must agree with it. Without an adapter the TTT
+        weights are freshly initialised from `ttt_config` (gate_init, latent_frames_*, ...).
+        """
+        if ttt_adapter is not None:
+            if not os.path.isfile(ttt_adapter):
+                raise FileNotFoundError(f"TTT adapter file not found: {ttt_adapter}")
+            with safe_open(os.fspath(ttt_adapter), framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("ttt_config", "{}"))
+            clashes = {k: (v, saved[k]) for k, v in ttt_config.items() if k in saved and saved[k] != v}
+            if clashes:
+                raise ValueError(f"{ttt_adapter}: TTT config arguments differ from the adapter's: "
+                                 + ", ".join(f"{k}={mine!r} (adapter: {theirs!r})" for k, (mine, theirs) in
+                                             clashes.items()))
+            ttt_config = {**saved, **ttt_config}
+        if not isinstance(base, CogVideoXPipeline):
+            base = CogVideoXPipeline.from_pretrained(base, dtype=dtype)
+        transformer = CogVideoXTTTTransformer3DModel.from_base(base.transformer, adapter=ttt_adapter, **ttt_config)
+        return cls(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=transformer,
+                   scheduler=base.scheduler, fps=fps)
+
+    # text
+
+    def encode_prompt(
+        self,
+        texts: list[str],
+        negative_texts: list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Encodes each segment's text (and negative text for guidance), each distinct text once.
+
+        texts, negative_texts: n strings, one per segment ("" is the null condition).
+        Returns prompt_embeds (1, n, L, D), prompt_mask (1, n, L) and, with guidance, negative_prompt_embeds and
+        negative_prompt_mask of the same shapes (else None, None). L = transformer.config.max_text_seq_length.
+        """
+        device = device or self._execution_device
+        dtype = dtype or self.transformer.dtype
+        wanted = list(texts) + (list(negative_texts) if do_classifier_free_guidance else [])
+        distinct = list(dict.fromkeys(wanted))
+        embeds, mask = encode_text(self.tokenizer, self.text_encoder, distinct,
+                                   self.transformer.config.max_text_seq_length, device, dtype)
+        row = {text: i for i, text in enumerate(distinct)}
+
+        def gather(selection: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.tensor([row[t] for t in selection], device=device)
+            return embeds[index].unsqueeze(0), mask[index].unsqueeze(0)
+
+        prompt_embeds, prompt_mask = gather(list(texts))
+        if not do_classifier_free_guidance:
+            return prompt_embeds, prompt_mask, None, None
+        if negative_texts is None or len(negative_texts) != len(texts):
+            raise ValueError(f"negative_texts: expected {len(texts)} strings, one per segment, got {negative_texts!r}")
+        return (prompt_embeds, prompt_mask, *gather(list(negative_texts)))
+
+    def null_text_embedding(self, negative_text: str = "", device: torch.device | None = None,
+                            dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The null condition: the encoded empty (or negative) text, which the unconditional branch of guidance uses
+        and which training's text dropout must substitute for a dropped caption.
+
+        Returns embeds (L, D) and mask (L,) bool.
+        """
+        embeds, mask = encode_text(self.tokenizer, self.text_encoder, [negative_text],
+                                   self.transformer.config.max_text_seq_length, device or self._execution_device,
+                                   dtype or self.transformer.dtype)
+        return embeds[0], mask[0]
+
+    # latents
+
+    def prepare_latents(self, batch_size: int, num_segments: int, height: int, width: int, dtype: torch.dtype,
+                        device: torch.device, generator: torch.Generator | list[torch.Generator] | None,
+                        latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Initial noise for n segments: (B, T, C, height / 8, width / 8) with T = num_latent_frames(n), scaled by the
+        scheduler's init_noise_sigma. `latents`, when given, must have that shape."""
+        shape = (batch_size, self.transformer.num_latent_frames(num_segments), self.transformer.config.in_channels,
+                 height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents: expected shape {shape} for {num_segments} segments, got {tuple(latents.shape)}")
+        else:
+            latents = latents.to(device=device, dtype=dtype)
+        return latents * self.scheduler.init_noise_sigma
+
+    # decoding
+
+    def frame_batches(self, num_latent_frames: int) -> list[tuple[int, int]]:
+        """The latent frame ranges the CogVideoX VAE decodes together (its `_decode`): the first batch takes the odd
+        frames out, then num_latent_frames_batch_size frames each. Each range is one call of the decoder, whose
+        GroupNorms see all frames of that call, so any other split would change the pixels."""
+        size = self.vae.num_latent_frames_batch_size
+        remainder = num_latent_frames % size
+        ends = [size * (i + 1) + remainder for i in range(max(num_latent_frames // size, 1))]
+        starts = [0] + ends[:-1]
+        return [(s, min(e, num_latent_frames)) for s, e in zip(starts, ends)]
+
+    def decode_windows(self, latents: torch.Tensor, decode_window: int | None = None) -> Iterator[torch.Tensor]:
+        """Decodes latents (B, T, C, h, w) window by window, carrying the VAE's causal conv cache across windows.
+
+        decode_window: latent frames per window (rounded to whole VAE frame batches, at least one); None: one
+        segment's latent frames. Yields pixel windows (B, 3, F_w, H, W) in [-1, 1] whose concatenation along frames
+        equals `vae.decode` of the whole sequence, with or without `vae.enable_tiling()` / `enable_slicing()`.
+        """
+        if decode_window is None:
+            decode_window = self.transformer.config.latent_frames_per_segment
+        # the offload hook that vae.decode would trigger; we call the decoder's parts directly
+        hook = getattr(self.vae, "_hf_hook", None)
+        if hook is not None and hasattr(hook, "pre_forward"):
+            hook.pre_forward(self.vae)
+        z = latents.to(self.vae.dtype).permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor  # (B, C, T, h, w)
+        slices = list(z.split(1)) if self.vae.use_slicing and z.shape[0] > 1 else [z]
+        caches: list[Any] = [None] * len(slices)
+        window: list[tuple[int, int]] = []
+        batches = self.frame_batches(z.shape[2])
+        for k, (start, end) in enumerate(batches):
+            window.append((start, end))
+            if k + 1 < len(batches) and batches[k + 1][1] - window[0][0] <= decode_window:
+                continue
+            parts = []
+            for s, z_slice in enumerate(slices):
+                frames = []
+                for a, b in window:
+                    pixels, caches[s] = self._decode_frame_batch(z_slice[:, :, a:b], caches[s])
+                    frames.append(pixels)
+                parts.append(torch.cat(frames, dim=2))
+            window = []
+            yield torch.cat(parts, dim=0)
+
+    def _decode_frame_batch(self, z: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """One decoder call on z (B, C, t, h, w) → (B, 3, f, H, W), tiled exactly as the VAE's `tiled_decode` when
+        tiling is on (one conv cache per tile then)."""
+        vae = self.vae
+        height, width = z.shape[-2:]
+        if not (vae.use_tiling and (width > vae.tile_latent_min_width or height > vae.tile_latent_min_height)):
+            if vae.post_quant_conv is not None:
+                z = vae.post_quant_conv(z)
+            return vae.decoder(z, conv_cache=cache)
+        cache = cache or {}
+        step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
+        step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
+        blend_h = int(vae.tile_sample_min_height * vae.tile_overlap_factor_height)
+        blend_w = int(vae.tile_sample_min_width * vae.tile_overlap_factor_width)
+        keep_h, keep_w = vae.tile_sample_min_height - blend_h, vae.tile_sample_min_width - blend_w
+        rows = []
+        for i in range(0, height, step_h):
+            row = []
+            for j in range(0, width, step_w):
+                tile = z[:, :, :, i: i + vae.tile_latent_min_height, j: j + vae.tile_latent_min_width]
+                if vae.post_quant_conv is not None:
+                    tile = vae.post_quant_conv(tile)
+                tile, cache[i, j] = vae.decoder(tile, conv_cache=cache.get((i, j)))
+                row.append(tile)
+            rows.append(row)
+        # blend each tile with the one above and the one to its left (in place, as tiled_decode does), then crop
+        out_rows = []
+        for i, row in enumerate(rows):
+            out_row = []
+            for j, tile in enumerate(row):
+                if i > 0:
+                    tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
+                if j > 0:
+                    tile = vae.blend_h(row[j - 1], tile, blend_w)
+                out_row.append(tile[:, :, :, :keep_h, :keep_w])
+            out_rows.append(torch.cat(out_row, dim=4))
+        return torch.cat(out_rows, dim=3), cache
+
+    # checks
+
+    def check_inputs(self, storyboard: Storyboard, height: int, width: int, num_inference_steps: int,
+                     negative_text: str | None, output_type: str, cfg_mode: str, decode_window: int | None,
+                     latents: torch.Tensor | None, callback_on_step_end_tensor_inputs: list[str] | None) -> None:
+        if height % self.vae_scale_factor_spatial or width % self.vae_scale_factor_spatial:
+            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor_spatial}, got "
+                             f"{height} and {width}")
+        patch = self.transformer.config.patch_size * self.vae_scale_factor_spatial
+        if height % patch or width % patch:
+            raise ValueError(f"height and width must be multiples of {patch} (VAE x patch size), got {height} and "
+                             f"{width}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if cfg_mode not in CFG_MODES:
+            raise ValueError(f"cfg_mode must be one of {CFG_MODES}, got {cfg_mode!r}")
+        if decode_window is not None and decode_window < 1:
+            raise ValueError(f"decode_window must be >= 1 latent frame, got {decode_window}")
+        if negative_text is not None and not isinstance(negative_text, str):
+            raise ValueError(f"negative_text must be a string, got {type(negative_text).__name__}")
+        if latents is not None and latents.shape[0] != 1:
+            raise ValueError(f"latents: one storyboard makes one video, expected batch size 1, got {latents.shape[0]}")
+        unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
+                             f"got {unknown}")
+        storyboard.check_token_budget(self.tokenizer, self.transformer.config.max_text_seq_length, negative_text)
+
+    # properties, as CogVideoXPipeline
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def attention_kwargs(self) -> dict | None:
+        return self._attention_kwargs
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        return self._current_timestep
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        storyboard: Storyboard | str | os.PathLike | dict | list,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 6.0,
+        use_dynamic_cfg: bool = False,
+        negative_text: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        cfg_mode: str = "batched",
+        decode_window: int | None = None,
+        max_segments: int | None = DEFAULT_MAX_SEGMENTS,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback
+        | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        return_dict: bool = True,
+    ) -> TTTVideoPipelineOutput | tuple:
+        """Generates one video for a storyboard.
+
+        Args:
+            storyboard: a `Storyboard`, a path (.json/.yaml/.yml/.txt) or parsed JSON (see pipeline/storyboard.py).
+            num_inference_steps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs: as
+                CogVideoXPipeline (guidance is off for guidance_scale <= 1; the dynamic schedule is CogVideoX's).
+            negative_text: default negative text for segments without their own; when None the storyboard's default,
+                else "" (the null condition). Each segment's own negative_text always wins.
+            height, width: pixels; default the transformer's sample size times the VAE's 8.
+            latents: (1, T, C, h, w) initial noise, T = num_latent_frames(n); drawn with `generator` when None.
+            output_type: "np", "pil", "pt" or "latent" (shapes in `TTTVideoPipelineOutput`).
+            cfg_mode: "batched" runs the conditional and unconditional branch as one batch of 2; "sequential" runs
+                them in turn (half the activation memory, same result).
+            decode_window: latent frames per VAE decode window (see `decode_windows`); None: one segment.
+            max_segments: the most segments accepted (None: no limit).
+            callback_on_step_end(pipe, step, timestep, tensors) -> dict: called after each step with the tensors
+                named in callback_on_step_end_tensor_inputs (default ["latents"]); returned entries replace them.
+        Returns:
+            `TTTVideoPipelineOutput(frames, fps)`, or (frames,) when return_dict is False.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if callback_on_step_end_tensor_inputs is None:
+            callback_on_step_end_tensor_inputs = ["latents"]
+        height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
+        width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
+
+        # 1. Check inputs
+        storyboard = load_storyboard(storyboard, max_segments)
+        self.check_inputs(storyboard, height, width, num_inference_steps, negative_text, output_type, cfg_mode,
+                          decode_window, latents, callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._attention_kwargs = attention_kwargs
+        self._current_timestep = None
+        self._interrupt = False
+
+        # 2. Default call parameters
+        device = self._execution_device
+        do_classifier_free_guidance = guidance_scale > 1.0
+        num_segments = storyboard.num_segments
+        scene_start = torch.tensor([[s.scene_start for s in storyboard.segments]], device=device)  # (1, n)
+
+        # 3. Encode every segment's text (and negative text)
+        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
+            storyboard.texts, storyboard.negative_texts(negative_text), do_classifier_free_guidance, device=device)
+
+        # 4. Timesteps
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        timestep_values = timesteps.tolist()  # read once, not one host sync per step
+        self._num_timesteps = len(timesteps)
+
+        # 5. Latents for all segments
+        latents = self.prepare_latents(1, num_segments, height, width, prompt_embeds.dtype, device, generator,
+                                       latents)
+
+        # 6. Denoising loop over the whole sequence
+        is_dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
+        old_pred_original_sample = None  # DPM-solver++ keeps the previous x0 prediction
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                noise_pred = self._predict(latents, t, prompt_embeds, prompt_mask, negative_prompt_embeds,
+                                           negative_mask, scene_start, cfg_mode, attention_kwargs)
+                if use_dynamic_cfg:
+                    # CogVideoX's schedule, fed the timestep value as CogVideoX does (its authors keep the resulting
+                    # wave on purpose: github.com/zai-org/CogVideo/issues/267)
+                    progress = (num_inference_steps - timestep_values[i]) / num_inference_steps
+                    self._guidance_scale = 1 + guidance_scale * ((1 - math.cos(math.pi * progress**5.0)) / 2)
+                if do_classifier_free_guidance:
+                    noise_pred_uncond, noise_pred_text = noise_pred
+                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+
+                if is_dpm:
+                    latents, old_pred_original_sample = self.scheduler.step(
+                        noise_pred, old_pred_original_sample, t, timesteps[i - 1] if i > 0 else None, latents,
+                        eta=eta, generator=generator, return_dict=False)
+                else:
+                    latents = self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator,
+                                                  return_dict=False)[0]
+                latents = latents.to(prompt_embeds.dtype)
+
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                 "negative_prompt_embeds": negative_prompt_embeds}
+                    callback_outputs = callback_on_step_end(
+                        self, i, t, {k: available[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = callback_outputs.pop("latents", latents)
+                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    negative_prompt_embeds = callback_outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
+                progress_bar.update()
+        self._current_timestep = None
+
+        # 7. Decode in windows, each moved to the CPU as it is done
+        if output_type == "latent":
+            frames = latents
+        else:
+            windows = [self.video_processor.postprocess_video(window, output_type="pt").cpu()  # (B, F_w, 3, H, W)
+                       for window in self.decode_windows(latents, decode_window)]
+            video = torch.cat(windows, dim=1)
+            if output_type == "pt":
+                frames = video
+            else:
+                frames = video.permute(0, 1, 3, 4, 2).float().numpy()  # (B, F, H, W, 3)
+                if output_type == "pil":
+                    frames = [self.video_processor.numpy_to_pil(v) for v in frames]
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (frames,)
+        return TTTVideoPipelineOutput(frames=frames, fps=self.config.fps)
+
+    def _predict(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
+                 negative_prompt_embeds: torch.Tensor | None, negative_mask: torch.Tensor | None,
+                 scene_start: torch.Tensor, cfg_mode: str, attention_kwargs: dict | None):
+        """The transformer's prediction (B, T, C, h, w) in float32; with guidance a pair (unconditional, conditional).
+
+        latents (B, T, C, h, w); prompt/negative embeds (B, n, L, D) and masks (B, n, L); scene_start (B, n).
+        """
+
+        def run(x, embeds, mask, starts, context):
+            x = self.scheduler.scale_model_input(x, t)
+            with self.transformer.cache_context(context):
+                out = self.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
+                                       encoder_attention_mask=mask, scene_start=starts,
+                                       attention_kwargs=attention_kwargs, return_dict=False)[0]
+            return out.float()
+
+        if negative_prompt_embeds is None:
+            return run(latents, prompt_embeds, prompt_mask, scene_start, "cond")
+        if cfg_mode == "sequential":
+            return (run(latents, negative_prompt_embeds, negative_mask, scene_start, "uncond"),
+                    run(latents, prompt_embeds, prompt_mask, scene_start, "cond"))
+        out = run(torch.cat([latents, latents]), torch.cat([negative_prompt_embeds, prompt_embeds]),
+                  torch.cat([negative_mask, prompt_mask]), torch.cat([scene_start, scene_start]), "cond_uncond")
+        return out.chunk(2)
+
+

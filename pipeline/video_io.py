@@ -1,0 +1,73 @@
+"""Video files: write frames to mp4 with PyAV (atomically) and read them back."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+
+
+def to_uint8_frames(frames) -> np.ndarray:
+    """One video's frames as a (F, H, W, 3) uint8 array.
+
+    frames: a (F, H, W, 3) numpy array (float in [0, 1] or uint8), a (F, 3, H, W) torch tensor in [0, 1], or a list
+    of PIL images — the pipeline's "np", "pt" and "pil" outputs for one video.
+    """
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+    elif isinstance(frames, (list, tuple)):
+        frames = np.stack([np.asarray(image.convert("RGB")) for image in frames])
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected (F, H, W, 3), got shape {frames.shape}")
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return frames
+
+
+def write_video(frames, path: str | os.PathLike, fps: float, crf: int = 18) -> Path:
+    """Encodes frames to an H.264 mp4 at `fps` (fractional rates are kept exactly, e.g. 8/3).
+
+    frames: see `to_uint8_frames`; height and width must be even (yuv420p). The file is written under a temporary
+    name in the same folder and renamed, so `path` is never half-written.
+    """
+    frames = to_uint8_frames(frames)
+    num_frames, height, width, _ = frames.shape
+    if num_frames == 0:
+        raise ValueError("frames: expected at least one frame")
+    if height % 2 or width % 2:
+        raise ValueError(f"frames: height and width must be even for H.264 (yuv420p), got {height}x{width}")
+    if fps <= 0:
+        raise ValueError(f"fps: expected a positive number, got {fps}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4.tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a video is an ordinary output file
+        with av.open(tmp, mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
+    """Decodes a video file. Returns (frames (F, H, W, 3) uint8, fps)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+        fps = float(stream.average_rate or stream.base_rate)
+    return np.stack(frames), fps

@@ -1,0 +1,178 @@
+"""Render a storyboard to an mp4 with a TTT-Video pipeline.
+
+    python sample.py                                    # the bundled example with the default model (models/default/)
+    python sample.py --storyboard my_story.yaml --model path/to/pipeline --output my_story.mp4
+    python sample.py --model THUDM/CogVideoX-5b --ttt-adapter ttt.safetensors --storyboard story.json --offload
+
+--model is a pipeline saved with TTTVideoPipeline.save_pretrained (a directory or hub id), or, with --ttt-adapter, a
+stock CogVideoX pipeline that the adapter's TTT layers are added to. Storyboard formats: docs/storyboard.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pipeline.storyboard import StoryboardError, load_storyboard
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_MODEL = ROOT / "models" / "default"
+DEFAULT_STORYBOARD = ROOT / "examples" / "toy_story.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """Bad flags or a missing model: reported in one line, exit code 2."""
+
+
+class InputError(Exception):
+    """A model or adapter that cannot be loaded: reported in one line, exit code 1."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description="Render a storyboard to an mp4 with a TTT-Video pipeline.")
+    p.add_argument("--storyboard", type=Path, default=DEFAULT_STORYBOARD,
+                   help="storyboard file (.json, .yaml, .yml or .txt); default: the bundled example")
+    p.add_argument("--model", default=None, help="pipeline directory or hub id; default: models/default/")
+    p.add_argument("--ttt-adapter", type=Path, default=None,
+                   help="TTT weights (safetensors from save_adapter) to add to --model")
+    p.add_argument("--output", type=Path, default=None, help="mp4 to write; default: outputs/<storyboard name>.mp4")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--offload", action="store_true", help="keep models on the CPU, each moved to the GPU in turn")
+    p.add_argument("--cfg-mode", choices=("batched", "sequential"), default="batched",
+                   help="sequential: run the two guidance branches in turn (less memory)")
+    p.add_argument("--scheduler", choices=("ddim", "dpm"), default=None, help="default: the pipeline's own")
+    p.add_argument("--max-segments", type=int, default=21, help="most segments accepted (default 21 = 63 s)")
+    args = p.parse_args(argv)
+    for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.guidance < 0:
+        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    return args
+
+
+def check_model_path(model: str) -> None:
+    """A local directory must exist and hold a pipeline; anything of the form "owner/name" may be a hub id."""
+    path = Path(model).expanduser()
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        if not path.is_dir():
+            raise UsageError(f"--model: no such directory: {model}")
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"--model {model}: no pipeline there (no model_index.json; save one with "
+                             "TTTVideoPipeline.save_pretrained)")
+
+
+def resolve_device(args: argparse.Namespace):
+    import torch
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise UsageError(f"--device: unknown device {args.device!r}; expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available")
+    if args.offload and device.type == "cpu":
+        raise UsageError("--offload moves models between the CPU and a GPU; it needs a CUDA --device")
+    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def load_pipeline(model: str, adapter: Path | None, dtype):
+    from diffusers import DiffusionPipeline
+
+    from pipeline import TTTVideoPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(model)
+    except OSError as e:
+        raise InputError(f"--model {model}: no pipeline there ({_first_line(e)})") from None
+    if index.get("_class_name") == TTTVideoPipeline.__name__:
+        pipe = TTTVideoPipeline.from_pretrained(model, dtype=dtype)
+        if adapter is not None:
+            pipe.transformer.load_adapter(adapter)
+        return pipe
+    if adapter is None:
+        raise UsageError(f"--model {model} is a {index.get('_class_name')}, not a TTT-Video pipeline; pass "
+                         "--ttt-adapter to add trained TTT layers to it")
+    return TTTVideoPipeline.from_cogvideox(model, ttt_adapter=adapter, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # 1. flags and storyboard (cheap checks before any model is loaded)
+    args = parse_args(argv)
+    storyboard = load_storyboard(args.storyboard, max_segments=args.max_segments)
+    if args.model is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise UsageError(f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}/) is not bundled yet; pass "
+                             "--model <pipeline directory or hub id>")
+        args.model = str(DEFAULT_MODEL)
+    check_model_path(args.model)
+    if args.ttt_adapter is not None and not args.ttt_adapter.is_file():
+        raise UsageError(f"--ttt-adapter: file not found: {args.ttt_adapter}")
+    device, dtype = resolve_device(args)
+    output = args.output or ROOT / "outputs" / f"{args.storyboard.stem}.mp4"
+
+    # 2. build the pipeline
+    import torch
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    from pipeline.video_io import write_video
+
+    try:
+        pipe = load_pipeline(args.model, args.ttt_adapter, dtype)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load --model {args.model}: {_first_line(e)}") from None
+    if args.scheduler is not None:
+        scheduler_class = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[args.scheduler]
+        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+
+    # 3. generate
+    start = time.perf_counter()
+    result = pipe(storyboard, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
+                  cfg_mode=args.cfg_mode, max_segments=args.max_segments, output_type="np")
+    elapsed = time.perf_counter() - start
+
+    # 4. save
+    frames = result.frames[0]  # (F, H, W, 3)
+    write_video(frames, output, result.fps)
+    print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
+          f"({storyboard.num_segments} segments), generated in {elapsed:.1f} s")
+    return 0
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UsageError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except StoryboardError as e:  # one line per problem
+        for problem in e.problems:
+            print(f"sample.py: error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    except InputError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        sys.exit(1)

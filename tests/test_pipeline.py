@@ -1,0 +1,278 @@
+"""TTTVideoPipeline on tiny random components (tests/tiny.py) and the real TTT transformer.
+
+Tiny shapes: 32 x 32 pixels, a first segment of 3 latent frames (9 pixel frames) and 2 latent frames (8 pixel frames)
+per later segment, so n segments make 8 n + 1 frames. The pipeline's default fps is one segment's frames per 3 s,
+here 8/3 fps, so every segment plays for exactly 3 s (CogVideoX: 48 frames, 16 fps).
+"""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, TEXT_LEN, WIDTH, tiny_components
+
+from models import CogVideoXTTTTransformer3DModel
+from pipeline import Segment, Storyboard, StoryboardError, TTTVideoPipeline
+from pipeline.video_io import read_video, write_video
+
+TINY_FPS = 8 / 3  # 8 pixel frames per 3-s segment
+
+
+def make_pipeline(gate_init: float = 0.1, scheduler: str = "ddim", seed: int = 0,
+                  scene_embedding: bool = False) -> TTTVideoPipeline:
+    components = tiny_components(seed, scheduler)
+    transformer = CogVideoXTTTTransformer3DModel.from_base(
+        components.pop("transformer"), latent_frames_first=FRAMES_FIRST, latent_frames_per_segment=FRAMES_PER_SEGMENT,
+        gate_init=gate_init)
+    if scene_embedding:
+        with torch.no_grad():
+            transformer.scene_embedding.normal_(generator=torch.Generator().manual_seed(seed))
+    pipe = TTTVideoPipeline(transformer=transformer, **components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def story(texts: list[str], scene_starts: list[int] = ()) -> Storyboard:
+    return Storyboard([Segment(t, scene_start=i in scene_starts) for i, t in enumerate(texts)])
+
+
+def generate(pipe: TTTVideoPipeline, storyboard, seed: int = 0, **kwargs):
+    kwargs.setdefault("num_inference_steps", 2)
+    return pipe(storyboard, generator=torch.Generator().manual_seed(seed), **kwargs).frames
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipeline(scene_embedding=True)
+
+
+# against diffusers' CogVideoXPipeline
+
+
+@pytest.mark.parametrize("scheduler, dynamic_cfg", [("ddim", False), ("dpm", False), ("dpm", True)],
+                         ids=["ddim", "dpm", "dpm-dynamic-cfg"])
+def test_one_segment_with_closed_gates_equals_cogvideox(scheduler, dynamic_cfg):
+    components = tiny_components(0, scheduler)
+    reference = CogVideoXPipeline(**components)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(prompt="a red ball rolls", negative_prompt="blurry", num_frames=(FRAMES_FIRST - 1) * 4 + 1,
+                         num_inference_steps=3, guidance_scale=6.0, use_dynamic_cfg=dynamic_cfg,
+                         generator=torch.Generator().manual_seed(0), output_type="np",
+                         max_sequence_length=TEXT_LEN).frames
+    transformer = CogVideoXTTTTransformer3DModel.from_base(
+        components["transformer"], latent_frames_first=FRAMES_FIRST, latent_frames_per_segment=FRAMES_PER_SEGMENT,
+        gate_init=0.0)
+    pipe = TTTVideoPipeline(**{**components, "transformer": transformer})
+    pipe.set_progress_bar_config(disable=True)
+    frames = generate(pipe, {"scenes": [{"segments": [{"text": "a red ball rolls"}]}]}, num_inference_steps=3,
+                      negative_text="blurry", use_dynamic_cfg=dynamic_cfg, guidance_scale=6.0)
+    assert frames.shape == expected.shape == (1, 9, HEIGHT, WIDTH, 3)
+    np.testing.assert_allclose(frames, expected, rtol=0, atol=1e-5)
+
+
+# a minute of video
+
+
+def test_twenty_segments_make_sixty_seconds_and_an_mp4_that_reads_back(pipe, tmp_path):
+    storyboard = story([f"segment {i}" for i in range(20)], scene_starts=[5, 12])
+    output = pipe(storyboard, num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    (frames,) = output.frames
+    assert output.fps == pytest.approx(TINY_FPS) == pipe.config.fps
+    assert pipe.frames_per_segment == 8 and pipe.num_frames(20) == 8 * 20 + 1
+    assert frames.shape == (8 * 20 + 1, HEIGHT, WIDTH, 3)
+    assert (len(frames) - 1) / output.fps == pytest.approx(20 * 3.0)  # 20 x 3 s, plus the first frame
+    assert np.isfinite(frames).all() and 0 <= frames.min() and frames.max() <= 1
+
+    path = write_video(frames, tmp_path / "minute.mp4", output.fps)
+    decoded, fps = read_video(path)
+    assert decoded.shape == (161, HEIGHT, WIDTH, 3) and decoded.dtype == np.uint8
+    assert Fraction(fps).limit_denominator(100) == Fraction(8, 3)
+    assert [p.name for p in tmp_path.iterdir()] == ["minute.mp4"]  # written under a temporary name, then renamed
+
+
+# decoding
+
+
+@pytest.mark.parametrize("mode, windows", [("plain", (1, 4)), ("tiled", (2,)), ("sliced", (2,))])
+def test_windowed_decode_equals_whole_sequence_decode(mode, windows):
+    pipe = make_pipeline()
+    batch = 2 if mode == "sliced" else 1
+    if mode == "tiled":  # 2 x 2 overlapping tiles of 3 x 3 latents on the 4 x 4 latent grid
+        pipe.vae.enable_tiling(tile_sample_min_height=24, tile_sample_min_width=24, tile_overlap_factor_height=1 / 3,
+                               tile_overlap_factor_width=1 / 3)
+    if mode == "sliced":
+        pipe.vae.enable_slicing()
+    num_segments = 3 if mode == "plain" else 2  # 7 or 5 latent frames: an odd first frame batch, then pairs
+    latents = torch.randn(batch, pipe.transformer.num_latent_frames(num_segments), LATENT_CHANNELS, HEIGHT // 8,
+                          WIDTH // 8, generator=torch.Generator().manual_seed(0))
+    whole = pipe.vae.decode(latents.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor).sample
+    assert whole.shape == (batch, 3, pipe.num_frames(num_segments), HEIGHT, WIDTH)
+    window_frames = {}
+    for window in windows:
+        pieces = list(pipe.decode_windows(latents, window))
+        window_frames[window] = [p.shape[2] for p in pieces]
+        torch.testing.assert_close(torch.cat(pieces, dim=2), whole, rtol=0, atol=1e-6)
+    if mode == "plain":
+        assert window_frames == {1: [9, 8, 8], 4: [9, 16]}  # VAE frame batches (3), (2), (2) latent frames
+
+
+def test_windows_group_whole_frame_batches():
+    pipe = make_pipeline()
+    latents = torch.randn(1, pipe.transformer.num_latent_frames(4), LATENT_CHANNELS, 1, 1)  # 9 frames, 8 x 8 pixels
+    assert [p.shape[2] for p in pipe.decode_windows(latents, 4)] == [9, 16, 8]  # (3), (2, 2), (2)
+    assert [p.shape[2] for p in pipe.decode_windows(latents, None)] == [9, 8, 8, 8]  # default: one segment each
+    assert [p.shape[2] for p in pipe.decode_windows(latents, 100)] == [33]
+
+
+def test_decoding_segments_separately_would_leave_seams():
+    """Why the cache is carried: decoding each segment's latents on their own gives different pixels."""
+    pipe = make_pipeline()
+    latents = torch.randn(1, pipe.transformer.num_latent_frames(2), LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8)
+    carried = torch.cat(list(pipe.decode_windows(latents, 2)), dim=2)
+    separate = torch.cat([pipe.vae.decode(part.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor).sample
+                          for part in latents.split([FRAMES_FIRST, FRAMES_PER_SEGMENT], dim=1)], dim=2)
+    assert carried.shape == separate.shape
+    assert (carried - separate).abs().max() > 1e-3
+
+
+def test_frame_batches_follow_the_vae():
+    pipe = make_pipeline()
+    assert pipe.frame_batches(1) == [(0, 1)]
+    assert pipe.frame_batches(2) == [(0, 2)]
+    assert pipe.frame_batches(7) == [(0, 3), (3, 5), (5, 7)]
+    assert pipe.frame_batches(8) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+
+
+# guidance, loading, conditioning
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_cfg_batched_equals_sequential(scheduler):
+    pipe = make_pipeline(scheduler=scheduler, scene_embedding=True)
+    storyboard = story(["a red ball rolls", "it bounces", "a blue box"], scene_starts=[2])
+    batched = generate(pipe, storyboard, cfg_mode="batched", output_type="latent", negative_text="dark")
+    sequential = generate(pipe, storyboard, cfg_mode="sequential", output_type="latent", negative_text="dark")
+    assert batched.shape == (1, pipe.transformer.num_latent_frames(3), LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8)
+    torch.testing.assert_close(batched, sequential, rtol=1e-5, atol=1e-5)
+
+
+def test_save_pretrained_from_pretrained_round_trip(pipe, tmp_path):
+    storyboard = story(["a red ball rolls", "a blue box"], scene_starts=[1])
+    expected = generate(pipe, storyboard, output_type="pt")
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = TTTVideoPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.transformer) is CogVideoXTTTTransformer3DModel
+    assert loaded.config.fps == pipe.config.fps
+    torch.testing.assert_close(generate(loaded, storyboard, output_type="pt"), expected, rtol=0, atol=0)
+
+
+def test_from_cogvideox_with_an_adapter(tmp_path):
+    trained = make_pipeline(gate_init=0.3, seed=1, scene_embedding=True)
+    trained.transformer.save_adapter(tmp_path / "ttt.safetensors")
+    components = tiny_components(1)
+    CogVideoXPipeline(**components).save_pretrained(tmp_path / "cogvideox")
+    rebuilt = TTTVideoPipeline.from_cogvideox(tmp_path / "cogvideox", ttt_adapter=tmp_path / "ttt.safetensors")
+    rebuilt.set_progress_bar_config(disable=True)
+    assert rebuilt.transformer.config.latent_frames_per_segment == FRAMES_PER_SEGMENT  # from the adapter's config
+    storyboard = story(["a red ball", "a box"], scene_starts=[1])
+    torch.testing.assert_close(generate(rebuilt, storyboard, output_type="latent"),
+                               generate(trained, storyboard, output_type="latent"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"ttt\.safetensors: TTT config arguments differ from the adapter's: "
+                                         r"latent_frames_per_segment=5 \(adapter: 2\)"):
+        TTTVideoPipeline.from_cogvideox(tmp_path / "cogvideox", ttt_adapter=tmp_path / "ttt.safetensors",
+                                        latent_frames_per_segment=5)
+
+
+def test_scene_transitions_reach_the_transformer(pipe):
+    one_scene = generate(pipe, story(["a red ball", "a box"]), output_type="latent")
+    two_scenes = generate(pipe, story(["a red ball", "a box"], scene_starts=[1]), output_type="latent")
+    assert (one_scene - two_scenes).abs().max() > 1e-4
+    closed = make_pipeline()  # scene embedding at its init (zeros): the boundary flag changes nothing
+    torch.testing.assert_close(generate(closed, story(["a red ball", "a box"]), output_type="latent"),
+                               generate(closed, story(["a red ball", "a box"], scene_starts=[1]), output_type="latent"))
+
+
+def test_null_text_embedding_is_the_unconditional_condition(pipe):
+    null, null_mask = pipe.null_text_embedding()
+    assert null.shape == (TEXT_LEN, pipe.text_encoder.config.d_model) and null_mask.shape == (TEXT_LEN,)
+    assert null_mask.sum() == 2  # [CLS] [SEP] of the empty text; the rest is padding
+    embeds, mask, negative, negative_mask = pipe.encode_prompt(["a red ball", "a box"], ["", "dark"])
+    assert embeds.shape == negative.shape == (1, 2, TEXT_LEN, null.shape[-1]) and mask.shape == (1, 2, TEXT_LEN)
+    torch.testing.assert_close(negative[0, 0], null, rtol=1e-6, atol=1e-6)  # batch size changes the float sums
+    assert torch.equal(negative_mask[0, 0], null_mask)
+    # each text encoded on its own equals its row of the batched, de-duplicated encoding
+    alone, alone_mask, _, _ = pipe.encode_prompt(["a box"], do_classifier_free_guidance=False)
+    torch.testing.assert_close(alone[0, 0], embeds[0, 1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(alone_mask[0, 0], mask[0, 1])
+
+
+def test_output_types_agree(pipe):
+    storyboard = story(["a red ball"])
+    as_np = generate(pipe, storyboard, output_type="np")
+    as_pt = generate(pipe, storyboard, output_type="pt")
+    as_pil = generate(pipe, storyboard, output_type="pil")
+    latents = generate(pipe, storyboard, output_type="latent")
+    assert as_np.shape == (1, 9, HEIGHT, WIDTH, 3) and as_pt.shape == (1, 9, 3, HEIGHT, WIDTH)
+    np.testing.assert_allclose(as_pt.permute(0, 1, 3, 4, 2).numpy(), as_np, rtol=0, atol=0)
+    assert len(as_pil) == 1 and len(as_pil[0]) == 9 and as_pil[0][0].size == (WIDTH, HEIGHT)
+    np.testing.assert_array_equal(np.asarray(as_pil[0][4]), (as_np[0, 4] * 255).round().astype(np.uint8))
+    assert latents.shape == (1, FRAMES_FIRST, LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8)
+
+
+def test_given_latents_and_callback(pipe):
+    storyboard = story(["a red ball", "a box"])
+    noise = torch.randn(1, pipe.transformer.num_latent_frames(2), LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8)
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((step, sorted(tensors)))
+        return {"latents": tensors["latents"] * 0} if step == 1 else {}
+
+    zeroed = pipe(storyboard, num_inference_steps=2, latents=noise, output_type="latent", callback_on_step_end=callback,
+                  callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"]).frames
+    assert seen == [(0, ["latents", "prompt_embeds"]), (1, ["latents", "prompt_embeds"])]
+    assert torch.equal(zeroed, torch.zeros_like(zeroed))
+    again = pipe(storyboard, num_inference_steps=2, latents=noise, output_type="latent").frames
+    torch.testing.assert_close(again, pipe(storyboard, num_inference_steps=2, latents=noise.clone(),
+                                           output_type="latent").frames)
+
+
+def test_dpm_scheduler_swap_runs_many_segments():
+    pipe = make_pipeline()
+    pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    frames = generate(pipe, story(["a", "b", "c", "d"], scene_starts=[2]), num_inference_steps=3)
+    assert frames.shape == (1, 8 * 4 + 1, HEIGHT, WIDTH, 3) and np.isfinite(frames).all()
+
+
+def test_fps_is_stored_in_the_config():
+    components = tiny_components()
+    transformer = CogVideoXTTTTransformer3DModel.from_base(
+        components.pop("transformer"), latent_frames_first=FRAMES_FIRST, latent_frames_per_segment=FRAMES_PER_SEGMENT)
+    assert TTTVideoPipeline(transformer=transformer, **components, fps=8).config.fps == 8.0
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"cfg_mode": "fast"}, ValueError, "cfg_mode must be one of ('batched', 'sequential'), got 'fast'"),
+    ({"output_type": "gif"}, ValueError, "output_type must be one of ('np', 'pil', 'pt', 'latent'), got 'gif'"),
+    ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be >= 1, got 0"),
+    ({"decode_window": 0}, ValueError, "decode_window must be >= 1 latent frame, got 0"),
+    ({"height": 36}, ValueError, "height and width must be multiples of 8, got 36 and 32"),
+    ({"latents": torch.zeros(1, 4, 4, 4, 4)}, ValueError, "latents: expected shape (1, 3, 4, 4, 4) for 1 segments"),
+    ({"negative_text": "a dark and cold place and a very long night too"}, StoryboardError,
+     "argument: negative_text has 13 tokens, over the text encoder's budget of 8 (shorten it)"),
+    ({"callback_on_step_end_tensor_inputs": ["noise"]}, ValueError, "callback_on_step_end_tensor_inputs must be in"),
+    ({"max_segments": 0}, StoryboardError, "storyboard has 1 segments (3 s); the maximum is 0"),
+], ids=["cfg-mode", "output-type", "steps", "window", "height", "latents", "negative-budget", "callback", "max"])
+def test_bad_arguments_are_clear_errors(pipe, kwargs, error, message):
+    with pytest.raises(error) as info:
+        pipe(story(["a red ball"]), **{"num_inference_steps": 1, **kwargs})
+    assert message in str(info.value)
+
+
+def test_over_budget_segment_text_is_reported_before_any_work(pipe):
+    with pytest.raises(StoryboardError, match=r"scenes\[0\]\.segments\[1\]: text has 11 tokens, over the text "
+                                              r"encoder's budget of 8"):
+        pipe({"scenes": [{"segments": [{"text": "ok"}, {"text": "one two three four five six seven eight nine"}]}]})
