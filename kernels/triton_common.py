@@ -66,18 +66,18 @@ def store_row_scalars(base, row0, L, x, M: tl.constexpr):
 
 
 @triton.jit
-def load_matrix(base, R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
-    """A contiguous (R, C) matrix."""
-    r = tl.arange(0, R)
-    c = tl.arange(0, C)
-    return tl.load(base + r[:, None] * C + c[None, :]).to(ACC)
+def load_block(base, row0, col0, stride, R: tl.constexpr, C: tl.constexpr, ACC: tl.constexpr):
+    """Rows [row0, row0 + R) x columns [col0, col0 + C) of a row-major matrix with row stride `stride`."""
+    r = row0 + tl.arange(0, R)
+    c = col0 + tl.arange(0, C)
+    return tl.load(base + r[:, None] * stride + c[None, :]).to(ACC)
 
 
 @triton.jit
-def store_matrix(base, x, R: tl.constexpr, C: tl.constexpr):
-    r = tl.arange(0, R)
-    c = tl.arange(0, C)
-    tl.store(base + r[:, None] * C + c[None, :], x.to(base.dtype.element_ty))
+def store_block(base, row0, col0, stride, x, R: tl.constexpr, C: tl.constexpr):
+    r = row0 + tl.arange(0, R)
+    c = col0 + tl.arange(0, C)
+    tl.store(base + r[:, None] * stride + c[None, :], x.to(base.dtype.element_ty))
 
 
 @triton.jit
@@ -91,7 +91,7 @@ def store_vector(base, x, N: tl.constexpr):
 
 
 @triton.jit
-def gelu_tanh(x):
+def gelu_tanh_grads(x):
     """gelu_tanh(x) = x/2 (1 + tanh(u)), u = s (x + c x^3); returns (gelu, gelu', gelu'').
 
     With t = tanh(u), u' = s (1 + 3 c x^2), u'' = 6 s c x:
@@ -109,13 +109,25 @@ def gelu_tanh(x):
 
 
 @triton.jit
-def layer_norm(z, gamma, beta, D: tl.constexpr):
-    """Row LayerNorm of z (M, D) with affine gamma, beta (D,); returns (xh (M, D), r (M, 1), y (M, D))."""
+def gelu_tanh(x):
+    u = SQRT_2_OVER_PI * (x + GELU_C * x * x * x)
+    return x * tl.sigmoid(2.0 * u)  # = x/2 (1 + tanh(u))
+
+
+@triton.jit
+def layer_norm_stats(z, D: tl.constexpr):
+    """Row LayerNorm of z (M, D) without affine: returns (xh (M, D), r (M, 1) = 1 / sqrt(var + eps))."""
     mean = tl.sum(z, axis=1) / D
     zc = z - mean[:, None]
     r = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=1) / D + LN_EPS)
-    xh = zc * r[:, None]
-    return xh, r[:, None], xh * gamma[None, :] + beta[None, :]
+    return zc * r[:, None], r[:, None]
+
+
+@triton.jit
+def layer_norm(z, gamma, beta, D: tl.constexpr):
+    """Row LayerNorm of z (M, D) with the per-head affine gamma, beta (D,)."""
+    xh, r = layer_norm_stats(z, D)
+    return xh * gamma[None, :] + beta[None, :]
 
 
 @triton.jit
@@ -130,22 +142,29 @@ def layer_norm_backward(xh, r, dxh, D: tl.constexpr):
 
 
 @triton.jit
-def loss_grad(z, target, eta, gamma, beta, D: tl.constexpr):
+def loss_grad_parts(z, target, eta, gamma, beta, D: tl.constexpr):
     """The inner loss's gradient with respect to z (M, D), plus what its backward needs.
 
     Returns (xh (M, D), r (M, 1), E (M, D), dY (M, D), g (M, D), dZ (M, D)) as in the module docstring.
     """
-    xh, r, y = layer_norm(z, gamma, beta, D)
-    e = y - target
+    xh, r = layer_norm_stats(z, D)
+    e = xh * gamma[None, :] + beta[None, :] - target
     dy = eta[:, None] * e
     g = gamma[None, :] * dy
-    dz = layer_norm_backward(xh, r, g, D)
-    return xh, r, e, dy, g, dz
+    return xh, r, e, dy, g, layer_norm_backward(xh, r, g, D)
+
+
+@triton.jit
+def loss_grad(z, target, eta, gamma, beta, D: tl.constexpr):
+    """dZ (M, D) alone (see `loss_grad_parts`)."""
+    xh, r = layer_norm_stats(z, D)
+    g = gamma[None, :] * eta[:, None] * (xh * gamma[None, :] + beta[None, :] - target)
+    return layer_norm_backward(xh, r, g, D)
 
 
 @triton.jit
 def loss_grad_backward(c, xh, r, e, dy, g, dz, eta, gamma, D: tl.constexpr):
-    """Reverse mode of (Z, T, eta, gamma, beta) -> dZ (see `loss_grad`), given C = dL/d(dZ) (M, D).
+    """Reverse mode of (Z, T, eta, gamma, beta) -> dZ (see `loss_grad_parts`), given C = dL/d(dZ) (M, D).
 
     dZ = r P(g) with P(g) = (1/D)(D g - sum(g) - xh sum(g xh)), so, per row, with s = sum(g xh), cx = sum(C xh):
       dL/dg  = r P(C)                                          (P is symmetric)

@@ -32,28 +32,20 @@ from ..triton_common import (
     TritonOp,
     apply_triton_op,
     layer_norm,
-    load_matrix,
+    layer_norm_stats,
+    load_block,
     load_row_scalars,
     load_rows,
     load_vector,
     loss_grad,
     loss_grad_backward,
+    loss_grad_parts,
     readout_backward,
-    store_matrix,
+    store_block,
     store_row_scalars,
     store_rows,
     store_vector,
 )
-
-
-@triton.jit
-def _inner_step(w, b, k, target, eta, gamma, beta, D: tl.constexpr, PRECISION: tl.constexpr):
-    """One mini-batch's gradient step; returns the new state and the intermediates the backward needs."""
-    z = tl.dot(k, w, input_precision=PRECISION) + b[None, :]  # (M, D)
-    xh, r, e, dy, g, dz = loss_grad(z, target, eta, gamma, beta, D)
-    wn = w - tl.dot(tl.trans(k), dz, input_precision=PRECISION)
-    bn = b - tl.sum(dz, axis=0)
-    return wn, bn, xh, r, e, dy, g, dz
 
 
 @triton.jit
@@ -66,24 +58,26 @@ def _linear_forward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr, w_p
     h = bh % H
     gamma = load_vector(ln_w_ptr + h * D, D, ACC)
     beta = load_vector(ln_b_ptr + h * D, D, ACC)
-    w = load_matrix(w_ptr + bh * D * D, D, D, ACC)
+    w = load_block(w_ptr + bh * D * D, 0, 0, D, D, D, ACC)
     b = load_vector(b_ptr + bh * D, D, ACC)
     seq = bh * L * D
     for t in range(0, tl.cdiv(L, M)):
         if STORE_CHECKPOINTS:
             if t % group_size == 0:
-                index = bh * num_groups + t // group_size
-                store_matrix(w_ckpt_ptr + index * D * D, w, D, D)
-                store_vector(b_ckpt_ptr + index * D, b, D)
+                ckpt = bh * num_groups + t // group_size
+                store_block(w_ckpt_ptr + ckpt * D * D, 0, 0, D, w, D, D)
+                store_vector(b_ckpt_ptr + ckpt * D, b, D)
         row0 = t * M
         k = load_rows(k_ptr + seq, row0, L, M, D, ACC)
         v = load_rows(v_ptr + seq, row0, L, M, D, ACC)
         eta = load_row_scalars(eta_ptr + bh * L, row0, L, M, ACC)
-        w, b, _, _, _, _, _, _ = _inner_step(w, b, k, v - k, eta, gamma, beta, D, PRECISION)
+        dz = loss_grad(tl.dot(k, w, input_precision=PRECISION) + b[None, :], v - k, eta, gamma, beta, D)
+        w -= tl.dot(tl.trans(k), dz, input_precision=PRECISION)
+        b -= tl.sum(dz, axis=0)
         q = load_rows(q_ptr + seq, row0, L, M, D, ACC)
-        _, _, y = layer_norm(tl.dot(q, w, input_precision=PRECISION) + b[None, :], gamma, beta, D)
+        y = layer_norm(tl.dot(q, w, input_precision=PRECISION) + b[None, :], gamma, beta, D)
         store_rows(out_ptr + seq, row0, L, q + y, M, D)
-    store_matrix(w_final_ptr + bh * D * D, w, D, D)
+    store_block(w_final_ptr + bh * D * D, 0, 0, D, w, D, D)
     store_vector(b_final_ptr + bh * D, b, D)
 
 
@@ -97,7 +91,7 @@ def _linear_backward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr, w_
     h = bh % H
     gamma = load_vector(ln_w_ptr + h * D, D, ACC)
     beta = load_vector(ln_b_ptr + h * D, D, ACC)
-    gw = load_matrix(dw_final_ptr + bh * D * D, D, D, ACC)
+    gw = load_block(dw_final_ptr + bh * D * D, 0, 0, D, D, D, ACC)
     gb = load_vector(db_final_ptr + bh * D, D, ACC)
     dgamma = tl.zeros([D], dtype=ACC)
     dbeta = tl.zeros([D], dtype=ACC)
@@ -107,33 +101,38 @@ def _linear_backward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr, w_
         group = num_groups - 1 - i
         t0 = group * group_size
         n = tl.minimum(group_size, num_steps - t0)
-        w = load_matrix(w_ckpt_ptr + (bh * num_groups + group) * D * D, D, D, ACC)
+        w = load_block(w_ckpt_ptr + (bh * num_groups + group) * D * D, 0, 0, D, D, D, ACC)
         b = load_vector(b_ckpt_ptr + (bh * num_groups + group) * D, D, ACC)
         # replay the group, keeping the state before each step (the last step's result is not needed)
         for j in range(0, n - 1):
-            store_matrix(w_scratch_ptr + (bh * group_size + j) * D * D, w, D, D)
+            store_block(w_scratch_ptr + (bh * group_size + j) * D * D, 0, 0, D, w, D, D)
             store_vector(b_scratch_ptr + (bh * group_size + j) * D, b, D)
             row0 = (t0 + j) * M
             k = load_rows(k_ptr + seq, row0, L, M, D, ACC)
             v = load_rows(v_ptr + seq, row0, L, M, D, ACC)
             eta = load_row_scalars(eta_ptr + bh * L, row0, L, M, ACC)
-            w, b, _, _, _, _, _, _ = _inner_step(w, b, k, v - k, eta, gamma, beta, D, PRECISION)
-        store_matrix(w_scratch_ptr + (bh * group_size + n - 1) * D * D, w, D, D)
+            dz = loss_grad(tl.dot(k, w, input_precision=PRECISION) + b[None, :], v - k, eta, gamma, beta, D)
+            w -= tl.dot(tl.trans(k), dz, input_precision=PRECISION)
+            b -= tl.sum(dz, axis=0)
+        store_block(w_scratch_ptr + (bh * group_size + n - 1) * D * D, 0, 0, D, w, D, D)
         store_vector(b_scratch_ptr + (bh * group_size + n - 1) * D, b, D)
         # other threads of this program read what was just written
         tl.debug_barrier()
         for j in range(0, n):
             jj = n - 1 - j
             row0 = (t0 + jj) * M
-            w = load_matrix(w_scratch_ptr + (bh * group_size + jj) * D * D, D, D, ACC)
+            w = load_block(w_scratch_ptr + (bh * group_size + jj) * D * D, 0, 0, D, D, D, ACC)
             b = load_vector(b_scratch_ptr + (bh * group_size + jj) * D, D, ACC)
             q = load_rows(q_ptr + seq, row0, L, M, D, ACC)
             k = load_rows(k_ptr + seq, row0, L, M, D, ACC)
             v = load_rows(v_ptr + seq, row0, L, M, D, ACC)
             eta = load_row_scalars(eta_ptr + bh * L, row0, L, M, ACC)
             dout = load_rows(dout_ptr + seq, row0, L, M, D, ACC)
-            wn, bn, xh, r, e, dy, g, dz = _inner_step(w, b, k, v - k, eta, gamma, beta, D, PRECISION)
-            xq, rq, _ = layer_norm(tl.dot(q, wn, input_precision=PRECISION) + bn[None, :], gamma, beta, D)
+            xh, r, e, dy, g, dz = loss_grad_parts(tl.dot(k, w, input_precision=PRECISION) + b[None, :], v - k, eta,
+                                                  gamma, beta, D)
+            wn = w - tl.dot(tl.trans(k), dz, input_precision=PRECISION)
+            bn = b - tl.sum(dz, axis=0)
+            xq, rq = layer_norm_stats(tl.dot(q, wn, input_precision=PRECISION) + bn[None, :], D)
 
             dzq, dgamma_out, dbeta_out = readout_backward(dout, xq, rq, gamma, D)
             gw += tl.dot(tl.trans(q), dzq, input_precision=PRECISION)
@@ -156,7 +155,7 @@ def _linear_backward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr, w_
             store_row_scalars(deta_ptr + bh * L, row0, L, deta, M)
         # the next group's replay overwrites the scratch slots read above
         tl.debug_barrier()
-    store_matrix(dw_ptr + bh * D * D, gw, D, D)
+    store_block(dw_ptr + bh * D * D, 0, 0, D, gw, D, D)
     store_vector(db_ptr + bh * D, gb, D)
     store_vector(dln_w_ptr + bh * D, dgamma, D)
     store_vector(dln_b_ptr + bh * D, dbeta, D)

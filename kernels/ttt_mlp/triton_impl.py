@@ -49,15 +49,18 @@ from ..triton_common import (
     TritonOp,
     apply_triton_op,
     gelu_tanh,
+    gelu_tanh_grads,
     layer_norm,
-    load_matrix,
+    layer_norm_stats,
+    load_block,
     load_row_scalars,
     load_rows,
     load_vector,
     loss_grad,
     loss_grad_backward,
+    loss_grad_parts,
     readout_backward,
-    store_matrix,
+    store_block,
     store_row_scalars,
     store_rows,
     store_vector,
@@ -65,93 +68,125 @@ from ..triton_common import (
 
 
 @triton.jit
-def _inner_step(w1, b1, w2, b2, k, target, eta, gamma, beta, D: tl.constexpr, PRECISION: tl.constexpr):
-    """One mini-batch's gradient step; returns the new state and the intermediates the backward needs."""
-    z1 = tl.dot(k, w1, input_precision=PRECISION) + b1[None, :]  # (M, F)
-    x2, gp, gpp = gelu_tanh(z1)
-    z2 = tl.dot(x2, w2, input_precision=PRECISION) + b2[None, :]  # (M, D)
-    xh, r, e, dy, g, dz2 = loss_grad(z2, target, eta, gamma, beta, D)
-    dx2 = tl.dot(dz2, tl.trans(w2), input_precision=PRECISION)  # (M, F)
-    dz1 = dx2 * gp
+def _load_chunk(w1_ptr, b1_ptr, w2_ptr, f0, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr, ACC: tl.constexpr):
+    """Hidden columns [f0, f0 + BF) of the state: W1 (D, BF), b1 (BF,), W2 (BF, D)."""
+    w1 = load_block(w1_ptr, 0, f0, F, D, BF, ACC)
+    b1 = load_vector(b1_ptr + f0, BF, ACC)
+    w2 = load_block(w2_ptr, f0, 0, D, BF, D, ACC)
+    return w1, b1, w2
+
+
+@triton.jit
+def _store_chunk(w1_ptr, b1_ptr, w2_ptr, f0, w1, b1, w2, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr):
+    store_block(w1_ptr, 0, f0, F, w1, D, BF)
+    store_vector(b1_ptr + f0, b1, BF)
+    store_block(w2_ptr, f0, 0, D, w2, BF, D)
+
+
+@triton.jit
+def _mlp_apply(x, w1_ptr, b1_ptr, w2_ptr, b2, M: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+               BF: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """f(x) = gelu(x W1 + b1) W2 + b2 (M, D), reading the state chunk by chunk."""
+    z2 = tl.zeros([M, D], dtype=ACC) + b2[None, :]
+    for f0 in range(0, F, BF):
+        w1, b1, w2 = _load_chunk(w1_ptr, b1_ptr, w2_ptr, f0, D, F, BF, ACC)
+        x2 = gelu_tanh(tl.dot(x, w1, input_precision=PRECISION) + b1[None, :])
+        z2 += tl.dot(x2, w2, input_precision=PRECISION)
+    return z2
+
+
+@triton.jit
+def _chunk_step(k, dz2, w1, b1, w2, PRECISION: tl.constexpr):
+    """One step's intermediates on a hidden chunk given dZ2 (M, D): X2, gelu'(Z1), gelu''(Z1), dX2, dZ1 (M, BF)."""
+    x2, gp, gpp = gelu_tanh_grads(tl.dot(k, w1, input_precision=PRECISION) + b1[None, :])
+    dx2 = tl.dot(dz2, tl.trans(w2), input_precision=PRECISION)
+    return x2, gp, gpp, dx2, dx2 * gp
+
+
+@triton.jit
+def _chunk_update(k, dz2, w1, b1, w2, x2, dz1, PRECISION: tl.constexpr):
+    """The chunk after the step: W1' = W1 - K^T dZ1, b1' = b1 - sum_rows dZ1, W2' = W2 - X2^T dZ2."""
     w1n = w1 - tl.dot(tl.trans(k), dz1, input_precision=PRECISION)
-    b1n = b1 - tl.sum(dz1, axis=0)
     w2n = w2 - tl.dot(tl.trans(x2), dz2, input_precision=PRECISION)
-    b2n = b2 - tl.sum(dz2, axis=0)
-    return w1n, b1n, w2n, b2n, x2, gp, gpp, xh, r, e, dy, g, dz2, dx2, dz1
+    return w1n, b1 - tl.sum(dz1, axis=0), w2n
 
 
 @triton.jit
-def _readout(w1, b1, w2, b2, q, gamma, beta, D: tl.constexpr, PRECISION: tl.constexpr):
-    """LN(f(Q)) with the updated state; returns (Xq2 (M, F), gelu'(Zq1), xq (M, D), rq (M, 1), LN output)."""
-    zq1 = tl.dot(q, w1, input_precision=PRECISION) + b1[None, :]
-    xq2, gpq, _ = gelu_tanh(zq1)
-    xq, rq, y = layer_norm(tl.dot(xq2, w2, input_precision=PRECISION) + b2[None, :], gamma, beta, D)
-    return xq2, gpq, xq, rq, y
-
-
-@triton.jit
-def _store_state(w1_ptr, b1_ptr, w2_ptr, b2_ptr, index, w1, b1, w2, b2, D: tl.constexpr, F: tl.constexpr):
-    """Writes the state into slot `index` of (n, D, F), (n, F), (n, F, D), (n, D) buffers."""
-    store_matrix(w1_ptr + index * D * F, w1, D, F)
-    store_vector(b1_ptr + index * F, b1, F)
-    store_matrix(w2_ptr + index * F * D, w2, F, D)
-    store_vector(b2_ptr + index * D, b2, D)
-
-
-@triton.jit
-def _load_state(w1_ptr, b1_ptr, w2_ptr, b2_ptr, index, D: tl.constexpr, F: tl.constexpr, ACC: tl.constexpr):
-    w1 = load_matrix(w1_ptr + index * D * F, D, F, ACC)
-    b1 = load_vector(b1_ptr + index * F, F, ACC)
-    w2 = load_matrix(w2_ptr + index * F * D, F, D, ACC)
-    b2 = load_vector(b2_ptr + index * D, D, ACC)
-    return w1, b1, w2, b2
+def _new_chunk(k, dz2, w1_ptr, b1_ptr, w2_ptr, f0, D: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+               ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """The hidden chunk [f0, f0 + BF) of the state after the step: (W1' (D, BF), b1' (BF,), W2' (BF, D))."""
+    w1, b1, w2 = _load_chunk(w1_ptr, b1_ptr, w2_ptr, f0, D, F, BF, ACC)
+    x2, gp, gpp, dx2, dz1 = _chunk_step(k, dz2, w1, b1, w2, PRECISION)
+    return _chunk_update(k, dz2, w1, b1, w2, x2, dz1, PRECISION)
 
 
 @triton.jit
 def _mlp_forward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr,
-                        w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-                        out_ptr, w1_final_ptr, b1_final_ptr, w2_final_ptr, b2_final_ptr,
+                        out_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
                         w1_ckpt_ptr, b1_ckpt_ptr, w2_ckpt_ptr, b2_ckpt_ptr,
                         H, L, num_groups, group_size,
-                        D: tl.constexpr, F: tl.constexpr, M: tl.constexpr, STORE_CHECKPOINTS: tl.constexpr,
-                        ACC: tl.constexpr, PRECISION: tl.constexpr):
+                        D: tl.constexpr, F: tl.constexpr, M: tl.constexpr, BF: tl.constexpr,
+                        STORE_CHECKPOINTS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # (w1, b1, w2, b2)_ptr hold the initial state and are updated in place into the final state
     bh = tl.program_id(0).to(tl.int64)
     h = bh % H
     gamma = load_vector(ln_w_ptr + h * D, D, ACC)
     beta = load_vector(ln_b_ptr + h * D, D, ACC)
-    w1, b1, w2, b2 = _load_state(w1_ptr, b1_ptr, w2_ptr, b2_ptr, bh, D, F, ACC)
+    w1_ptr += bh * D * F
+    b1_ptr += bh * F
+    w2_ptr += bh * F * D
+    b2 = load_vector(b2_ptr + bh * D, D, ACC)
     seq = bh * L * D
     for t in range(0, tl.cdiv(L, M)):
-        if STORE_CHECKPOINTS:
-            if t % group_size == 0:
-                _store_state(w1_ckpt_ptr, b1_ckpt_ptr, w2_ckpt_ptr, b2_ckpt_ptr, bh * num_groups + t // group_size,
-                             w1, b1, w2, b2, D, F)
         row0 = t * M
         k = load_rows(k_ptr + seq, row0, L, M, D, ACC)
         v = load_rows(v_ptr + seq, row0, L, M, D, ACC)
         eta = load_row_scalars(eta_ptr + bh * L, row0, L, M, ACC)
-        w1, b1, w2, b2, _, _, _, _, _, _, _, _, _, _, _ = _inner_step(w1, b1, w2, b2, k, v - k, eta, gamma, beta,
-                                                                      D, PRECISION)
         q = load_rows(q_ptr + seq, row0, L, M, D, ACC)
-        _, _, _, _, y = _readout(w1, b1, w2, b2, q, gamma, beta, D, PRECISION)
-        store_rows(out_ptr + seq, row0, L, q + y, M, D)
-    _store_state(w1_final_ptr, b1_final_ptr, w2_final_ptr, b2_final_ptr, bh, w1, b1, w2, b2, D, F)
+        z2 = _mlp_apply(k, w1_ptr, b1_ptr, w2_ptr, b2, M, D, F, BF, ACC, PRECISION)
+        dz2 = loss_grad(z2, v - k, eta, gamma, beta, D)
+        ckpt = bh * num_groups + t // group_size
+        if STORE_CHECKPOINTS:
+            if t % group_size == 0:
+                store_vector(b2_ckpt_ptr + ckpt * D, b2, D)
+        b2 -= tl.sum(dz2, axis=0)
+        # update the state chunk by chunk, accumulating the read-out f_{W'}(Q) on the way
+        zq2 = tl.zeros([M, D], dtype=ACC) + b2[None, :]
+        for f0 in range(0, F, BF):
+            w1, b1, w2 = _load_chunk(w1_ptr, b1_ptr, w2_ptr, f0, D, F, BF, ACC)
+            if STORE_CHECKPOINTS:
+                if t % group_size == 0:
+                    _store_chunk(w1_ckpt_ptr + ckpt * D * F, b1_ckpt_ptr + ckpt * F, w2_ckpt_ptr + ckpt * F * D, f0,
+                                 w1, b1, w2, D, F, BF)
+            x2, gp, gpp, dx2, dz1 = _chunk_step(k, dz2, w1, b1, w2, PRECISION)
+            w1n, b1n, w2n = _chunk_update(k, dz2, w1, b1, w2, x2, dz1, PRECISION)
+            _store_chunk(w1_ptr, b1_ptr, w2_ptr, f0, w1n, b1n, w2n, D, F, BF)
+            xq2 = gelu_tanh(tl.dot(q, w1n, input_precision=PRECISION) + b1n[None, :])
+            zq2 += tl.dot(xq2, w2n, input_precision=PRECISION)
+        store_rows(out_ptr + seq, row0, L, q + layer_norm(zq2, gamma, beta, D), M, D)
+        # the next step reads state chunks that other threads of this program wrote
+        tl.debug_barrier()
+    store_vector(b2_ptr + bh * D, b2, D)
 
 
 @triton.jit
 def _mlp_backward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr,
                          w1_ckpt_ptr, b1_ckpt_ptr, w2_ckpt_ptr, b2_ckpt_ptr,
-                         dout_ptr, dw1_final_ptr, db1_final_ptr, dw2_final_ptr, db2_final_ptr,
                          w1_scratch_ptr, b1_scratch_ptr, w2_scratch_ptr, b2_scratch_ptr,
-                         dq_ptr, dk_ptr, dv_ptr, deta_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, dln_w_ptr, dln_b_ptr,
+                         dout_ptr, dw1_ptr, db1_ptr, dw2_ptr, db2_ptr,
+                         dq_ptr, dk_ptr, dv_ptr, deta_ptr, dln_w_ptr, dln_b_ptr,
                          H, L, num_groups, group_size,
-                         D: tl.constexpr, F: tl.constexpr, M: tl.constexpr,
+                         D: tl.constexpr, F: tl.constexpr, M: tl.constexpr, BF: tl.constexpr,
                          ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # (dw1, db1, dw2, db2)_ptr hold dL/d(final state) and are updated in place into dL/d(initial state)
     bh = tl.program_id(0).to(tl.int64)
     h = bh % H
     gamma = load_vector(ln_w_ptr + h * D, D, ACC)
     beta = load_vector(ln_b_ptr + h * D, D, ACC)
-    gw1, gb1, gw2, gb2 = _load_state(dw1_final_ptr, db1_final_ptr, dw2_final_ptr, db2_final_ptr, bh, D, F, ACC)
+    dw1_ptr += bh * D * F
+    db1_ptr += bh * F
+    dw2_ptr += bh * F * D
+    gb2 = load_vector(db2_ptr + bh * D, D, ACC)
     dgamma = tl.zeros([D], dtype=ACC)
     dbeta = tl.zeros([D], dtype=ACC)
     seq = bh * L * D
@@ -160,91 +195,129 @@ def _mlp_backward_kernel(q_ptr, k_ptr, v_ptr, eta_ptr, ln_w_ptr, ln_b_ptr,
         group = num_groups - 1 - i
         t0 = group * group_size
         n = tl.minimum(group_size, num_steps - t0)
-        w1, b1, w2, b2 = _load_state(w1_ckpt_ptr, b1_ckpt_ptr, w2_ckpt_ptr, b2_ckpt_ptr, bh * num_groups + group,
-                                     D, F, ACC)
-        # replay the group, keeping the state before each step (the last step's result is not needed)
+        # scratch slot j holds the state before step t0 + j: slot 0 is the checkpoint, the rest are replayed
+        ckpt = bh * num_groups + group
+        slot = bh * group_size
+        for f0 in range(0, F, BF):
+            w1, b1, w2 = _load_chunk(w1_ckpt_ptr + ckpt * D * F, b1_ckpt_ptr + ckpt * F, w2_ckpt_ptr + ckpt * F * D,
+                                     f0, D, F, BF, ACC)
+            _store_chunk(w1_scratch_ptr + slot * D * F, b1_scratch_ptr + slot * F, w2_scratch_ptr + slot * F * D,
+                         f0, w1, b1, w2, D, F, BF)
+        store_vector(b2_scratch_ptr + slot * D, load_vector(b2_ckpt_ptr + ckpt * D, D, ACC), D)
+        tl.debug_barrier()
         for j in range(0, n - 1):
-            _store_state(w1_scratch_ptr, b1_scratch_ptr, w2_scratch_ptr, b2_scratch_ptr, bh * group_size + j,
-                         w1, b1, w2, b2, D, F)
             row0 = (t0 + j) * M
+            src = bh * group_size + j
+            dst = src + 1
             k = load_rows(k_ptr + seq, row0, L, M, D, ACC)
             v = load_rows(v_ptr + seq, row0, L, M, D, ACC)
             eta = load_row_scalars(eta_ptr + bh * L, row0, L, M, ACC)
-            w1, b1, w2, b2, _, _, _, _, _, _, _, _, _, _, _ = _inner_step(w1, b1, w2, b2, k, v - k, eta, gamma,
-                                                                          beta, D, PRECISION)
-        _store_state(w1_scratch_ptr, b1_scratch_ptr, w2_scratch_ptr, b2_scratch_ptr, bh * group_size + n - 1,
-                     w1, b1, w2, b2, D, F)
-        # other threads of this program read what was just written
-        tl.debug_barrier()
+            b2 = load_vector(b2_scratch_ptr + src * D, D, ACC)
+            z2 = _mlp_apply(k, w1_scratch_ptr + src * D * F, b1_scratch_ptr + src * F, w2_scratch_ptr + src * F * D,
+                            b2, M, D, F, BF, ACC, PRECISION)
+            dz2 = loss_grad(z2, v - k, eta, gamma, beta, D)
+            store_vector(b2_scratch_ptr + dst * D, b2 - tl.sum(dz2, axis=0), D)
+            for f0 in range(0, F, BF):
+                w1n, b1n, w2n = _new_chunk(k, dz2, w1_scratch_ptr + src * D * F, b1_scratch_ptr + src * F,
+                                           w2_scratch_ptr + src * F * D, f0, D, F, BF, ACC, PRECISION)
+                _store_chunk(w1_scratch_ptr + dst * D * F, b1_scratch_ptr + dst * F, w2_scratch_ptr + dst * F * D,
+                             f0, w1n, b1n, w2n, D, F, BF)
+            tl.debug_barrier()
         for j in range(0, n):
             jj = n - 1 - j
             row0 = (t0 + jj) * M
-            w1, b1, w2, b2 = _load_state(w1_scratch_ptr, b1_scratch_ptr, w2_scratch_ptr, b2_scratch_ptr,
-                                         bh * group_size + jj, D, F, ACC)
+            s = bh * group_size + jj
+            w1_ptr = w1_scratch_ptr + s * D * F
+            b1_ptr = b1_scratch_ptr + s * F
+            w2_ptr = w2_scratch_ptr + s * F * D
             q = load_rows(q_ptr + seq, row0, L, M, D, ACC)
             k = load_rows(k_ptr + seq, row0, L, M, D, ACC)
             v = load_rows(v_ptr + seq, row0, L, M, D, ACC)
             eta = load_row_scalars(eta_ptr + bh * L, row0, L, M, ACC)
             dout = load_rows(dout_ptr + seq, row0, L, M, D, ACC)
-            w1n, b1n, w2n, b2n, x2, gp, gpp, xh, r, e, dy, g, dz2, dx2, dz1 = _inner_step(
-                w1, b1, w2, b2, k, v - k, eta, gamma, beta, D, PRECISION)
-            xq2, gpq, xq, rq, _ = _readout(w1n, b1n, w2n, b2n, q, gamma, beta, D, PRECISION)
-
+            b2 = load_vector(b2_scratch_ptr + s * D, D, ACC)
+            z2 = _mlp_apply(k, w1_ptr, b1_ptr, w2_ptr, b2, M, D, F, BF, ACC, PRECISION)
+            xh, r, e, dy, g, dz2 = loss_grad_parts(z2, v - k, eta, gamma, beta, D)
+            zq2 = tl.zeros([M, D], dtype=ACC) + (b2 - tl.sum(dz2, axis=0))[None, :]
+            for f0 in range(0, F, BF):
+                w1n, b1n, w2n = _new_chunk(k, dz2, w1_ptr, b1_ptr, w2_ptr, f0, D, F, BF, ACC, PRECISION)
+                xq2 = gelu_tanh(tl.dot(q, w1n, input_precision=PRECISION) + b1n[None, :])
+                zq2 += tl.dot(xq2, w2n, input_precision=PRECISION)
+            xq, rq = layer_norm_stats(zq2, D)
             dzq2, dgamma_out, dbeta_out = readout_backward(dout, xq, rq, gamma, D)
-            gw2 += tl.dot(tl.trans(xq2), dzq2, input_precision=PRECISION)
             gb2 += tl.sum(dzq2, axis=0)
-            dzq1 = tl.dot(dzq2, tl.trans(w2n), input_precision=PRECISION) * gpq  # (M, F)
-            gw1 += tl.dot(tl.trans(q), dzq1, input_precision=PRECISION)
-            gb1 += tl.sum(dzq1, axis=0)
-            dq = dout + tl.dot(dzq1, tl.trans(w1n), input_precision=PRECISION)
 
-            dk = -tl.dot(dz1, tl.trans(gw1), input_precision=PRECISION)
-            a = -(tl.dot(k, gw1, input_precision=PRECISION) + gb1[None, :])  # dL/d(dZ1) (M, F)
-            c = -(tl.dot(x2, gw2, input_precision=PRECISION) + gb2[None, :])  # dL/d(dZ2) (M, D)
-            dx2_total = -tl.dot(dz2, tl.trans(gw2), input_precision=PRECISION)  # (M, F)
-            ddx2 = a * gp
-            dz1_total = a * dx2 * gpp
-            c += tl.dot(ddx2, w2, input_precision=PRECISION)
-            gw2 += tl.dot(tl.trans(ddx2), dz2, input_precision=PRECISION)
+            # read-out backward per chunk, completing dL/d(new state); then the chunk's share of dL/d(dZ2)
+            dq = dout
+            dk = tl.zeros([M, D], dtype=ACC)
+            c = tl.zeros([M, D], dtype=ACC) - gb2[None, :]  # dL/d(dZ2) (M, D)
+            for f0 in range(0, F, BF):
+                w1, b1, w2 = _load_chunk(w1_ptr, b1_ptr, w2_ptr, f0, D, F, BF, ACC)
+                x2, gp, gpp, dx2, dz1 = _chunk_step(k, dz2, w1, b1, w2, PRECISION)
+                w1n, b1n, w2n = _chunk_update(k, dz2, w1, b1, w2, x2, dz1, PRECISION)
+                xq2, gpq, gppq = gelu_tanh_grads(tl.dot(q, w1n, input_precision=PRECISION) + b1n[None, :])
+                gw1, gb1, gw2 = _load_chunk(dw1_ptr, db1_ptr, dw2_ptr, f0, D, F, BF, ACC)
+                gw2 += tl.dot(tl.trans(xq2), dzq2, input_precision=PRECISION)
+                dzq1 = tl.dot(dzq2, tl.trans(w2n), input_precision=PRECISION) * gpq  # (M, BF)
+                gw1 += tl.dot(tl.trans(q), dzq1, input_precision=PRECISION)
+                gb1 += tl.sum(dzq1, axis=0)
+                dq += tl.dot(dzq1, tl.trans(w1n), input_precision=PRECISION)
+                _store_chunk(dw1_ptr, db1_ptr, dw2_ptr, f0, gw1, gb1, gw2, D, F, BF)
+                dk -= tl.dot(dz1, tl.trans(gw1), input_precision=PRECISION)
+                a = -(tl.dot(k, gw1, input_precision=PRECISION) + gb1[None, :])  # dL/d(dZ1) (M, BF)
+                c += tl.dot(a * gp, w2, input_precision=PRECISION) - tl.dot(x2, gw2, input_precision=PRECISION)
+            tl.debug_barrier()
             dz2_total, de, deta, dgamma_loss, dbeta_loss = loss_grad_backward(c, xh, r, e, dy, g, dz2, eta, gamma, D)
             dk += de
-            dx2_total += tl.dot(dz2_total, tl.trans(w2), input_precision=PRECISION)
-            gw2 += tl.dot(tl.trans(x2), dz2_total, input_precision=PRECISION)
             gb2 += tl.sum(dz2_total, axis=0)
-            dz1_total += dx2_total * gp
-            gw1 += tl.dot(tl.trans(k), dz1_total, input_precision=PRECISION)
-            gb1 += tl.sum(dz1_total, axis=0)
-            dk += tl.dot(dz1_total, tl.trans(w1), input_precision=PRECISION)
+
+            # the update's backward per chunk, turning dL/d(new state) into dL/d(old state)
+            for f0 in range(0, F, BF):
+                w1, b1, w2 = _load_chunk(w1_ptr, b1_ptr, w2_ptr, f0, D, F, BF, ACC)
+                x2, gp, gpp, dx2, dz1 = _chunk_step(k, dz2, w1, b1, w2, PRECISION)
+                gw1, gb1, gw2 = _load_chunk(dw1_ptr, db1_ptr, dw2_ptr, f0, D, F, BF, ACC)
+                a = -(tl.dot(k, gw1, input_precision=PRECISION) + gb1[None, :])
+                dx2_total = (tl.dot(dz2_total, tl.trans(w2), input_precision=PRECISION)
+                             - tl.dot(dz2, tl.trans(gw2), input_precision=PRECISION))  # (M, BF)
+                dz1_total = dx2_total * gp + a * dx2 * gpp
+                gw2 += (tl.dot(tl.trans(a * gp), dz2, input_precision=PRECISION)
+                        + tl.dot(tl.trans(x2), dz2_total, input_precision=PRECISION))
+                gw1 += tl.dot(tl.trans(k), dz1_total, input_precision=PRECISION)
+                gb1 += tl.sum(dz1_total, axis=0)
+                dk += tl.dot(dz1_total, tl.trans(w1), input_precision=PRECISION)
+                _store_chunk(dw1_ptr, db1_ptr, dw2_ptr, f0, gw1, gb1, gw2, D, F, BF)
+            # the next step (or group) reads gradient and scratch chunks that other threads wrote
+            tl.debug_barrier()
             dgamma += dgamma_out + dgamma_loss
             dbeta += dbeta_out + dbeta_loss
-
             store_rows(dq_ptr + seq, row0, L, dq, M, D)
             store_rows(dk_ptr + seq, row0, L, dk, M, D)
             store_rows(dv_ptr + seq, row0, L, -de, M, D)
             store_row_scalars(deta_ptr + bh * L, row0, L, deta, M)
-        # the next group's replay overwrites the scratch slots read above
-        tl.debug_barrier()
-    _store_state(dw1_ptr, db1_ptr, dw2_ptr, db2_ptr, bh, gw1, gb1, gw2, gb2, D, F)
+    store_vector(db2_ptr + bh * D, gb2, D)
     store_vector(dln_w_ptr + bh * D, dgamma, D)
     store_vector(dln_b_ptr + bh * D, dbeta, D)
 
 
-def _num_warps(D: int, F: int) -> int:
-    # the state (2 D F floats) lives in registers: spread it over more threads when it is large
-    return 4 if D * F <= 64 * 64 else 8
+def _launch_config(F: int, M: int) -> tuple[int, int]:
+    """(hidden columns per chunk, warps): every on-chip tile stays at most 64 x 64 fp32 (16 KiB), and the
+    (M, chunk) intermediates of a 64-row mini-batch are spread over twice the warps."""
+    block_f = max(16, min(64 if M <= 16 else 32, F // 2))
+    return block_f, 4 if M <= 16 else 8
 
 
 def _forward(q, k, v, eta, ln_w, ln_b, state, options, store_checkpoints):
     B, H, L, D = q.shape
     F = state[0].shape[-1]
     out = torch.empty_like(q)
-    final = tuple(torch.empty_like(s) for s in state)
+    final = tuple(s.clone() for s in state)  # updated in place by the kernel
     num_groups = options.num_groups(L)
     checkpoints = tuple(s.new_empty(B, H, num_groups, *s.shape[2:]) for s in state) if store_checkpoints else ()
+    block_f, num_warps = _launch_config(F, options.mini_batch_size)
     _mlp_forward_kernel[(B * H,)](
-        q, k, v, eta, ln_w, ln_b, *state, out, *final, *(checkpoints or final),
+        q, k, v, eta, ln_w, ln_b, out, *final, *(checkpoints or final),
         H, L, num_groups, options.checkpoint_group,
-        D=D, F=F, STORE_CHECKPOINTS=store_checkpoints, num_warps=_num_warps(D, F), **options.constexprs())
+        D=D, F=F, BF=block_f, STORE_CHECKPOINTS=store_checkpoints, num_warps=num_warps, **options.constexprs())
     return out, final, checkpoints
 
 
@@ -253,14 +326,15 @@ def _backward(q, k, v, eta, ln_w, ln_b, checkpoints, dout, dfinal, options):
     F = checkpoints[0].shape[-1]
     scratch = tuple(c.new_empty(B, H, options.checkpoint_group, *c.shape[3:]) for c in checkpoints)
     dq, dk, dv, deta = (torch.empty_like(x) for x in (q, k, v, eta))
-    dstate = tuple(torch.empty_like(d) for d in dfinal)
+    dstate = tuple(d.clone() for d in dfinal)  # updated in place by the kernel
     dln_w = ln_w.new_empty(B, H, D)
     dln_b = ln_w.new_empty(B, H, D)
+    block_f, num_warps = _launch_config(F, options.mini_batch_size)
     _mlp_backward_kernel[(B * H,)](
-        q, k, v, eta, ln_w, ln_b, *checkpoints, dout, *dfinal, *scratch,
-        dq, dk, dv, deta, *dstate, dln_w, dln_b,
+        q, k, v, eta, ln_w, ln_b, *checkpoints, *scratch, dout, *dstate,
+        dq, dk, dv, deta, dln_w, dln_b,
         H, L, options.num_groups(L), options.checkpoint_group,
-        D=D, F=F, num_warps=_num_warps(D, F), **options.constexprs())
+        D=D, F=F, BF=block_f, num_warps=num_warps, **options.constexprs())
     return dq, dk, dv, deta, dstate, dln_w, dln_b
 
 
