@@ -166,6 +166,13 @@ def test_triton_backward_is_exact_in_float64(op_name):
     check_backend_against_reference(op_name, "triton", TRITON_CASES[0], torch.float64, tol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("op_name", OPS)
+def test_triton_low_precision_inputs(op_name, dtype):
+    # inputs, output and input gradients in bf16/fp16; the state, every accumulation and the final state in fp32
+    check_backend_against_reference(op_name, "triton", Case("low_precision", B=1, H=2, L=40, D=16), dtype, tol=1e-2)
+
+
 class _LaunchCounter:
     """Wraps a Triton kernel and counts its launches (kernel[grid](...))."""
 
@@ -237,7 +244,7 @@ GPU_CASES = (
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=[c.name for c in GPU_CASES])
 @pytest.mark.parametrize("op_name", OPS)
 def test_triton_on_cuda(op_name, case, dtype, tol):
