@@ -107,31 +107,42 @@ class InnerStep(Protocol):
     def backward(self, saved, g_yq: torch.Tensor | None, g_state: State, ws: Workspace): ...
 
 
-def _layout(q, k, v, eta, m: int):
-    """(N, L, D) inputs -> pairs (N, T+1, 2m, D) with [q_{s-1}; k_s] in step s, k and v as (N, T, m, D) and eta
-    as (N, T, m, 1), zero-padded to T = ceil(L / m) mini-batches (padding has eta 0, so it never updates)."""
-    N, L, D = q.shape
-    T = math.ceil(L / m)
-    pad = T * m - L
-    if pad:
-        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-        eta = torch.nn.functional.pad(eta, (0, pad))
-    # the first half of step 0 and the second half of step T are never read
-    pairs = torch.empty(N, T + 1, 2 * m, D, dtype=q.dtype, device=q.device)
-    pairs[:, 1:, :m] = q.view(N, T, m, D)
-    pairs[:, :T, m:] = k.view(N, T, m, D)
-    return pairs, k.view(N, T, m, D), v.view(N, T, m, D), eta.view(N, T, m, 1)
+class _MiniBatches:
+    """Step inputs read from the (N, L, X) sequences: step s has the rows [q of mini-batch s-1; k of mini-batch s],
+    target v - k and eta of mini-batch s, copied into step-sized scratch and zero-padded past L (eta 0 there, so
+    padding never updates). Step 0 has no read-out rows, step T = ceil(L / m) no gradient rows."""
 
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor, m: int):
+        self.q, self.k, self.v, self.eta, self.m = q, k, v, eta.unsqueeze(-1), m
+        self.L = q.shape[1]
+        self.T = math.ceil(self.L / m)
 
-def _step_inputs(pairs, k, v, etas, s: int, m: int, ws: Workspace):
-    """Rows, read-out count, target v - k (in `ws`) and eta of step s (step 0 has no read-out, step T no
-    gradient rows)."""
-    T = k.shape[1]
-    lo, hi = (m if s == 0 else 0), (m if s == T else 2 * m)
-    target, eta = None, None
-    if s < T:
-        target, eta = torch.sub(v[:, s], k[:, s], out=ws("target", k[:, s].shape, k)), etas[:, s]
-    return pairs[:, s, lo:hi], m - lo, target, eta
+    def span(self, s: int) -> slice:
+        """Token positions of mini-batch s."""
+        return slice(s * self.m, min((s + 1) * self.m, self.L))
+
+    def chunk(self, src: torch.Tensor, s: int, out: torch.Tensor) -> torch.Tensor:
+        """Mini-batch s of src (N, L, X) copied into out (N, m, X), zero past L. Returns out."""
+        span = self.span(s)
+        n = span.stop - span.start
+        out[:, :n].copy_(src[:, span])
+        if n < self.m:
+            out[:, n:].zero_()
+        return out
+
+    def step(self, s: int, ws: Workspace):
+        """(x (N, R, D), nq, target (N, m, D) or None, eta (N, m, 1) or None), all in `ws`."""
+        m, q = self.m, self.q
+        N, _, D = q.shape
+        nq, nk = (0 if s == 0 else m), (0 if s == self.T else m)
+        x = ws("x", (N, nq + nk, D), q)
+        if nq:
+            self.chunk(q, s - 1, x[:, :nq])
+        if not nk:
+            return x, nq, None, None
+        k_s = self.chunk(self.k, s, x[:, nq:])
+        target = self.chunk(self.v, s, ws("target", (N, m, D), q)).sub_(k_s)
+        return x, nq, target, self.chunk(self.eta, s, ws("eta", (N, m, 1), q))
 
 
 def _per_row(p: torch.Tensor, N: int) -> torch.Tensor:
@@ -147,40 +158,49 @@ class CheckpointedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, step: InnerStep, m: int, group: int, q, k, v, eta, lnw, lnb, *state):
-        N, L, D = q.shape
-        pairs, k_mb, v_mb, etas = _layout(q, k, v, eta, m)
-        T = k_mb.shape[1]
-        n_groups = math.ceil((T + 1) / group)
-        starts = tuple(torch.empty(n_groups, *s.shape, dtype=s.dtype, device=s.device) for s in state)
-        out = torch.empty(N, T, m, D, dtype=q.dtype, device=q.device)
-        state = tuple(s.clone() for s in state)
-        lnw_n, lnb_n = _per_row(lnw, N), _per_row(lnb, N)
-        ws = Workspace()
-        for s in range(T + 1):
-            if s % group == 0:
-                for buf, t in zip(starts, state):
-                    buf[s // group].copy_(t)
-            x, nq, target, eta_s = _step_inputs(pairs, k_mb, v_mb, etas, s, m, ws)
-            y_q, state, _ = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, ws, save=False)
-            if nq:
-                torch.add(x[:, :nq], y_q, out=out[:, s - 1])
-        ctx.step, ctx.m, ctx.group = step, m, group
-        ctx.save_for_backward(q, k, v, eta, lnw, lnb, *starts)
-        return (out.view(N, T * m, D), *state)
+        # the state stays in the compute dtype even inside a caller's autocast region
+        with torch.autocast(q.device.type, enabled=False):
+            return CheckpointedScan._forward(ctx, step, m, group, q, k, v, eta, lnw, lnb, *state)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_out, *g_final):
+        with torch.autocast(g_out.device.type, enabled=False):
+            return CheckpointedScan._backward(ctx, g_out, *g_final)
+
+    @staticmethod
+    def _forward(ctx, step: InnerStep, m: int, group: int, q, k, v, eta, lnw, lnb, *state):
+        N, L, D = q.shape
+        seq = _MiniBatches(q, k, v, eta, m)
+        n_groups = math.ceil((seq.T + 1) / group)
+        starts = tuple(torch.empty(n_groups, *s.shape, dtype=s.dtype, device=s.device) for s in state)
+        out = torch.empty(N, L, D, dtype=q.dtype, device=q.device)
+        state = tuple(s.clone() for s in state)
+        lnw_n, lnb_n = _per_row(lnw, N), _per_row(lnb, N)
+        ws = Workspace()
+        for s in range(seq.T + 1):
+            if s % group == 0:
+                for buf, t in zip(starts, state):
+                    buf[s // group].copy_(t)
+            x, nq, target, eta_s = seq.step(s, ws)
+            y_q, state, _ = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, ws, save=False)
+            if nq:
+                span = seq.span(s - 1)
+                n = span.stop - span.start
+                torch.add(x[:, :n], y_q[:, :n], out=out[:, span])
+        ctx.step, ctx.m, ctx.group = step, m, group
+        ctx.save_for_backward(q, k, v, eta, lnw, lnb, *starts)
+        return (out, *state)
+
+    @staticmethod
+    def _backward(ctx, g_out, *g_final):
         q, k, v, eta, lnw, lnb, *starts = ctx.saved_tensors
         step, m, group = ctx.step, ctx.m, ctx.group
         N, L, D = q.shape
-        pairs, k_mb, v_mb, etas = _layout(q, k, v, eta, m)
-        T = k_mb.shape[1]
-        g_out = g_out.reshape(N, T, m, D)
-        # every slot that is read back below is written by exactly one step
-        g_pairs = torch.empty_like(pairs)
-        g_targets = torch.empty_like(k_mb)
-        g_etas = torch.empty_like(etas)
+        seq = _MiniBatches(q, k, v, eta, m)
+        T = seq.T
+        # every position is written by exactly one step
+        g_q, g_k, g_v, g_eta = (torch.empty_like(t) for t in (q, k, v, eta))
         g_lnw = lnw.new_zeros(N, D)
         g_lnb = lnw.new_zeros(N, D)
         lnw_n, lnb_n = _per_row(lnw, N), _per_row(lnb, N)
@@ -192,24 +212,25 @@ class CheckpointedScan(torch.autograd.Function):
             state = tuple(buf[first // group] for buf in starts)
             saved = []
             for s, ws in zip(steps, step_ws):
-                x, nq, target, eta_s = _step_inputs(pairs, k_mb, v_mb, etas, s, m, back_ws)
+                x, nq, target, eta_s = seq.step(s, ws)
                 _, state, sv = step.forward(state, x, nq, target, eta_s, lnw_n, lnb_n, ws, save=True)
                 saved.append(sv)
             for s in reversed(steps):
                 nq = 0 if s == 0 else m
-                g_x, g_t, g_e, g_w, g_b = step.backward(saved.pop(), g_out[:, s - 1] if nq else None, g_state,
-                                                        back_ws)
-                g_pairs[:, s, m - nq:m - nq + g_x.shape[1]] = g_x
+                g_yq = seq.chunk(g_out, s - 1, back_ws("g_yq", (N, m, D), g_out)) if nq else None
+                g_x, g_t, g_e, g_w, g_b = step.backward(saved.pop(), g_yq, g_state, back_ws)
+                if nq:
+                    span = seq.span(s - 1)
+                    n = span.stop - span.start
+                    torch.add(g_x[:, :n], g_yq[:, :n], out=g_q[:, span])
                 if s < T:
-                    g_targets[:, s] = g_t
-                    g_etas[:, s] = g_e
+                    span = seq.span(s)
+                    n = span.stop - span.start
+                    torch.sub(g_x[:, nq:nq + n], g_t[:, :n], out=g_k[:, span])
+                    g_v[:, span] = g_t[:, :n]
+                    g_eta[:, span] = g_e[:, :n, 0]
                 g_lnw += g_w
                 g_lnb += g_b
-        g_pairs[:, 1:, :m] += g_out
-        g_q = g_pairs[:, 1:, :m].reshape(N, T * m, D)[:, :L]
-        g_k = (g_pairs[:, :T, m:] - g_targets).reshape(N, T * m, D)[:, :L]
-        g_v = g_targets.reshape(N, T * m, D)[:, :L]
-        g_eta = g_etas.reshape(N, T * m)[:, :L]
         H = lnw.shape[0]
         return (None, None, None, g_q, g_k, g_v, g_eta, g_lnw.view(-1, H, D).sum(0), g_lnb.view(-1, H, D).sum(0),
                 *g_state)
@@ -229,7 +250,7 @@ def run_scan(step: InnerStep, q, k, v, eta, state: State, state_dims: tuple[int,
     out, *final = CheckpointedScan.apply(
         step, mini_batch_size, checkpoint_group, q.reshape(N, L, D).to(dt), k.reshape(N, L, D).to(dt),
         v.reshape(N, L, D).to(dt), eta.reshape(N, L).to(dt), ln_weight.to(dt), ln_bias.to(dt), *flat)
-    out = out[:, :L].reshape(B, H, L, D).to(q.dtype)
+    out = out.reshape(B, H, L, D).to(q.dtype)
     if not return_state:
         return out
     return out, tuple(s.reshape(B, *s_in.shape[1:]) for s, s_in in zip(final, state))

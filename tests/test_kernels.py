@@ -226,3 +226,17 @@ def test_linear_inputs_are_validated():
     with pytest.raises(ValueError, match=r"b must have shape"):
         kernels.ttt_linear(*qkv, torch.zeros(B, H, L), torch.zeros(H, D, D), torch.zeros(H, 4), torch.ones(H, D),
                            torch.zeros(H, D))
+
+
+@pytest.mark.parametrize("op_name", OPS)
+def test_autocast_region_does_not_lower_the_state_precision(op_name):
+    inputs = make_inputs(op_name, CASES[0]).cast(torch.float32)
+    out, state, grads = forward_backward("torch", inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, state_ac, grads_ac = forward_backward("torch", inputs.cast(torch.float32))
+    assert out_ac.dtype == torch.float32
+    torch.testing.assert_close(out_ac, out, rtol=0, atol=0)
+    for a, b in zip(state_ac, state):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ac[name], grads[name], rtol=0, atol=0)

@@ -57,7 +57,8 @@ class LinearStep:
             g_lnb += g_b_ln
         g_x = torch.bmm(g_z, w.transpose(1, 2), out=ws("g_x", (N, R, D), x))
         if loss is not None:
-            g_x[:, nq:].baddbmm_(loss.dz, g_w.transpose(1, 2), alpha=-1)
+            # (a batched matmul into a row slice falls back to one matmul per batch entry: go through scratch)
+            g_x[:, nq:].sub_(torch.bmm(loss.dz, g_w.transpose(1, 2), out=ws("tmp_d", (N, R - nq, D), x)))
         g_w.baddbmm_(x.transpose(1, 2), g_z)
         g_b += g_z.sum(1, keepdim=True)
         return g_x, g_target, g_eta, g_lnw, g_lnb

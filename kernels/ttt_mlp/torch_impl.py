@@ -122,7 +122,8 @@ class MLPStep:
             g_lnb += g_b
         g_x2 = torch.bmm(g_z2, w2.transpose(1, 2), out=ws("g_x2", (N, R, F), x))
         if k_part is not None:
-            g_x2[:, nq:].baddbmm_(loss.dz, g_w2.transpose(1, 2), alpha=-1)
+            # (a batched matmul into a row slice falls back to one matmul per batch entry: go through scratch)
+            g_x2[:, nq:].sub_(torch.bmm(loss.dz, g_w2.transpose(1, 2), out=ws("tmp_f", (N, M, F), x)))
             g_w2.baddbmm_(g_dx2.transpose(1, 2), loss.dz)
         g_w2.baddbmm_(x2.transpose(1, 2), g_z2)
         g_b2 += g_z2.sum(1, keepdim=True)
@@ -131,7 +132,7 @@ class MLPStep:
             g_z1[:, nq:] += g_z1_k
         g_x = torch.bmm(g_z1, w1.transpose(1, 2), out=ws("g_x", (N, R, D), x))
         if k_part is not None:
-            g_x[:, nq:].baddbmm_(dz1, g_w1.transpose(1, 2), alpha=-1)
+            g_x[:, nq:].sub_(torch.bmm(dz1, g_w1.transpose(1, 2), out=ws("tmp_d", (N, M, D), x)))
         g_w1.baddbmm_(x.transpose(1, 2), g_z1)
         g_b1 += g_z1.sum(1, keepdim=True)
         return g_x, g_target, g_eta, g_lnw, g_lnb
