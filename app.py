@@ -1,0 +1,91 @@
+"""The TTT-Video demo in the browser: edit a storyboard, press Generate, watch it denoise, download the video.
+
+    python app.py                                       # the default model (models/default/) on http://127.0.0.1:7860
+    python app.py --model path/to/pipeline --port 8080 --share
+
+--model is a pipeline saved with TTTVideoPipeline.save_pretrained (a directory or hub id). The page and its controls:
+docs/demo.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sample import DEFAULT_MODEL, DTYPES, ROOT, ArgumentParser, InputError, UsageError, load_pipeline, resolve_device
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(description="The TTT-Video demo: storyboard in, video out, in the browser.")
+    p.add_argument("--model", default=None, help="pipeline directory or hub id; default: models/default/")
+    p.add_argument("--server-name", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
+    p.add_argument("--max-segments", type=int, default=21, help="most segments per storyboard (default 21 = 63 s)")
+    p.add_argument("--max-queue", type=int, default=16, help="most generations waiting in line (default 16)")
+    p.add_argument("--steps", type=int, default=50, help="the page's default number of denoising steps")
+    p.add_argument("--output-dir", type=Path, default=None,
+                   help="where results are written (the newest 8 are kept); default: a new temporary folder")
+    p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--offload", action="store_true", help="keep models on the CPU, each moved to the GPU in turn")
+    args = p.parse_args(argv)
+    for flag, value in (("--max-segments", args.max_segments), ("--max-queue", args.max_queue),
+                        ("--steps", args.steps)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be from 0 to 65535, got {args.port}")
+    return args
+
+
+def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
+    """Starts the app; returns the running gr.Blocks when prevent_thread_lock (tests), else serves until stopped."""
+    # 1. flags and model location (cheap checks before anything heavy is imported)
+    args = parse_args(argv)
+    if args.model is None:
+        if not DEFAULT_MODEL.is_dir():
+            raise UsageError(f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}/) is not there yet; pass "
+                             "--model <pipeline directory or hub id>")
+        args.model = str(DEFAULT_MODEL)
+    model = Path(args.model)
+    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") != 1 or model.parent.is_dir()
+    if looks_local and not model.is_dir():  # a hub id is "owner/name" where no folder "owner" is here
+        raise UsageError(f"--model: no such directory: {args.model}")
+    device, dtype = resolve_device(args)
+    from pipeline.demo import MAX_STEPS, build_demo, launch
+
+    if args.steps > MAX_STEPS:
+        raise UsageError(f"--steps must be at most {MAX_STEPS}, got {args.steps}")
+
+    # 2. load the pipeline and build the app around it
+    try:
+        pipe = load_pipeline(args.model, None, dtype)
+    except (OSError, ValueError) as e:
+        raise InputError(f"could not load --model {args.model}: {str(e).strip().splitlines()[0]}") from None
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    demo = build_demo(pipe, max_segments=args.max_segments, max_queue=args.max_queue, output_dir=args.output_dir,
+                      default_steps=args.steps)
+
+    # 3. serve
+    launch(demo, server_name=args.server_name, server_port=args.port, share=args.share,
+           prevent_thread_lock=prevent_thread_lock, allowed_paths=[str(args.output_dir)] if args.output_dir else None)
+    return demo
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except InputError as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
