@@ -226,5 +226,5 @@ def flat_config(cfg: Config) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError) as e:  # bad input: one line naming the field or file, not a traceback
+    except (ConfigError, DatasetError, FileNotFoundError) as e:  # bad input: one line naming it, no traceback
         sys.exit(f"train.py: error: {e}")

