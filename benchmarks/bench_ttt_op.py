@@ -4,20 +4,22 @@
     python benchmarks/bench_ttt_op.py                       # CPU defaults: L = 2k, 8k; a few minutes
     python benchmarks/bench_ttt_op.py --lengths 2048 8192 32768 --dtype bf16 --device cuda
 
-Prints a markdown table (and writes it to --output if given). Memory: "saved" is what autograd keeps for backward
-(exact, from saved-tensor hooks); "peak" is the peak allocated increase on CUDA, and on CPU the peak resident-set
-increase sampled every millisecond (Linux only). FLOPs count the op's matmuls only: TTT-MLP 14 D F per token and
-head for the forward (read-out 4, inner forward 4, inner backward 2, update 4), TTT-Linear 6 D^2; forward+backward
-is counted as 3x the forward (the conventional 1 + 2), so recomputation inside the backward is not credited.
+Prints a markdown table (and writes it to --output if given). Memory: "saved" is what autograd keeps for
+backward (exact, from saved-tensor hooks); "peak" is the peak allocated increase of one forward+backward on CUDA,
+and on CPU the resident-set high-water mark over the resident size before it, in a fresh process (Linux only).
+FLOPs count the op's matmuls only: TTT-MLP 14 D F per token and head for the forward (read-out 4, inner forward 4,
+inner backward 2, update 4), TTT-Linear 6 D^2; forward+backward is counted as 3x the forward (the conventional
+1 + 2), so recomputation inside the backward is not credited.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 
@@ -48,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--output", default=None, help="also write the markdown table to this file")
+    p.add_argument("--peak-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in ("batch", "heads", "head_dim", "mlp_mini_batch", "linear_mini_batch", "checkpoint_group",
                  "repeats"):
@@ -105,13 +108,18 @@ def median_time(fn: Callable[[], None], repeats: int, warmup: int, device: str) 
     return statistics.median(times), min(times), max(times)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def peak_memory(fn: Callable[[], None], device: str) -> float | None:
-    """Peak memory increase (bytes) while fn runs: CUDA allocator peak, or sampled RSS on Linux CPU."""
+    """Peak memory increase (bytes) while fn runs: the CUDA allocator's peak, or on Linux CPU the resident-set
+    high-water mark (reset through /proc/self/clear_refs) over the resident size before. Call it in a fresh
+    process on CPU (`--peak-child`), where no freed-but-retained heap from earlier runs hides the growth."""
     if device.startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats()
@@ -119,23 +127,14 @@ def peak_memory(fn: Callable[[], None], device: str) -> float | None:
         fn()
         sync(device)
         return float(torch.cuda.max_memory_allocated() - base)
-    if not os.path.exists("/proc/self/statm"):
-        return None
-    base, peak, done = _rss_bytes(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return float(max(peak[0], _rss_bytes()) - base)
+        base = _proc_status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    fn()
+    return float(_proc_status_kib("VmHWM") - base) * 1024
 
 
 def saved_for_backward(fn: Callable[[], torch.Tensor]) -> float:
@@ -179,10 +178,31 @@ def bench_one(op: str, backend: str, L: int, args, dtype: torch.dtype) -> dict:
             t.grad = None
         fn_op(*tensors, **kwargs).float().square().mean().backward()
 
+    if args.peak_child:
+        # one-time library set-up (thread pools, BLAS buffers) stays out of the peak; a full-size warm-up would
+        # leave freed heap behind that hides the growth
+        tiny, _ = make_inputs(op, B, H, m, D, m, dtype, device, requires_grad=True)
+        fn_op(*tiny, **kwargs).float().square().mean().backward()
+        return dict(peak=peak_memory(forward_backward, device))
     fwd = median_time(forward, args.repeats, args.warmup, device)
     fwd_bwd = median_time(forward_backward, args.repeats, args.warmup, device)
+    peak = peak_memory(forward_backward, device) if device.startswith("cuda") else peak_in_child(op, backend, L, args)
     return dict(op=op, backend=backend, L=L, fwd=fwd, fwd_bwd=fwd_bwd, flops=forward_flops(op, B, H, L, D),
-                saved=saved_for_backward(lambda: fn_op(*tensors, **kwargs)), peak=peak_memory(forward_backward, device))
+                saved=saved_for_backward(lambda: fn_op(*tensors, **kwargs)), peak=peak)
+
+
+def peak_in_child(op: str, backend: str, L: int, args) -> float | None:
+    """Peak resident-set growth of one forward+backward, measured in a fresh process (CPU)."""
+    argv = [sys.executable, os.path.abspath(__file__), "--peak-child", "--ops", op, "--backends", backend,
+            "--lengths", str(L), "--device", args.device, "--batch", str(args.batch), "--heads", str(args.heads),
+            "--head-dim", str(args.head_dim), "--mlp-mini-batch", str(args.mlp_mini_batch),
+            "--linear-mini-batch", str(args.linear_mini_batch), "--checkpoint-group", str(args.checkpoint_group)]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak"]
 
 
 def format_table(rows: list[dict], rate: float, rate_label: str) -> str:
@@ -211,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device.startswith("cuda")
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     backends = args.backends or (["torch", "triton"] if cuda else ["torch"])
+    if args.peak_child:
+        print(json.dumps(bench_one(args.ops[0], backends[0], args.lengths[0], args, dtype)))
+        return
     rate_dtype = torch.bfloat16 if cuda else torch.float32
     rate = matmul_rate(args.device, rate_dtype)
     rate_label = f"{'bf16' if cuda else 'fp32'} matmul {rate / 1e12:.2f} TFLOP/s"
