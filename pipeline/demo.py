@@ -456,7 +456,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                     title = gr.Textbox(start_title, label="Title", max_lines=1, scale=2, elem_id="title")
                     negative = gr.Textbox("", label="Negative text for every segment", max_lines=2, scale=3,
                                           elem_id="negative")
-                with gr.Accordion("Storyboard files", open=False):
+                with gr.Accordion("Storyboard files", open=False, elem_id="files"):
                     with gr.Row():
                         upload = gr.UploadButton("Load a storyboard file…", file_types=list(STORYBOARD_SUFFIXES),
                                                  size="md", elem_id="load")
@@ -547,7 +547,8 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                        concurrency_limit=1, concurrency_id="model", show_progress="full", show_progress_on=[video])
         stop.click(request_stop, None, status, api_name="stop", queue=False)
         example.input(load_example, example, editor, api_name="load_example", queue=False)
-        upload.upload(load_upload, upload, editor, api_name="load_storyboard", queue=False)
+        # queued: gr.Warning (unknown keys) reaches the page only through the queue's messages
+        upload.upload(load_upload, upload, editor, api_name="load_storyboard")
         save.click(save_rows, editor + [save_format], saved, api_name="save_storyboard", queue=False)
         table.change(lambda rows: storyboard_summary(rows, max_segments), table, info, queue=False,
                      api_visibility="private", show_progress="hidden")
@@ -571,15 +572,17 @@ def launch(demo: gr.Blocks, server_name: str | None = None, server_port: int | N
 
 
 def _load_into_editor(path: Path) -> tuple[list[list[Any]], str, str]:
-    """Table rows, title and default negative text of a storyboard file; unknown keys become warning toasts."""
+    """Table rows, title and default negative text of a storyboard file; unknown keys become warning toasts.
+    Messages name the file, not the folder it was uploaded to."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             storyboard = load_storyboard(path, max_segments=None)
     except StoryboardError as e:
-        raise gr.Error(_as_html(e.problems), title=f"Cannot load {path.name}", print_exception=False) from None
+        raise gr.Error(_as_html([p.replace(str(path), path.name) for p in e.problems]),
+                       title=f"Cannot load {path.name}", print_exception=False) from None
     for warning in caught:
-        gr.Warning(html.escape(str(warning.message), quote=False))
+        gr.Warning(html.escape(str(warning.message).replace(str(path), path.name), quote=False))
     return rows_from_storyboard(storyboard), storyboard.title or "", storyboard.negative_text or ""
 
 

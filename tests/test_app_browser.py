@@ -103,4 +103,20 @@ def test_a_bad_storyboard_shows_the_problem_on_the_page(page):
     page.click("#generate")
     problem = "row 2: no text; write what happens in this segment, or remove the row"
     expect(page.locator("#status")).to_contain_text(problem)  # stays on the page
-    expect(page.locator('[data-testid="toast-body"]')).to_contain_text(problem)  # and pops up
+    expect(page.locator('[data-testid="toast-body"].error')).to_contain_text(problem)  # and pops up
+
+
+def test_loading_a_storyboard_file_fills_the_editor_and_reports_unknown_keys(page, tmp_path):
+    from playwright.sync_api import expect
+
+    story = tmp_path / "story.json"
+    story.write_text('{"title": "Kiki", "scenes": [{"segments": [{"text": "a cat"}]}, '
+                     '{"segments": [{"text": "a dog", "colour": "red"}]}]}')
+    page.locator("#files").get_by_text("Storyboard files", exact=True).click()
+    page.locator('input[type=file][accept^=".json"]').set_input_files(str(story))  # the Load button's
+    expect(page.locator('[data-testid="toast-body"].warning')).to_contain_text(
+        "story.json: scenes[1].segments[0]: unknown key 'colour' ignored")
+    expect(page.locator('#storyboard [data-testid="cell-1-0"]')).to_have_text("a dog")
+    assert page.locator('#storyboard [data-testid="cell-1-1"] input[type=checkbox]').is_checked()
+    expect(page.locator("#title textarea, #title input")).to_have_value("Kiki")
+    expect(page.locator("#storyboard-info")).to_have_text("2 segments · 6 s · 2 scenes")
