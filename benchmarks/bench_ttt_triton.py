@@ -75,7 +75,8 @@ def _ptxas_summary(ptxas: str, ptx: str) -> str:
             f.write(ptx)
         log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", src, "-o", os.path.join(tmp, "kernel.o")],
                              capture_output=True, text=True).stderr
-    parts = [line.split(":", 1)[-1].strip() for line in log.splitlines() if "registers" in line or "spill" in line]
+    parts = [line.split(":", 1)[-1].strip() for line in log.splitlines()
+             if "Used" in line and "registers" in line or "spill stores" in line]
     return " | ".join(parts)
 
 

@@ -1,9 +1,10 @@
 """The Triton TTT kernels (kernels/*/triton_impl.py) against the float64 reference (kernels/*/naive.py).
 
 Without CUDA the kernels run on Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay
-tiny: D = 16 (F = 64), m = 16, B*H <= 4, L <= 80. The file starts with a plain-PyTorch mirror of the kernels'
-per-mini-batch maths (the hand-derived backward written in the kernels' module docstrings), checked against
-autograd; then the kernels themselves: output, final state and every gradient against the reference.
+tiny: D = 16 (F = 64, which the MLP kernels walk in two hidden chunks of 32), m = 16, B*H <= 4, L <= 80. The
+file starts with a plain-PyTorch mirror of the kernels' per-mini-batch maths (the hand-derived backward written
+in the kernels' module docstrings), checked against autograd; then the kernels themselves: output, final state
+and every gradient against the reference.
 `gpu` tests run the release shapes (D = 64, F = 256, m = 16 and 64, fp32 and bf16) where CUDA exists.
 """
 
@@ -152,6 +153,12 @@ TRITON_CASES = (
     Case("per_sample_initial_state", B=2, H=2, L=33, D=16, per_sample="initial_state", checkpoint_group=3),
     Case("eta_zeros", B=2, H=2, L=48, D=16, eta_zeros=True),
 )
+
+
+def test_tiny_mlp_shapes_walk_several_hidden_chunks():
+    # the interpreter tests only cover the MLP kernels' chunk loops if F = 64 takes more than one chunk
+    block_f, _ = mlp_triton._launch_config(64, 16)
+    assert 64 // block_f >= 2
 
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c.name for c in TRITON_CASES])

@@ -2,8 +2,10 @@
 
 Design: shared/DESIGN.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
 
-Per (batch, head) the fp32 state W1 (D, F), b1 (F,), W2 (F, D), b2 (D,) stays in registers over the whole
-sequence. Mini-batch t takes rows [t M, t M + M) of Q, K, V (M, D) and eta (M,), T = V - K; rows past L are
+Per (batch, head) the fp32 state is W1 (D, F), b1 (F,), W2 (F, D), b2 (D,). At D = 64, F = 256 it does not fit
+on chip as whole tiles, so W1, b1, W2 live in a per-(batch, head) buffer in global memory (L2-resident) and are
+walked in chunks of BF hidden columns (W1[:, c], b1[c], W2[c, :]); b2 and every (M, D) tensor stay in
+registers. Mini-batch t takes rows [t M, t M + M) of Q, K, V (M, D) and eta (M,), T = V - K; rows past L are
 zeros with eta = 0 and are never stored. One step (LN notation as in kernels/triton_common.py):
 
     Z1 = K W1 + b1 (M, F)    X2 = gelu(Z1) (M, F)    Z2 = X2 W2 + b2 (M, D)
@@ -11,6 +13,11 @@ zeros with eta = 0 and are never stored. One step (LN notation as in kernels/tri
     dX2 = dZ2 W2^T (M, F)    dZ1 = dX2 * gelu'(Z1) (M, F)
     W1' = W1 - K^T dZ1    b1' = b1 - sum_rows dZ1    W2' = W2 - X2^T dZ2    b2' = b2 - sum_rows dZ2
     out = Q + LN(gelu(Q W1' + b1') W2' + b2')        (M, D)
+
+Everything with an F dimension splits over chunks except Z2, Zq2 and dZ2, which sum over them. The forward
+therefore makes two passes over the chunks per step: Z2 (then dZ2), then update each chunk and add its share
+of Zq2 with the updated chunk. A pass reads chunks that other threads wrote in the previous one, hence a
+`tl.debug_barrier()` between them.
 
 The forward stores the state at the start of every group of `checkpoint_group` mini-batches,
 checkpoints (B, H, num_groups, ...). The backward walks the groups in reverse: it replays a group from its
@@ -33,6 +40,11 @@ without affine, and dO = dL/dout (M, D):
                                 T = V - K gives dV = -dE, dK += dE
   Z2 = X2 W2 + b2:         dX2t += dZ2t W2^T,  gW2 += X2^T dZ2t,  gb2 += sum_rows dZ2t
   Z1 = K W1 + b1:          dZ1t += dX2t * gelu'(Z1),  gW1 += K^T dZ1t,  gb1 += sum_rows dZ1t,  dK += dZ1t W1^T
+
+In chunks, a backward step is four passes: Z2 (then dZ2); Zq2 (then dZq2); the read-out backward per chunk,
+which completes G for the new state (stored) and accumulates the chunks' shares of C; after loss_grad_backward,
+the update backward per chunk, which turns G into dL/d(old state) (stored). gW1, gb1, gW2 live in the output
+gradient buffers (initialised with dL/d(final state)), gb2 in registers.
 
 After the first mini-batch G is the gradient of the initial state; dgamma, dbeta are kept per (batch, head),
 (B, H, D), and summed over the batch on the host. The maths is checked against autograd in float64 by a
