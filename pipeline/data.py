@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Sampler
 
 from .storyboard import SEGMENT_SECONDS
@@ -242,7 +242,7 @@ class SequenceDataset(Dataset):
                 continue
             try:
                 num = self._check_item(path, len(record.segments))
-            except Exception as e:  # noqa: BLE001 - any unreadable item is skipped, and counted
+            except (OSError, DatasetError, SafetensorError) as e:  # truncated or foreign files: skipped, counted
                 self.skipped["corrupt"] += 1
                 logger.warning("skipping cache item %s: %s", path, e)
                 continue

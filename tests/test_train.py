@@ -329,6 +329,21 @@ def test_checkpoints_validation_and_export(runs, tmp_path):
     assert frames.shape == (25, 32, 32, 3) and fps == 4
 
 
+def test_next_stage_starts_from_the_export(runs, base):
+    """model.init_from (the next curriculum stage) loads the exported transformer; runtime TTT settings may change,
+    structural ones must match."""
+    final = runs["whole"] / "final"
+    cfg = config(base, f"model.init_from={final}", "model.ttt.checkpoint_ttt=true", "train.trainable=ttt+attn")
+    transformer = build_components(cfg.model, cfg.train, ("transformer",))["transformer"]
+    assert transformer.config.checkpoint_ttt
+    exported = load_file(final / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name, p in transformer.named_parameters():
+        assert torch.equal(p.detach(), exported[name]), name
+    cfg = config(base, f"model.init_from={final}", "model.ttt.ttt_type=linear")
+    with pytest.raises(ConfigError, match="ttt_type='linear' \\(init_from has 'mlp'\\)"):
+        build_components(cfg.model, cfg.train, ("transformer",))
+
+
 def test_non_finite_loss_stops_naming_the_step(base, tmp_path):
     shutil.copytree(base / "cache", tmp_path / "cache")
     for item in (tmp_path / "cache" / "items").iterdir():
