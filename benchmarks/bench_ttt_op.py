@@ -4,7 +4,9 @@
     python benchmarks/bench_ttt_op.py                       # CPU defaults: L = 2k, 8k; a few minutes
     python benchmarks/bench_ttt_op.py --lengths 2048 8192 32768 --dtype bf16 --device cuda
 
-Prints a markdown table (and writes it to --output if given). Memory: "saved" is what autograd keeps for
+Prints a markdown table (and writes it to --output if given). "CPU s" is the process's CPU time per run (all
+threads): on a shared machine it is steadier than wall time, since time spent waiting for a core is not in it
+(OpenMP threads spin-waiting for each other are). Memory: "saved" is what autograd keeps for
 backward (exact, from saved-tensor hooks); "peak" is the peak allocated increase of one forward+backward on CUDA,
 and on CPU the resident-set high-water mark over the resident size before it, in a fresh process (Linux only).
 FLOPs count the op's matmuls only: TTT-MLP 14 D F per token and head for the forward (read-out 4, inner forward 4,
@@ -94,18 +96,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_time(fn: Callable[[], None], repeats: int, warmup: int, device: str) -> tuple[float, float, float]:
-    """(median, min, max) wall seconds of fn over `repeats` runs after `warmup` runs."""
+def median_time(fn: Callable[[], None], repeats: int, warmup: int, device: str) -> tuple[float, float, float, float]:
+    """(median, min, max) wall seconds of fn over `repeats` runs after `warmup` runs, and the median CPU seconds
+    of this process (all its threads, OpenMP spin-waits included) per run."""
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(times), min(times), max(times), statistics.median(cpu)
 
 
 def _proc_status_kib(field: str) -> int:
@@ -156,7 +160,7 @@ def matmul_rate(device: str, dtype: torch.dtype) -> float:
     n = 8192 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t, _, _ = median_time(lambda: torch.mm(a, b), repeats=5, warmup=2, device=device)
+    t = median_time(lambda: torch.mm(a, b), repeats=5, warmup=2, device=device)[0]
     return 2 * n**3 / t
 
 
@@ -210,17 +214,17 @@ def format_table(rows: list[dict], rate: float, rate_label: str) -> str:
         return "n/a" if x is None else f"{x / 2**20:.1f}"
 
     lines = [
-        f"| op | backend | L | fwd median (s) [min-max] | fwd+bwd median (s) [min-max] | fwd TFLOP/s | "
-        f"fwd+bwd TFLOP/s | fwd+bwd % of {rate_label} | saved for bwd (MiB) | peak (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| op | backend | L | fwd median (s) [min-max] | fwd+bwd median (s) [min-max] | CPU s fwd / fwd+bwd | "
+        f"fwd TFLOP/s | fwd+bwd TFLOP/s | fwd+bwd % of {rate_label} | saved for bwd (MiB) | peak (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f, fb = r["fwd"], r["fwd_bwd"]
         tf_f, tf_fb = r["flops"] / f[0] / 1e12, 3 * r["flops"] / fb[0] / 1e12
         lines.append(
             f"| {r['op']} | {r['backend']} | {r['L']} | {f[0]:.3f} [{f[1]:.3f}-{f[2]:.3f}] | "
-            f"{fb[0]:.3f} [{fb[1]:.3f}-{fb[2]:.3f}] | {tf_f:.3g} | {tf_fb:.3g} | {100 * tf_fb * 1e12 / rate:.1f} | "
-            f"{mib(r['saved'])} | {mib(r['peak'])} |")
+            f"{fb[0]:.3f} [{fb[1]:.3f}-{fb[2]:.3f}] | {f[3]:.3f} / {fb[3]:.3f} | {tf_f:.3g} | {tf_fb:.3g} | "
+            f"{100 * tf_fb * 1e12 / rate:.1f} | {mib(r['saved'])} | {mib(r['peak'])} |")
     return "\n".join(lines)
 
 

@@ -41,6 +41,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models import CogVideoXTTTTransformer3DModel
 
+# model_index.json may name this text encoder (the toy default model does): diffusers resolves component classes only
+# in modules already imported
+from .packaged_text_encoder import PackagedTextEncoder  # noqa: F401
 from .storyboard import DEFAULT_MAX_SEGMENTS, SEGMENT_SECONDS, Storyboard, load_storyboard
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
