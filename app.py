@@ -26,7 +26,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--max-segments", type=int, default=21, help="most segments per storyboard (default 21 = 63 s)")
-    p.add_argument("--max-queue", type=int, default=16, help="most generations waiting in line (default 16)")
+    p.add_argument("--max-queue", type=int, default=16, help="most requests waiting in line (default 16)")
     p.add_argument("--steps", type=int, default=50, help="the page's default number of denoising steps")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="where results are written (the newest 8 are kept); default: a new temporary folder")

@@ -533,10 +533,15 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
         def save_rows(rows, title_text, negative_text, fmt):
             try:
                 storyboard = storyboard_from_rows(rows, title_text, negative_text, max_segments=None)
-                name = re.sub(r"[^A-Za-z0-9_-]+", "_", storyboard.title or "storyboard").strip("_") or "storyboard"
-                return str(storyboard.save(renderer.outputs.new() / f"{name}.{fmt}"))
             except StoryboardError as e:
                 raise gr.Error(_as_html(e.problems), title="Cannot save", print_exception=False) from None
+            name = re.sub(r"[^A-Za-z0-9_-]+", "_", storyboard.title or "storyboard").strip("_") or "storyboard"
+            target = renderer.outputs.new() / f"{name}.{fmt}"
+            try:
+                return str(storyboard.save(target))
+            except StoryboardError as e:  # e.g. negative texts in a .txt; name the file, not the server's folder
+                raise gr.Error(_as_html([p.replace(str(target), target.name) for p in e.problems]),
+                               title="Cannot save", print_exception=False) from None
 
         def select_row(evt: gr.SelectData):
             return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -547,9 +552,9 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                        concurrency_limit=1, concurrency_id="model", show_progress="full", show_progress_on=[video])
         stop.click(request_stop, None, status, api_name="stop", queue=False)
         example.input(load_example, example, editor, api_name="load_example", queue=False)
-        # queued: gr.Warning (unknown keys) reaches the page only through the queue's messages
+        # queued: gr.Warning and gr.Error messages reach the page only through the queue's messages
         upload.upload(load_upload, upload, editor, api_name="load_storyboard")
-        save.click(save_rows, editor + [save_format], saved, api_name="save_storyboard", queue=False)
+        save.click(save_rows, editor + [save_format], saved, api_name="save_storyboard")
         table.change(lambda rows: storyboard_summary(rows, max_segments), table, info, queue=False,
                      api_visibility="private", show_progress="hidden")
         table.select(select_row, None, selected, queue=False, api_visibility="private", show_progress="hidden")

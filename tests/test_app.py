@@ -185,15 +185,18 @@ def test_examples_load_and_storyboards_save_and_load_through_the_api(client, tmp
     assert (storyboard.title, storyboard.negative_text, storyboard.texts) == ("Cat and dog", "dark",
                                                                            ["a red cat", "a dog runs"])
 
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match=r"^Cat_and_dog\.txt: the \.txt format has no negative texts"):
+        client.predict(table(*TWO_ROWS), "Cat and dog", "", "txt", api_name="/save_storyboard")
+
     rows, title, negative_text = client.predict(handle_file(saved), api_name="/load_storyboard")
     assert rows["data"] == [["a red cat", False, ""], ["a dog runs", True, "blurry"]]
     assert (title, negative_text) == ("Cat and dog", "dark")
 
     bad = tmp_path / "bad.json"
     bad.write_text('{"scenes": [{"segments": [{"txt": "a cat"}]}]}')
-    from gradio_client.exceptions import AppError
-
-    with pytest.raises(AppError, match=r"scenes\[0\]\.segments\[0\]\.text: missing"):
+    with pytest.raises(AppError, match=r"^bad\.json: scenes\[0\]\.segments\[0\]\.text: missing"):
         client.predict(handle_file(str(bad)), api_name="/load_storyboard")
 
 
