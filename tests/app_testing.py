@@ -29,11 +29,11 @@ def free_port() -> int:
 def running_app(root: Path, *flags: str) -> Iterator[str]:
     """Saves the tiny pipeline under root, starts `app.py --model <it> <flags>` and yields the app's URL.
 
-    Results go to root/outputs (app.py's --output-dir)."""
+    On the CPU (float32) even where a GPU is present; results go to root/outputs (app.py's --output-dir)."""
     import app
 
     model = save_tiny_ttt_pipeline(root / "pipeline")
-    demo = app.main(["--model", str(model), "--server-name", "127.0.0.1", "--port", str(free_port()),
+    demo = app.main(["--model", str(model), "--device", "cpu", "--server-name", "127.0.0.1", "--port", str(free_port()),
                      "--output-dir", str(root / "outputs"), *flags], prevent_thread_lock=True)
     try:
         yield demo.local_url
