@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DistributedType, PartialState
+from accelerate import Accelerator, DistributedType
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
@@ -165,19 +165,23 @@ def main(argv: list[str] | None = None) -> None:
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """Accelerator with gradient accumulation derived from the global batch size and the process count."""
-    processes = PartialState().num_processes
-    per_step = cfg.train.micro_batch_size * processes
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x {processes}")
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=cfg.train.global_batch_size // per_step, sync_with_dataloader=False),
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, stepped by the loop
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
+    per_step = cfg.train.micro_batch_size * accelerator.num_processes
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x "
+                          f"{accelerator.num_processes}")
+    accelerator.gradient_accumulation_steps = cfg.train.global_batch_size // per_step
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine accumulates by its own config
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = (
+            accelerator.gradient_accumulation_steps)
+    return accelerator
 
 
 def expected_manifest(cfg: Config, model) -> dict:

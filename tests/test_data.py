@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import subprocess
 from fractions import Fraction
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from tiny_training import CONFIG, debug_overrides, prepared
+from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
 from pipeline.config import load_config
 from pipeline.data import (
@@ -167,6 +168,22 @@ def test_precompute_resumes_and_skips_bad_videos(base, tmp_path):
     assert counts == {"done": 1, "skipped": 2, "failed": 2}
     assert item_path(tmp_path / "cache", records[1]).is_file()
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_precompute_on_two_processes_splits_the_videos(base, tmp_path):
+    """`accelerate launch -m pipeline.precompute` on 2 CPU processes writes the same cache as one process."""
+    launch, env = cpu_launch(2)
+    command = [*launch, "-m", "pipeline.precompute", "--config", str(CONFIG), "--dtype", "float32",
+               *debug_overrides(base), f"data.cache={tmp_path / 'cache'}"]
+    result = subprocess.run(command, cwd=CONFIG.parents[1], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "precompute [0]: {'done': 2" in result.stderr and "precompute [1]: {'done': 1" in result.stderr
+    for rec in read_metadata(base / "dataset"):
+        ours, reference = load_file(item_path(tmp_path / "cache", rec)), load_file(item_path(base / "cache", rec))
+        assert ours.keys() == reference.keys()
+        for key in ours:
+            torch.testing.assert_close(ours[key], reference[key], rtol=1e-5, atol=1e-6)
+    assert (tmp_path / "cache" / "manifest.json").read_text() == (base / "cache" / "manifest.json").read_text()
 
 
 def test_precompute_refuses_a_cache_made_with_other_settings(base, tmp_path):

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny_training import CONFIG, debug_overrides, prepared
+from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data import SequenceDataset
@@ -25,6 +26,7 @@ from pipeline.training import (
     build_optimizer,
     build_scheduler,
     diffusion_loss,
+    ema_weights,
     export_pipeline,
     param_groups,
     training_scheduler,
@@ -122,6 +124,44 @@ def test_param_groups(base):
     assert (groups["base"]["lr"], groups["ttt"]["lr"]) == (1e-5, 1e-4)
     assert (groups["base"]["weight_decay"], groups["ttt_no_decay"]["weight_decay"]) == (0.01, 0.0)
     assert not any("ff." in n for n in trainable)  # the feed-forward stays frozen in "ttt+attn"
+
+
+def test_8bit_adamw_needs_bitsandbytes(base):
+    cfg, model, _ = build(base, "optim.use_8bit=true")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="optim.use_8bit needs bitsandbytes: pip install bitsandbytes"):
+            build_optimizer(model, cfg.optim)
+    else:
+        assert type(build_optimizer(model, cfg.optim)).__name__ == "AdamW8bit"
+
+
+def test_ema_weights_swap_in_and_out_and_are_checkpointed(base, tmp_path):
+    cfg, model, _ = build(base, "train.trainable=ttt", f"output_dir={tmp_path}")
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(params, decay=0.5)
+    accelerator.register_for_checkpointing(ema)
+    raw = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    ema.step(params)  # shadow = 0.5 raw + 0.5 (raw + 1) = raw + 0.5 (decay warms up from 0.5)
+    shadow = [s.clone() for s in ema.shadow_params]
+    with ema_weights(ema, params):
+        for p, s in zip(params, shadow):
+            assert torch.equal(p, s)
+    for p, r in zip(params, raw):
+        assert torch.equal(p, r + 1.0)  # restored
+    checkpointer = Checkpointer(accelerator, cfg, model)
+    checkpointer.save(1)
+    for s in ema.shadow_params:
+        s.zero_()
+    checkpointer.load("1")
+    for s, expected in zip(ema.shadow_params, shadow):
+        assert torch.equal(s, expected)
 
 
 def test_warmup_then_cosine_to_min_lr(base):
@@ -245,13 +285,13 @@ def test_export_fuses_lora_into_a_loadable_pipeline(base, tmp_path):
 # train.py end to end
 
 
-def run(args, tmp_path, processes=1, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def run(args, processes=1, check=True):
     if processes == 1:
         command = [sys.executable, "train.py", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
     else:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", *args]
+        launch, env = cpu_launch(processes)
+        command = [*launch, "train.py", *args]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stderr[-4000:]}")
@@ -270,11 +310,12 @@ def runs(base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     common = ["--config", str(CONFIG), *debug_overrides(base), *RUN]
     out = {name: tmp / name for name in ("whole", "resumed", "two")}
-    run([*common, f"output_dir={out['whole']}", "validation.every=4"], tmp)
-    run([*common, f"output_dir={out['resumed']}", "--stop-after", "2"], tmp)
+    run([*common, f"output_dir={out['whole']}", "validation.every=4"])
+    run([*common, f"output_dir={out['resumed']}", "--stop-after", "2"])
     assert sorted(metrics(out["resumed"])) == [1, 2]
-    run([*common, f"output_dir={out['resumed']}", "--resume", "latest"], tmp)
-    run([*common, f"output_dir={out['two']}"], tmp, processes=2)
+    run([*common, f"output_dir={out['resumed']}", "--resume", "latest"])
+    two = run([*common, f"output_dir={out['two']}"], processes=2)
+    assert "global batch 2 = 1 per process x 1 accumulation x 2 processes" in two.stderr
     return out
 
 
@@ -351,7 +392,7 @@ def test_non_finite_loss_stops_naming_the_step(base, tmp_path):
         tensors["latent_mean"] = torch.full_like(tensors["latent_mean"], float("nan"))
         save_file(tensors, item)
     result = run(["--config", str(CONFIG), *debug_overrides(base), *RUN, f"data.cache={tmp_path / 'cache'}",
-                  f"output_dir={tmp_path / 'out'}", "checkpoint.every=1"], tmp_path, check=False)
+                  f"output_dir={tmp_path / 'out'}", "checkpoint.every=1"], check=False)
     assert result.returncode != 0
     assert "non-finite loss or gradient norm at step 1; stopping without saving" in result.stderr
     assert not (tmp_path / "out" / "checkpoints").exists() or not list((tmp_path / "out" / "checkpoints").iterdir())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -94,6 +95,17 @@ def debug_overrides(base: str | Path) -> list[str]:
     base = Path(base)
     return [f"model.pretrained={base / 'pipeline'}", f"data.root={base / 'dataset'}", f"data.cache={base / 'cache'}",
             f"output_dir={base / 'run'}"]
+
+
+def cpu_launch(processes: int) -> tuple[list[str], dict[str, str]]:
+    """Command prefix and environment for `accelerate launch` of `processes` CPU processes over gloo.
+
+    `accelerate launch --cpu --num_processes N` starts a single process unless MPI is installed (its CPU launcher is
+    mpirun); Accelerate's torchrun launcher (--multi_gpu) with ACCELERATE_USE_CPU=true starts N CPU processes.
+    """
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return command, {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
 _PREPARED: dict[str, Path] = {}
