@@ -27,7 +27,8 @@ from ..config import ConfigError, ModelConfig, TrainConfig
 
 PARTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attn1 of every block; the TTT projections are named wq/wk/...
-# TTT settings that may change between stages (how the maths runs, not which weights exist)
+# TTT settings that may change between stages (how the maths runs, not which weights exist); gate_init only
+# matters when TTT is inserted, so it is not compared with a previous stage either
 RUNTIME_TTT_KEYS = ("ttt_backend", "ttt_checkpoint_group", "checkpoint_ttt")
 
 Builder = Callable[[ModelConfig, TrainConfig, Iterable[str]], dict[str, Any]]
@@ -78,7 +79,7 @@ def load_transformer(model: ModelConfig) -> CogVideoXTTTTransformer3DModel:
     runtime = {k: ttt[k] for k in RUNTIME_TTT_KEYS}
     transformer = CogVideoXTTTTransformer3DModel.from_pretrained(model.init_from, subfolder="transformer", **runtime)
     clashes = [f"{k}={v!r} (init_from has {transformer.config[k]!r})" for k, v in ttt.items()
-               if k not in RUNTIME_TTT_KEYS and v is not None and transformer.config[k] != v]
+               if k not in (*RUNTIME_TTT_KEYS, "gate_init") and v is not None and transformer.config[k] != v]
     if clashes:
         raise ConfigError(f"model.ttt differs from the transformer in model.init_from={model.init_from}: "
                           + ", ".join(clashes))
