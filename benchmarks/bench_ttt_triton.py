@@ -37,7 +37,7 @@ def compile_report(mini_batch_sizes: list[int], dtype: str) -> None:
     from kernels.ttt_mlp import triton_impl as mlp
 
     io = {"fp32": "fp32", "bf16": "bf16"}[dtype]
-    precision = "ieee" if dtype == "fp32" else "tf32"
+    precision = "tf32x3" if dtype == "fp32" else "tf32"
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
     D, F = 64, 256
     kernels = []

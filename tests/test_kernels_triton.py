@@ -145,6 +145,9 @@ def test_mirror_backward_matches_autograd(op_name):
 
 # ---- the kernels ----
 
+# with CUDA the same tests run the compiled kernels (conftest sets TRITON_INTERPRET only without CUDA)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 TRITON_CASES = (
     Case("L63_m16_G3", B=2, H=2, L=63, D=16, checkpoint_group=3),
     Case("L80_B3_H1_G1", B=3, H=1, L=80, D=16, checkpoint_group=1),
@@ -164,20 +167,21 @@ def test_tiny_mlp_shapes_walk_several_hidden_chunks():
 @pytest.mark.parametrize("case", TRITON_CASES, ids=[c.name for c in TRITON_CASES])
 @pytest.mark.parametrize("op_name", OPS)
 def test_triton_matches_reference_float32(op_name, case):
-    check_backend_against_reference(op_name, "triton", case, torch.float32, tol=1e-4)
+    check_backend_against_reference(op_name, "triton", case, torch.float32, tol=1e-4, device=DEVICE)
 
 
 @pytest.mark.parametrize("op_name", OPS)
 def test_triton_backward_is_exact_in_float64(op_name):
     # in float64 the kernels agree with autograd to rounding: the hand-derived backward has no approximation
-    check_backend_against_reference(op_name, "triton", TRITON_CASES[0], torch.float64, tol=1e-10)
+    check_backend_against_reference(op_name, "triton", TRITON_CASES[0], torch.float64, tol=1e-10, device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("op_name", OPS)
 def test_triton_low_precision_inputs(op_name, dtype):
     # inputs, output and input gradients in bf16/fp16; the state, every accumulation and the final state in fp32
-    check_backend_against_reference(op_name, "triton", Case("low_precision", B=1, H=2, L=40, D=16), dtype, tol=1e-2)
+    check_backend_against_reference(op_name, "triton", Case("low_precision", B=1, H=2, L=40, D=16), dtype, tol=1e-2,
+                                    device=DEVICE)
 
 
 class _LaunchCounter:
@@ -205,7 +209,7 @@ def test_interpreter_runs_the_triton_kernels(op_name, monkeypatch):
         counters[which] = _LaunchCounter(kernel)
         monkeypatch.setattr(module, name, counters[which])
     case = Case("spy", B=2, H=2, L=20, D=16)
-    inputs = make_inputs(op_name, case).cast(torch.float32)
+    inputs = make_inputs(op_name, case, device=DEVICE).cast(torch.float32)
     out = run_op("triton", inputs, return_state=False)
     out.sum().backward()
     assert counters["forward"].grids == [(4,)] and counters["backward"].grids == [(4,)]
@@ -215,7 +219,7 @@ def test_interpreter_runs_the_triton_kernels(op_name, monkeypatch):
 @pytest.mark.parametrize("op_name", OPS)
 def test_forward_without_grad_matches(op_name):
     # without inputs that need grad the forward skips its checkpoint stores: same output and state
-    inputs = make_inputs(op_name, TRITON_CASES[0]).cast(torch.float32)
+    inputs = make_inputs(op_name, TRITON_CASES[0], device=DEVICE).cast(torch.float32)
     out, state = run_op("triton", inputs)
     with torch.no_grad():
         out_ng, state_ng = run_op("triton", inputs)
