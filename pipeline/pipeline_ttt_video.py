@@ -229,6 +229,7 @@ class TTTVideoPipeline(DiffusionPipeline):
         starts = [0] + ends[:-1]
         return [(s, min(e, num_latent_frames)) for s, e in zip(starts, ends)]
 
+    @torch.no_grad()
     def decode_windows(self, latents: torch.Tensor, decode_window: int | None = None) -> Iterator[torch.Tensor]:
         """Decodes latents (B, T, C, h, w) window by window, carrying the VAE's causal conv cache across windows.
 
@@ -304,8 +305,8 @@ class TTTVideoPipeline(DiffusionPipeline):
     def check_inputs(self, storyboard: Storyboard, height: int, width: int, num_inference_steps: int,
                      negative_text: str | None, output_type: str, cfg_mode: str, decode_window: int | None,
                      latents: torch.Tensor | None, callback_on_step_end_tensor_inputs: list[str] | None) -> None:
-        if height % self.vae_scale_factor_spatial or width % self.vae_scale_factor_spatial:
-            raise ValueError(f"height and width must be multiples of {self.vae_scale_factor_spatial}, got "
+        if height < 1 or width < 1 or height % self.vae_scale_factor_spatial or width % self.vae_scale_factor_spatial:
+            raise ValueError(f"height and width must be positive multiples of {self.vae_scale_factor_spatial}, got "
                              f"{height} and {width}")
         patch = self.transformer.config.patch_size * self.vae_scale_factor_spatial
         if height % patch or width % patch:
@@ -395,11 +396,17 @@ class TTTVideoPipeline(DiffusionPipeline):
             `TTTVideoPipelineOutput(frames, fps)`, or (frames,) when return_dict is False.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+            wanted = callback_on_step_end.tensor_inputs
+            if callback_on_step_end_tensor_inputs is not None and list(callback_on_step_end_tensor_inputs) != wanted:
+                raise ValueError(f"callback_on_step_end_tensor_inputs {callback_on_step_end_tensor_inputs} differ "
+                                 f"from the callback's own tensor_inputs {wanted}; pass one of them")
+            callback_on_step_end_tensor_inputs = wanted
         if callback_on_step_end_tensor_inputs is None:
             callback_on_step_end_tensor_inputs = ["latents"]
-        height = height or self.transformer.config.sample_height * self.vae_scale_factor_spatial
-        width = width or self.transformer.config.sample_width * self.vae_scale_factor_spatial
+        if height is None:
+            height = self.transformer.config.sample_height * self.vae_scale_factor_spatial
+        if width is None:
+            width = self.transformer.config.sample_width * self.vae_scale_factor_spatial
 
         # 1. Check inputs
         storyboard = load_storyboard(storyboard, max_segments)

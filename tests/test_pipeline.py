@@ -8,6 +8,7 @@ here 8/3 fps, so every segment plays for exactly 3 s (CogVideoX: 48 frames, 16 f
 from fractions import Fraction
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
@@ -15,7 +16,7 @@ from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, TEXT
 
 from models import CogVideoXTTTTransformer3DModel
 from pipeline import Segment, Storyboard, StoryboardError, TTTVideoPipeline
-from pipeline.video_io import read_video, write_video
+from pipeline.video_io import read_video, to_uint8_frames, write_video
 
 TINY_FPS = 8 / 3  # 8 pixel frames per 3-s segment
 
@@ -107,7 +108,8 @@ def test_windowed_decode_equals_whole_sequence_decode(mode, windows):
     num_segments = 3 if mode == "plain" else 2  # 7 or 5 latent frames: an odd first frame batch, then pairs
     latents = torch.randn(batch, pipe.transformer.num_latent_frames(num_segments), LATENT_CHANNELS, HEIGHT // 8,
                           WIDTH // 8, generator=torch.Generator().manual_seed(0))
-    whole = pipe.vae.decode(latents.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor).sample
+    with torch.no_grad():
+        whole = pipe.vae.decode(latents.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor).sample
     assert whole.shape == (batch, 3, pipe.num_frames(num_segments), HEIGHT, WIDTH)
     window_frames = {}
     for window in windows:
@@ -131,8 +133,9 @@ def test_decoding_segments_separately_would_leave_seams():
     pipe = make_pipeline()
     latents = torch.randn(1, pipe.transformer.num_latent_frames(2), LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8)
     carried = torch.cat(list(pipe.decode_windows(latents, 2)), dim=2)
-    separate = torch.cat([pipe.vae.decode(part.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor).sample
-                          for part in latents.split([FRAMES_FIRST, FRAMES_PER_SEGMENT], dim=1)], dim=2)
+    with torch.no_grad():
+        separate = torch.cat([pipe.vae.decode(part.permute(0, 2, 1, 3, 4) / pipe.vae.config.scaling_factor).sample
+                              for part in latents.split([FRAMES_FIRST, FRAMES_PER_SEGMENT], dim=1)], dim=2)
     assert carried.shape == separate.shape
     assert (carried - separate).abs().max() > 1e-3
 
@@ -259,7 +262,7 @@ def test_fps_is_stored_in_the_config():
     ({"output_type": "gif"}, ValueError, "output_type must be one of ('np', 'pil', 'pt', 'latent'), got 'gif'"),
     ({"num_inference_steps": 0}, ValueError, "num_inference_steps must be >= 1, got 0"),
     ({"decode_window": 0}, ValueError, "decode_window must be >= 1 latent frame, got 0"),
-    ({"height": 36}, ValueError, "height and width must be multiples of 8, got 36 and 32"),
+    ({"height": 36}, ValueError, "height and width must be positive multiples of 8, got 36 and 32"),
     ({"latents": torch.zeros(1, 4, 4, 4, 4)}, ValueError, "latents: expected shape (1, 3, 4, 4, 4) for 1 segments"),
     ({"negative_text": "a dark and cold place and a very long night too"}, StoryboardError,
      "argument: negative_text has 13 tokens, over the text encoder's budget of 8 (shorten it)"),
@@ -276,3 +279,46 @@ def test_over_budget_segment_text_is_reported_before_any_work(pipe):
     with pytest.raises(StoryboardError, match=r"scenes\[0\]\.segments\[1\]: text has 11 tokens, over the text "
                                               r"encoder's budget of 8"):
         pipe({"scenes": [{"segments": [{"text": "ok"}, {"text": "one two three four five six seven eight nine"}]}]})
+
+
+# video files
+
+
+def test_video_inputs_convert_alike():
+    frames = np.random.default_rng(0).random((5, 16, 24, 3), dtype=np.float32)
+    expected = (frames * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(to_uint8_frames(frames), expected)
+    np.testing.assert_array_equal(to_uint8_frames(torch.from_numpy(frames).permute(0, 3, 1, 2)), expected)
+    np.testing.assert_array_equal(to_uint8_frames([PIL.Image.fromarray(f) for f in expected]), expected)
+    np.testing.assert_array_equal(to_uint8_frames(expected), expected)
+
+
+def test_written_video_keeps_colours_and_size(tmp_path):
+    colours = np.array([[230, 20, 20], [20, 230, 20], [20, 20, 230]], dtype=np.uint8)  # red, green, blue frames
+    frames = np.repeat(colours[:, None, None, :], 16, axis=1).repeat(24, axis=2)  # (3, 16, 24, 3)
+    decoded, fps = read_video(write_video(frames, tmp_path / "rgb.mp4", 16))
+    assert decoded.shape == (3, 16, 24, 3) and fps == 16
+    assert np.abs(decoded.astype(int) - frames).max() <= 6  # lossy H.264, but no channel swap
+
+
+@pytest.mark.parametrize("frames, fps, message", [
+    (np.zeros((2, 15, 16, 3)), 8, "height and width must be even for H.264 (yuv420p), got 15x16"),
+    (np.zeros((0, 16, 16, 3)), 8, "frames: expected at least one frame"),
+    (np.zeros((2, 16, 16)), 8, "frames: expected (F, H, W, 3), got shape (2, 16, 16)"),
+    (np.zeros((2, 16, 16, 3)), 0, "fps: expected a positive number, got 0"),
+], ids=["odd-size", "empty", "shape", "fps"])
+def test_bad_video_input_writes_nothing(tmp_path, frames, fps, message):
+    with pytest.raises(ValueError) as info:
+        write_video(frames, tmp_path / "v.mp4", fps)
+    assert message in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.gpu
+def test_model_cpu_offload_gives_the_same_video():
+    pipe = make_pipeline(scene_embedding=True)
+    storyboard = story(["a red ball", "a box"], scene_starts=[1])
+    expected = generate(pipe.to("cuda"), storyboard, output_type="pt")
+    pipe.to("cpu")
+    pipe.enable_model_cpu_offload()
+    torch.testing.assert_close(generate(pipe, storyboard, output_type="pt"), expected, rtol=1e-4, atol=1e-4)
