@@ -65,9 +65,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_model_path(model: str) -> None:
-    """A local directory must exist and hold a pipeline; anything of the form "owner/name" may be a hub id."""
+    """A local directory must exist and hold a pipeline; "owner/name" may be a hub id unless "owner" is a local
+    folder (then a missing "name" is a typo here, not something to look for on the hub)."""
     path = Path(model).expanduser()
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    local_parent = model.count("/") == 1 and path.parent.is_dir()
+    if path.exists() or local_parent or model.startswith((".", "/", "~")) or model.count("/") != 1:
         if not path.is_dir():
             raise UsageError(f"--model: no such directory: {model}")
         if not (path / "model_index.json").is_file():

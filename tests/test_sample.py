@@ -84,6 +84,10 @@ def test_bad_flags(flags, message, tmp_path):
 def test_bad_paths(model_dir, short_story, tmp_path):
     assert_one_line_error(run("--model", tmp_path / "nowhere", "--storyboard", short_story, cwd=tmp_path), 2,
                           f"--model: no such directory: {tmp_path / 'nowhere'}")
+    # "folder/name" with a local folder is a missing directory, not a hub id to look up (no network wait)
+    (tmp_path / "models").mkdir()
+    assert_one_line_error(run("--model", "models/default", "--storyboard", short_story, cwd=tmp_path), 2,
+                          "--model: no such directory: models/default")
     assert_one_line_error(run("--model", model_dir, "--storyboard", short_story, "--ttt-adapter",
                               tmp_path / "ttt.safetensors", cwd=tmp_path), 2,
                           f"--ttt-adapter: file not found: {tmp_path / 'ttt.safetensors'}")
