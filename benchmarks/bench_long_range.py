@@ -1,0 +1,266 @@
+"""Long-range consistency on the toy world: TTT-MLP vs TTT-Linear vs local attention only vs full attention.
+
+    python benchmarks/bench_long_range.py [--stories 50] [--steps 3s=200,15s=200,60s=100] [--inference-steps 50]
+
+Every variant starts from the same pretrained toy CogVideoX (outputs/toy/base, made by scripts/train_default_model.sh
+up to its step 5) and is trained with train.py through the same curriculum, data, seed and step budget
+(configs/toy/ttt-mlp/{3s,15s,60s}.yaml with model.ttt overridden):
+
+    local   ttt_type none,   segment-local attention       (no path between segments but the text)
+    linear  ttt_type linear, segment-local attention + TTT-Linear
+    mlp     ttt_type mlp,    segment-local attention + TTT-MLP (the default model's recipe)
+    full    ttt_type none,   one attention window over the whole sequence (quadratic)
+
+Each trained variant then renders held-out 20-segment (60-s) toy-world storyboards (generated with a seed the
+training data never used) in a child process, whose peak resident memory is read from the kernel (wait4), and the
+videos are scored with the toy world's metrics (pipeline/toyworld/metrics.py). Rows for the held-out ground-truth
+videos and their VAE reconstructions (what a perfect transformer could reach through this VAE) and the chance
+levels frame the numbers. Results: OUT/results.json and a Markdown table on stdout (docs/results.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {  # name -> model.ttt overrides
+    "local": {"ttt_type": "none", "attention_window": "segment"},
+    "linear": {"ttt_type": "linear", "attention_window": "segment"},
+    "mlp": {"ttt_type": "mlp", "attention_window": "segment"},
+    "full": {"ttt_type": "none", "attention_window": "full"},
+}
+STAGES = ("3s", "15s", "60s")
+STAGE_CONFIG = "configs/toy/ttt-mlp/{stage}.yaml"
+REPORTED_SEGMENTS = (1, 5, 10, 20)  # identity accuracy at these segments (1-based)
+HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--stories", type=int, default=50, help="held-out 20-segment stories to render and score")
+    p.add_argument("--steps", default="", help="train.steps per stage, e.g. 3s=200,15s=200,60s=100 (default: the "
+                   "stage configs' own, i.e. the default model's budget)")
+    p.add_argument("--base", default="outputs/toy/base", help="the shared pretrained pipeline (stock CogVideoX)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_long_range")
+    p.add_argument("--trained", action="append", default=[], metavar="VARIANT=DIR",
+                   help="use this exported pipeline for VARIANT instead of training it (e.g. "
+                   "mlp=outputs/toy/ttt-mlp/60s/final when --steps matches the default recipe)")
+    p.add_argument("--inference-steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same noise for every variant)")
+    p.add_argument("--vae", default=None, help="VAE folder for the reconstruction ceiling (default: the base's)")
+    p.add_argument("--sample", nargs=3, metavar=("MODEL", "STORYBOARDS", "VIDEOS"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
+    args.variants = args.variants.split(",")
+    args.stage_steps = {}
+    for item in filter(None, args.steps.split(",")):
+        stage, _, value = item.partition("=")
+        if stage not in STAGES or not value.isdigit():
+            p.error(f"--steps: expected STAGE=N with STAGE in {STAGES}, got {item!r}")
+        args.stage_steps[stage] = int(value)
+    args.trained = dict(item.split("=", 1) for item in args.trained)
+    if args.stories < 1 or args.inference_steps < 1:
+        p.error("--stories and --inference-steps must be at least 1")
+    return args
+
+
+def run(command: list[str], log: Path) -> None:
+    """Runs a command with its output in `log`; raises with the log's tail if it fails."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        code = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code:
+        tail = log.read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"{' '.join(command)} failed ({code}); {log}:\n" + "\n".join(tail))
+
+
+def held_out_stories(out: Path, stories: int) -> Path:
+    """OUT/heldout: `stories` 20-segment stories (mp4 + storyboard + truth), generated once."""
+    folder = out / "heldout"
+    if len(list(folder.glob("*.storyboard.json"))) != stories:
+        shutil.rmtree(folder, ignore_errors=True)
+        run([sys.executable, "-m", "pipeline.toyworld", "generate", "--out", str(folder), "--stories", str(stories),
+             "--segments", "20", "--seed", str(HELD_OUT_SEED)], out / "logs" / "heldout.log")
+    return folder
+
+
+def train_variant(args: argparse.Namespace, variant: str) -> Path:
+    """The variant's final export after the 3 s -> 15 s -> 60 s stages (skipped when already there)."""
+    previous = None
+    for stage in STAGES:
+        stage_dir = args.out / variant / stage
+        if not (stage_dir / "final" / "model_index.json").is_file():
+            overrides = [f"output_dir={stage_dir}", f"model.pretrained={args.base}", "log.tracker=none",
+                         *(f"model.ttt.{k}={v}" for k, v in VARIANTS[variant].items())]
+            if previous is not None:
+                overrides.append(f"model.init_from={previous}")
+            if stage in args.stage_steps:
+                overrides.append(f"train.steps={args.stage_steps[stage]}")
+            started = time.perf_counter()
+            run([sys.executable, "train.py", "--config", STAGE_CONFIG.format(stage=stage), *overrides],
+                args.out / "logs" / f"{variant}-{stage}.log")
+            print(f"  trained {variant} {stage} in {time.perf_counter() - started:.0f} s", flush=True)
+        previous = stage_dir / "final"
+    return previous
+
+
+def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int) -> None:
+    """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory)."""
+    import torch
+
+    from pipeline import TTTVideoPipeline
+    from pipeline.video_io import write_video
+
+    pipe = TTTVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    videos.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for path in sorted(storyboards.glob("*.storyboard.json")):
+        story_id = path.name[: -len(".storyboard.json")]
+        started = time.perf_counter()
+        frames = pipe(path, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+        seconds[story_id] = time.perf_counter() - started
+        write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
+        shutil.copyfile(path, videos / path.name)
+    timing = {"seconds": seconds, "loaded_rss_bytes": loaded_rss, "frames": int(frames.shape[0])}
+    (videos / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+
+
+def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, videos: Path) -> dict:
+    """Renders in a child process; returns its timing plus its peak resident memory (bytes)."""
+    command = [sys.executable, __file__, "--sample", str(model), str(storyboards), str(videos),
+               "--inference-steps", str(args.inference_steps), "--guidance", str(args.guidance),
+               "--seed", str(args.seed)]
+    log = args.out / "logs" / f"sample-{videos.parent.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise RuntimeError(f"sampling with {model} failed ({child.returncode}); see {log}")
+    timing = json.loads((videos / "timing.json").read_text())
+    timing["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    return timing
+
+
+def reconstruct(vae_dir: str, storyboards: Path, videos: Path) -> None:
+    """The held-out videos through the VAE (encode, decode the posterior mean): the transformer's ceiling."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKLCogVideoX
+
+    from pipeline.video_io import read_video, write_video
+
+    vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir).eval()
+    videos.mkdir(parents=True, exist_ok=True)
+    for path in sorted(storyboards.glob("*.mp4")):
+        frames, fps = read_video(path)
+        pixels = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0  # (1, 3, F, H, W)
+        with torch.no_grad():
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mode()).sample[0]  # (3, F, H, W)
+        decoded = ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+        write_video(np.ascontiguousarray(decoded), videos / path.name, fps)
+        shutil.copyfile(path.with_name(path.stem + ".storyboard.json"), videos / f"{path.stem}.storyboard.json")
+
+
+def score(videos: Path) -> dict:
+    from pipeline.toyworld.dataset import score_folder
+    from pipeline.toyworld.metrics import summarize
+
+    return summarize([r for _, r in score_folder(videos, progress=False)])
+
+
+def row(name: str, summary: dict, timing: dict | None) -> dict:
+    by_segment = summary["identity_by_segment"]
+    out = {"variant": name, "videos": summary["videos"],
+           **{f"identity@{s}": by_segment[s - 1] if s <= len(by_segment) else float("nan")
+              for s in REPORTED_SEGMENTS},
+           **{k: summary[k] for k in ("identity", "identity_recall", "consistency", "background", "motion",
+                                      "presence", "color", "shape", "size")}}
+    if timing is not None:
+        seconds = list(timing["seconds"].values())
+        out.update(seconds_per_video=sum(seconds) / len(seconds), peak_rss_gib=timing["peak_rss_bytes"] / 2**30,
+                   loaded_rss_gib=timing["loaded_rss_bytes"] / 2**30, frames=timing["frames"])
+    return out
+
+
+def markdown(rows: list[dict], chance: dict) -> str:
+    def pct(v: float) -> str:
+        return "-" if v != v else f"{100 * v:.1f}"
+
+    head = ("| variant | " + " | ".join(f"identity @{s}" for s in REPORTED_SEGMENTS)
+            + " | identity (all) | recall after intro | background | action | s / 60-s video | peak RSS GiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        timing = (f"{r['seconds_per_video']:.1f} | {r['peak_rss_gib']:.2f}" if "seconds_per_video" in r else "- | -")
+        lines.append(f"| {r['variant']} | " + " | ".join(pct(r[f'identity@{s}']) for s in REPORTED_SEGMENTS)
+                     + f" | {pct(r['identity'])} | {pct(r['identity_recall'])} | {pct(r['background'])} | "
+                     f"{pct(r['motion'])} | {timing} |")
+    lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * len(REPORTED_SEGMENTS))} | "
+                 f"{pct(chance['identity'])} | {pct(chance['identity'])} | | | | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.sample:
+        model, storyboards, videos = args.sample
+        sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed)
+        return 0
+    if not (Path(args.base) / "model_index.json").is_file():
+        print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",
+              file=sys.stderr)
+        return 1
+    args.out.mkdir(parents=True, exist_ok=True)
+    heldout = held_out_stories(args.out, args.stories)
+    rows, summaries = [], {}
+
+    summary = score(heldout)
+    rows.append(row("ground truth (rendered)", summary, None))
+    recon = args.out / "reconstruction" / "videos"
+    if not (recon / f"{sorted(heldout.glob('*.mp4'))[-1].name}").is_file():
+        reconstruct(args.vae or str(Path(args.base) / "vae"), heldout, recon)
+    summaries["VAE reconstruction"] = score(recon)
+    rows.append(row("VAE reconstruction (ceiling)", summaries["VAE reconstruction"], None))
+
+    for variant in args.variants:
+        print(f"{variant}:", flush=True)
+        model = Path(args.trained[variant]) if variant in args.trained else train_variant(args, variant)
+        videos = args.out / variant / "videos"
+        shutil.rmtree(videos, ignore_errors=True)
+        timing = sample_variant(args, model, heldout, videos)
+        summaries[variant] = score(videos)
+        rows.append(row(variant, summaries[variant], timing))
+        print(f"  identity {100 * summaries[variant]['identity']:.1f}%, "
+              f"{rows[-1]['seconds_per_video']:.1f} s per video, peak {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+
+    from pipeline.toyworld.report import plot_identity
+
+    plot = plot_identity(summaries, args.out / "identity_by_segment.png")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "sample"}
+    results = {"settings": settings, "rows": rows, "chance": summary["chance"], "summaries": summaries}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print(markdown(rows, summary["chance"]))
+    print(f"\nresults: {args.out / 'results.json'}; plot: {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
