@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inference-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same noise for every variant)")
+    p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
+                   "for the reconstruction ceiling (a 60-s video takes ~25 s to encode and decode on one CPU core)")
+    p.add_argument("--resample", action="store_true", help="render again even where an earlier run's videos with the "
+                   "same settings are there")
     p.add_argument("--vae", default=None, help="VAE folder for the reconstruction ceiling (default: the base's)")
     p.add_argument("--sample", nargs=3, metavar=("MODEL", "STORYBOARDS", "VIDEOS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -157,11 +161,30 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
         raise RuntimeError(f"sampling with {model} failed ({child.returncode}); see {log}")
     timing = json.loads((videos / "timing.json").read_text())
     timing["peak_rss_bytes"] = usage.ru_maxrss * 1024
+    timing["settings"] = sampling_settings(args, model)
+    (videos / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
     return timing
 
 
-def reconstruct(vae_dir: str, storyboards: Path, videos: Path) -> None:
-    """The held-out videos through the VAE (encode, decode the posterior mean): the transformer's ceiling."""
+def sampling_settings(args: argparse.Namespace, model: Path) -> dict:
+    return {"model": str(model), "stories": args.stories, "inference_steps": args.inference_steps,
+            "guidance": args.guidance, "seed": args.seed}
+
+
+def earlier_samples(args: argparse.Namespace, model: Path, videos: Path) -> dict | None:
+    """The timing of an earlier run's videos in `videos` when they were made with the same settings, else None."""
+    try:
+        timing = json.loads((videos / "timing.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if timing.get("settings") != sampling_settings(args, model) or len(list(videos.glob("*.mp4"))) != args.stories:
+        return None
+    return timing
+
+
+def reconstruct(vae_dir: str, storyboards: Path, videos: Path, count: int) -> None:
+    """The first `count` held-out videos through the VAE (encode, decode the posterior mean): the transformer's
+    ceiling. Done ones are kept."""
     import numpy as np
     import torch
     from diffusers import AutoencoderKLCogVideoX
@@ -170,7 +193,9 @@ def reconstruct(vae_dir: str, storyboards: Path, videos: Path) -> None:
 
     vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir).eval()
     videos.mkdir(parents=True, exist_ok=True)
-    for path in sorted(storyboards.glob("*.mp4")):
+    for path in sorted(storyboards.glob("*.mp4"))[:count]:
+        if (videos / path.name).is_file() and (videos / f"{path.stem}.storyboard.json").is_file():
+            continue
         frames, fps = read_video(path)
         pixels = torch.from_numpy(frames).float().permute(3, 0, 1, 2)[None] / 127.5 - 1.0  # (1, 3, F, H, W)
         with torch.no_grad():
@@ -235,8 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = score(heldout)
     rows.append(row("ground truth (rendered)", summary, None))
     recon = args.out / "reconstruction" / "videos"
-    if not (recon / f"{sorted(heldout.glob('*.mp4'))[-1].name}").is_file():
-        reconstruct(args.vae or str(Path(args.base) / "vae"), heldout, recon)
+    reconstruct(args.vae or str(Path(args.base) / "vae"), heldout, recon, args.ceiling_stories)
     summaries["VAE reconstruction"] = score(recon)
     rows.append(row("VAE reconstruction (ceiling)", summaries["VAE reconstruction"], None))
 
@@ -244,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{variant}:", flush=True)
         model = Path(args.trained[variant]) if variant in args.trained else train_variant(args, variant)
         videos = args.out / variant / "videos"
-        shutil.rmtree(videos, ignore_errors=True)
-        timing = sample_variant(args, model, heldout, videos)
+        timing = None if args.resample else earlier_samples(args, model, videos)
+        if timing is None:
+            shutil.rmtree(videos, ignore_errors=True)
+            timing = sample_variant(args, model, heldout, videos)
+        else:
+            print(f"  reusing the videos in {videos} (same model and settings; --resample to redo them)", flush=True)
         summaries[variant] = score(videos)
         rows.append(row(variant, summaries[variant], timing))
         print(f"  identity {100 * summaries[variant]['identity']:.1f}%, "

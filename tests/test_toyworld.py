@@ -248,6 +248,10 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out) == json.loads((data / "story_00000.storyboard.json").read_text())
     assert strip.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    video_strip = tmp_path / "video_strip.png"  # any mp4 with its storyboard, e.g. a generated one
+    assert main(["show", "--video", str(data / "story_00000.mp4"), "--out", str(video_strip)]) == 0
+    assert video_strip.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert main(["generate", "--out", str(tmp_path), "--stories", "1", "--min-segments", "5", "--max-segments",

@@ -100,6 +100,9 @@ def _show(args: argparse.Namespace) -> None:
     from .report import plot_story
     from .sampler import sample_story
 
+    if args.video:
+        _show_video(args)
+        return
     if args.truth:
         story = load_truth(args.truth)
     else:
@@ -107,6 +110,24 @@ def _show(args: argparse.Namespace) -> None:
     frames = render_story(story, args.size)
     print(json.dumps(storyboard_dict(story), indent=1))
     print(f"frame strip: {plot_story(frames, [s.text for s in story.segments], args.out)}", file=sys.stderr)
+
+
+def _show_video(args: argparse.Namespace) -> None:
+    """The frame strip of a generated video, with the texts of its storyboard (the mp4's <id>.storyboard.json or
+    --storyboard)."""
+    from pipeline.storyboard import load_storyboard
+    from pipeline.video_io import read_video
+
+    from .report import plot_story
+
+    video = Path(args.video)
+    board = Path(args.storyboard) if args.storyboard else video.with_name(f"{video.stem}.storyboard.json")
+    texts = [segment.text for segment in load_storyboard(board, max_segments=None).segments]
+    frames, _ = read_video(video)
+    if len(frames) < 24 * len(texts) + 1:
+        raise SystemExit(f"error: {video}: {len(frames)} frames, fewer than the {24 * len(texts) + 1} of the "
+                         f"{len(texts)} segments in {board}")
+    print(f"frame strip: {plot_story(frames, texts, args.out)}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0, help="story seed (sample_story's)")
     v.add_argument("--segments", type=int, help="segments (default: 1 to 21 at random)")
     v.add_argument("--truth", help="draw this <id>.truth.json instead of sampling")
+    v.add_argument("--video", help="draw this mp4 (e.g. a generated one) instead, with its storyboard's texts")
+    v.add_argument("--storyboard", help="with --video: its storyboard (default: <video stem>.storyboard.json)")
     v.add_argument("--size", type=int, default=64)
     v.set_defaults(run=_show)
     return parser
