@@ -69,9 +69,9 @@ class ToyVAEArgs:
 
 @dataclass
 class VAETrainingArgs:
-    """pipeline/vae_training.py: reconstruction (L1) + kl_weight x KL on random clips of `clip_frames` frames
-    (1 + 8k) and random `crop` x `crop` crops, from at most `max_videos` videos of data.root (one more is held out
-    for the reported reconstruction error)."""
+    """pipeline/vae_training.py: reconstruction (L1) + hard_weight x the mean L1 of the worst `hard_fraction` of
+    pixels + kl_weight x KL on random clips of `clip_frames` frames (1 + 8k) and random `crop` x `crop` crops, from at
+    most `max_videos` videos of data.root (one more is held out for the reported reconstruction error)."""
 
     steps: int = 300
     batch_size: int = 4

@@ -5,11 +5,14 @@
 Sizes come from `model.builder_args.vae`, the schedule from `model.builder_args.vae_training` (pipeline/toy_model.py
 documents both); the videos from data.root (metadata.jsonl, at data.fps and data.height x data.width). Each step
 reconstructs a batch of random clips (1 + 8k frames; random crops, since the VAE is convolutional and crops make a
-CPU step several times cheaper) through the posterior sample, with loss L1 + kl_weight x KL. L1, not MSE: the toy
-world's backdrops are dark and desaturated, so colour errors are small in MSE and an MSE-trained VAE learns luma long
-before colour. At the end the latents' spread on whole frames sets the VAE's `scaling_factor` (latents x
-scaling_factor have unit variance, as diffusion expects), the held-out video's reconstruction PSNR is reported, and
-the VAE is saved with save_pretrained to model.builder_args.vae_dir (atomically).
+CPU step several times cheaper) through the posterior sample, with loss L1 + hard_weight x (mean L1 of the worst
+hard_fraction of pixels) + kl_weight x KL. L1, not MSE: the toy world's backdrops are dark and desaturated, so
+colour errors are small in MSE and an MSE-trained VAE learns luma long before colour. The worst-pixel term: the
+characters cover a few percent of the frame, and with L1 alone the VAE learned the backdrops and blurred the
+characters into grey blobs (docs/default_model.md has the comparison). At the end the latents' spread on whole
+frames sets the VAE's `scaling_factor` (latents x scaling_factor have unit variance, as diffusion expects), the
+held-out video's reconstruction PSNR is reported, and the VAE is saved with save_pretrained to
+model.builder_args.vae_dir (atomically).
 """
 
 from __future__ import annotations
