@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from sample import DEFAULT_MODEL, DTYPES, ROOT, ArgumentParser, InputError, UsageError, load_pipeline, resolve_device
+from sample import DTYPES, ArgumentParser, InputError, UsageError, default_model, load_pipeline, resolve_device
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
@@ -47,11 +47,7 @@ def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
     """Starts the app; returns the running gr.Blocks when prevent_thread_lock (tests), else serves until stopped."""
     # 1. flags and model location (cheap checks before anything heavy is imported)
     args = parse_args(argv)
-    if args.model is None:
-        if not DEFAULT_MODEL.is_dir():
-            raise UsageError(f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}/) is not there yet; pass "
-                             "--model <pipeline directory or hub id>")
-        args.model = str(DEFAULT_MODEL)
+    args.model = args.model or default_model()
     model = Path(args.model)
     looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") != 1 or model.parent.is_dir()
     if looks_local and not model.is_dir():  # a hub id is "owner/name" where no folder "owner" is here

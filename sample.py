@@ -64,6 +64,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def default_model() -> str:
+    """The bundled models/default/ (sample.py's and app.py's --model default), or a UsageError saying how to get it."""
+    if not DEFAULT_MODEL.is_dir():
+        raise UsageError(f"the default model is missing: no folder {DEFAULT_MODEL}; restore it with `git checkout "
+                         "models/default`, retrain it with `bash scripts/train_default_model.sh`, or pass --model "
+                         "<pipeline directory or hub id>")
+    return str(DEFAULT_MODEL)
+
+
 def check_model_path(model: str) -> None:
     """A local directory must exist and hold a pipeline; "owner/name" may be a hub id unless "owner" is a local
     folder (then a missing "name" is a typo here, not something to look for on the hub)."""
@@ -116,11 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. flags and storyboard (cheap checks before any model is loaded)
     args = parse_args(argv)
     storyboard = load_storyboard(args.storyboard, max_segments=args.max_segments)
-    if args.model is None:
-        if not DEFAULT_MODEL.is_dir():
-            raise UsageError(f"the default model ({DEFAULT_MODEL.relative_to(ROOT)}/) is not bundled yet; pass "
-                             "--model <pipeline directory or hub id>")
-        args.model = str(DEFAULT_MODEL)
+    args.model = args.model or default_model()
     check_model_path(args.model)
     if args.ttt_adapter is not None and not args.ttt_adapter.is_file():
         raise UsageError(f"--ttt-adapter: file not found: {args.ttt_adapter}")

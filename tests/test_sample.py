@@ -61,10 +61,15 @@ def test_renders_a_storyboard_to_mp4(model_dir, short_story, tmp_path):
     assert sorted(p.name for p in output.parent.iterdir()) == ["short.mp4"]
 
 
-@pytest.mark.skipif((ROOT / "models" / "default").is_dir(), reason="the default model is bundled")
-def test_without_arguments_says_the_default_model_is_not_bundled(tmp_path):
-    result = run(cwd=tmp_path)
-    assert_one_line_error(result, 2, "the default model (models/default/) is not bundled yet; pass --model")
+def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
+    # in-process, with the default path pointed away (the real models/default/ is bundled)
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    monkeypatch.setattr(sample, "DEFAULT_MODEL", tmp_path / "models" / "default")
+    with pytest.raises(sample.UsageError, match=r"the default model is missing: no folder .*models/default; restore "
+                                                r"it with `git checkout models/default`"):
+        sample.main([])
 
 
 @pytest.mark.parametrize("flags, message", [
