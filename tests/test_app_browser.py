@@ -33,9 +33,14 @@ def page(tmp_path_factory):
 
 
 def type_into_cell(page, row: int, col: int, text: str) -> None:
-    page.locator(f'#storyboard [data-testid="cell-{row}-{col}"]').dblclick()
+    from playwright.sync_api import expect
+
+    cell = page.locator(f'#storyboard [data-testid="cell-{row}-{col}"]')
+    cell.dblclick()
+    expect(cell.locator('textarea[aria-label="Edit cell"]')).to_be_focused()  # typing before this loses keys
     page.keyboard.type(text)
     page.keyboard.press("Enter")
+    expect(cell.locator("span[data-editable]")).to_have_text(text)
 
 
 def cell_text(page, row: int, col: int) -> str:
@@ -62,7 +67,11 @@ def test_fill_two_rows_generate_and_play(page, tmp_path):
     expect(page.locator("#storyboard-info")).to_have_text("2 segments · 6 s · 1 scene")  # a cut on row 1 is moot
 
     page.locator("#settings").get_by_text("Settings", exact=True).click()
-    page.locator("#seed input").fill("11")
+    seed_input = page.locator("#seed input")
+    expect(seed_input).to_have_value("-1")  # the accordion's content is rendered before we type into it
+    seed_input.fill("11")
+    seed_input.press("Tab")  # leave the field so the page commits the number before Generate reads it
+    expect(seed_input).to_have_value("11")
     page.click("#generate")
 
     page.wait_for_function("""() => {
