@@ -464,7 +464,9 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                                                   container=False, min_width=80)
                         save = gr.Button("Save storyboard", size="md", elem_id="save")
                     saved = gr.File(label="Saved storyboard", height=80, interactive=False, elem_id="saved")
-                with gr.Accordion("Settings", open=False, elem_id="settings"):
+                # open from the start: gradio 6 mounts a closed accordion's children only when it opens, and a value
+                # typed right after that mount could be lost to a re-render (seen once in CI: the seed)
+                with gr.Accordion("Settings", open=True, elem_id="settings"):
                     steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps",
                                       info="Denoising steps: more is slower and usually cleaner.")
                     guidance = gr.Slider(0, 15, value=6.0, step=0.5, label="Guidance",

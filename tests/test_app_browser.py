@@ -66,9 +66,8 @@ def test_fill_two_rows_generate_and_play(page, tmp_path):
     assert cell_text(page, 1, 0) == "a dog runs"
     expect(page.locator("#storyboard-info")).to_have_text("2 segments · 6 s · 1 scene")  # a cut on row 1 is moot
 
-    page.locator("#settings").get_by_text("Settings", exact=True).click()
-    seed_input = page.locator("#seed input")
-    expect(seed_input).to_have_value("-1")  # the accordion's content is rendered before we type into it
+    seed_input = page.locator("#seed input")  # the Settings are open from the start
+    expect(seed_input).to_have_value("-1")
     seed_input.fill("11")
     seed_input.press("Tab")  # leave the field so the page commits the number before Generate reads it
     expect(seed_input).to_have_value("11")
