@@ -217,8 +217,8 @@ def row(name: str, summary: dict, timing: dict | None) -> dict:
     out = {"variant": name, "videos": summary["videos"],
            **{f"identity@{s}": by_segment[s - 1] if s <= len(by_segment) else float("nan")
               for s in REPORTED_SEGMENTS},
-           **{k: summary[k] for k in ("identity", "identity_recall", "consistency", "background", "motion",
-                                      "presence", "color", "shape", "size")}}
+           **{k: summary[k] for k in ("identity", "identity_recall", "consistency", "background",
+                                      "background_recall", "motion", "presence", "color", "shape", "size")}}
     if timing is not None:
         seconds = list(timing["seconds"].values())
         out.update(seconds_per_video=sum(seconds) / len(seconds), peak_rss_gib=timing["peak_rss_bytes"] / 2**30,
@@ -231,15 +231,17 @@ def markdown(rows: list[dict], chance: dict) -> str:
         return "-" if v != v else f"{100 * v:.1f}"
 
     head = ("| variant | " + " | ".join(f"identity @{s}" for s in REPORTED_SEGMENTS)
-            + " | identity (all) | recall after intro | background | action | s / 60-s video | peak RSS GiB |")
+            + " | identity (all) | recall after intro | background | backdrop after scene start | action"
+            " | s / 60-s video | peak RSS GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         timing = (f"{r['seconds_per_video']:.1f} | {r['peak_rss_gib']:.2f}" if "seconds_per_video" in r else "- | -")
         lines.append(f"| {r['variant']} | " + " | ".join(pct(r[f'identity@{s}']) for s in REPORTED_SEGMENTS)
                      + f" | {pct(r['identity'])} | {pct(r['identity_recall'])} | {pct(r['background'])} | "
-                     f"{pct(r['motion'])} | {timing} |")
+                     f"{pct(r['background_recall'])} | {pct(r['motion'])} | {timing} |")
     lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * len(REPORTED_SEGMENTS))} | "
-                 f"{pct(chance['identity'])} | {pct(chance['identity'])} | | | | |")
+                 f"{pct(chance['identity'])} | {pct(chance['identity'])} | {pct(chance['background'])} | "
+                 f"{pct(chance['background_recall'])} | | | |")
     return "\n".join(lines)
 
 

@@ -34,7 +34,8 @@ from pipeline.toyworld.world import (
 )
 from pipeline.video_io import read_video
 
-CHECKS = ("background", "presence", "color", "shape", "size", "identity", "identity_recall", "motion", "consistency")
+CHECKS = ("background", "background_recall", "presence", "color", "shape", "size", "identity", "identity_recall",
+          "motion", "consistency")
 
 
 def _score(story: Story, frames: np.ndarray):
@@ -196,6 +197,24 @@ def test_metrics_catch_corruptions(kind):
             flags += corruption.detected(_score(story, corruption.render()))
     assert len(flags) >= 40
     assert np.mean(flags) >= 0.95
+
+
+def test_a_wrong_backdrop_counts_against_background_recall_only_after_the_scene_start():
+    results, corrupted_later = [], 0
+    for seed in range(20):
+        story = sample_story(seed, 2, 8)
+        corruption = corrupt(story, "background", np.random.default_rng([seed, 1]))
+        result = _score(story, corruption.render())
+        results.append(result)
+        bad = [seg for seg in result.segments if not seg.background_ok]
+        corrupted_later += sum(seg.index != min(s.index for s in result.segments if s.scene == seg.scene)
+                               for seg in bad)
+    summary = summarize(results)
+    assert corrupted_later > 0 and summary["counts"]["background_recall"] > 0
+    # background_recall counts exactly the wrong backdrops after a scene's first segment
+    wrong_later = round((1 - summary["background_recall"]) * summary["counts"]["background_recall"])
+    assert wrong_later == corrupted_later
+    assert summary["background_recall"] < 1.0
 
 
 def test_memoryless_baseline_scores_near_chance_after_introductions():

@@ -33,6 +33,7 @@ from .world import (
     JUMP,
     MOVE,
     PAN,
+    PATTERNS,
     SHAPES,
     SHRINK,
     SIZES,
@@ -53,6 +54,8 @@ _NEUTRAL_PHASE = 0.1  # spin/grow/shrink look like the character's plain self th
 
 _LOOKS = len(SHAPES) * len(COLORS) * len(SIZES)
 CHANCE = {
+    "background": 1.0 / (len(BACKDROP_COLORS) * len(PATTERNS)),
+    "background_recall": 1.0 / (len(BACKDROP_COLORS) * len(PATTERNS)),
     "identity": 1.0 / _LOOKS,
     "identity_recall": 1.0 / _LOOKS,
     "consistency": 1.0 / _LOOKS,
@@ -535,15 +538,20 @@ def summarize(results: list[VideoResult]) -> dict:
 
     identity: colour, shape and size as introduced, over every (segment, character on stage); identity_recall:
     the same over segments after the character's introduction (what needs memory); consistency: later looks
-    equal to the look drawn at the introduction.
+    equal to the look drawn at the introduction. background_recall: the backdrop in the segments after a scene's
+    first, whose texts do not name it (memory again, of the scene rather than a character).
     """
-    checks = {k: [] for k in ("background", "presence", "color", "shape", "size", "identity", "identity_recall",
-                              "motion", "consistency")}
+    checks = {k: [] for k in ("background", "background_recall", "presence", "color", "shape", "size", "identity",
+                              "identity_recall", "motion", "consistency")}
     by_segment: dict[int, list[bool]] = {}
     recall_by_segment: dict[int, list[bool]] = {}
     for video in results:
+        scenes_seen = set()
         for seg in video.segments:
             checks["background"].append(seg.background_ok)
+            if seg.scene in scenes_seen:
+                checks["background_recall"].append(seg.background_ok)
+            scenes_seen.add(seg.scene)
             for c in seg.characters:
                 checks["presence"].append(c.present)
                 checks["color"].append(c.color_ok)

@@ -11,6 +11,7 @@ import numpy as np
 
 _ROWS = (
     ("background", "backdrop colour and pattern, per segment"),
+    ("background_recall", "backdrop after the scene's first segment"),
     ("presence", "character on stage is drawn"),
     ("color", "colour as introduced"),
     ("shape", "shape as introduced"),
