@@ -25,13 +25,13 @@ _ROWS = (
 
 def format_table(summary: dict) -> str:
     """The summary from `metrics.summarize` as a fixed-width table (accuracy, count, chance, meaning)."""
-    lines = [f"{'check':<16}{'accuracy':>9}{'n':>8}{'chance':>8}  meaning", "-" * 78]
+    lines = [f"{'check':<18}{'accuracy':>9}{'n':>8}{'chance':>8}  meaning", "-" * 80]
     for key, meaning in _ROWS:
         value, count = summary[key], summary["counts"][key]
         chance = summary["chance"].get(key)
         accuracy = "-" if math.isnan(value) else f"{100 * value:.1f}%"
         chance_text = f"{100 * chance:.1f}%" if chance is not None else ""
-        lines.append(f"{key:<16}{accuracy:>9}{count:>8}{chance_text:>8}  {meaning}")
+        lines.append(f"{key:<18}{accuracy:>9}{count:>8}{chance_text:>8}  {meaning}")
     lines.append(f"{summary['videos']} videos, {summary['segments']} segments")
     return "\n".join(lines)
 
