@@ -1,0 +1,87 @@
+"""Can a model draw what the text says? The first K segments of the long-range benchmark's held-out stories.
+
+    python benchmarks/bench_first_segments.py outputs/toy/pretrain/final [MODEL ...] [--segments 1] [--stories 50]
+
+With --segments 1 nothing needs memory: the text of a story's first segment names the backdrop and describes every
+character it brings in. So this measures the pretrained model itself, the precondition of the long-range benchmark
+(benchmarks/bench_long_range.py): a model that cannot draw a character in its introducing segment cannot keep it.
+Each MODEL is an exported pipeline directory (a train.py `final/`, with or without TTT). The held-out stories are the
+long-range benchmark's (seed 1000, made on first use in OUT/heldout); frames are scored as rendered (no mp4 step);
+DPM-solver, 20 steps, guidance 6, seed 1000, as in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+REPORTED = ("background", "presence", "color", "shape", "size", "identity")
+
+
+def first_segments(storyboard: dict, k: int) -> dict:
+    """The storyboard cut after its first k segments (scenes kept as they are)."""
+    scenes, left = [], k
+    for scene in storyboard["scenes"]:
+        if left == 0:
+            break
+        segments = scene["segments"][:left]
+        left -= len(segments)
+        scenes.append({**scene, "segments": segments})
+    return {**storyboard, "scenes": scenes}
+
+
+def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float, seed: int) -> dict:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline import TTTVideoPipeline
+    from pipeline.toyworld.metrics import score_video, summarize
+
+    pipe = TTTVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    results = []
+    for storyboard in tqdm(storyboards, desc=Path(model).parent.name or model, unit="story"):
+        frames = pipe(storyboard, num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+        results.append(score_video((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), storyboard))
+    return summarize(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="exported pipeline directories")
+    p.add_argument("--segments", type=int, default=1, help="first K segments of each story (default 1)")
+    p.add_argument("--stories", type=int, default=50)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_long_range",
+                   help="where the held-out stories are (or are made): the long-range benchmark's folder")
+    p.add_argument("--inference-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--seed", type=int, default=1000)
+    args = p.parse_args(argv)
+    if args.segments < 1 or args.stories < 1:
+        p.error("--segments and --stories must be at least 1")
+    for model in args.models:
+        if not (Path(model) / "model_index.json").is_file():
+            p.error(f"{model}: no exported pipeline (model_index.json) there")
+
+    from bench_long_range import held_out_stories
+
+    folder = held_out_stories(args.out, args.stories)
+    storyboards = [first_segments(json.loads(path.read_text()), args.segments)
+                   for path in sorted(folder.glob("*.storyboard.json"))]
+    print(f"| model | {' | '.join(REPORTED)} |\n|---|{'---|' * len(REPORTED)}")
+    for model in args.models:
+        summary = evaluate(model, storyboards, args.inference_steps, args.guidance, args.seed)
+        print(f"| {model} | " + " | ".join(f"{100 * summary[k]:.0f}" for k in REPORTED) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
