@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.atomic import atomic_write_text  # noqa: E402  (after the path insert; light: no torch)
+
 VARIANTS = {  # name -> model.ttt overrides
     "local": {"ttt_type": "none", "attention_window": "segment"},
     "linear": {"ttt_type": "linear", "attention_window": "segment"},
@@ -143,7 +145,7 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
         shutil.copyfile(path, videos / path.name)
     timing = {"seconds": seconds, "loaded_rss_bytes": loaded_rss, "frames": int(frames.shape[0])}
-    (videos / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    atomic_write_text(videos / "timing.json", json.dumps(timing, indent=1) + "\n")
 
 
 def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, videos: Path) -> dict:
@@ -162,7 +164,7 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
     timing = json.loads((videos / "timing.json").read_text())
     timing["peak_rss_bytes"] = usage.ru_maxrss * 1024
     timing["settings"] = sampling_settings(args, model)
-    (videos / "timing.json").write_text(json.dumps(timing, indent=1) + "\n")
+    atomic_write_text(videos / "timing.json", json.dumps(timing, indent=1) + "\n")
     return timing
 
 
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     plot = plot_identity(summaries, args.out / "identity_by_segment.png")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "sample"}
     results = {"settings": settings, "rows": rows, "chance": summary["chance"], "summaries": summaries}
-    (args.out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    atomic_write_text(args.out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     print(markdown(rows, summary["chance"]))
     print(f"\nresults: {args.out / 'results.json'}; plot: {plot}")
     return 0

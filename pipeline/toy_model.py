@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from transformers import BertTokenizerFast, PreTrainedModel
 from models import CogVideoXTTTTransformer3DModel
 from models.transformer_ttt import TTT_CONFIG_KEYS
 
+from .atomic import copy_dir_atomically, save_pretrained_atomically
 from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, load_config
 from .packaged_text_encoder import PackagedTextEncoder, package_dir
 from .training.components import load_component, prepare_transformer, register_builder
@@ -163,7 +162,7 @@ def build_toy(model: ModelConfig, train: TrainConfig, parts, data: DataConfig | 
     args, data = toy_args(model), data or DataConfig()
     parts = tuple(parts)
     out: dict[str, Any] = {}
-    text_encoder = PackagedTextEncoder.from_package()
+    text_encoder = PackagedTextEncoder.from_package() if {"text_encoder", "transformer"} & set(parts) else None
     if "tokenizer" in parts:
         out["tokenizer"] = BertTokenizerFast.from_pretrained(package_dir())
     if "text_encoder" in parts:
@@ -191,7 +190,7 @@ def init_base(cfg: Config, out: str | os.PathLike) -> Path:
     torch.manual_seed(cfg.seed)
     transformer = new_transformer(toy_args(cfg.model).transformer, parts["vae"], parts["text_encoder"], cfg.data,
                                   cfg.model.ttt.latent_frames_first)
-    return save_atomically(CogVideoXPipeline(**parts, transformer=transformer), out)
+    return save_pretrained_atomically(CogVideoXPipeline(**parts, transformer=transformer), out)
 
 
 def to_base(export: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -207,7 +206,7 @@ def to_base(export: str | os.PathLike, out: str | os.PathLike) -> Path:
     state = {k: v for k, v in ttt.state_dict().items() if k != "scene_embedding"}
     base.load_state_dict(state, strict=True)
     parts = {name: load_component(str(export), name) for name in ("tokenizer", "text_encoder", "vae", "scheduler")}
-    return save_atomically(CogVideoXPipeline(**parts, transformer=base), out)
+    return save_pretrained_atomically(CogVideoXPipeline(**parts, transformer=base), out)
 
 
 def install(export: str | os.PathLike, out: str | os.PathLike, max_bytes: int = MAX_DEFAULT_MODEL_BYTES) -> Path:
@@ -220,31 +219,7 @@ def install(export: str | os.PathLike, out: str | os.PathLike, max_bytes: int = 
     if size > max_bytes:
         raise ValueError(f"{export}: {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB allowed for "
                          "the bundled model; shrink model.builder_args")
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    shutil.copytree(export, tmp, dirs_exist_ok=True)
-    return _replace_dir(tmp, out)
-
-
-def save_atomically(obj, out: str | os.PathLike) -> Path:
-    """obj.save_pretrained (a pipeline or a model) into a temporary sibling folder, then swapped in: `out` is never
-    half-written."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    obj.save_pretrained(tmp)
-    return _replace_dir(tmp, out)
-
-
-def _replace_dir(tmp: Path, out: Path) -> Path:
-    os.chmod(tmp, 0o755)
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-        os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-    return out
+    return copy_dir_atomically(export, out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .atomic import save_pretrained_atomically
 from .config import Config, load_config
 from .data import DatasetError, read_metadata
-from .toy_model import new_vae, save_atomically, toy_args
+from .toy_model import new_vae, toy_args
 from .video_io import read_video
 
 logger = logging.getLogger("vae_training")
@@ -129,7 +130,7 @@ def train_vae(cfg: Config) -> dict:
         mse = ((reconstruction - clips) / 2).pow(2).mean().item()  # in [0, 1] pixel units
     psnr = 10 * math.log10(1.0 / max(mse, 1e-12))
     vae.register_to_config(scaling_factor=1.0 / std)
-    save_atomically(vae, args.vae_dir)
+    save_pretrained_atomically(vae, args.vae_dir)
     result = {"held_out_psnr_db": psnr, "scaling_factor": 1.0 / std, "steps": run.steps,
               "seconds": time.perf_counter() - start}
     logger.info("saved %s: held-out PSNR %.2f dB, scaling_factor %.4f", args.vae_dir, psnr, 1.0 / std)

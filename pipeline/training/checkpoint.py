@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from safetensors import safe_open
 from torch import nn
 
+from ..atomic import atomic_write_text
 from ..config import Config, ConfigError, save_config
-from ..data import atomic_write_text
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})$")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 from accelerate import Accelerator, DistributedType, cpu_offload_with_hook
 from accelerate.hooks import remove_hook_from_module
 
+from ..atomic import save_pretrained_atomically
 from ..config import ValidationConfig
 from ..pipeline_ttt_video import TTTVideoPipeline
 from ..video_io import write_video
@@ -91,19 +91,13 @@ def ema_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
 
 def export_pipeline(pipe: TTTVideoPipeline, out_dir: str | Path) -> Path:
     """Save a pipeline directory that sample.py and app.py load (`TTTVideoPipeline.from_pretrained`), atomically:
-    written to a temporary sibling folder, then renamed over out_dir. LoRA weights, if any, are fused first."""
+    written to a temporary sibling folder, then swapped in for out_dir. LoRA weights, if any, are fused first."""
     out_dir = Path(out_dir)
     transformer = pipe.transformer
     if getattr(transformer, "_hf_peft_config_loaded", False):
         transformer.fuse_lora()
         transformer.unload_lora()
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    save_pretrained_atomically(pipe, out_dir)
     logger.info("exported the pipeline to %s", out_dir)
     return out_dir
 

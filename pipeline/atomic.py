@@ -1,0 +1,65 @@
+"""Writing files and folders so that nothing is ever half-written: everything goes to a temporary name in the same
+folder first and is then renamed into place (a rename within one file system is atomic)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file under a temporary name in the same folder, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the file it replaces was an ordinary one
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def save_pretrained_atomically(obj, out: str | os.PathLike) -> Path:
+    """obj.save_pretrained (a diffusers pipeline or model) into a temporary sibling folder, then swapped in for
+    `out`: a reader sees the old folder or the new one, never a mix or a half-written one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        obj.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir(tmp, out)
+
+
+def copy_dir_atomically(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """A copy of the folder `src` swapped in for `out` (see save_pretrained_atomically)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> Path:
+    """Put the finished folder `tmp` (a sibling of `out`) in place of `out`, removing the old one after the swap."""
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+        os.replace(out, old / out.name)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old)
+    return out

@@ -1,0 +1,45 @@
+"""pipeline/atomic.py: folders and files are replaced whole or not at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.atomic import atomic_write_text, copy_dir_atomically, save_pretrained_atomically
+
+
+class _Saver:
+    def __init__(self, files: dict[str, str], fail_after: int | None = None):
+        self.files, self.fail_after = files, fail_after
+
+    def save_pretrained(self, folder):
+        for i, (name, text) in enumerate(self.files.items()):
+            if i == self.fail_after:
+                raise OSError("disk full")
+            (folder / name).write_text(text)
+
+
+def _tree(folder):
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def test_save_replaces_the_whole_folder_and_a_failed_save_leaves_the_old_one(tmp_path):
+    out = tmp_path / "model"
+    save_pretrained_atomically(_Saver({"a.json": "1", "b.bin": "2"}), out)
+    assert _tree(out) == {"a.json": "1", "b.bin": "2"}
+    save_pretrained_atomically(_Saver({"a.json": "3"}), out)
+    assert _tree(out) == {"a.json": "3"}  # nothing of the old folder is left over
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained_atomically(_Saver({"a.json": "4", "b.bin": "5"}, fail_after=1), out)
+    assert _tree(out) == {"a.json": "3"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders behind
+
+
+def test_copy_and_text_write(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.txt").write_text("x")
+    out = copy_dir_atomically(src, tmp_path / "deep" / "copy")
+    assert _tree(out) == {"x.txt": "x"} and oct(out.stat().st_mode & 0o777) == "0o755"
+    path = atomic_write_text(tmp_path / "t" / "note.txt", "hello\n")
+    assert path.read_text() == "hello\n" and oct(path.stat().st_mode & 0o777) == "0o644"
+    assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
