@@ -14,7 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from sample import DTYPES, ArgumentParser, InputError, UsageError, default_model, load_pipeline, resolve_device
+from sample import (
+    DTYPES,
+    ArgumentParser,
+    InputError,
+    UsageError,
+    check_model_path,
+    default_model,
+    load_pipeline,
+    resolve_device,
+)
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 
@@ -48,10 +57,7 @@ def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
     # 1. flags and model location (cheap checks before anything heavy is imported)
     args = parse_args(argv)
     args.model = args.model or default_model()
-    model = Path(args.model)
-    looks_local = args.model.startswith((".", "/", "~")) or args.model.count("/") != 1 or model.parent.is_dir()
-    if looks_local and not model.is_dir():  # a hub id is "owner/name" where no folder "owner" is here
-        raise UsageError(f"--model: no such directory: {args.model}")
+    check_model_path(args.model)  # a local folder must hold a pipeline; "owner/name" may be a hub id
     device, dtype = resolve_device(args)
     from pipeline.demo import MAX_STEPS, build_demo, launch
 
