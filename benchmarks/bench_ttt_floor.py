@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from bench_ttt_op import make_inputs, median_time  # noqa: E402  (the op benchmark's timing and inputs)
 
 from kernels import ttt_mlp  # noqa: E402
 
@@ -45,19 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 class MatmulReplay:
-    """The torch backend's batched matmuls for N = B * H heads, on fixed buffers (values stay bounded: the
-    state updates write into separate buffers instead of accumulating)."""
+    """The torch backend's batched matmuls for N = B * H heads on fixed buffers, in the op's forms: the forward
+    updates the state in place, the recompute writes the new state to scratch, the backward accumulates the state
+    gradients in place (small inputs keep the accumulated values far from overflow)."""
 
     def __init__(self, N: int, D: int, m: int):
         F, R = 4 * D, 2 * m
@@ -74,13 +65,17 @@ class MatmulReplay:
         self.g_z1, self.g_z2, self.g_x, self.g_x2 = buf(N, R, F), buf(N, R, D), buf(N, R, D), buf(N, R, F)
         self.g_dz1, self.g_dz2, self.tmp_f, self.tmp_d = buf(N, m, F), buf(N, m, D), buf(N, m, F), buf(N, m, D)
 
-    def forward_step(self) -> None:
+    def forward_step(self, save: bool) -> None:
         m = self.m
         torch.baddbmm(self.b1, self.x, self.w1, out=self.z1)
         torch.baddbmm(self.b2, self.x2, self.w2, out=self.z2)
         torch.bmm(self.dz2, self.w2.transpose(1, 2), out=self.dx2)
-        torch.baddbmm(self.w2, self.x2[:, m:].transpose(1, 2), self.dz2, alpha=-1, out=self.new_w2)
-        torch.baddbmm(self.w1, self.x[:, m:].transpose(1, 2), self.dz1, alpha=-1, out=self.new_w1)
+        if save:
+            torch.baddbmm(self.w2, self.x2[:, m:].transpose(1, 2), self.dz2, alpha=-1, out=self.new_w2)
+            torch.baddbmm(self.w1, self.x[:, m:].transpose(1, 2), self.dz1, alpha=-1, out=self.new_w1)
+        else:
+            self.w2.baddbmm_(self.x2[:, m:].transpose(1, 2), self.dz2, alpha=-1)
+            self.w1.baddbmm_(self.x[:, m:].transpose(1, 2), self.dz1, alpha=-1)
 
     def backward_step(self) -> None:
         m = self.m
@@ -89,43 +84,40 @@ class MatmulReplay:
         self.g_dz2.baddbmm_(self.g_dz1, self.w2)
         torch.bmm(self.g_z2, self.w2.transpose(1, 2), out=self.g_x2)
         torch.bmm(self.dz2, self.g_w2.transpose(1, 2), out=self.tmp_f)
-        torch.baddbmm(self.g_w2, self.g_dz1.transpose(1, 2), self.dz2, out=self.new_w2)
-        torch.baddbmm(self.g_w2, self.x2.transpose(1, 2), self.g_z2, out=self.new_w2)
+        self.g_w2.baddbmm_(self.g_dz1.transpose(1, 2), self.dz2)
+        self.g_w2.baddbmm_(self.x2.transpose(1, 2), self.g_z2)
         torch.bmm(self.g_z1, self.w1.transpose(1, 2), out=self.g_x)
         torch.bmm(self.dz1, self.g_w1.transpose(1, 2), out=self.tmp_d)
-        torch.baddbmm(self.g_w1, self.x.transpose(1, 2), self.g_z1, out=self.new_w1)
+        self.g_w1.baddbmm_(self.x.transpose(1, 2), self.g_z1)
 
     def forward(self, steps: int) -> None:
         for _ in range(steps):
-            self.forward_step()
+            self.forward_step(save=False)
 
     def forward_backward(self, steps: int, group: int) -> None:
         self.forward(steps)
         for first in range(0, steps, group):
             n = min(group, steps - first)
-            self.forward(n)
+            for _ in range(n):
+                self.forward_step(save=True)
             for _ in range(n):
                 self.backward_step()
 
 
 def dispatch_floor(L: int, m: int, repeats: int) -> tuple[float, float]:
     """(forward, forward+backward) seconds of the real op at D=4, F=16, one head."""
-    g = torch.Generator().manual_seed(0)
-    D, F = 4, 16
-    tensors = [torch.randn(*s, generator=g).requires_grad_()
-               for s in ((1, 1, L, D), (1, 1, L, D), (1, 1, L, D), (1, 1, L), (1, D, F), (1, F), (1, F, D), (1, D),
-                         (1, D), (1, D))]
+    tensors, kwargs = make_inputs("ttt_mlp", 1, 1, L, 4, m, torch.float32, "cpu", requires_grad=True)
 
     def forward():
         with torch.no_grad():
-            ttt_mlp(*tensors, mini_batch_size=m, backend="torch")
+            ttt_mlp(*tensors, backend="torch", **kwargs)
 
     def forward_backward():
         for t in tensors:
             t.grad = None
-        ttt_mlp(*tensors, mini_batch_size=m, backend="torch").square().mean().backward()
+        ttt_mlp(*tensors, backend="torch", **kwargs).square().mean().backward()
 
-    return median_time(forward, repeats), median_time(forward_backward, repeats)
+    return median_time(forward, repeats, 1, "cpu")[0], median_time(forward_backward, repeats, 1, "cpu")[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     steps = math.ceil(args.length / args.mini_batch)
     replay = MatmulReplay(args.heads, args.head_dim, args.mini_batch)
-    fwd = median_time(lambda: replay.forward(steps), args.repeats)
-    fwd_bwd = median_time(lambda: replay.forward_backward(steps, args.checkpoint_group), args.repeats)
+    fwd = median_time(lambda: replay.forward(steps), args.repeats, 1, "cpu")[0]
+    fwd_bwd = median_time(lambda: replay.forward_backward(steps, args.checkpoint_group), args.repeats, 1, "cpu")[0]
     d_fwd, d_fwd_bwd = dispatch_floor(args.length, args.mini_batch, args.repeats)
     print(f"ttt_mlp torch backend, H={args.heads}, D={args.head_dim}, L={args.length}, m={args.mini_batch}, "
           f"G={args.checkpoint_group}, {torch.get_num_threads()} threads, median of {args.repeats}\n")

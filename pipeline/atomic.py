@@ -28,31 +28,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def save_pretrained_atomically(obj, out: str | os.PathLike) -> Path:
     """obj.save_pretrained (a diffusers pipeline or model) into a temporary sibling folder, then swapped in for
     `out`: a reader sees the old folder or the new one, never a mix or a half-written one."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        obj.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return replace_dir(tmp, out)
+    return _build_dir(out, obj.save_pretrained)
 
 
 def copy_dir_atomically(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A copy of the folder `src` swapped in for `out` (see save_pretrained_atomically)."""
+    return _build_dir(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+
+
+def _build_dir(out: str | os.PathLike, fill) -> Path:
+    """fill(tmp) writes the new folder into a temporary sibling of `out`, which then replaces `out`; on failure the
+    temporary folder is removed and `out` is left as it was."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        fill(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return replace_dir(tmp, out)
+    return _replace_dir(tmp, out)
 
 
-def replace_dir(tmp: Path, out: Path) -> Path:
+def _replace_dir(tmp: Path, out: Path) -> Path:
     """Put the finished folder `tmp` (a sibling of `out`) in place of `out`, removing the old one after the swap."""
     os.chmod(tmp, 0o755)  # mkdtemp makes it private
     old = None
