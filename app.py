@@ -14,13 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from sample import (
+from pipeline.loading import (
     DTYPES,
     ArgumentParser,
     InputError,
     UsageError,
     check_model_path,
     default_model,
+    first_line,
     load_pipeline,
     resolve_device,
 )
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
     args = parse_args(argv)
     args.model = args.model or default_model()
     check_model_path(args.model)  # a local folder must hold a pipeline; "owner/name" may be a hub id
-    device, dtype = resolve_device(args)
+    device, dtype = resolve_device(args.device, args.dtype, args.offload)
     from pipeline.demo import MAX_STEPS, build_demo, launch
 
     if args.steps > MAX_STEPS:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
     try:
         pipe = load_pipeline(args.model, None, dtype)
     except (OSError, ValueError) as e:
-        raise InputError(f"could not load --model {args.model}: {str(e).strip().splitlines()[0]}") from None
+        raise InputError(f"could not load --model {args.model}: {first_line(e)}") from None
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:

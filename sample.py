@@ -15,25 +15,22 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.loading import (
+    DTYPES,
+    ArgumentParser,
+    InputError,
+    UsageError,
+    check_model_path,
+    default_model,
+    first_line,
+    load_pipeline,
+    resolve_device,
+)
 from pipeline.storyboard import StoryboardError, load_storyboard
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "default"
 DEFAULT_STORYBOARD = ROOT / "examples" / "toy_story.json"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class UsageError(Exception):
-    """Bad flags or a missing model: reported in one line, exit code 2."""
-
-
-class InputError(Exception):
-    """A model or adapter that cannot be loaded: reported in one line, exit code 1."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of argparse's usage block
-        raise UsageError(f"{message} (see --help)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,72 +61,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def default_model() -> str:
-    """The bundled models/default/ (sample.py's and app.py's --model default), or a UsageError saying how to get it."""
-    if not DEFAULT_MODEL.is_dir():
-        raise UsageError(f"the default model is missing: no folder {DEFAULT_MODEL}; restore it with `git checkout "
-                         "models/default`, retrain it with `bash scripts/train_default_model.sh`, or pass --model "
-                         "<pipeline directory or hub id>")
-    return str(DEFAULT_MODEL)
-
-
-def check_model_path(model: str) -> None:
-    """A local directory must exist and hold a pipeline; "owner/name" may be a hub id unless "owner" is a local
-    folder (then a missing "name" is a typo here, not something to look for on the hub)."""
-    path = Path(model).expanduser()
-    local_parent = model.count("/") == 1 and path.parent.is_dir()
-    if path.exists() or local_parent or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        if not path.is_dir():
-            raise UsageError(f"--model: no such directory: {model}")
-        if not (path / "model_index.json").is_file():
-            raise InputError(f"--model {model}: no pipeline there (no model_index.json; save one with "
-                             "TTTVideoPipeline.save_pretrained)")
-
-
-def resolve_device(args: argparse.Namespace):
-    import torch
-
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {args.device!r}; expected e.g. cpu, cuda or cuda:1") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available")
-    if args.offload and device.type == "cpu":
-        raise UsageError("--offload moves models between the CPU and a GPU; it needs a CUDA --device")
-    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return device, getattr(torch, name)
-
-
-def load_pipeline(model: str, adapter: Path | None, dtype):
-    from diffusers import DiffusionPipeline
-
-    from pipeline import TTTVideoPipeline
-
-    try:
-        index = DiffusionPipeline.load_config(model)
-    except OSError as e:
-        raise InputError(f"--model {model}: no pipeline there ({_first_line(e)})") from None
-    if index.get("_class_name") == TTTVideoPipeline.__name__:
-        pipe = TTTVideoPipeline.from_pretrained(model, dtype=dtype)
-        if adapter is not None:
-            pipe.transformer.load_adapter(adapter)
-        return pipe
-    if adapter is None:
-        raise UsageError(f"--model {model} is a {index.get('_class_name')}, not a TTT-Video pipeline; pass "
-                         "--ttt-adapter to add trained TTT layers to it")
-    return TTTVideoPipeline.from_cogvideox(model, ttt_adapter=adapter, dtype=dtype)
-
-
 def main(argv: list[str] | None = None) -> int:
     # 1. flags and storyboard (cheap checks before any model is loaded)
     args = parse_args(argv)
     storyboard = load_storyboard(args.storyboard, max_segments=args.max_segments)
-    args.model = args.model or default_model()
+    args.model = args.model or default_model(DEFAULT_MODEL)
     check_model_path(args.model)
     if args.ttt_adapter is not None and not args.ttt_adapter.is_file():
         raise UsageError(f"--ttt-adapter: file not found: {args.ttt_adapter}")
-    device, dtype = resolve_device(args)
+    device, dtype = resolve_device(args.device, args.dtype, args.offload)
     output = args.output or ROOT / "outputs" / f"{args.storyboard.stem}.mp4"
 
     # 2. build the pipeline
@@ -141,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = load_pipeline(args.model, args.ttt_adapter, dtype)
     except (OSError, ValueError) as e:
-        raise InputError(f"could not load --model {args.model}: {_first_line(e)}") from None
+        raise InputError(f"could not load --model {args.model}: {first_line(e)}") from None
     if args.scheduler is not None:
         scheduler_class = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[args.scheduler]
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
@@ -163,11 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
           f"({storyboard.num_segments} segments), generated in {elapsed:.1f} s")
     return 0
-
-
-def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

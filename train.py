@@ -3,7 +3,7 @@
     accelerate launch [--config_file configs/accelerate/fsdp_8gpu.yaml] train.py \
         --config configs/cogvideox-5b-ttt-mlp/9s.yaml [key=value ...] [--resume latest|STEP|DIR]
 
-Config → build → loop → save. Run `python -m pipeline.precompute --config <same config>` first; docs/training.md
+Config → build → loop → save. Run `python -m pipeline.data.precompute --config <same config>` first; docs/training.md
 has the recipe, the Accelerate configs and the memory table.
 """
 
@@ -23,7 +23,6 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.config import Config, ConfigError, load_config, save_config, to_dict
 from pipeline.data import DatasetError, EpochSampler, SequenceDataset, batch_stream
 from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
@@ -40,6 +39,7 @@ from pipeline.training import (
     validate,
 )
 from pipeline.training.components import torch_dtype
+from pipeline.training.config import Config, ConfigError, load_config, save_config, to_dict
 
 logger = logging.getLogger("train")
 

@@ -11,7 +11,7 @@ from .storyboard import DEFAULT_MAX_SEGMENTS, SEGMENT_SECONDS, Segment, Storyboa
 _LAZY = {
     "TTTVideoPipeline": "pipeline_ttt_video",
     "TTTVideoPipelineOutput": "pipeline_ttt_video",
-    "encode_text": "pipeline_ttt_video",
+    "encode_text": "text_encoding",
     "read_video": "video_io",
     "write_video": "video_io",
 }

@@ -45,6 +45,8 @@ from models import CogVideoXTTTTransformer3DModel
 # in modules already imported
 from .packaged_text_encoder import PackagedTextEncoder  # noqa: F401
 from .storyboard import DEFAULT_MAX_SEGMENTS, SEGMENT_SECONDS, Storyboard, load_storyboard
+from .text_encoding import encode_text
+from .vae_decode import decode_windows, frame_batches
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 CFG_MODES = ("batched", "sequential")
@@ -57,23 +59,6 @@ class TTTVideoPipelineOutput(BaseOutput):
 
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
     fps: float
-
-
-def encode_text(tokenizer: PreTrainedTokenizerBase, text_encoder: PreTrainedModel, texts: list[str],
-                max_length: int, device: torch.device | str | None = None,
-                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text encoder last hidden states, padded to max_length, as CogVideoXPipeline computes them.
-
-    The encoder sees the padded ids without an attention mask (CogVideoX's convention; the transformer was trained
-    on such embeddings), and the padding mask is returned for the TTT layers, where padding must not update the
-    state. Training's precompute and text dropout must call this too, so that both sides use the same embeddings.
-    Returns embeds (N, max_length, D) and mask (N, max_length) bool, True on real tokens.
-    """
-    device = device if device is not None else text_encoder.device
-    inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, add_special_tokens=True,
-                       return_tensors="pt")
-    embeds = text_encoder(inputs.input_ids.to(device))[0]
-    return embeds.to(device=device, dtype=dtype or embeds.dtype), inputs.attention_mask.to(device).bool()
 
 
 class TTTVideoPipeline(DiffusionPipeline):
@@ -220,85 +205,15 @@ class TTTVideoPipeline(DiffusionPipeline):
     # decoding
 
     def frame_batches(self, num_latent_frames: int) -> list[tuple[int, int]]:
-        """The latent frame ranges the CogVideoX VAE decodes together (its `_decode`): the first batch takes the odd
-        frames out, then num_latent_frames_batch_size frames each. Each range is one call of the decoder, whose
-        GroupNorms see all frames of that call, so any other split would change the pixels."""
-        size = self.vae.num_latent_frames_batch_size
-        remainder = num_latent_frames % size
-        ends = [size * (i + 1) + remainder for i in range(max(num_latent_frames // size, 1))]
-        starts = [0] + ends[:-1]
-        return [(s, min(e, num_latent_frames)) for s, e in zip(starts, ends)]
+        """The latent frame ranges the VAE decodes together (pipeline/vae_decode.py)."""
+        return frame_batches(self.vae, num_latent_frames)
 
-    @torch.no_grad()
     def decode_windows(self, latents: torch.Tensor, decode_window: int | None = None) -> Iterator[torch.Tensor]:
-        """Decodes latents (B, T, C, h, w) window by window, carrying the VAE's causal conv cache across windows.
-
-        decode_window: latent frames per window (rounded to whole VAE frame batches, at least one); None: one
-        segment's latent frames. Yields pixel windows (B, 3, F_w, H, W) in [-1, 1] whose concatenation along frames
-        equals `vae.decode` of the whole sequence, with or without `vae.enable_tiling()` / `enable_slicing()`.
-        """
+        """Decodes latents (B, T, C, h, w) window by window with the VAE's causal cache carried
+        (pipeline/vae_decode.py); decode_window None: one segment's latent frames."""
         if decode_window is None:
             decode_window = self.transformer.config.latent_frames_per_segment
-        # the offload hook that vae.decode would trigger; we call the decoder's parts directly
-        hook = getattr(self.vae, "_hf_hook", None)
-        if hook is not None and hasattr(hook, "pre_forward"):
-            hook.pre_forward(self.vae)
-        z = latents.to(self.vae.dtype).permute(0, 2, 1, 3, 4) / self.vae.config.scaling_factor  # (B, C, T, h, w)
-        slices = list(z.split(1)) if self.vae.use_slicing and z.shape[0] > 1 else [z]
-        caches: list[Any] = [None] * len(slices)
-        window: list[tuple[int, int]] = []
-        batches = self.frame_batches(z.shape[2])
-        for k, (start, end) in enumerate(batches):
-            window.append((start, end))
-            if k + 1 < len(batches) and batches[k + 1][1] - window[0][0] <= decode_window:
-                continue
-            parts = []
-            for s, z_slice in enumerate(slices):
-                frames = []
-                for a, b in window:
-                    pixels, caches[s] = self._decode_frame_batch(z_slice[:, :, a:b], caches[s])
-                    frames.append(pixels)
-                parts.append(torch.cat(frames, dim=2))
-            window = []
-            yield torch.cat(parts, dim=0)
-
-    def _decode_frame_batch(self, z: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        """One decoder call on z (B, C, t, h, w) → (B, 3, f, H, W), tiled exactly as the VAE's `tiled_decode` when
-        tiling is on (one conv cache per tile then)."""
-        vae = self.vae
-        height, width = z.shape[-2:]
-        if not (vae.use_tiling and (width > vae.tile_latent_min_width or height > vae.tile_latent_min_height)):
-            if vae.post_quant_conv is not None:
-                z = vae.post_quant_conv(z)
-            return vae.decoder(z, conv_cache=cache)
-        cache = cache or {}
-        step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
-        step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
-        blend_h = int(vae.tile_sample_min_height * vae.tile_overlap_factor_height)
-        blend_w = int(vae.tile_sample_min_width * vae.tile_overlap_factor_width)
-        keep_h, keep_w = vae.tile_sample_min_height - blend_h, vae.tile_sample_min_width - blend_w
-        rows = []
-        for i in range(0, height, step_h):
-            row = []
-            for j in range(0, width, step_w):
-                tile = z[:, :, :, i: i + vae.tile_latent_min_height, j: j + vae.tile_latent_min_width]
-                if vae.post_quant_conv is not None:
-                    tile = vae.post_quant_conv(tile)
-                tile, cache[i, j] = vae.decoder(tile, conv_cache=cache.get((i, j)))
-                row.append(tile)
-            rows.append(row)
-        # blend each tile with the one above and the one to its left (in place, as tiled_decode does), then crop
-        out_rows = []
-        for i, row in enumerate(rows):
-            out_row = []
-            for j, tile in enumerate(row):
-                if i > 0:
-                    tile = vae.blend_v(rows[i - 1][j], tile, blend_h)
-                if j > 0:
-                    tile = vae.blend_h(row[j - 1], tile, blend_w)
-                out_row.append(tile[:, :, :, :keep_h, :keep_w])
-            out_rows.append(torch.cat(out_row, dim=4))
-        return torch.cat(out_rows, dim=3), cache
+        return decode_windows(self.vae, latents, decode_window)
 
     # checks
 

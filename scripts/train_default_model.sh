@@ -26,20 +26,20 @@ if step 1 "toy-world dataset: $STORIES stories of 20 segments (60 s)"; then
     python -m pipeline.toyworld generate --out outputs/toy/dataset --stories "$STORIES" --segments 20 --seed 0
 fi
 if step 2 "tiny VAE"; then
-    python -m pipeline.vae_training --config configs/toy/base.yaml
+    python -m pipeline.toy.vae --config configs/toy/base.yaml
 fi
 if step 3 "base pipeline: MiniLM text encoder, the VAE, DPM scheduler, random transformer"; then
-    python -m pipeline.toy_model init --config configs/toy/base.yaml
+    python -m pipeline.toy.model init --config configs/toy/base.yaml
 fi
 if step 4 "precompute latents and text embeddings"; then
     rm -rf outputs/toy/cache  # encoded by an earlier VAE otherwise
     # two processes, one per core (Accelerate's launcher; on the CPU it needs ACCELERATE_USE_CPU and --multi_gpu)
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m pipeline.precompute \
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m pipeline.data.precompute \
         --config configs/toy/pretrain.yaml
 fi
 if step 5 "pretraining the transformer on 3-s segments (no TTT)"; then
     python train.py --config configs/toy/pretrain.yaml
-    python -m pipeline.toy_model to-base --export outputs/toy/pretrain/final --out outputs/toy/base
+    python -m pipeline.toy.model to-base --export outputs/toy/pretrain/final --out outputs/toy/base
 fi
 if step 6 "TTT-MLP inserted, 3-s stage"; then
     python train.py --config configs/toy/ttt-mlp/3s.yaml
@@ -51,6 +51,6 @@ if step 8 "60-s stage"; then
     python train.py --config configs/toy/ttt-mlp/60s.yaml
 fi
 if step 9 "install into models/default"; then
-    python -m pipeline.toy_model install --export outputs/toy/ttt-mlp/60s/final --out models/default
+    python -m pipeline.toy.model install --export outputs/toy/ttt-mlp/60s/final --out models/default
 fi
 echo "== done in $(( (SECONDS - start) / 60 )) min"

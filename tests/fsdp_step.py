@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_scheduler, tiny_transformer  # noqa: E402
 
 from models import CogVideoXTTTTransformer3DModel  # noqa: E402
-from pipeline.config import OptimConfig  # noqa: E402
+from pipeline.training.config import OptimConfig  # noqa: E402
 from pipeline.training.loss import diffusion_loss  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The Gradio demo (app.py, pipeline/demo.py): its API through gradio_client against the app served on localhost with
+"""The Gradio demo (app.py, pipeline/demo/): its API through gradio_client against the app served on localhost with
 the tiny pipeline, and the editor's helpers on their own."""
 
 from __future__ import annotations

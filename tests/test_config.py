@@ -10,7 +10,7 @@ import yaml
 
 from models import CogVideoXTTTTransformer3DModel
 from models.transformer_ttt import TTT_CONFIG_KEYS
-from pipeline.config import Config, ConfigError, TTTConfig, load_config, save_config, to_dict
+from pipeline.training.config import Config, ConfigError, TTTConfig, load_config, save_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,7 +12,6 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
-from pipeline.config import load_config
 from pipeline.data import (
     DatasetError,
     EpochSampler,
@@ -23,10 +22,11 @@ from pipeline.data import (
     read_metadata,
     write_metadata,
 )
-from pipeline.pipeline_ttt_video import encode_text
-from pipeline.precompute import decode_segments, encode_frames, precompute, segment_frame_times
-from pipeline.prepare import prepare_captions, prepare_scenes, whole_segments
+from pipeline.data.precompute import decode_segments, encode_frames, precompute, segment_frame_times
+from pipeline.data.prepare import prepare_captions, prepare_scenes, whole_segments
+from pipeline.text_encoding import encode_text
 from pipeline.training.components import build_components
+from pipeline.training.config import load_config
 from pipeline.training.loss import DiffusionCollate
 from pipeline.video_io import read_video, write_video
 
@@ -171,9 +171,9 @@ def test_precompute_resumes_and_skips_bad_videos(base, tmp_path):
 
 
 def test_precompute_on_two_processes_splits_the_videos(base, tmp_path):
-    """`accelerate launch -m pipeline.precompute` on 2 CPU processes writes the same cache as one process."""
+    """`accelerate launch -m pipeline.data.precompute` on 2 CPU processes writes the same cache as one process."""
     launch, env = cpu_launch(2)
-    command = [*launch, "-m", "pipeline.precompute", "--config", str(CONFIG), "--dtype", "float32",
+    command = [*launch, "-m", "pipeline.data.precompute", "--config", str(CONFIG), "--dtype", "float32",
                *debug_overrides(base), f"data.cache={tmp_path / 'cache'}"]
     result = subprocess.run(command, cwd=CONFIG.parents[1], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,5 @@
 """The bundled default model (models/default/), its recipe's configs (configs/toy/) and the toy-model tools
-(pipeline/toy_model.py, pipeline/vae_training.py, pipeline/packaged_text_encoder.py)."""
+(pipeline/toy/model.py, pipeline/toy/vae.py, pipeline/packaged_text_encoder.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, ti
 
 from models import CogVideoXTTTTransformer3DModel
 from pipeline import TTTVideoPipeline
-from pipeline.config import ConfigError, load_config
 from pipeline.packaged_text_encoder import PACKAGED_FILE, PackagedTextEncoder, package_dir
-from pipeline.toy_model import MAX_DEFAULT_MODEL_BYTES, install, to_base, toy_args
-from pipeline.vae_training import train_vae
+from pipeline.toy.model import MAX_DEFAULT_MODEL_BYTES, install, to_base, toy_args
+from pipeline.toy.vae import train_vae
+from pipeline.training.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "default"

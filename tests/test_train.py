@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
-from pipeline.config import ConfigError, load_config
 from pipeline.data import SequenceDataset
 from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
@@ -31,6 +30,7 @@ from pipeline.training import (
     param_groups,
     training_scheduler,
 )
+from pipeline.training.config import ConfigError, load_config
 from pipeline.video_io import read_video
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny import tiny_components  # noqa: E402
 
 from models import CogVideoXTTTTransformer3DModel  # noqa: E402
-from pipeline.config import ModelConfig, TrainConfig  # noqa: E402
 from pipeline.data import SEGMENT_SECONDS, SegmentInfo, VideoRecord, write_metadata  # noqa: E402
 from pipeline.training.components import prepare_transformer, register_builder  # noqa: E402
+from pipeline.training.config import ModelConfig, TrainConfig  # noqa: E402
 from pipeline.video_io import write_video  # noqa: E402
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "debug.yaml"
@@ -118,8 +118,8 @@ def prepared(base: str | Path) -> Path:
         import torch
         from accelerate import Accelerator
 
-        from pipeline.config import load_config
-        from pipeline.precompute import precompute
+        from pipeline.data.precompute import precompute
+        from pipeline.training.config import load_config
 
         base = Path(base)
         save_tiny_pipeline(base / "pipeline")

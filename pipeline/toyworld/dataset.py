@@ -36,7 +36,7 @@ def storyboard_dict(story: Story) -> dict:
 
 
 def metadata_line(story: Story, video: str) -> dict:
-    """The story's line of metadata.jsonl in the project's format (pipeline/data.py: starts exactly 3 s apart):
+    """The story's line of metadata.jsonl in the project's format (pipeline/data/: starts exactly 3 s apart):
     segment i starts at 3 i s, the frame 24 i that its motion starts from (the previous segment's last frame,
     shared), and precompute encodes frames 24 i ... 24 (i + 1) for it."""
     return {

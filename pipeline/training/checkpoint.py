@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..atomic import atomic_write_text
-from ..config import Config, ConfigError, save_config
+from .config import Config, ConfigError, save_config
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})$")

@@ -23,7 +23,7 @@ from diffusers import CogVideoXDDIMScheduler
 
 from models import CogVideoXTTTTransformer3DModel
 
-from ..config import ConfigError, ModelConfig, TrainConfig
+from .config import ConfigError, ModelConfig, TrainConfig
 
 PARTS = ("tokenizer", "text_encoder", "vae", "scheduler", "transformer")
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attn1 of every block; the TTT projections are named wq/wk/...

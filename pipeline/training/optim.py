@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from ..config import ConfigError, OptimConfig
+from .config import ConfigError, OptimConfig
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:

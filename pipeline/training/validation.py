@@ -1,21 +1,18 @@
-"""Validation sampling during training, EMA weight swapping, and the final export of a pipeline directory."""
+"""Validation sampling during training: every storyboard of the config rendered to mp4 and sent to the trackers."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedType, cpu_offload_with_hook
+from accelerate import Accelerator, cpu_offload_with_hook
 from accelerate.hooks import remove_hook_from_module
 
-from ..atomic import save_pretrained_atomically
-from ..config import ValidationConfig
 from ..pipeline_ttt_video import TTTVideoPipeline
 from ..video_io import write_video
+from .config import ValidationConfig
 
 logger = logging.getLogger(__name__)
 FRAMES_LOGGED = 8  # frames per video sent to image trackers (tensorboard has no video support without moviepy)
@@ -73,45 +70,3 @@ def _log_video(accelerator: Accelerator, name: str, path: Path, frames: np.ndarr
         elif tracker.name == "tensorboard":
             picks = np.linspace(0, len(frames) - 1, min(FRAMES_LOGGED, len(frames))).round().astype(int)
             tracker.log_images({name: frames[picks]}, step=step, dataformats="NHWC")
-
-
-@contextlib.contextmanager
-def ema_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
-    """Temporarily load the EMA weights into `parameters` (no-op when ema is None)."""
-    if ema is None:
-        yield
-        return
-    ema.store(parameters)
-    ema.copy_to(parameters)
-    try:
-        yield
-    finally:
-        ema.restore(parameters)
-
-
-def export_pipeline(pipe: TTTVideoPipeline, out_dir: str | Path) -> Path:
-    """Save a pipeline directory that sample.py and app.py load (`TTTVideoPipeline.from_pretrained`), atomically:
-    written to a temporary sibling folder, then swapped in for out_dir. LoRA weights, if any, are fused first."""
-    out_dir = Path(out_dir)
-    transformer = pipe.transformer
-    if getattr(transformer, "_hf_peft_config_loaded", False):
-        transformer.fuse_lora()
-        transformer.unload_lora()
-    save_pretrained_atomically(pipe, out_dir)
-    logger.info("exported the pipeline to %s", out_dir)
-    return out_dir
-
-
-def full_transformer(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
-    """The trained transformer with whole (unsharded) weights for saving: the unwrapped model itself, or under
-    FSDP / DeepSpeed a fresh copy holding the gathered state dict on the main process (None on the others). Call on
-    every process."""
-    unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return unwrapped
-    state = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    copy = type(unwrapped).from_config(unwrapped.config)
-    copy.load_state_dict(state)
-    return copy

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 
 class ConfigError(ValueError):

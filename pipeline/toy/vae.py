@@ -1,8 +1,8 @@
 """Train the toy model's tiny CogVideoX VAE on the frames of a dataset folder.
 
-    python -m pipeline.vae_training --config configs/toy/base.yaml [key=value ...]
+    python -m pipeline.toy.vae --config configs/toy/base.yaml [key=value ...]
 
-Sizes come from `model.builder_args.vae`, the schedule from `model.builder_args.vae_training` (pipeline/toy_model.py
+Sizes come from `model.builder_args.vae`, the schedule from `model.builder_args.vae_training` (pipeline/toy/model.py
 documents both); the videos from data.root (metadata.jsonl, at data.fps and data.height x data.width). Each step
 reconstructs a batch of random clips (1 + 8k frames; random crops, since the VAE is convolutional and crops make a
 CPU step several times cheaper) through the posterior sample, with loss L1 + hard_weight x (mean L1 of the worst
@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import save_pretrained_atomically
-from .config import Config, load_config
-from .data import DatasetError, read_metadata
-from .toy_model import new_vae, toy_args
-from .video_io import read_video
+from ..atomic import save_pretrained_atomically
+from ..data.format import DatasetError, read_metadata
+from ..training.config import Config, load_config
+from ..video_io import read_video
+from .model import new_vae, toy_args
 
 logger = logging.getLogger("vae_training")
 INITIAL_LOGVAR = -6.0
@@ -138,7 +138,7 @@ def train_vae(cfg: Config) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.vae_training", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.toy.vae", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML under configs/toy/")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. model.builder_args.vae_training.steps=50")
     args = parser.parse_args(argv)

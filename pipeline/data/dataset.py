@@ -1,158 +1,25 @@
-"""Training data: the dataset format, the precomputed cache and the dataset of n-segment sequences.
+"""The dataset of n-segment sequences read from the precomputed cache, its epoch sampler and batch stream.
 
-Dataset format (docs/dataset.md): a folder of videos plus metadata.jsonl, one line per source video::
-
-    {"video": "clips/a.mp4", "fps": 30, "segments": [{"start": 0.0, "text": "...", "scene_start": true}, ...]}
-
-Segments are 3 s each and consecutive (start_{i+1} = start_i + 3). pipeline/precompute.py turns every video into a
-cache item (VAE latent distribution and text embedding per segment); `SequenceDataset` reads windows of the stage's
-number of consecutive segments from those items.
+`SequenceDataset` reads windows of the stage's number of consecutive segments from the cache items that
+pipeline/data/precompute.py wrote (format: pipeline/data/format.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import math
 import os
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Sampler
 
-from .atomic import atomic_write_text
-from .storyboard import SEGMENT_SECONDS
+from .format import NULL_FILE, DatasetError, check_manifest, item_path, read_manifest, read_metadata
 
 logger = logging.getLogger(__name__)
-
-METADATA_FILE = "metadata.jsonl"
-MANIFEST_FILE = "manifest.json"
-NULL_FILE = "null.safetensors"
-ITEMS_DIR = "items"
-_START_TOLERANCE = 1e-3  # seconds; starts written with a few decimals still count as consecutive
-
-# manifest fields that decide tensor shapes: a cache made with other values cannot feed the model
-SHAPE_FIELDS = ("height", "width", "fps", "max_text_length", "latent_frames_first", "latent_frames_per_segment",
-                "latent_channels", "text_embed_dim")
-
-
-class DatasetError(ValueError):
-    """Bad dataset metadata or cache; the message names the file (and line/field) and what was expected."""
-
-
-@dataclass(frozen=True)
-class SegmentInfo:
-    """One 3-s segment of a source video: it starts `start` seconds into the file."""
-
-    start: float
-    text: str = ""
-    scene_start: bool = False
-
-
-@dataclass(frozen=True)
-class VideoRecord:
-    """One line of metadata.jsonl: a video (path relative to the dataset folder), its fps and its segments."""
-
-    video: str
-    fps: float
-    segments: tuple[SegmentInfo, ...]
-
-    @property
-    def key(self) -> str:
-        """Cache item name: a hash of the whole record, so edited texts or segments make a new item."""
-        digest = hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:16]
-        return f"{Path(self.video).stem[:40]}-{digest}"
-
-    def to_json(self) -> dict:
-        return {"video": self.video, "fps": self.fps, "segments": [asdict(s) for s in self.segments]}
-
-
-def parse_record(data: object, place: str) -> VideoRecord:
-    """Validate one metadata entry; `place` (e.g. "metadata.jsonl:3") prefixes every error."""
-    if not isinstance(data, dict):
-        raise DatasetError(f"{place}: expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"video", "fps", "segments"})
-    if unknown:
-        raise DatasetError(f"{place}: unknown field {unknown[0]!r}; expected video, fps, segments")
-    video, fps, segments = data.get("video"), data.get("fps"), data.get("segments")
-    if not isinstance(video, str) or not video:
-        raise DatasetError(f"{place}: video: expected a path relative to the dataset folder, got {video!r}")
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
-        raise DatasetError(f"{place}: fps: expected the source frame rate (a positive number), got {fps!r}")
-    if not isinstance(segments, list) or not segments:
-        raise DatasetError(f"{place}: segments: expected a non-empty list, got {segments!r}")
-    parsed = []
-    for i, seg in enumerate(segments):
-        where = f"{place}: segments[{i}]"
-        if not isinstance(seg, dict):
-            raise DatasetError(f"{where}: expected an object with start, text, scene_start, got {seg!r}")
-        unknown = sorted(set(seg) - {"start", "text", "scene_start"})
-        if unknown:
-            raise DatasetError(f"{where}: unknown field {unknown[0]!r}; expected start, text, scene_start")
-        start, text, scene_start = seg.get("start"), seg.get("text", ""), seg.get("scene_start", False)
-        if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
-            raise DatasetError(f"{where}.start: expected seconds >= 0, got {start!r}")
-        if parsed and abs(start - parsed[-1].start - SEGMENT_SECONDS) > _START_TOLERANCE:
-            raise DatasetError(f"{where}.start: expected {parsed[-1].start + SEGMENT_SECONDS:g} "
-                               f"({SEGMENT_SECONDS:g} s after the previous segment), got {start!r}")
-        if not isinstance(text, str):
-            raise DatasetError(f"{where}.text: expected a string, got {text!r}")
-        if not isinstance(scene_start, bool):
-            raise DatasetError(f"{where}.scene_start: expected true or false, got {scene_start!r}")
-        parsed.append(SegmentInfo(float(start), text, scene_start))
-    return VideoRecord(video, float(fps), tuple(parsed))
-
-
-def read_metadata(root: str | os.PathLike) -> list[VideoRecord]:
-    """All records of root/metadata.jsonl (blank lines ignored), validated."""
-    path = Path(root) / METADATA_FILE
-    if not path.is_file():
-        raise DatasetError(f"{path}: not found; a dataset folder holds the videos and {METADATA_FILE}")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        place = f"{path}:{number}"
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{place}: not valid JSON ({e.msg})") from None
-        records.append(parse_record(data, place))
-    return records
-
-
-def write_metadata(root: str | os.PathLike, records: list[VideoRecord]) -> Path:
-    """Write root/metadata.jsonl atomically."""
-    path = Path(root) / METADATA_FILE
-    return atomic_write_text(path, "".join(json.dumps(r.to_json()) + "\n" for r in records))
-
-
-def item_path(cache: str | os.PathLike, record: VideoRecord) -> Path:
-    return Path(cache) / ITEMS_DIR / f"{record.key}.safetensors"
-
-
-def read_manifest(cache: str | os.PathLike) -> dict:
-    path = Path(cache) / MANIFEST_FILE
-    if not path.is_file():
-        raise DatasetError(f"{path}: not found; run `python -m pipeline.precompute --config ...` first")
-    return json.loads(path.read_text())
-
-
-def check_manifest(manifest: dict, expected: dict, cache: str | os.PathLike) -> None:
-    """Raise if the cache was made for other shapes than `expected` (keys from SHAPE_FIELDS)."""
-    for key, want in expected.items():
-        have = manifest.get(key)
-        if have != want:
-            raise DatasetError(
-                f"{Path(cache) / MANIFEST_FILE}: the cache was precomputed with {key}={have!r} (model "
-                f"{manifest.get('model')!r}) but training expects {key}={want!r}; precompute again into another "
-                "cache folder or change the config")
-
 
 class EpochSampler(Sampler):
     """Shuffled order per epoch, yielding (index, sample_seed) pairs.
@@ -284,14 +151,6 @@ def _load_tensors(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
         raise DatasetError(f"{path}: not found; the precompute did not finish (run it again, it resumes)")
     with safe_open(str(path), framework="pt") as f:
         return {k: f.get_tensor(k) for k in keys}
-
-
-def num_pixel_frames(fps: int) -> int:
-    """Pixel frames of one 3-s segment at `fps`, checked to be whole."""
-    frames = fps * SEGMENT_SECONDS
-    if not math.isclose(frames, round(frames)):
-        raise DatasetError(f"fps={fps} does not give a whole number of frames per {SEGMENT_SECONDS:g}-s segment")
-    return round(frames)
 
 
 def batch_stream(loader, start: int = 0) -> Iterator:

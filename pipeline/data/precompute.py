@@ -1,7 +1,7 @@
 """Precompute the training cache: VAE latent distributions and text embeddings of every 3-s segment.
 
-    python -m pipeline.precompute --config configs/cogvideox-5b-ttt-mlp/3s.yaml [key=value ...]
-    accelerate launch -m pipeline.precompute --config ...     # several processes/GPUs: videos split by rank
+    python -m pipeline.data.precompute --config configs/cogvideox-5b-ttt-mlp/3s.yaml [key=value ...]
+    accelerate launch -m pipeline.data.precompute --config ...     # several processes/GPUs: videos split by rank
 
 For every video of data.root/metadata.jsonl: decode with PyAV, resample to data.fps (nearest source frame), resize to
 cover data.height x data.width and center-crop, then encode each segment separately as 1 + frames_per_segment
@@ -29,9 +29,11 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .atomic import atomic_write_text
-from .config import Config, ConfigError, load_config
-from .data import (
+from ..atomic import atomic_write_text
+from ..text_encoding import encode_text
+from ..training.components import build_components, torch_dtype
+from ..training.config import Config, ConfigError, load_config
+from .format import (
     MANIFEST_FILE,
     NULL_FILE,
     SHAPE_FIELDS,
@@ -42,8 +44,6 @@ from .data import (
     read_manifest,
     read_metadata,
 )
-from .pipeline_ttt_video import encode_text
-from .training.components import build_components, torch_dtype
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1

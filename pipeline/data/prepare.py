@@ -1,7 +1,7 @@
 """Turn raw footage or captioned clips into a dataset folder (docs/dataset.md).
 
-    python -m pipeline.prepare scenes RAW_DIR OUT_DIR [--threshold 27] [--detector content|none]
-    python -m pipeline.prepare captions CLIPS_DIR [--csv captions.csv --video-column video --text-column caption]
+    python -m pipeline.data.prepare scenes RAW_DIR OUT_DIR [--threshold 27] [--detector content|none]
+    python -m pipeline.data.prepare captions CLIPS_DIR [--csv captions.csv --video-column video --text-column caption]
 
 `scenes`: every video under RAW_DIR is split into scenes at its cuts (PySceneDetect's ContentDetector; --detector
 none keeps each file as one scene), each scene is trimmed to its longest centred run of whole 3-s segments (scenes
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import av
 
-from .data import SEGMENT_SECONDS, DatasetError, SegmentInfo, VideoRecord, write_metadata
+from .format import SEGMENT_SECONDS, DatasetError, SegmentInfo, VideoRecord, write_metadata
 
 logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v")
