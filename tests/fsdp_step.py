@@ -8,7 +8,7 @@ the root). Each rank takes its own sample of a batch; rank 0 also runs the unsha
 the script exits non-zero unless the loss, every gradient and every updated parameter agree.
 
 Model and batch run in float64: AdamW's first step is lr * g / (|g| + eps), so where a gradient is near eps (1e-8)
-float32 rounding moves the update by ~1e-5 between two correct runs; in float64 the two runs agree to ~1e-12, and
+float32 rounding moves the update by ~1e-5 between two correct runs; in float64 the two runs agree to ~1e-14, and
 the tolerances below are far under what a wrong sharding or gradient averaging (a factor of 2) would produce.
 """
 
