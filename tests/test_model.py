@@ -137,7 +137,7 @@ def test_ttt_rope_is_global_frames_in_forward_and_reverse_order():
 
 
 @pytest.mark.parametrize("overlap, frame_values", [
-    # value 10 * window + slot + 1; windows hold frames [0, 1, 2], [2, 3, 4], [4, 5, 6] with the overlap frame
+    # value 100 * sample + 10 * window + slot + 1 (sample 0 here); windows hold frames [0, 1, 2], [2, 3, 4], [4, 5, 6]
     (1, [1, 2, (3 + 11) / 2, 12, (13 + 21) / 2, 22, 23]),
     (0, [1, 2, 3, 11, 12, 21, 22]),  # [0, 1, 2], [3, 4, pad], [5, 6, pad]
 ])
@@ -150,9 +150,9 @@ def test_overlap_frame_averages_the_two_windows_that_hold_it(base, overlap, fram
 
     def hand_built(module, args, kwargs, out):
         video, text = out  # (B*n, Fw*hw, W): row b*n + i is window i of sample b
-        window = torch.arange(video.shape[0])[:, None, None] % n
+        row = torch.arange(video.shape[0])[:, None, None]
         slot = torch.arange(video.shape[1])[None, :, None] // hw
-        return (10 * window + slot + 1).to(video.dtype).expand_as(video), torch.zeros_like(text)
+        return (100 * (row // n) + 10 * (row % n) + slot + 1).to(video.dtype).expand_as(video), torch.zeros_like(text)
 
     seen = []
     block.attn1.register_forward_hook(hand_built, with_kwargs=True)
@@ -163,7 +163,8 @@ def test_overlap_frame_averages_the_two_windows_that_hold_it(base, overlap, fram
     layout = model.segment_layout(n, 4, 4, "cpu")
     canonical = seen[0].index_select(1, layout.forward_inverse)  # the first TTT call sees the attention output
     video = canonical[:, n * TEXT_LEN:].unflatten(1, (len(frame_values), hw))  # (B, T, hw, W)
-    expected = torch.tensor(frame_values, dtype=video.dtype)[None, :, None, None].expand_as(video)
+    expected = torch.tensor(frame_values)[None, :] + 100 * torch.arange(batch)[:, None]  # (B, T)
+    expected = expected[:, :, None, None].to(video.dtype).expand_as(video)
     torch.testing.assert_close(video, expected)
 
 
