@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.atomic import atomic_path
+
 from .layout import SegmentLayout, num_latent_frames, segment_layout
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
@@ -320,9 +322,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         """Write the added weights (safetensors) with the TTT config in the metadata; atomic (temp + rename)."""
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
                    if n in set(self.added_parameter_names())}
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata={"ttt_config": json.dumps(self.ttt_config())})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"ttt_config": json.dumps(self.ttt_config())})
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Read the added weights written by `save_adapter`; every added weight must be present and fit."""

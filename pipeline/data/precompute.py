@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 from ..text_encoding import encode_text
 from ..training.components import build_components, torch_dtype
 from ..training.config import Config, ConfigError, load_config
@@ -203,14 +203,8 @@ def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json(data: dict) -> str:
