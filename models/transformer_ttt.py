@@ -8,6 +8,7 @@ stock CogVideoX.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -28,10 +29,11 @@ from pipeline.atomic import atomic_path
 from .layout import SegmentLayout, num_latent_frames, segment_layout
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
+# the arguments TTT adds to CogVideoX's; their types and defaults are the model's signature (`ttt_config_fields`)
 TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
                    "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
                    "overlap_frames", "checkpoint_ttt", "attention_window")
-TRAINABLE_MODES = ("ttt", "ttt+attn", "lora", "full")
+TRAINABLE_MODES = ("full", "ttt", "ttt+attn", "lora")  # set_trainable's modes
 ATTENTION_WINDOWS = ("segment", "full")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
 
@@ -429,3 +431,10 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+
+def ttt_config_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of every TTT argument, read from the model's signature: the one source of the TTT
+    config (pipeline.training.config.TTTConfig is built from it)."""
+    params = inspect.signature(CogVideoXTTTTransformer3DModel.__init__, eval_str=True).parameters
+    return [(key, params[key].annotation, params[key].default) for key in TTT_CONFIG_KEYS]
