@@ -1,4 +1,4 @@
-"""The TTT layer (shared/DESIGN.md, "The TTT layer"): masking, RoPE, gradients, state carry."""
+"""The TTT layer (docs/design.md, "The TTT layer"): masking, RoPE, gradients, state carry."""
 
 import pytest
 import torch
@@ -18,7 +18,7 @@ def layer(ttt_type: str, seed: int = 0) -> TTTLayer:
 
 def rope_for(length: int):
     lay = segment_layout(2, 3, 2, 0, 4, (2, 2), (2, 2), None, 16)  # 28 tokens: text + video
-    cos, sin = lay.forward_rope
+    cos, sin = lay.forward.rope
     return cos[:length], sin[:length]
 
 
