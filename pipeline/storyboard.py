@@ -1,4 +1,4 @@
-"""Storyboards: ordered 3-second segments of text, grouped into scenes (shared/DESIGN.md, "What the system does").
+"""Storyboards: ordered 3-second segments of text, grouped into scenes (docs/design.md, "What the system does").
 
 Three file formats are read:
 
