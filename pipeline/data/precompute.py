@@ -43,6 +43,7 @@ from .format import (
     num_pixel_frames,
     read_manifest,
     read_metadata,
+    shape_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,10 +121,10 @@ def make_manifest(cfg: Config, vae, text_embed_dim: int) -> dict:
     if frames % ratio:
         raise DatasetError(f"data.fps={cfg.data.fps} gives {frames} frames per segment, not a multiple of the VAE's "
                            f"temporal compression {ratio}")
-    return {"version": CACHE_VERSION, "model": cfg.model.pretrained, "height": cfg.data.height,
-            "width": cfg.data.width, "fps": cfg.data.fps, "max_text_length": cfg.data.max_text_length,
-            "latent_frames_first": frames // ratio + 1, "latent_frames_per_segment": frames // ratio,
-            "latent_channels": vae.config.latent_channels, "text_embed_dim": text_embed_dim,
+    shape = shape_fields(cfg.data, max_text_length=cfg.data.max_text_length, latent_frames_first=frames // ratio + 1,
+                         latent_frames_per_segment=frames // ratio, latent_channels=vae.config.latent_channels,
+                         text_embed_dim=text_embed_dim)
+    return {"version": CACHE_VERSION, "model": cfg.model.pretrained, **shape,
             "scaling_factor": vae.config.scaling_factor}
 
 
