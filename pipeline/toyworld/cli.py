@@ -23,8 +23,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
+    from .checks import summarize
     from .dataset import score_folder
-    from .metrics import summarize
     from .report import format_table, plot_identity
 
     results = score_folder(args.videos, args.storyboards)

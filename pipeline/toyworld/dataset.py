@@ -21,7 +21,7 @@ from ..atomic import atomic_write_text
 from ..data.format import SegmentInfo, VideoRecord, write_metadata
 from ..storyboard import Segment, Storyboard
 from ..video_io import read_video, write_video
-from .metrics import VideoResult, score_video
+from .checks import VideoResult, score_video
 from .render import render_story
 from .sampler import sample_story
 from .world import FPS, FRAMES_PER_SEGMENT, Story

@@ -26,7 +26,7 @@ _ROWS = (
 
 
 def format_table(summary: dict) -> str:
-    """The summary from `metrics.summarize` as a fixed-width table (accuracy, count, chance, meaning)."""
+    """The summary from `checks.summarize` as a fixed-width table (accuracy, count, chance, meaning)."""
     lines = [f"{'check':<18}{'accuracy':>9}{'n':>8}{'chance':>8}  meaning", "-" * 80]
     for key, meaning in _ROWS:
         value, count = summary[key], summary["counts"][key]
