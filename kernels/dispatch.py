@@ -36,7 +36,7 @@ def _check_qkv_eta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch
 
 
 def _check_state(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: tuple[tuple[int, ...], ...],
-                batch: int, per_sample_only: bool = False) -> None:
+                 batch: int, per_sample_only: bool = False) -> None:
     """Checks that tensors[i] has shape shapes[i] (shared by the batch) or (batch, *shapes[i]) (per sample)."""
     if len(tensors) != len(names):
         raise ValueError(f"expected {len(names)} state tensors ({', '.join(names)}), got {len(tensors)}")
