@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_scheduler, tiny_transformer  # noqa: E402
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer  # noqa: E402
 
 from models import CogVideoXTTTTransformer3DModel  # noqa: E402
+from pipeline.schedulers import make_scheduler  # noqa: E402
 from pipeline.training.config import OptimConfig  # noqa: E402
 from pipeline.training.loss import diffusion_loss  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
@@ -74,7 +75,7 @@ def main() -> None:
 
     optim = OptimConfig(lr=1e-3, ttt_lr=1e-2, weight_decay=0.1)
     optimizer = build_optimizer(model, optim)
-    scheduler = tiny_scheduler()
+    scheduler = make_scheduler("ddim")
     data = batch(world)
     mine = {k: v[rank:rank + 1] for k, v in data.items()}
     loss = diffusion_loss(model, scheduler, mine).mean()

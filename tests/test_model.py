@@ -1,4 +1,4 @@
-"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (DESIGN.md, "One transformer block with TTT")."""
+"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (docs/design.md, "One transformer block with TTT")."""
 
 import copy
 
@@ -94,10 +94,9 @@ def test_layout_maps(overlap):
     n, text_len, hw = 3, 4, GRID * GRID
     layout = segment_layout(n, FRAMES_FIRST, FRAMES_PER_SEGMENT, overlap, text_len, (GRID, GRID), (GRID, GRID), 16, 16)
     total = n * text_len + layout.num_frames * hw
-    for order, inverse in [(layout.forward_order, layout.forward_inverse),
-                           (layout.reverse_order, layout.reverse_inverse)]:
-        assert torch.equal(order[inverse], torch.arange(total))
-        assert torch.equal(inverse[order], torch.arange(total))
+    for order in (layout.forward, layout.reverse):
+        assert torch.equal(order.index[order.inverse], torch.arange(total))
+        assert torch.equal(order.inverse[order.index], torch.arange(total))
     # forward: text_i then the frames of segment i in order; reverse: text_n first, frames reversed, raster kept
     def tokens(i: int, frames) -> list[int]:  # text of segment i, then the given frames in raster order
         video = [n * text_len + f * hw + j for f in frames for j in range(hw)]
@@ -106,8 +105,8 @@ def test_layout_maps(overlap):
     segments = [range(s.start, s.stop) for s in segment_frames(n)]
     expected_forward = [x for i in range(n) for x in tokens(i, segments[i])]
     expected_reverse = [x for i in reversed(range(n)) for x in tokens(i, reversed(segments[i]))]
-    assert layout.forward_order.tolist() == expected_forward
-    assert layout.reverse_order.tolist() == expected_reverse
+    assert layout.forward.index.tolist() == expected_forward
+    assert layout.reverse.index.tolist() == expected_reverse
     x = torch.randn(2, layout.num_frames * hw, 3)
     torch.testing.assert_close(layout.from_windows(layout.to_windows(x)), x)
 

@@ -218,7 +218,7 @@ def test_steps_lower_the_loss_and_train_only_the_chosen_parameters(base, trainab
         final = diffusion_loss(model, scheduler, batch).mean().item()
     trajectory = losses + [final]
     assert all(b < a for a, b in zip(trajectory, trajectory[1:])) and final < 0.95 * losses[0], trajectory
-    ttt = set(model.ttt_parameter_names())
+    ttt = set(model.added_parameter_names())
     for name, p in model.named_parameters():
         moved = not torch.equal(p.detach(), before[name])
         chosen = name in ttt or (trainable == "lora" and "lora_" in name)
@@ -246,7 +246,7 @@ def test_checkpoints_rotate_store_trainable_only_and_restore(base, tmp_path):
     saved = checkpointer.path(3)
     with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
-    assert stored == {n for n, p in model.named_parameters() if p.requires_grad} == set(model.ttt_parameter_names())
+    assert stored == {n for n, p in model.named_parameters() if p.requires_grad} == set(model.added_parameter_names())
     assert load_config(saved / "config.yaml") == cfg
     assert json.loads((saved / "trainer_state.json").read_text()) == {"step": 3}
 

@@ -1,4 +1,5 @@
-"""The TTT layer: its assembly against a hand-written forward, masking, RoPE, gradients, state carry."""
+"""The TTT layer (docs/design.md, "The TTT layer"): its assembly against a hand-written forward, masking, RoPE,
+gradients, state carry."""
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def layer(ttt_type: str, seed: int = 0) -> TTTLayer:
 
 def rope_for(length: int):
     lay = segment_layout(2, 3, 2, 0, 4, (2, 2), (2, 2), None, 16)  # 28 tokens: text + video
-    cos, sin = lay.forward_rope
+    cos, sin = lay.forward.rope
     return cos[:length], sin[:length]
 
 
