@@ -127,7 +127,7 @@ def test_ttt_rope_is_global_frames_in_forward_and_reverse_order():
     forward = [[0, 1, 2], [3, 4], [5, 6]]  # the frames of segments 1, 2, 3
     reverse = [[6, 5], [4, 3], [2, 1, 0]]  # segments 3, 2, 1, frames reversed
     text = (torch.ones(16), torch.zeros(16))  # the identity rotation
-    for order, (cos, sin) in ((forward, layout.forward_rope), (reverse, layout.reverse_rope)):
+    for order, (cos, sin) in ((forward, layout.forward.rope), (reverse, layout.reverse.rope)):
         # each segment's text, then its frames in raster order
         rows = [row for frames in order
                 for row in [text] * text_len + [rope_at(f, y, x) for f in frames for y in range(h) for x in range(w)]]
@@ -160,7 +160,7 @@ def test_overlap_frame_averages_the_two_windows_that_hold_it(base, overlap, fram
     with torch.no_grad():
         model(latents, text, t)
     layout = model.segment_layout(n, 4, 4, "cpu")
-    canonical = seen[0].index_select(1, layout.forward_inverse)  # the first TTT call sees the attention output
+    canonical = seen[0].index_select(1, layout.forward.inverse)  # the first TTT call sees the attention output
     video = canonical[:, n * TEXT_LEN:].unflatten(1, (len(frame_values), hw))  # (B, T, hw, W)
     expected = torch.tensor(frame_values)[None, :] + 100 * torch.arange(batch)[:, None]  # (B, T)
     expected = expected[:, :, None, None].to(video.dtype).expand_as(video)
