@@ -51,6 +51,8 @@ class SegmentLayout:
         forward_inverse, reverse_inverse: (N,) long, the inverse permutations (back to canonical).
         forward_rope, reverse_rope: (cos, sin) each (N, D_ttt) in that order; identity (cos 1, sin 0) on text.
         full_rope: (cos, sin) each (T * hw, D_attn) over all frames, for the full-attention baseline, or None.
+        frame_segment: (T,) long, the segment each latent frame belongs to (an overlap frame: its own segment, the
+            earlier one); per-segment time embeddings are applied through it.
     """
 
     num_segments: int
@@ -71,6 +73,7 @@ class SegmentLayout:
     forward_rope: tuple[torch.Tensor, torch.Tensor] | None
     reverse_rope: tuple[torch.Tensor, torch.Tensor] | None
     full_rope: tuple[torch.Tensor, torch.Tensor] | None
+    frame_segment: torch.Tensor | None = None
 
     @property
     def window_frames_count(self) -> int:
@@ -211,4 +214,5 @@ def segment_layout(
         forward_order=dev(forward), reverse_order=dev(reverse),
         forward_inverse=dev(torch.argsort(forward)), reverse_inverse=dev(torch.argsort(reverse)),
         forward_rope=dev_pair(forward_rope), reverse_rope=dev_pair(reverse_rope), full_rope=dev_pair(full_rope),
+        frame_segment=dev(torch.cat([torch.full((len(r),), i) for i, r in enumerate(segments)])),
     )
