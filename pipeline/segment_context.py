@@ -11,6 +11,7 @@ denoised and the kept latents leave the loop unchanged. Uses (docs/sampling.md):
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from models.layout import num_segments_for_frames
+
+from .video_io import read_video
 
 VideoInput = torch.Tensor | np.ndarray | list[PIL.Image.Image]
 
@@ -108,19 +112,69 @@ def latents_path(video_path: str | os.PathLike) -> str:
     return f"{root}.latents.safetensors"
 
 
-def save_latents(latents: torch.Tensor, path: str | os.PathLike, fps: float) -> None:
-    """Writes latents (1, T, C, h, w) as safetensors, atomically (temporary name, then rename)."""
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_latents(latents: torch.Tensor, path: str | os.PathLike, video: str | os.PathLike | None = None) -> None:
+    """Writes latents (1, T, C, h, w) as safetensors, atomically (temporary name, then rename). video: the mp4 they
+    were decoded to; its hash is stored so that the latents are only ever used for that exact file."""
+    metadata = {} if video is None else {"video_sha256": file_sha256(video)}
     tmp = f"{os.fspath(path)}.tmp"
-    save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata={"fps": f"{fps:g}"})
+    save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
-def load_latents(path: str | os.PathLike) -> torch.Tensor:
-    """Reads latents written by `save_latents`: (1, T, C, h, w) float32."""
-    tensors = load_file(os.fspath(path))
-    if "latents" not in tensors or tensors["latents"].dim() != 5:
+def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
+    """Reads latents written by `save_latents`: (1, T, C, h, w) float32 and the hash of their mp4 (or None)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if "latents" not in f.keys():
+                raise ValueError
+            latents = f.get_tensor("latents")
+    except Exception:
+        raise ValueError(f"{path}: not a latents file written by sample.py --save-latents") from None
+    if latents.dim() != 5 or latents.shape[0] != 1:
         raise ValueError(f"{path}: not a latents file written by sample.py --save-latents")
-    return tensors["latents"]
+    return latents, metadata.get("video_sha256")
+
+
+def read_context_video(path: str | os.PathLike, pipe, what: str) -> tuple[torch.Tensor | np.ndarray, int, str]:
+    """A video to keep segments of (or a reference clip), for `TTTVideoPipeline` at its default size.
+
+    Returns (given, k, source): the latents saved beside it by `save_latents` (lossless) when they belong to this
+    exact file, else its frames (F, H, W, 3) uint8 (the pipeline encodes them with the VAE); k, the segments it covers;
+    source, "latents" or "frames". Raises ValueError (one line, naming `what` and the file) when its frame count or
+    size does not fit the model.
+    """
+    frames, _ = read_video(path)
+    config, scale = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    height, width = config.sample_height * scale, config.sample_width * scale
+    if frames.shape[1:3] != (height, width):
+        raise ValueError(f"{what} {path}: frames are {frames.shape[2]}x{frames.shape[1]}, the model makes "
+                         f"{width}x{height}")
+    temporal, per = pipe.vae_scale_factor_temporal, pipe.frames_per_segment
+    count = len(frames)
+    k = (count - 1) % temporal == 0 and num_segments_for_frames(
+        (count - 1) // temporal + 1, config.latent_frames_first, config.latent_frames_per_segment)
+    if not k:
+        raise ValueError(f"{what} {path}: {count} frames are not a whole number of segments of this model "
+                         f"({per} k + 1 frames: {per + 1}, {2 * per + 1}, ...)")
+    saved = latents_path(path)
+    if os.path.isfile(saved):
+        latents, video_hash = load_latents(saved)
+        if video_hash == file_sha256(path):
+            expected = (1, pipe.transformer.num_latent_frames(k), config.in_channels, height // scale, width // scale)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"{what} {saved}: latents of shape {tuple(latents.shape)}, this model needs "
+                                 f"{expected} for {path}")
+            return latents, k, "latents"
+    return frames, k, "frames"
 
 
 def build_context(given: torch.Tensor | None, regenerate: Sequence[int], reference: torch.Tensor | None,

@@ -10,7 +10,14 @@ from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, WIDT
 from tiny_ttt_pipeline import tiny_ttt_pipeline
 
 from pipeline import Segment, Storyboard
-from pipeline.segment_context import encode_video, latents_path, load_latents, parse_segment_list, save_latents
+from pipeline.segment_context import (
+    encode_video,
+    file_sha256,
+    latents_path,
+    load_latents,
+    parse_segment_list,
+    save_latents,
+)
 
 TEXTS = ["a red ball", "a blue box", "a green tree", "a yellow sun"]
 
@@ -153,6 +160,10 @@ def test_segment_lists_and_latent_files(tmp_path):
         parse_segment_list("3-5", 6)
     assert latents_path(tmp_path / "out.mp4") == str(tmp_path / "out.latents.safetensors")
     latents = torch.randn(1, 5, 4, 4, 4)
-    save_latents(latents, tmp_path / "x.safetensors", fps=8 / 3)
-    assert torch.equal(load_latents(tmp_path / "x.safetensors"), latents)
-    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+    (tmp_path / "x.mp4").write_bytes(b"not really a video")
+    save_latents(latents, tmp_path / "x.safetensors", video=tmp_path / "x.mp4")
+    loaded, video_hash = load_latents(tmp_path / "x.safetensors")
+    assert torch.equal(loaded, latents) and video_hash == file_sha256(tmp_path / "x.mp4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.mp4", "x.safetensors"]
+    with pytest.raises(ValueError, match="not a latents file written by sample.py --save-latents"):
+        load_latents(tmp_path / "x.mp4")
