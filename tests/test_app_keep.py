@@ -61,3 +61,5 @@ def test_bad_keep_marks_are_clear_errors(renderer, tmp_path):
     with pytest.raises(ValueError, match="every row is marked keep"):
         keep_arguments([0, 1], first.video, renderer.pipe, 2)
     assert keep_arguments([], None, renderer.pipe, 2) == {}
+    with pytest.raises(ValueError, match="row 1 is marked keep, but the last video is gone"):
+        keep_arguments([0], tmp_path / "video.mp4", renderer.pipe, 2)

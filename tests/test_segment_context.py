@@ -6,7 +6,7 @@ Tiny shapes as tests/test_pipeline.py: n segments are 3 + 2 (n - 1) latent frame
 import numpy as np
 import pytest
 import torch
-from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, WIDTH
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, WIDTH, tiny_scheduler
 from tiny_ttt_pipeline import tiny_ttt_pipeline
 
 from pipeline import Segment, Storyboard
@@ -65,7 +65,9 @@ def test_output_carries_the_final_latents(pipe, four):
     assert torch.equal(again.frames, four.latents)
 
 
-def test_clean_segments_pass_through_the_loop_unchanged(pipe):
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_clean_segments_pass_through_the_loop_unchanged(pipe, scheduler):
+    pipe.scheduler = tiny_scheduler(scheduler)  # DPM keeps the previous x0 prediction and adds noise every step
     given = torch.randn(1, 5, LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8)  # 2 segments of arbitrary latents
     seen = []
 
@@ -77,6 +79,7 @@ def test_clean_segments_pass_through_the_loop_unchanged(pipe):
     assert len(seen) == 3 and all(torch.equal(s, given) for s in seen)
     assert torch.equal(out.frames[:, :5], given)
     assert not torch.equal(out.frames[:, 5:], generate(pipe, 3, output_type="latent").frames[:, 5:])
+    pipe.scheduler = tiny_scheduler("ddim")
 
 
 def test_kept_segments_are_fed_at_timestep_zero(pipe):

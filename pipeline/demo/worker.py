@@ -225,10 +225,13 @@ def keep_arguments(keep: list[int], previous: Path | None, pipe, num_segments: i
     (one line, naming rows) when there is nothing to keep from or a kept row is past the previous video."""
     if not keep:
         return {}
-    rows = ", ".join(str(i + 1) for i in keep)
-    if previous is None or not Path(latents_path(previous)).is_file():
-        raise ValueError(f"rows {rows} are marked keep, but there is no earlier video to keep them from (generate "
+    rows = f"row {keep[0] + 1} is" if len(keep) == 1 else f"rows {', '.join(str(i + 1) for i in keep)} are"
+    if previous is None:
+        raise ValueError(f"{rows} marked keep, but there is no earlier video to keep them from (generate "
                          "one first, or untick keep)")
+    if not Path(latents_path(previous)).is_file():
+        raise ValueError(f"{rows} marked keep, but the last video is gone (only the newest results are "
+                         "kept); untick keep to generate anew")
     latents, _ = load_latents(latents_path(previous))
     config = pipe.transformer.config
     covered = (latents.shape[1] - config.latent_frames_first) // config.latent_frames_per_segment + 1
