@@ -206,6 +206,15 @@ class TTTVideoPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    # given segments
+
+    def encode_video(self, frames: VideoInput, height: int, width: int, what: str = "video") -> torch.Tensor:
+        """Frames of whole segments ((F, H, W, 3) array, (F, 3, H, W) tensor in [0, 1] or PIL images, height x width)
+        → latents (1, T, C, h, w) scaled by the VAE's scaling factor (pipeline/segment_context.py `encode_video`)."""
+        config = self.transformer.config
+        return encode_video(self.vae, self.video_processor, frames, height, width, config.latent_frames_first,
+                            config.latent_frames_per_segment, what)
+
     # decoding
 
     def frame_batches(self, num_latent_frames: int) -> list[tuple[int, int]]:
@@ -358,13 +367,11 @@ class TTTVideoPipeline(DiffusionPipeline):
         # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
         if video is not None and video_latents is not None or reference is not None and reference_latents is not None:
             raise ValueError("give a video (or reference) either as frames or as latents, not both")
+        if video is not None:
+            video_latents = self.encode_video(video, height, width, "video")
+        if reference is not None:
+            reference_latents = self.encode_video(reference, height, width, "reference")
         config = self.transformer.config
-        for name, frames in (("video", video), ("reference", reference)):
-            if frames is not None:
-                encoded = encode_video(self.vae, self.video_processor, frames, height, width,
-                                       config.latent_frames_first, config.latent_frames_per_segment, name)
-                video_latents, reference_latents = ((encoded, reference_latents) if name == "video"
-                                                    else (video_latents, encoded))
         num_reference = 0 if reference_latents is None else latent_segments(
             reference_latents, config.latent_frames_first, config.latent_frames_per_segment, "reference")
         num_segments = num_reference + storyboard.num_segments
@@ -393,11 +400,12 @@ class TTTVideoPipeline(DiffusionPipeline):
         # 6. Latents for all segments, the kept ones clean
         latents = self.prepare_latents(1, num_segments, height, width, prompt_embeds.dtype, device, generator,
                                        latents)
-        keep_frames = None
+        keep_frames = clean = None
         if context is not None:
             keep_frames = context.keep_frames(
                 self.transformer.segment_layout(num_segments, *latent_shape[-2:], device).frame_segment)
-            latents = torch.where(keep_frames, context.latents.to(latents.dtype), latents)
+            clean = context.latents.to(latents.dtype)
+            latents = torch.where(keep_frames, clean, latents)
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         is_dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
@@ -427,7 +435,7 @@ class TTTVideoPipeline(DiffusionPipeline):
                                                   return_dict=False)[0]
                 latents = latents.to(prompt_embeds.dtype)
                 if keep_frames is not None:
-                    latents = torch.where(keep_frames, context.latents.to(latents.dtype), latents)
+                    latents = torch.where(keep_frames, clean, latents)
 
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,

@@ -34,22 +34,19 @@ class SegmentContext:
     """Which segments of an n-segment sequence stay clean, and their latents.
 
     latents: (1, T, C, h, w) over the whole sequence (frames of generated segments are ignored);
-    keep: (n,) bool, True for a clean (kept) segment; reference_segments: leading segments that are context only
-    (a reference clip), dropped from the output.
+    keep: (n,) bool on the latents' device, True for a clean (kept) segment.
     """
 
     latents: torch.Tensor
     keep: torch.Tensor
-    reference_segments: int = 0
 
     def keep_frames(self, frame_segment: torch.Tensor) -> torch.Tensor:
         """(1, T, 1, 1, 1) bool over latent frames, from the layout's frame_segment (T,)."""
-        return self.keep.to(frame_segment.device)[frame_segment][None, :, None, None, None]
+        return self.keep[frame_segment][None, :, None, None, None]
 
     def timesteps(self, t: torch.Tensor, batch: int) -> torch.Tensor:
         """(batch, n) per-segment levels: 0 for kept segments, t for the others."""
-        keep = self.keep.to(t.device)
-        return torch.where(keep, torch.zeros_like(t), t).expand(batch, -1)
+        return torch.where(self.keep, torch.zeros_like(t), t).expand(batch, -1)
 
 
 def latent_segments(latents: torch.Tensor, frames_first: int, frames_per_segment: int, what: str) -> int:
@@ -216,5 +213,5 @@ def build_context(given: torch.Tensor | None, regenerate: Sequence[int], referen
     latents = clean.new_zeros(full_shape)
     latents[:, : clean.shape[1]] = clean
     assert latents.shape[1] == num_frames
-    keep = torch.tensor([True] * r + keep_story)
-    return SegmentContext(latents=latents, keep=keep, reference_segments=r)
+    keep = torch.tensor([True] * r + keep_story, device=latents.device)
+    return SegmentContext(latents=latents, keep=keep)
