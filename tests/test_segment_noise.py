@@ -4,6 +4,9 @@ Items are made in code in the dataset's format (latent mean/logvar per frame, te
 tests/tiny.py: 3 segments = 3 + 2 + 2 latent frames of 4 x 4 x 4.
 """
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_scheduler, tiny_transformer
@@ -12,6 +15,7 @@ from models import CogVideoXTTTTransformer3DModel
 from pipeline.training import DiffusionCollate, diffusion_loss
 from pipeline.training.config import ConfigError, NoiseConfig, load_config
 
+ROOT = Path(__file__).resolve().parents[1]
 N = 3
 FRAMES = FRAMES_FIRST + (N - 1) * FRAMES_PER_SEGMENT
 SCALING = 0.7
@@ -139,3 +143,26 @@ def test_noise_config_is_checked(tmp_path):
         load_config(None, ["train.noise.context_rate=2"])
     with pytest.raises(ValueError, match="need latent_frames_per_segment"):
         DiffusionCollate(1000, SCALING, CONTEXT_FIRST)
+
+
+def test_train_py_runs_the_noise_modes(tmp_path):
+    """train.py wires train.noise into its collate (mixed modes, 2 steps of the debug config) and saves it resolved."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from tiny_training import CONFIG, debug_overrides, prepared
+
+    base, run = prepared(tmp_path), tmp_path / "run"  # prepared() may hand back another test's base: own output_dir
+    result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
+                             f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
+                             "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
+                             "train.noise.context=0.5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
+                                       "context_rate": 0.5}
