@@ -3,9 +3,15 @@
     python sample.py                                    # the bundled example with the default model (models/default/)
     python sample.py --storyboard my_story.yaml --model path/to/pipeline --output my_story.mp4
     python sample.py --model THUDM/CogVideoX-5b --ttt-adapter ttt.safetensors --storyboard story.json --offload
+    python sample.py --storyboard longer.json --video short.mp4 --output longer.mp4     # extend short.mp4
+    python sample.py --storyboard story.json --video story.mp4 --regenerate 3,5          # redo segments 3 and 5
+    python sample.py --storyboard story.json --reference look.mp4                        # a clip as clean context
 
 --model is a pipeline saved with TTTVideoPipeline.save_pretrained (a directory or hub id), or, with --ttt-adapter, a
 stock CogVideoX pipeline that the adapter's TTT layers are added to. Storyboard formats: docs/storyboard.md.
+--video keeps the segments IN.mp4 covers (all but those in --regenerate) and generates the rest of the storyboard;
+with --save-latents the final latents are written beside the mp4 (OUT.latents.safetensors) and a later --video OUT.mp4
+keeps them exactly instead of re-encoding its frames. docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -53,12 +59,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sequential: run the two guidance branches in turn (less memory)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the pipeline's own")
     p.add_argument("--max-segments", type=int, default=21, help="most segments accepted (default 21 = 63 s)")
+    p.add_argument("--video", type=Path, default=None, help="mp4 of the storyboard's first segments: they are kept, "
+                   "the storyboard's further segments generated (its latents beside it are used when present)")
+    p.add_argument("--regenerate", default=None, help="with --video: segments to generate anew, 1-based, e.g. 3,5")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="mp4 of whole segments put before segment 1 as clean context (not in the output)")
+    p.add_argument("--save-latents", action="store_true",
+                   help="also write the final latents beside the mp4 (OUT.latents.safetensors), for --video later")
     args = p.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.regenerate is not None and args.video is None:
+        raise UsageError("--regenerate needs --video (the video whose other segments are kept)")
+    if args.reference is not None and args.video is not None:
+        raise UsageError("--reference cannot be combined with --video; give one of them")
+    if args.reference is not None and args.save_latents:
+        raise UsageError("--save-latents cannot be combined with --reference (the latents would include the "
+                         "reference, which the mp4 does not)")
+    for flag, path in (("--video", args.video), ("--reference", args.reference)):
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag}: file not found: {path}")
     return args
 
 
@@ -76,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. build the pipeline
     import torch
 
+    from pipeline.segment_context import latents_path, save_latents
     from pipeline.video_io import write_video
 
     try:
@@ -89,19 +113,50 @@ def main(argv: list[str] | None = None) -> int:
     else:
         pipe.to(device)
 
-    # 3. generate
+    # 3. clean context: the segments of --video to keep, or a --reference clip
+    try:
+        context, kept = context_arguments(args, pipe, storyboard.num_segments)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+    # 4. generate
     start = time.perf_counter()
     result = pipe(storyboard, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
-                  cfg_mode=args.cfg_mode, max_segments=args.max_segments, output_type="np")
+                  cfg_mode=args.cfg_mode, max_segments=args.max_segments, output_type="np", **context)
     elapsed = time.perf_counter() - start
 
-    # 4. save
+    # 5. save
     frames = result.frames[0]  # (F, H, W, 3)
     write_video(frames, output, result.fps)
+    if args.save_latents:
+        save_latents(result.latents, latents_path(output), video=output)
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
-          f"({storyboard.num_segments} segments), generated in {elapsed:.1f} s")
+          f"({storyboard.num_segments} segments{kept}), generated in {elapsed:.1f} s")
     return 0
+
+
+def context_arguments(args: argparse.Namespace, pipe, num_segments: int) -> tuple[dict, str]:
+    """The pipeline's keyword arguments for --video / --regenerate / --reference, and a note for the summary line."""
+    from pipeline.segment_context import parse_segment_list, read_context_video
+
+    if args.reference is not None:
+        given, r, source = read_context_video(args.reference, pipe, "--reference")
+        key = "reference_latents" if source == "latents" else "reference"
+        return {key: given}, f"; after {r} reference segment{'s' * (r > 1)} from {args.reference} ({source})"
+    if args.video is None:
+        return {}, ""
+    given, k, source = read_context_video(args.video, pipe, "--video")
+    if k > num_segments:
+        raise ValueError(f"--video {args.video} covers {k} segments, the storyboard has only {num_segments}")
+    regenerate = parse_segment_list(args.regenerate, k) if args.regenerate is not None else []
+    kept = [i + 1 for i in range(k) if i not in regenerate]
+    if len(kept) == num_segments:
+        raise ValueError(f"nothing left to generate: --video {args.video} covers all {num_segments} segments of the "
+                         "storyboard; add segments to the storyboard or pass --regenerate")
+    key = "video_latents" if source == "latents" else "video"
+    note = f"; kept {', '.join(map(str, kept))} from {args.video} ({source})" if kept else ""
+    return {key: given, "regenerate": regenerate}, note
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
                               cfg.data.text_dropout, expected=expected_manifest(cfg, model))
     loader = DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
-                        collate_fn=DiffusionCollate(noise_scheduler.config.num_train_timesteps, dataset.scaling_factor),
+                        collate_fn=DiffusionCollate(noise_scheduler.config.num_train_timesteps, dataset.scaling_factor,
+                                                    cfg.train.noise, model.config.latent_frames_per_segment),
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

@@ -26,6 +26,14 @@ def num_latent_frames(num_segments: int, frames_first: int, frames_per_segment: 
     return frames_first + (num_segments - 1) * frames_per_segment
 
 
+def num_segments_for_frames(num_frames: int, frames_first: int, frames_per_segment: int) -> int | None:
+    """Inverse of `num_latent_frames`; None when num_frames does not fall on a segment boundary."""
+    extra = num_frames - frames_first
+    if extra < 0 or extra % frames_per_segment:
+        return None
+    return extra // frames_per_segment + 1
+
+
 @dataclass(frozen=True)
 class TokenOrder:
     """One order of the whole sequence for the TTT scan (N tokens: num_text text tokens, then video, canonically).
@@ -63,6 +71,8 @@ class SegmentLayout:
         forward: the TTT order [text_1, video_1, ..., text_n, video_n].
         reverse: the TTT order [text_n, rev(video_n), ..., text_1, rev(video_1)].
         full_rope: (cos, sin) each (T * hw, D_attn) over all frames, for the full-attention baseline, or None.
+        frame_segment: (T,) long, the segment each latent frame belongs to (an overlap frame: its own segment, the
+            earlier one); per-segment time embeddings are applied through it.
     """
 
     num_segments: int
@@ -79,6 +89,7 @@ class SegmentLayout:
     forward: TokenOrder
     reverse: TokenOrder
     full_rope: tuple[torch.Tensor, torch.Tensor] | None
+    frame_segment: torch.Tensor | None = None
 
     @property
     def window_frames_count(self) -> int:
@@ -219,4 +230,5 @@ def segment_layout(
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
         window_rope=dev_pair(window_rope),
         forward=token_order(forward), reverse=token_order(reverse), full_rope=dev_pair(full_rope),
+        frame_segment=dev(torch.cat([torch.full((len(r),), i) for i, r in enumerate(segments)])),
     )

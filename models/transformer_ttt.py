@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.atomic import atomic_path
 
 from .layout import SegmentLayout, TokenOrder, num_latent_frames, segment_layout
+from .segment_conditioning import ada_layer_norm, gated, layer_norm_zero, time_embedding
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
 # the arguments TTT adds to CogVideoX's; their types and defaults are the model's signature (`ttt_config_fields`)
@@ -68,11 +69,13 @@ class CogVideoXTTTBlock(CogVideoXBlock):
                 layout: SegmentLayout, token_mask: torch.Tensor | None = None,
                 attention_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden_states: (B, T*hw, W) video; encoder_hidden_states: (B, n*Lt, W) text of all segments;
-        temb: (B, D_t); token_mask: (B, n*Lt + T*hw) canonical, False = never updates the TTT state."""
+        temb: (B, D_t), or (B, n, D_t) one per segment (models/segment_conditioning.py);
+        token_mask: (B, n*Lt + T*hw) canonical, False = never updates the TTT state."""
         batch, n_text = hidden_states.shape[0], encoder_hidden_states.shape[1]
         width = hidden_states.shape[-1]
 
-        norm_video, norm_text, gate_msa, enc_gate_msa = self.norm1(hidden_states, encoder_hidden_states, temb)
+        norm_video, norm_text, gate_msa, enc_gate_msa = layer_norm_zero(
+            self.norm1, hidden_states, encoder_hidden_states, temb, layout)
 
         # 1. segment-local attention: every window of every sample in ONE batched call
         if self.full_attention:  # the quadratic baseline: one window over all texts and all frames
@@ -97,14 +100,15 @@ class CogVideoXTTTBlock(CogVideoXBlock):
             x = self._gated_ttt(x, layout.forward, token_mask, self.gate_forward_text, self.gate_forward_video)
             x = self._gated_ttt(x, layout.reverse, token_mask, self.gate_reverse_text, self.gate_reverse_video)
 
-        hidden_states = hidden_states + gate_msa * x[:, n_text:]
-        encoder_hidden_states = encoder_hidden_states + enc_gate_msa * x[:, :n_text]
+        hidden_states = hidden_states + gated(gate_msa, x[:, n_text:])
+        encoder_hidden_states = encoder_hidden_states + gated(enc_gate_msa, x[:, :n_text])
 
         # 3. feed-forward, as in CogVideoXBlock
-        norm_video, norm_text, gate_ff, enc_gate_ff = self.norm2(hidden_states, encoder_hidden_states, temb)
+        norm_video, norm_text, gate_ff, enc_gate_ff = layer_norm_zero(
+            self.norm2, hidden_states, encoder_hidden_states, temb, layout)
         ff_output = self.ff(torch.cat([norm_text, norm_video], dim=1))
-        hidden_states = hidden_states + gate_ff * ff_output[:, n_text:]
-        encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :n_text]
+        hidden_states = hidden_states + gated(gate_ff, ff_output[:, n_text:])
+        encoder_hidden_states = encoder_hidden_states + gated(enc_gate_ff, ff_output[:, :n_text])
         return hidden_states, encoder_hidden_states
 
     def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, token_mask: torch.Tensor | None,
@@ -377,8 +381,10 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
 
         hidden_states: (B, T, C, h, w) latents with T = num_latent_frames(n);
         encoder_hidden_states: (B, n, L_text, D_text) per-segment text embeddings, L_text = max_text_seq_length;
-        timestep: (B,) or scalar; encoder_attention_mask: (B, n, L_text), 0 on text padding (those tokens do not
-        update the TTT state); scene_start: (B, n) bool, True where a segment opens a new scene.
+        timestep: (B,) or scalar, or (B, n): one noise level per segment (t = 0: clean context; docs/model.md,
+        "Per-segment noise levels"); equal levels give the (B,) result;
+        encoder_attention_mask: (B, n, L_text), 0 on text padding (those tokens do not update the TTT state);
+        scene_start: (B, n) bool, True where a segment opens a new scene.
         Returns sample (B, T, C, h, w).
         """
         batch, frames, _, height, width = hidden_states.shape
@@ -391,12 +397,13 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         if text_len != self.config.max_text_seq_length:
             raise ValueError(f"text length must be max_text_seq_length={self.config.max_text_seq_length}, "
                              f"got {text_len}")
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and tuple(timestep.shape) != (batch, n):
+            raise ValueError(f"per-segment timestep must be (B, n_segments) = {(batch, n)}, "
+                             f"got {tuple(timestep.shape)}")
         layout = self.segment_layout(n, height, width, hidden_states.device)
 
-        # 1. time embedding
-        emb = self.time_embedding(self.time_proj(timestep).to(hidden_states.dtype), timestep_cond)
-        if self.ofs_embedding is not None:
-            emb = emb + self.ofs_embedding(self.ofs_proj(ofs).to(hidden_states.dtype))
+        # 1. time embedding: (B, D_t), or (B, n, D_t) per segment
+        emb = time_embedding(self, timestep, hidden_states.dtype, timestep_cond, ofs)
 
         # 2. patch embedding per window (text of segment i + its frames), then back to one sequence
         windows = hidden_states.index_select(1, layout.window_frames.flatten())  # (B, n*Fw, C, h, w)
@@ -422,7 +429,7 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
                 video, text = block(video, text, emb, layout, token_mask, attention_kwargs)
 
         # 4. output, as in CogVideoXTransformer3DModel
-        video = self.proj_out(self.norm_out(self.norm_final(video), temb=emb))
+        video = self.proj_out(ada_layer_norm(self.norm_out, self.norm_final(video), emb, layout))
         p = self.config.patch_size
         output = video.reshape(batch, frames, height // p, width // p, -1, p, p)
         output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)

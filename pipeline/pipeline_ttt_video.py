@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ from models import CogVideoXTTTTransformer3DModel
 # model_index.json may name this text encoder (the toy default model does): diffusers resolves component classes only
 # in modules already imported
 from .packaged_text_encoder import PackagedTextEncoder  # noqa: F401
+from .segment_context import SegmentContext, VideoInput, build_context, encode_video, latent_segments
 from .storyboard import DEFAULT_MAX_SEGMENTS, SEGMENT_SECONDS, Storyboard, load_storyboard
 from .text_encoding import encode_text
 from .vae_decode import decode_windows, frame_batches
@@ -55,10 +56,13 @@ CFG_MODES = ("batched", "sequential")
 @dataclass
 class TTTVideoPipelineOutput(BaseOutput):
     """frames: "np" (B, F, H, W, 3) float in [0, 1]; "pt" (B, F, 3, H, W) in [0, 1]; "pil" B lists of F images;
-    "latent" (B, T, C, h, w). fps: the frame rate to play them at (the pipeline's config)."""
+    "latent" (B, T, C, h, w). fps: the frame rate to play them at (the pipeline's config). latents: the final latents
+    (B, T, C, h, w) of the output's segments, whatever the output type (keep them to extend or regenerate losslessly).
+    """
 
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
     fps: float
+    latents: torch.Tensor | None = None
 
 
 class TTTVideoPipeline(DiffusionPipeline):
@@ -202,6 +206,15 @@ class TTTVideoPipeline(DiffusionPipeline):
             latents = latents.to(device=device, dtype=dtype)
         return latents * self.scheduler.init_noise_sigma
 
+    # given segments
+
+    def encode_video(self, frames: VideoInput, height: int, width: int, what: str = "video") -> torch.Tensor:
+        """Frames of whole segments ((F, H, W, 3) array, (F, 3, H, W) tensor in [0, 1] or PIL images, height x width)
+        → latents (1, T, C, h, w) scaled by the VAE's scaling factor (pipeline/segment_context.py `encode_video`)."""
+        config = self.transformer.config
+        return encode_video(self.vae, self.video_processor, frames, height, width, config.latent_frames_first,
+                            config.latent_frames_per_segment, what)
+
     # decoding
 
     def frame_batches(self, num_latent_frames: int) -> list[tuple[int, int]]:
@@ -280,6 +293,11 @@ class TTTVideoPipeline(DiffusionPipeline):
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        video: VideoInput | None = None,
+        video_latents: torch.Tensor | None = None,
+        regenerate: Sequence[int] = (),
+        reference: VideoInput | None = None,
+        reference_latents: torch.Tensor | None = None,
         output_type: str = "np",
         cfg_mode: str = "batched",
         decode_window: int | None = None,
@@ -299,7 +317,15 @@ class TTTVideoPipeline(DiffusionPipeline):
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
-            latents: (1, T, C, h, w) initial noise, T = num_latent_frames(n); drawn with `generator` when None.
+            latents: (1, T, C, h, w) initial noise, T = num_latent_frames(n) (n + r with a reference of r segments);
+                drawn with `generator` when None.
+            video, video_latents: a video of the first k <= n segments, as frames ((F, H, W, 3) array, (F, 3, H, W)
+                tensor in [0, 1] or PIL images, F = num_frames(k), encoded with the VAE) or as latents (1, T_k, C, h, w)
+                (lossless). Its segments are kept clean (timestep 0, re-set after every scheduler step) except those
+                in `regenerate`; the storyboard's segments after k are generated (extension). docs/sampling.md.
+            regenerate: 0-based segments of the video to generate anew (the others keep their latents exactly).
+            reference, reference_latents: a clip of r segments (frames or latents, as `video`) put before segment 1 as
+                clean context with the null text; it is not part of the output.
             output_type: "np", "pil", "pt" or "latent" (shapes in `TTTVideoPipelineOutput`).
             cfg_mode: "batched" runs the conditional and unconditional branch as one batch of 2; "sequential" runs
                 them in turn (half the activation memory, same result).
@@ -338,21 +364,50 @@ class TTTVideoPipeline(DiffusionPipeline):
         num_segments = storyboard.num_segments
         scene_start = torch.tensor([[s.scene_start for s in storyboard.segments]], device=device)  # (1, n)
 
-        # 3. Encode every segment's text (and negative text)
-        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
-            storyboard.texts, storyboard.negative_texts(negative_text), do_classifier_free_guidance, device=device)
+        # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
+        if video is not None and video_latents is not None or reference is not None and reference_latents is not None:
+            raise ValueError("give a video (or reference) either as frames or as latents, not both")
+        if video is not None:
+            video_latents = self.encode_video(video, height, width, "video")
+        if reference is not None:
+            reference_latents = self.encode_video(reference, height, width, "reference")
+        config = self.transformer.config
+        num_reference = 0 if reference_latents is None else latent_segments(
+            reference_latents, config.latent_frames_first, config.latent_frames_per_segment, "reference")
+        num_segments = num_reference + storyboard.num_segments
+        latent_shape = (1, self.transformer.num_latent_frames(num_segments), config.in_channels,
+                        height // self.vae_scale_factor_spatial, width // self.vae_scale_factor_spatial)
+        context = build_context(
+            None if video_latents is None else video_latents.to(device, self.transformer.dtype), regenerate,
+            None if reference_latents is None else reference_latents.to(device, self.transformer.dtype),
+            storyboard.num_segments, latent_shape[1], config.latent_frames_first, config.latent_frames_per_segment,
+            latent_shape)
+        if num_reference:  # the reference's segments: the null text, same scene as segment 1
+            scene_start = torch.cat([torch.zeros(1, num_reference, dtype=torch.bool, device=device), scene_start], 1)
 
-        # 4. Timesteps
+        # 4. Encode every segment's text (and negative text)
+        null = [""] * num_reference
+        prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
+            null + storyboard.texts, null + storyboard.negative_texts(negative_text), do_classifier_free_guidance,
+            device=device)
+
+        # 5. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         timestep_values = timesteps.tolist()  # read once, not one host sync per step
         self._num_timesteps = len(timesteps)
 
-        # 5. Latents for all segments
+        # 6. Latents for all segments, the kept ones clean
         latents = self.prepare_latents(1, num_segments, height, width, prompt_embeds.dtype, device, generator,
                                        latents)
+        keep_frames = clean = None
+        if context is not None:
+            keep_frames = context.keep_frames(
+                self.transformer.segment_layout(num_segments, *latent_shape[-2:], device).frame_segment)
+            clean = context.latents.to(latents.dtype)
+            latents = torch.where(keep_frames, clean, latents)
 
-        # 6. Denoising loop over the whole sequence
+        # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         is_dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
         old_pred_original_sample = None  # DPM-solver++ keeps the previous x0 prediction
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -361,7 +416,7 @@ class TTTVideoPipeline(DiffusionPipeline):
                     continue
                 self._current_timestep = t
                 noise_pred = self._predict(latents, t, prompt_embeds, prompt_mask, negative_prompt_embeds,
-                                           negative_mask, scene_start, cfg_mode, attention_kwargs)
+                                           negative_mask, scene_start, cfg_mode, attention_kwargs, context)
                 if use_dynamic_cfg:
                     # CogVideoX's schedule, fed the timestep value as CogVideoX does (its authors keep the resulting
                     # wave on purpose: github.com/zai-org/CogVideo/issues/267)
@@ -379,6 +434,8 @@ class TTTVideoPipeline(DiffusionPipeline):
                     latents = self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator,
                                                   return_dict=False)[0]
                 latents = latents.to(prompt_embeds.dtype)
+                if keep_frames is not None:
+                    latents = torch.where(keep_frames, clean, latents)
 
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,
@@ -391,13 +448,16 @@ class TTTVideoPipeline(DiffusionPipeline):
                 progress_bar.update()
         self._current_timestep = None
 
-        # 7. Decode in windows, each moved to the CPU as it is done
+        # 8. Decode in windows, each moved to the CPU as it is done; a reference clip's frames are dropped after
+        # the decode (the VAE is causal: the first segment decodes as it follows the reference)
         if output_type == "latent":
-            frames = latents
+            frames = latents[:, self.transformer.num_latent_frames(num_reference) if num_reference else 0:]
         else:
             windows = [self.video_processor.postprocess_video(window, output_type="pt").cpu()  # (B, F_w, 3, H, W)
                        for window in self.decode_windows(latents, decode_window)]
             video = torch.cat(windows, dim=1)
+            if num_reference:
+                video = video[:, self.num_frames(num_reference):]
             if output_type == "pt":
                 frames = video
             else:
@@ -408,20 +468,25 @@ class TTTVideoPipeline(DiffusionPipeline):
 
         if not return_dict:
             return (frames,)
-        return TTTVideoPipelineOutput(frames=frames, fps=self.config.fps)
+        return TTTVideoPipelineOutput(frames=frames, fps=self.config.fps, latents=latents)
 
     def _predict(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
                  negative_prompt_embeds: torch.Tensor | None, negative_mask: torch.Tensor | None,
-                 scene_start: torch.Tensor, cfg_mode: str, attention_kwargs: dict | None):
+                 scene_start: torch.Tensor, cfg_mode: str, attention_kwargs: dict | None,
+                 segment_context: SegmentContext | None = None):
         """The transformer's prediction (B, T, C, h, w) in float32; with guidance a pair (unconditional, conditional).
 
-        latents (B, T, C, h, w); prompt/negative embeds (B, n, L, D) and masks (B, n, L); scene_start (B, n).
+        latents (B, T, C, h, w); prompt/negative embeds (B, n, L, D) and masks (B, n, L); scene_start (B, n);
+        segment_context: kept segments get timestep 0 (a (B, n) timestep), else every segment gets t.
         """
+
+        def timestep(batch: int) -> torch.Tensor:
+            return t.expand(batch) if segment_context is None else segment_context.timesteps(t, batch)
 
         def run(x, embeds, mask, starts, context):
             x = self.scheduler.scale_model_input(x, t)
             with self.transformer.cache_context(context):
-                out = self.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=t.expand(x.shape[0]),
+                out = self.transformer(hidden_states=x, encoder_hidden_states=embeds, timestep=timestep(x.shape[0]),
                                        encoder_attention_mask=mask, scene_start=starts,
                                        attention_kwargs=attention_kwargs, return_dict=False)[0]
             return out.float()

@@ -191,7 +191,7 @@ def test_examples_load_and_storyboards_save_and_load_through_the_api(client, tmp
         client.predict(table(*TWO_ROWS), "Cat and dog", "", "txt", api_name="/save_storyboard")
 
     rows, title, negative_text = client.predict(handle_file(saved), api_name="/load_storyboard")
-    assert rows["data"] == [["a red cat", False, ""], ["a dog runs", True, "blurry"]]
+    assert rows["data"] == [["a red cat", False, "", False], ["a dog runs", True, "blurry", False]]
     assert (title, negative_text) == ("Cat and dog", "dark")
 
     bad = tmp_path / "bad.json"
@@ -253,8 +253,9 @@ def test_summary_counts_segments_seconds_and_scenes():
 
 def test_row_buttons():
     rows = [["a", False, ""], ["b", True, ""], ["c", False, ""]]
-    assert edit_table(rows, 0, "add") == ([["a", False, ""], ["", False, ""], ["b", True, ""], ["c", False, ""]], 1)
-    assert edit_table(rows, None, "add") == (rows + [["", False, ""]], 3)
+    assert edit_table(rows, 0, "add") == ([["a", False, ""], ["", False, "", False], ["b", True, ""], ["c", False, ""]],
+                                          1)
+    assert edit_table(rows, None, "add") == (rows + [["", False, "", False]], 3)
     assert edit_table(rows, 1, "up") == ([["b", True, ""], ["a", False, ""], ["c", False, ""]], 0)
     assert edit_table(rows, 1, "down") == ([["a", False, ""], ["c", False, ""], ["b", True, ""]], 2)
     assert edit_table(rows, 0, "up") == (rows, 0)
@@ -262,8 +263,8 @@ def test_row_buttons():
     assert edit_table(rows, 2, "remove") == (rows[:2], 1)
     assert edit_table(rows, None, "remove") == (rows, None)
     assert edit_table(rows, 7, "up") == (rows, None)  # a stale selection does nothing
-    assert edit_table(rows[:1], 0, "remove") == ([["", False, ""]], None)
-    assert edit_table(rows, 1, "clear") == ([["", False, ""]], None)
+    assert edit_table(rows[:1], 0, "remove") == ([["", False, "", False]], None)
+    assert edit_table(rows, 1, "clear") == ([["", False, "", False]], None)
     with pytest.raises(ValueError, match="action"):
         edit_table(rows, 0, "sort")
 
@@ -301,3 +302,16 @@ def test_latent_preview_against_a_per_pixel_reference():
                 assert (np.abs(block.astype(int) - rgb) <= 1).all(), (tile, i, j)
     assert (sheet[4:6] == 255).all() and (sheet[:, 6:8] == 255).all()  # the gaps
     assert (sheet[6:, 8:] == 255).all()  # no fourth tile
+
+
+def test_rows_marked_keep_are_kept_in_the_next_generation(client):
+    """The latents of kept rows are checked bit for bit in tests/test_app_keep.py; here the page's wiring."""
+    from gradio_client.exceptions import AppError
+
+    generate(client, TWO_ROWS, seed=1)
+    rows = [TWO_ROWS[0] + [True], TWO_ROWS[1] + [False], ["a bird flies", False, "", False]]
+    _, video, _, status = generate(client, rows, seed=2)
+    assert "3 segments, keeping rows 1," in status, status
+    assert decode(video)[0].shape[0] == expected_num_frames(3)
+    with pytest.raises(AppError, match="every row is marked keep: untick the rows to generate anew, or add rows"):
+        generate(client, [row[:3] + [True] for row in rows], seed=3)

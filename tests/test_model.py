@@ -294,3 +294,54 @@ def test_baselines_local_attention_only_and_full_attention(base):
         torch.testing.assert_close(full(*one).sample, base(one[0], one[1][:, 0], one[2],
                                                            image_rotary_emb=stock_rope(FRAMES_FIRST)).sample,
                                    atol=1e-5, rtol=0)
+
+
+# per-segment noise levels (docs/model.md, "Per-segment noise levels")
+
+LEVELS = torch.tensor([[999, 0, 500, 17], [3, 999, 999, 0]])  # (B, n): one level per segment
+
+
+@pytest.mark.parametrize("overlap, window", [(1, "segment"), (0, "segment"), (1, "full")])
+def test_equal_per_segment_levels_equal_one_level(base, overlap, window):
+    model = ttt_model(base, gate_init=0.5, overlap_frames=overlap, attention_window=window)
+    latents, text, t = inputs(4)
+    with torch.no_grad():
+        expected = model(latents, text, t).sample
+        got = model(latents, text, t[:, None].expand(-1, 4)).sample
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_per_segment_levels_at_gates_zero_equal_stock_cogvideox_per_segment(base):
+    model = ttt_model(base, gate_init=0.0, overlap_frames=0)
+    latents, text, _ = inputs(4)
+    with torch.no_grad():
+        got = model(latents, text, LEVELS).sample
+        for i, frames in enumerate(segment_frames(4)):
+            expected = base(latents[:, frames], text[:, i], LEVELS[:, i],
+                            image_rotary_emb=stock_rope(frames.stop - frames.start)).sample
+            torch.testing.assert_close(got[:, frames], expected, atol=1e-5, rtol=0)
+
+
+def test_frame_segment_puts_the_overlap_frame_in_its_own_segment():
+    layout = segment_layout(3, FRAMES_FIRST, FRAMES_PER_SEGMENT, 1, 4, (GRID, GRID), (GRID, GRID), 16, 16)
+    expected = [i for i, frames in enumerate(segment_frames(3)) for _ in range(frames.stop - frames.start)]
+    assert layout.frame_segment.tolist() == expected
+
+
+def test_per_segment_levels_with_gradient_checkpointing(base):
+    grads, built = [], ttt_model(copy.deepcopy(base), gate_init=0.5)
+    for checkpointing in (False, True):
+        model = copy.deepcopy(built)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        latents, text, _ = inputs(4)
+        model(latents, text, LEVELS).sample.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_per_segment_timestep_of_the_wrong_shape_is_a_clear_error(base):
+    latents, text, _ = inputs(4)
+    with pytest.raises(ValueError, match=r"per-segment timestep must be \(B, n_segments\) = \(2, 4\)"):
+        ttt_model(base)(latents, text, LEVELS[:, :3])

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 STORYBOARD_SUFFIXES = (".json", ".yaml", ".yml", ".txt")
-COLUMNS = ["text", "new scene", "negative text"]
+COLUMNS = ["text", "new scene", "negative text", "keep"]
 MAX_TEXT_CHARS = 1000  # about 250 T5 tokens, past the 226 CogVideoX reads; the pipeline checks the exact budget
 
 
@@ -64,8 +64,17 @@ def storyboard_from_rows(rows: list[list[Any]] | None, title: str | None = None,
 
 
 def rows_from_storyboard(storyboard: Storyboard) -> list[list[Any]]:
-    """The editor's table for a storyboard: [text, new scene, negative text] per segment."""
-    return [[s.text, s.scene_start, s.negative_text or ""] for s in storyboard.segments]
+    """The editor's table for a storyboard: [text, new scene, negative text, keep] per segment (keep unticked)."""
+    return [[s.text, s.scene_start, s.negative_text or "", False] for s in storyboard.segments]
+
+
+def kept_rows(rows: list[list[Any]] | None) -> list[int]:
+    """0-based rows ticked "keep" (the 4th cell; absent counts as not ticked), among the rows that
+    `storyboard_from_rows` turns into segments."""
+    cells = [row_cells(row) for row in rows or []]
+    while cells and not cells[-1][0] and not cells[-1][2]:
+        cells.pop()
+    return [i for i, row in enumerate((rows or [])[: len(cells)]) if _ticked(list(row)[3] if len(row) > 3 else False)]
 
 
 def edit_table(rows: list[list[Any]] | None, selected: int | None, action: str) -> tuple[list[list[Any]], int | None]:
@@ -78,7 +87,7 @@ def edit_table(rows: list[list[Any]] | None, selected: int | None, action: str) 
     row = selected if selected is not None and 0 <= selected < len(rows) else None
     if action == "add":
         row = len(rows) if row is None else row + 1
-        rows.insert(row, ["", False, ""])
+        rows.insert(row, ["", False, "", False])
     elif action == "remove" and row is not None:
         del rows[row]
         row = min(row, len(rows) - 1) if rows else None
@@ -90,7 +99,7 @@ def edit_table(rows: list[list[Any]] | None, selected: int | None, action: str) 
         row += 1
     elif action == "clear":
         rows, row = [], None
-    return rows or [["", False, ""]], row
+    return rows or [["", False, "", False]], row
 
 
 def storyboard_summary(rows: list[list[Any]] | None, max_segments: int | None) -> str:
@@ -132,10 +141,15 @@ def row_cells(row: list[Any]) -> tuple[str, bool, str]:
     """(text, new scene, negative text) of one table row, whatever the browser sent for empty cells."""
     row = list(row) + [None] * (3 - len(row))
     text, new_scene, negative = row[:3]
-    if isinstance(new_scene, str):
-        new_scene = new_scene.strip().lower() in ("true", "1", "yes", "y", "x")
-    return ("" if text is None else str(text).strip(), bool(new_scene),
+    return ("" if text is None else str(text).strip(), _ticked(new_scene),
             "" if negative is None else str(negative).strip())
+
+
+def _ticked(value: Any) -> bool:
+    """A checkbox cell, whatever the browser sent."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "y", "x")
+    return bool(value)
 
 
 def format_seconds(seconds: float) -> str:

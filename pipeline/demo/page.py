@@ -4,6 +4,8 @@
 
 - Editor: a table with one row per 3-s segment (text, "new scene", negative text), buttons that add, remove and move
   the selected row, the bundled examples, storyboard files in and out (pipeline/storyboard.py's formats).
+- After a generation, rows ticked "keep" are kept exactly (their latents) in the next Generate, which redoes only
+  the unticked rows and any rows added at the end.
 - Generate runs the pipeline on a worker thread. Every few denoising steps its latents become a cheap preview (a fixed
   linear map of latent channels to RGB, one frame per segment); gr.Progress shows the step and the time left. Stop
   ends the run after the current step.
@@ -39,6 +41,7 @@ from .editor import (
     edit_table,
     example_choices,
     format_seconds,
+    kept_rows,
     rows_from_storyboard,
     storyboard_from_rows,
     storyboard_summary,
@@ -46,12 +49,14 @@ from .editor import (
 from .worker import (
     KEEP_OUTPUTS,
     MAX_STEPS,
+    LastVideos,
     OutputFolders,
     Renderer,
     Settings,
     SettingsError,
     StopSignals,
     generate_updates,
+    keep_arguments,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,6 +79,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
     """
     renderer = Renderer(pipe, OutputFolders(output_dir, keep_outputs))
     stops = StopSignals()
+    last_videos = LastVideos()
     examples_dir = Path(examples_dir)
     examples = example_choices(examples_dir)
     first_example = next((name for _, name in examples if name == "two_scenes.yaml"),
@@ -87,13 +93,15 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
 
     with gr.Blocks(title="TTT-Video", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# TTT-Video\nWrite a storyboard, one row per 3-second segment, then press **Generate**. "
-                    f"Tick *new scene* where the story cuts to a new scene. {limit}")
+                    f"Tick *new scene* where the story cuts to a new scene. {limit} After a video, tick *keep* on "
+                    "the rows you like: the next Generate keeps them exactly and redoes the others and any new rows.")
         with gr.Row():
             with gr.Column(scale=3):
                 example = gr.Dropdown(examples, value=first_example, label="Example stories", elem_id="example")
-                table = gr.Dataframe(start_rows, headers=COLUMNS, datatype=["str", "bool", "str"], type="array",
-                                     interactive=True, wrap=True, column_count=3, show_row_numbers=True,
-                                     column_widths=["60%", "12%", "28%"], label="Storyboard", elem_id="storyboard")
+                table = gr.Dataframe(start_rows, headers=COLUMNS, datatype=["str", "bool", "str", "bool"],
+                                     type="array", interactive=True, wrap=True, column_count=4, show_row_numbers=True,
+                                     column_widths=["54%", "12%", "24%", "10%"], label="Storyboard",
+                                     elem_id="storyboard")
                 info = gr.Markdown(storyboard_summary(start_rows, max_segments), elem_id="storyboard-info")
                 with gr.Row():
                     add = gr.Button("Add segment", size="sm", elem_id="add-row")
@@ -148,20 +156,29 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
             except SettingsError as e:
                 yield from _report("Check the settings", e.problems)
             session = request.session_hash or "api"
+            keep, previous = kept_rows(rows), last_videos.get(session)
+            try:
+                keep_arguments(keep, previous, renderer.pipe, storyboard.num_segments)
+            except ValueError as e:
+                yield from _report("Check the keep marks", [str(e)])
             signal = stops.start(session)
-            yield None, None, None, f"Starting: {storyboard.num_segments} segments, {settings.steps} steps…"
+            kept = f", keeping rows {', '.join(str(i + 1) for i in keep)}" if keep else ""
+            yield None, None, None, f"Starting: {storyboard.num_segments} segments{kept}, {settings.steps} steps…"
             last_preview = None
             try:
-                for kind, payload in generate_updates(renderer, storyboard, settings, signal, progress):
+                for kind, payload in generate_updates(renderer, storyboard, settings, signal, progress, keep,
+                                                      previous):
                     if kind == "preview":
                         last_preview = payload
                         yield payload, gr.skip(), gr.skip(), gr.skip()
                     elif kind == "stopped":
                         yield last_preview, None, None, f"Stopped ({payload})."
                     else:
+                        last_videos.set(session, payload.video)
                         yield last_preview, str(payload.video), [str(payload.video), str(payload.storyboard)], (
                             f"Done in {format_seconds(payload.seconds)} · seed **{payload.seed}** · "
-                            f"{storyboard.num_segments} segments, {payload.num_frames} frames at {payload.fps:.3g} fps")
+                            f"{storyboard.num_segments} segments{kept}, {payload.num_frames} frames at "
+                            f"{payload.fps:.3g} fps")
             except StoryboardError as e:  # the pipeline's own checks, e.g. a text over the token budget
                 yield from _report("Check the storyboard", e.problems)
             except Exception as e:

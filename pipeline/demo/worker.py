@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from ..segment_context import latents_path, load_latents, save_latents
 from ..storyboard import (
     Storyboard,
 )
@@ -87,6 +88,8 @@ class Result:
     seconds: float
     num_frames: int
     fps: float
+    latents: Path | None = None  # the final latents beside the video, for keeping its segments in the next run
+    kept: tuple[int, ...] = ()  # 0-based segments kept from the previous result
 
 
 
@@ -170,12 +173,17 @@ class Renderer:
 
     def render(self, storyboard: Storyboard, settings: Settings,
                on_step: Callable[[int, np.ndarray | None], None] | None = None,
-               stop: threading.Event | None = None) -> Result:
-        """Generates the video for a validated storyboard and writes video.mp4 and storyboard.json to a new folder.
+               stop: threading.Event | None = None, keep: list[int] | None = None,
+               previous: Path | None = None) -> Result:
+        """Generates the video for a validated storyboard and writes video.mp4, its final latents
+        (video.latents.safetensors) and storyboard.json to a new folder.
 
         on_step(steps_done, preview or None): called after every denoising step, with a `latent_preview` every few
         steps and on the last one. stop: when set, the run ends after the current step with GenerationStopped.
+        keep: 0-based segments to keep from `previous` (an earlier result's video.mp4): their latents are kept exactly
+        and only the other segments, and any beyond the previous video, are generated (`keep_arguments`).
         """
+        context = keep_arguments(keep or [], previous, self.pipe, storyboard.num_segments)
         seed = settings.seed if settings.seed >= 0 else random.SystemRandom().randrange(MAX_SEED + 1)
         config = self.pipe.transformer.config
         every = max(1, round(settings.steps / PREVIEWS_PER_RUN))
@@ -198,13 +206,59 @@ class Renderer:
             output = self.pipe(storyboard=storyboard, num_inference_steps=settings.steps,
                                guidance_scale=settings.guidance, use_dynamic_cfg=settings.dynamic_cfg,
                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_segments=None,
-                               callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"])
+                               callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
+                               **context)
             frames = output.frames[0]  # (F, H, W, 3)
             folder = self.outputs.new()
             video = write_video(frames, folder / "video.mp4", output.fps)
+            save_latents(output.latents, latents_path(video), video=video)
             saved = storyboard.save(folder / "storyboard.json")
             return Result(video=video, storyboard=saved, seed=seed, seconds=time.perf_counter() - start,
-                          num_frames=len(frames), fps=output.fps)
+                          num_frames=len(frames), fps=output.fps, latents=Path(latents_path(video)),
+                          kept=tuple(keep or ()))
+
+
+def keep_arguments(keep: list[int], previous: Path | None, pipe, num_segments: int) -> dict:
+    """The pipeline's arguments that keep rows `keep` (0-based) of the previous result `previous` (video.mp4 with its
+    latents beside it): its latents, cut to the storyboard's length, and the rows to regenerate. Raises ValueError
+    (one line, naming rows) when there is nothing to keep from or a kept row is past the previous video."""
+    if not keep:
+        return {}
+    rows = f"row {keep[0] + 1} is" if len(keep) == 1 else f"rows {', '.join(str(i + 1) for i in keep)} are"
+    if previous is None:
+        raise ValueError(f"{rows} marked keep, but there is no earlier video to keep them from (generate "
+                         "one first, or untick keep)")
+    if not Path(latents_path(previous)).is_file():
+        raise ValueError(f"{rows} marked keep, but the last video is gone (only the newest results are "
+                         "kept); untick keep to generate anew")
+    latents, _ = load_latents(latents_path(previous))
+    config = pipe.transformer.config
+    covered = (latents.shape[1] - config.latent_frames_first) // config.latent_frames_per_segment + 1
+    past = [i + 1 for i in keep if i >= covered]
+    if past:
+        raise ValueError(f"row {past[0]} is marked keep, but the last video has only {covered} segments")
+    covered = min(covered, num_segments)  # rows removed at the end: keep the first ones
+    latents = latents[:, : pipe.transformer.num_latent_frames(covered)]
+    regenerate = [i for i in range(covered) if i not in keep]
+    if not regenerate and covered == num_segments:
+        raise ValueError("every row is marked keep: untick the rows to generate anew, or add rows")
+    return {"video_latents": latents, "regenerate": regenerate}
+
+
+class LastVideos:
+    """Per browser session, the video.mp4 of its last finished generation (whose rows can be kept next time)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._videos: dict[str, Path] = {}
+
+    def get(self, session: str) -> Path | None:
+        with self._lock:
+            return self._videos.get(session)
+
+    def set(self, session: str, video: Path) -> None:
+        with self._lock:
+            self._videos[session] = video
 
 
 class StopSignals:
@@ -235,19 +289,21 @@ class StopSignals:
 
 
 def generate_updates(renderer: Renderer, storyboard: Storyboard, settings: Settings, stop: threading.Event,
-                     progress: Callable[..., Any] | None = None) -> Iterator[tuple[str, Any]]:
+                     progress: Callable[..., Any] | None = None, keep: list[int] | None = None,
+                     previous: Path | None = None) -> Iterator[tuple[str, Any]]:
     """Runs `renderer.render` on a worker thread and yields what the page shows as it happens.
 
     Yields ("preview", (H, W, 3) uint8) every few steps and finally ("done", Result); ("stopped", message) when
     stopped. Pipeline errors are re-raised here. progress(fraction or (done, total), desc=...) gets every step.
-    Closing the iterator (the client went away) stops the worker after its current step.
+    Closing the iterator (the client went away) stops the worker after its current step. keep, previous: as
+    `Renderer.render`.
     """
     events: queue.Queue = queue.Queue()
 
     def work() -> None:
         try:
             events.put(("done", renderer.render(storyboard, settings, lambda done, preview: events.put(
-                ("step", (done, preview))), stop)))
+                ("step", (done, preview))), stop, keep, previous)))
         except GenerationStopped as e:
             events.put(("stopped", str(e)))
         except BaseException as e:  # handed to the caller's thread, which reports it

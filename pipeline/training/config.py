@@ -82,11 +82,44 @@ class DataConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """Noise levels per training sequence (docs/training.md, "Noise levels per segment"): each sample draws a mode.
+
+    uniform: one level for the whole sequence (the paper's training; uniform 1 alone reproduces it bit for bit).
+    independent: a level per segment. context: a random set of segments is clean (t = 0, its latents as they are,
+    no loss), the rest share one level; segment 1 is clean with probability context_first, each later segment with
+    probability context_rate, and at least one segment stays noisy. The three probabilities must sum to 1.
+    """
+
+    uniform: float = 1.0
+    independent: float = 0.0
+    context: float = 0.0
+    context_first: float = 0.5
+    context_rate: float = 0.5
+
+    def __post_init__(self):
+        for name in ("uniform", "independent", "context", "context_first", "context_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"train.noise.{name}: expected a probability in [0, 1], got {value!r}")
+        total = self.uniform + self.independent + self.context
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError("train.noise: uniform + independent + context must sum to 1, got "
+                              f"{self.uniform} + {self.independent} + {self.context} = {total:g}")
+
+    @property
+    def is_uniform(self) -> bool:
+        """Only the paper's single level: the training batch and loss are exactly the original ones."""
+        return self.uniform == 1.0
+
+
+@dataclass
 class TrainConfig:
     """global_batch_size = micro_batch_size x gradient accumulation x processes; accumulation is derived.
 
     trainable: "full", "ttt" (TTT layers, gates, scene embedding), "ttt+attn" (+ attention q/k/v/o and qk-norms) or
-    "lora" (TTT + LoRA of rank lora_rank on attn1's to_q, to_k, to_v, to_out.0).
+    "lora" (TTT + LoRA of rank lora_rank on attn1's to_q, to_k, to_v, to_out.0). noise: per-segment noise levels
+    (`NoiseConfig`).
     """
 
     steps: int = 5000
@@ -99,6 +132,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     ema: bool = False
     ema_decay: float = 0.9999
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
 
 
 @dataclass

@@ -5,6 +5,10 @@ Per sample: a latent drawn from the VAE posterior (times the VAE's scaling facto
 rescale, CogVideoXDDIMScheduler). The model predicts v; get_velocity(v, x_t, t) = √ᾱ_t x_t − √(1−ᾱ_t) v is its
 x_0 estimate, and the loss is the x_0-space squared error weighted by 1 / (1 − ᾱ_t), which equals the v-space error
 (CogVideoX's training scripts compute it this way, as diffusers' examples/cogvideo do).
+
+Per-segment noise levels (`NoiseConfig`, docs/training.md): the batch then carries timesteps (B, n), one level per
+segment, and each latent frame is noised, predicted and weighted at its own segment's level; clean context segments
+(t = 0) enter as they are and are masked out of the loss, so they contribute neither loss nor gradient.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 from torch.utils.data import default_collate
 
+from .config import NoiseConfig
+
 
 class DiffusionCollate:
     """Collate dataset items and draw each sample's randomness from its own seed, on the CPU (in the loader workers).
@@ -20,13 +26,21 @@ class DiffusionCollate:
     The batch holds latents (B, T, C, h, w) = (mean + exp(logvar / 2) ε') x scaling_factor, noise (B, T, C, h, w),
     timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n). Drawing from per-sample seeds
     makes a sample's noise independent of the batch it lands in, the process that loads it and the device.
+    With a `NoiseConfig` other than uniform only (which needs the model's latent_frames_per_segment), timesteps are
+    (B, n), one level per segment, and the batch adds frame_timesteps (B, T) and frame_noisy (B, T) bool (False on
+    clean context frames).
     """
 
-    def __init__(self, num_train_timesteps: int, scaling_factor: float):
+    def __init__(self, num_train_timesteps: int, scaling_factor: float, noise: NoiseConfig | None = None,
+                 latent_frames_per_segment: int | None = None):
         self.num_train_timesteps, self.scaling_factor = num_train_timesteps, scaling_factor
+        self.noise = noise or NoiseConfig()
+        if not self.noise.is_uniform and latent_frames_per_segment is None:
+            raise ValueError("per-segment noise levels need latent_frames_per_segment (the model's)")
+        self.frames_per_segment = latent_frames_per_segment
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        latents, noise, timesteps = [], [], []
+        latents, noise, timesteps, frame_timesteps, frame_noisy = [], [], [], [], []
         for item in items:
             generator = torch.Generator().manual_seed(int(item["seed"]))
             mean, logvar = item["latent_mean"], item["latent_logvar"]
@@ -34,14 +48,47 @@ class DiffusionCollate:
             latents.append(sample * self.scaling_factor)
             noise.append(torch.randn(mean.shape, generator=generator))
             timesteps.append(torch.randint(0, self.num_train_timesteps, (), generator=generator))
+            if not self.noise.is_uniform:  # drawn after the uniform draws, which stay what they always were
+                num_segments = item["text"].shape[0]
+                timesteps[-1], clean = self._segment_levels(timesteps[-1], num_segments, generator)
+                frame_segment = self._frame_segment(mean.shape[0], num_segments)
+                frame_timesteps.append(timesteps[-1][frame_segment])
+                frame_noisy.append(~clean[frame_segment])
         batch = default_collate([{k: item[k] for k in ("text", "text_mask", "scene_start")} for item in items])
         batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps))
+        if not self.noise.is_uniform:
+            batch.update(frame_timesteps=torch.stack(frame_timesteps), frame_noisy=torch.stack(frame_noisy))
         return batch
+
+    def _segment_levels(self, level: torch.Tensor, n: int, generator: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A mode by the config's probabilities → levels (n,) int64 and clean (n,) bool."""
+        cfg = self.noise
+        u = torch.rand((), generator=generator).item()
+        clean = torch.zeros(n, dtype=torch.bool)
+        if u < cfg.uniform:
+            return level.expand(n).clone(), clean
+        if u < cfg.uniform + cfg.independent:
+            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator), clean
+        draws = torch.rand(n, generator=generator)
+        clean = draws < torch.tensor([cfg.context_first] + [cfg.context_rate] * (n - 1))
+        if clean.all():  # at least one segment to learn from
+            clean[torch.randint(0, n, (), generator=generator)] = False
+        return torch.where(clean, 0, level.expand(n)), clean
+
+    def _frame_segment(self, num_frames: int, num_segments: int) -> torch.Tensor:
+        """(T,) segment of each latent frame: the first segment has the frames left over by the later ones."""
+        first = num_frames - (num_segments - 1) * self.frames_per_segment
+        assert first >= 1, (num_frames, num_segments, self.frames_per_segment)
+        return torch.cat([torch.zeros(first, dtype=torch.long),
+                          torch.arange(1, num_segments).repeat_interleave(self.frames_per_segment)])
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
                    ) -> torch.Tensor:
     """Per-sample weighted loss (B,) float32 for a `DiffusionCollate` batch (see the module docstring)."""
+    if "frame_timesteps" in batch:
+        return segment_diffusion_loss(model, scheduler, batch)
     latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
     noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, T, C, h, w)
     prediction = model(hidden_states=noisy, encoder_hidden_states=batch["text"], timestep=timesteps,
@@ -51,3 +98,25 @@ def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, ba
     alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps]  # (B,)
     weights = 1.0 / (1.0 - alphas_cumprod)
     return weights * (x0 - latents.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def segment_diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
+                           ) -> torch.Tensor:
+    """`diffusion_loss` with a noise level per segment: timesteps (B, n), frame_timesteps (B, T), frame_noisy (B, T).
+
+    Each frame is noised and weighted at its segment's level; clean frames (frame_noisy False) enter as the clean
+    latents and are left out of the loss. Returns the mean over each sample's noisy frames (B,) float32.
+    """
+    latents, noise, noisy_frames = batch["latents"], batch["noise"], batch["frame_noisy"]
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
+    a = alphas_cumprod[batch["frame_timesteps"]][:, :, None, None, None]  # (B, T, 1, 1, 1)
+    noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
+    keep = ~noisy_frames[:, :, None, None, None]
+    noisy = torch.where(keep, latents, noisy)  # clean context exactly as the sampler gives it
+    prediction = model(hidden_states=noisy, encoder_hidden_states=batch["text"], timestep=batch["timesteps"],
+                       encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
+                       return_dict=False)[0]
+    x0 = a.sqrt() * noisy.float() - (1 - a).sqrt() * prediction.float()  # v → x_0 estimate
+    per_frame = ((x0 - latents.float()).pow(2) / (1 - a)).flatten(2).mean(dim=2)  # (B, T)
+    per_frame = torch.where(noisy_frames, per_frame, torch.zeros_like(per_frame))
+    return per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1)

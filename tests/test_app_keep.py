@@ -1,0 +1,65 @@
+"""The demo's "keep" column: kept rows of the last result keep their latents exactly; the others (and rows added at
+the end) are generated anew (pipeline/demo/worker.py `keep_arguments`, editor.py `kept_rows`)."""
+
+import pytest
+import torch
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT
+from tiny_ttt_pipeline import tiny_ttt_pipeline
+
+from pipeline.demo.editor import kept_rows
+from pipeline.demo.worker import OutputFolders, Renderer, Settings, keep_arguments
+from pipeline.segment_context import load_latents
+from pipeline.storyboard import Segment, Storyboard
+
+TEXTS = ["a red cat", "a dog runs", "a bird flies", "a fish swims"]
+SETTINGS = Settings(steps=2, seed=1)
+
+
+def story(n: int) -> Storyboard:
+    return Storyboard([Segment(t) for t in TEXTS[:n]])
+
+
+def frames_of(segment: int) -> slice:
+    start = 0 if segment == 0 else FRAMES_FIRST + (segment - 1) * FRAMES_PER_SEGMENT
+    return slice(start, FRAMES_FIRST + segment * FRAMES_PER_SEGMENT)
+
+
+@pytest.fixture(scope="module")
+def renderer(tmp_path_factory):
+    pipe = tiny_ttt_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return Renderer(pipe, OutputFolders(tmp_path_factory.mktemp("outputs")))
+
+
+def test_kept_rows_reads_the_keep_column():
+    rows = [["a", False, "", True], ["b", False, ""], ["c", True, "", "true"], ["d", False, "", False],
+            ["", False, "", True]]  # a blank last row is no segment
+    assert kept_rows(rows) == [0, 2]
+    assert kept_rows(None) == []
+
+
+def test_kept_rows_keep_their_latents_and_the_rest_is_generated(renderer):
+    first = renderer.render(story(3), SETTINGS)
+    before = load_latents(first.latents)[0]
+    again = renderer.render(story(4), Settings(steps=2, seed=5), keep=[0, 2], previous=first.video)
+    after = load_latents(again.latents)[0]
+    assert again.kept == (0, 2) and again.num_frames == 8 * 4 + 1
+    for row in (0, 2):
+        assert torch.equal(after[:, frames_of(row)], before[:, frames_of(row)])
+    assert not torch.equal(after[:, frames_of(1)], before[:, frames_of(1)])
+    # rows removed at the end: the kept rows of the first ones still count
+    shorter = renderer.render(story(2), SETTINGS, keep=[1], previous=again.video)
+    assert torch.equal(load_latents(shorter.latents)[0][:, frames_of(1)], after[:, frames_of(1)])
+
+
+def test_bad_keep_marks_are_clear_errors(renderer, tmp_path):
+    first = renderer.render(story(2), SETTINGS)
+    with pytest.raises(ValueError, match="rows 1, 2 are marked keep, but there is no earlier video"):
+        keep_arguments([0, 1], None, renderer.pipe, 2)
+    with pytest.raises(ValueError, match="row 3 is marked keep, but the last video has only 2 segments"):
+        keep_arguments([0, 2], first.video, renderer.pipe, 3)
+    with pytest.raises(ValueError, match="every row is marked keep"):
+        keep_arguments([0, 1], first.video, renderer.pipe, 2)
+    assert keep_arguments([], None, renderer.pipe, 2) == {}
+    with pytest.raises(ValueError, match="row 1 is marked keep, but the last video is gone"):
+        keep_arguments([0], tmp_path / "video.mp4", renderer.pipe, 2)

@@ -1,0 +1,169 @@
+"""Training with a noise level per segment (train.noise, docs/training.md): the collate's modes and the masked loss.
+
+Items are made in code in the dataset's format (latent mean/logvar per frame, text per segment, a seed); shapes as
+tests/tiny.py: 3 segments = 3 + 2 + 2 latent frames of 4 x 4 x 4.
+"""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer
+
+from models import CogVideoXTTTTransformer3DModel
+from pipeline.schedulers import make_scheduler
+from pipeline.training import DiffusionCollate, diffusion_loss
+from pipeline.training.config import ConfigError, NoiseConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 3
+FRAMES = FRAMES_FIRST + (N - 1) * FRAMES_PER_SEGMENT
+SCALING = 0.7
+CONTEXT_FIRST = NoiseConfig(uniform=0.0, context=1.0, context_first=1.0, context_rate=0.0)  # segment 1 always clean
+
+
+def item(seed: int) -> dict:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return {"seed": seed, "latent_mean": torch.randn(FRAMES, LATENT_CHANNELS, 4, 4, generator=g),
+            "latent_logvar": torch.randn(FRAMES, LATENT_CHANNELS, 4, 4, generator=g) - 2,
+            "text": torch.randn(N, TEXT_LEN, 16, generator=g), "text_mask": torch.ones(N, TEXT_LEN, dtype=torch.bool),
+            "scene_start": torch.tensor([False, True, False])}
+
+
+def collate(noise: NoiseConfig | None = None, size: int = 2) -> dict:
+    return DiffusionCollate(1000, SCALING, noise, FRAMES_PER_SEGMENT)([item(i) for i in range(size)])
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the transformer: returns a prediction that is a leaf (to read its gradient) and records inputs."""
+
+    def __init__(self, prediction: torch.Tensor):
+        super().__init__()
+        self.prediction, self.seen = prediction.requires_grad_(), {}
+
+    def forward(self, **kwargs):
+        self.seen = kwargs
+        return (self.prediction,)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return CogVideoXTTTTransformer3DModel.from_base(
+        tiny_transformer(seed=0), latent_frames_first=FRAMES_FIRST, latent_frames_per_segment=FRAMES_PER_SEGMENT,
+        ttt_mini_batch_size=16, ttt_backend="torch", gate_init=0.5)
+
+
+def test_default_is_the_uniform_training_bit_for_bit():
+    batch = collate()
+    assert NoiseConfig().is_uniform
+    assert set(batch) == {"text", "text_mask", "scene_start", "latents", "noise", "timesteps"}
+    for i in range(2):  # the draws of the original collate, in its order
+        source, g = item(i), torch.Generator().manual_seed(i)
+        mean, logvar = source["latent_mean"], source["latent_logvar"]
+        latents = (mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)) * SCALING
+        assert torch.equal(batch["latents"][i], latents)
+        assert torch.equal(batch["noise"][i], torch.randn(mean.shape, generator=g))
+        assert torch.equal(batch["timesteps"][i], torch.randint(0, 1000, (), generator=g))
+    scheduler = make_scheduler("ddim")
+    prediction = torch.randn(batch["latents"].shape)
+    loss = diffusion_loss(Recorder(prediction.clone()), scheduler, batch)
+    t = batch["timesteps"]  # the original loss, written out
+    x0 = scheduler.get_velocity(prediction, scheduler.add_noise(batch["latents"], batch["noise"], t), t)
+    expected = 1.0 / (1.0 - scheduler.alphas_cumprod.float()[t]) * (x0 - batch["latents"]).pow(2).flatten(1).mean(1)
+    assert torch.equal(loss, expected)
+
+
+def test_context_mode_masks_the_loss_of_clean_segments():
+    batch = collate(CONTEXT_FIRST)
+    assert batch["timesteps"].shape == (2, N) and (batch["timesteps"][:, 0] == 0).all()
+    assert (batch["timesteps"][:, 1:] == batch["timesteps"][:, 1:2]).all()  # the rest at one level
+    assert batch["frame_noisy"].tolist() == [[False] * FRAMES_FIRST + [True] * (FRAMES - FRAMES_FIRST)] * 2
+    recorder = Recorder(torch.randn(batch["latents"].shape))
+    loss = diffusion_loss(recorder, make_scheduler("ddim"), batch)
+    loss.sum().backward()
+    grad = recorder.prediction.grad
+    assert (grad[:, :FRAMES_FIRST] == 0).all() and (grad[:, FRAMES_FIRST:] != 0).all()
+    # the clean segment enters as its latents exactly, the others noised
+    noisy = recorder.seen["hidden_states"]
+    assert torch.equal(noisy[:, :FRAMES_FIRST], batch["latents"][:, :FRAMES_FIRST])
+    assert not torch.equal(noisy[:, FRAMES_FIRST:], batch["latents"][:, FRAMES_FIRST:])
+    assert torch.equal(recorder.seen["timestep"], batch["timesteps"])
+    # whatever the prediction on clean frames, the loss is the same
+    changed = recorder.prediction.detach().clone()
+    changed[:, :FRAMES_FIRST] += 100.0
+    assert torch.equal(diffusion_loss(Recorder(changed), make_scheduler("ddim"), batch), loss.detach())
+
+
+def test_context_mode_trains_the_transformer_through_the_noisy_segments_only(model):
+    batch = collate(CONTEXT_FIRST)
+    outputs = []
+    hook = model.register_forward_hook(lambda m, args, out: outputs.append(out[0]))
+    try:
+        loss = diffusion_loss(model, make_scheduler("ddim"), batch)
+    finally:
+        hook.remove()
+    outputs[0].retain_grad()
+    loss.sum().backward()
+    assert (outputs[0].grad[:, :FRAMES_FIRST] == 0).all() and outputs[0].grad[:, FRAMES_FIRST:].abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad()
+
+
+def test_equal_levels_per_segment_give_the_uniform_loss(model):
+    batch = collate()
+    per_segment = dict(batch, timesteps=batch["timesteps"][:, None].expand(-1, N),
+                       frame_timesteps=batch["timesteps"][:, None].expand(-1, FRAMES),
+                       frame_noisy=torch.ones(2, FRAMES, dtype=torch.bool))
+    with torch.no_grad():
+        torch.testing.assert_close(diffusion_loss(model, make_scheduler("ddim"), per_segment),
+                                   diffusion_loss(model, make_scheduler("ddim"), batch), rtol=1e-5, atol=1e-6)
+
+
+def test_modes_draw_per_sample_and_independently_of_the_batch():
+    mixed = NoiseConfig(uniform=0.2, independent=0.4, context=0.4, context_first=0.5, context_rate=0.5)
+    batches = [collate(mixed, size=1)] + [DiffusionCollate(1000, SCALING, mixed, FRAMES_PER_SEGMENT)([item(0), item(i)])
+                                          for i in range(1, 40)]
+    assert all(torch.equal(b["timesteps"][0], batches[0]["timesteps"][0]) for b in batches)
+    levels = torch.cat([b["timesteps"] for b in batches])
+    noisy = torch.cat([b["frame_noisy"] for b in batches])
+    frame_segment = torch.tensor([0] * FRAMES_FIRST + [1, 1, 2, 2])
+    assert torch.equal(torch.cat([b["frame_timesteps"] for b in batches]), levels[:, frame_segment])
+    assert noisy.any(dim=1).all()  # every sample keeps a segment to learn from
+    independent = (levels > 0).all(1) & (levels != levels[:, :1]).any(1)
+    context = ~noisy.all(dim=1)
+    assert independent.any() and context.any() and (levels[~noisy[:, [0, 3, 5]]] == 0).all()
+
+
+def test_noise_config_is_checked(tmp_path):
+    cfg = load_config(None, ["train.noise.uniform=0.5", "train.noise.context=0.5", "train.noise.context_first=0.9"])
+    assert (cfg.train.noise.context, cfg.train.noise.context_first) == (0.5, 0.9)
+    with pytest.raises(ConfigError, match=r"train.noise: uniform \+ independent \+ context must sum to 1"):
+        load_config(None, ["train.noise.context=0.5"])
+    with pytest.raises(ConfigError, match=r"train.noise.context_rate: expected a probability in \[0, 1\], got 2"):
+        load_config(None, ["train.noise.context_rate=2"])
+    with pytest.raises(ValueError, match="need latent_frames_per_segment"):
+        DiffusionCollate(1000, SCALING, CONTEXT_FIRST)
+
+
+def test_train_py_runs_the_noise_modes(tmp_path):
+    """train.py wires train.noise into its collate (mixed modes, 2 steps of the debug config) and saves it resolved."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+    from tiny_training import CONFIG, debug_overrides, prepared
+
+    base, run = prepared(tmp_path), tmp_path / "run"  # prepared() may hand back another test's base: own output_dir
+    result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
+                             f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
+                             "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
+                             "train.noise.context=0.5"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
+                                       "context_rate": 0.5}
