@@ -126,6 +126,27 @@ def test_param_groups(base):
     assert not any("ff." in n for n in trainable)  # the feed-forward stays frozen in "ttt+attn"
 
 
+def test_weight_decay_is_chosen_by_module_type(base):
+    """adaLN projections decay although "norm" is in their names; norms, biases, gates, TTT LN affine and inner
+    biases and the scene embedding do not."""
+    cfg, model, _ = build(base, "train.trainable=full", "optim.weight_decay=0.01")
+    groups = param_groups(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    block = "transformer_blocks.0."
+    for name in (f"{block}norm1.linear.weight", f"{block}norm2.linear.weight", "norm_out.linear.weight",
+                 f"{block}attn1.to_q.weight", f"{block}ttt.w1", f"{block}ttt.wq.weight", f"{block}ttt.lr_weight"):
+        assert name in decay, name
+    for name in (f"{block}norm1.norm.weight", f"{block}norm1.norm.bias", f"{block}norm1.linear.bias",
+                 f"{block}attn1.norm_q.weight", "norm_out.norm.weight", "norm_final.weight", f"{block}ttt.ln_weight",
+                 f"{block}ttt.ln_bias", f"{block}ttt.b1", f"{block}ttt.b2", f"{block}ttt.lr_bias",
+                 f"{block}ttt.post_norm.weight", f"{block}gate_forward_text", f"{block}gate_reverse_video",
+                 "scene_embedding"):
+        assert name in no_decay, name
+    assert all(n in no_decay for n in names.values() if n.endswith(".bias"))
+
+
 def test_8bit_adamw_needs_bitsandbytes(base):
     cfg, model, _ = build(base, "optim.use_8bit=true")
     try:
