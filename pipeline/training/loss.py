@@ -18,7 +18,8 @@ class DiffusionCollate:
     """Collate dataset items and draw each sample's randomness from its own seed, on the CPU (in the loader workers).
 
     The batch holds latents (B, T, C, h, w) = (mean + exp(logvar / 2) ε') x scaling_factor, noise (B, T, C, h, w),
-    timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n). Drawing from per-sample seeds
+    timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n), and names (B strings, where
+    each sample comes from, for error messages). Drawing from per-sample seeds
     makes a sample's noise independent of the batch it lands in, the process that loads it and the device.
     """
 
@@ -35,7 +36,8 @@ class DiffusionCollate:
             noise.append(torch.randn(mean.shape, generator=generator))
             timesteps.append(torch.randint(0, self.num_train_timesteps, (), generator=generator))
         batch = default_collate([{k: item[k] for k in ("text", "text_mask", "scene_start")} for item in items])
-        batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps))
+        batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps),
+                     names=[str(item.get("name", "?")) for item in items])
         return batch
 
 
