@@ -15,7 +15,6 @@ import logging
 import sys
 from pathlib import Path
 
-from accelerate import DistributedType
 from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
 
@@ -25,7 +24,6 @@ from pipeline.training import (
     CheckpointError,
     MetricLogger,
     Validator,
-    build_components,
     build_optimizer,
     build_scheduler,
     diffusion_loss,
@@ -33,7 +31,14 @@ from pipeline.training import (
     training_scheduler,
 )
 from pipeline.training.config import ConfigError, load_config, save_config
-from pipeline.training.setup import build_accelerator, build_loader, check_inputs, flat_config
+from pipeline.training.setup import (
+    build_accelerator,
+    build_loader,
+    build_model,
+    check_inputs,
+    describe_batch,
+    flat_config,
+)
 
 logger = logging.getLogger("train")
 
@@ -48,12 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. build
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same TTT initialisation on every process
-    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
-    model, sampler_scheduler = parts["transformer"], parts["scheduler"]
-    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
-    if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
-        model.disable_gradient_checkpointing()  # FSDP checkpoints every wrapped block already
-        logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
+    model, sampler_scheduler = build_model(cfg, accelerator)
     noise_scheduler = training_scheduler(sampler_scheduler)
     loader = build_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
     optimizer = build_optimizer(model, cfg.optim)
@@ -71,9 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.init_trackers(cfg.log.project, config=flat_config(cfg),  # TensorBoard hides events after `step`
                               init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
     accumulation = accelerator.gradient_accumulation_steps
-    logger.info("training %d parameters (%s) for %d steps: global batch %d = %d per process x %d accumulation x %d "
-                "processes", sum(p.numel() for p in trainable), cfg.train.trainable, cfg.train.steps,
-                cfg.train.global_batch_size, cfg.train.micro_batch_size, accumulation, accelerator.num_processes)
+    logger.info("training %d parameters (%s) for %d steps: %s", sum(p.numel() for p in trainable),
+                cfg.train.trainable, cfg.train.steps, describe_batch(cfg, accelerator))
 
     # 3. loop
     batches = batch_stream(loader, start=step * accumulation)
@@ -83,8 +82,9 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, noise_scheduler, batch).mean()
                 accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip) if (
-                    accelerator.sync_gradients) else None
+                grad_norm = None
+                if accelerator.sync_gradients:  # the last micro-batch of the step
+                    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import other as accelerate_other
 from diffusers.training_utils import EMAModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
@@ -390,14 +391,19 @@ def test_leftover_temporaries_of_a_killed_run_are_removed_at_start(base, tmp_pat
     assert not any(folder.exists() for folder in killed)
 
 
-def test_a_full_disk_while_saving_is_one_line(base, tmp_path, monkeypatch):
+@pytest.mark.parametrize("module, write, error", [
+    (torch, "save", OSError(errno.ENOSPC, "No space left on device")),  # the optimizer state, RNG states
+    (accelerate_other, "safe_save_file", SafetensorError(  # the model weights: safetensors' Rust error has no errno
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')),
+], ids=["torch.save", "safetensors"])
+def test_a_full_disk_while_saving_is_one_line(base, tmp_path, monkeypatch, module, write, error):
     checkpointer = checkpointer_for(base, tmp_path)
     checkpointer.save(1)
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
-    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(module, write, full)
     with pytest.raises(CheckpointError, match=r"no space left on device while saving checkpoint step 2 under "
                        rf"{tmp_path / 'checkpoints'}; free space .* \(last complete checkpoint: "
                        rf"{checkpointer.path(1)}\)"):

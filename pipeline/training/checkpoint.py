@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..atomic import atomic_write_text
@@ -74,10 +74,15 @@ class Checkpointer:
         ("latest", a step, a folder) or, for a new run, check that output_dir holds no other run (`overwrite`
         removes it). `allow_changes`: config keys (or sections, "optim") that may differ from a resumed
         checkpoint's. Returns the step to continue from."""
+        held = self._other_run() if resume is None else None
+        if held and not overwrite:  # raised on every process, before anything is removed
+            raise ConfigError(f"output_dir={self.output_dir} holds another run ({held}); continue it with --resume "
+                              "latest, choose a new output_dir, or pass --overwrite to delete it and start afresh")
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             remove_leftovers(self.output_dir)
-            if resume is None:
-                self._claim(overwrite)
+            if held:
+                self._remove_run()
         self.accelerator.wait_for_everyone()
         return self.load(resume, allow_changes) if resume is not None else 0
 
@@ -107,8 +112,8 @@ class Checkpointer:
                 tmp.rename(final)
                 for old in self.steps()[:-self.keep] if self.keep > 0 else []:
                     shutil.rmtree(self.path(old))
-        except OSError as e:
-            if e.errno != errno.ENOSPC:
+        except (OSError, RuntimeError, SafetensorError) as e:
+            if not disk_full(e, self.output_dir):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"no space left on device while saving checkpoint step {step} under {self.root}; "
@@ -152,15 +157,15 @@ class Checkpointer:
         logger.info("resumed from %s (step %d)", path, step)
         return step
 
-    def _claim(self, overwrite: bool) -> None:
-        """A new run: refuse an output_dir holding another run's checkpoints, or clear it when `overwrite`."""
+    def _other_run(self) -> str | None:
+        """What of another run output_dir holds (its checkpoints or export), or None."""
         steps = self.steps()
-        if not steps and not (self.output_dir / "final").exists():
-            return
-        if not overwrite:
-            held = f"checkpoints of steps {steps}" if steps else "an exported final/ pipeline"
-            raise ConfigError(f"output_dir={self.output_dir} holds another run ({held}); continue it with --resume "
-                              "latest, choose a new output_dir, or pass --overwrite to delete it and start afresh")
+        if steps:
+            return f"checkpoints of steps {steps}"
+        return "an exported final/ pipeline" if (self.output_dir / "final").exists() else None
+
+    def _remove_run(self) -> None:
+        """--overwrite: delete the previous run's outputs."""
         for name in RUN_OUTPUTS:
             path = self.output_dir / name
             if path.is_dir():
@@ -265,11 +270,25 @@ def remove_leftovers(output_dir: Path) -> list[Path]:
     output_dir = Path(output_dir)
     found = [*(output_dir / "checkpoints").glob(f"{TMP_PREFIX}*"), *output_dir.glob(".final.*")]
     for path in found:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     if found:
         logger.warning("removed %d temporary folder(s) left by an interrupted run: %s", len(found),
                        ", ".join(p.name for p in found))
     return found
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write failed for lack of space: ENOSPC from Python, the text of safetensors' (Rust) or
+    torch.save's (C++) errors, which carry no errno, or no free space left where the file was going."""
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in str(error) or "StorageFull" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
 
 
 def _flat(section: dict, prefix: str = "") -> dict:

@@ -7,6 +7,7 @@ hours) into a run.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,8 +20,11 @@ from ..data import EpochSampler, SequenceDataset
 from ..data.dataset import read_null_embedding
 from ..data.format import read_manifest
 from ..storyboard import StoryboardError, load_storyboard
+from .components import build_components
 from .config import Config, ConfigError, to_dict
 from .loss import DiffusionCollate
+
+logger = logging.getLogger(__name__)
 
 
 def check_inputs(cfg: Config) -> None:
@@ -78,6 +82,23 @@ def build_accelerator(cfg: Config) -> Accelerator:
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = (
             accelerator.gradient_accumulation_steps)
     return accelerator
+
+
+def describe_batch(cfg: Config, accelerator: Accelerator) -> str:
+    return (f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} per process x "
+            f"{accelerator.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes")
+
+
+def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module, object]:
+    """The (unprepared) transformer to train and the sampler's scheduler. Under FSDP with activation checkpointing,
+    diffusers' own gradient checkpointing is turned off (FSDP checkpoints every wrapped block already)."""
+    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
+    model = parts["transformer"]
+    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
+        model.disable_gradient_checkpointing()
+        logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
+    return model, parts["scheduler"]
 
 
 def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) -> DataLoader:
