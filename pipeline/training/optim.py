@@ -29,7 +29,8 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     `norm1.linear.weight` is a projection and decays."""
     names = set()
     for prefix, module in model.named_modules():
-        own = NO_DECAY_OWN.get(type(module), set())
+        # isinstance, not type(): FSDP2's fully_shard swaps a module's class for a subclass of it
+        own = set().union(*(names for cls, names in NO_DECAY_OWN.items() if isinstance(module, cls)))
         for local, _ in module.named_parameters(recurse=False):
             if isinstance(module, (*NORMS, nn.Embedding)) or local == "bias" or local in own:
                 names.add(f"{prefix}.{local}" if prefix else local)
