@@ -128,7 +128,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError) as e:  # one line naming it, no traceback
+    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError, FloatingPointError) as e:  # one line
         sys.exit(f"train.py: error: {e}")
     except OSError as e:
         if e.errno != errno.ENOSPC:

@@ -69,6 +69,7 @@ class MetricLogger:
         if bad is None:
             return
         names = [name for per_process in items for name in per_process]
+        self.close()  # the bar's last line before the message
         raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (batch items: {'; '.join(names)}); "
                                  f"stopping without saving (this run's last checkpoint: {last_checkpoint or 'none'})")
 
