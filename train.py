@@ -10,225 +10,127 @@ has the recipe, the Accelerate configs and the memory table.
 from __future__ import annotations
 
 import argparse
-import json
+import errno
 import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-from accelerate import Accelerator, DistributedType
-from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from pipeline.data import DatasetError, EpochSampler, SequenceDataset, batch_stream, shape_fields
-from pipeline.pipeline_ttt_video import TTTVideoPipeline
+from pipeline.data import DatasetError, batch_stream
 from pipeline.training import (
     Checkpointer,
-    DiffusionCollate,
-    build_components,
+    CheckpointError,
+    MetricLogger,
+    Validator,
     build_optimizer,
     build_scheduler,
     diffusion_loss,
-    ema_weights,
-    export_pipeline,
-    full_transformer,
+    export_final,
     training_scheduler,
-    validate,
 )
-from pipeline.training.components import torch_dtype
-from pipeline.training.config import Config, ConfigError, load_config, save_config, to_dict
+from pipeline.training.config import ConfigError, load_config, save_config
+from pipeline.training.setup import (
+    build_accelerator,
+    build_loader,
+    build_model,
+    check_inputs,
+    describe_batch,
+    flat_config,
+)
 
 logger = logging.getLogger("train")
 
 
 def main(argv: list[str] | None = None) -> None:
     # 1. config
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="YAML under configs/")
-    parser.add_argument("--resume", help='"latest", a step number or a checkpoint folder')
-    parser.add_argument("--stop-after", type=int, help="save a checkpoint and stop after this many steps in this run "
-                        "(for jobs with a time limit; continue with --resume latest)")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-5 train.steps=100")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    check_inputs(cfg)  # paths, storyboards, cache: one-line errors before anything is loaded
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     # 2. build
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same TTT initialisation on every process
-    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
-    model, sampler_scheduler = parts["transformer"], parts["scheduler"]
-    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
-    if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
-        model.disable_gradient_checkpointing()  # FSDP checkpoints every wrapped block already
-        logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
+    model, sampler_scheduler = build_model(cfg, accelerator)
     noise_scheduler = training_scheduler(sampler_scheduler)
-    dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
-                              cfg.data.text_dropout, expected=expected_manifest(cfg, model))
-    loader = DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
-                        collate_fn=DiffusionCollate(noise_scheduler.config.num_train_timesteps, dataset.scaling_factor,
-                                                    cfg.train.noise, model.config.latent_frames_per_segment),
-                        num_workers=cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
+    loader = build_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    ema = None
-    if cfg.train.ema:
-        ema = EMAModel(trainable, decay=cfg.train.ema_decay)
-        ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
-    checkpointer = Checkpointer(accelerator, cfg, model)
-    step = checkpointer.load(args.resume) if args.resume else 0
-    accumulation = accelerator.gradient_accumulation_steps
+    ema = EMAModel(trainable, decay=cfg.train.ema_decay) if cfg.train.ema else None  # on the model's device
+    checkpointer = Checkpointer(accelerator, cfg, model, optimizer, lr_scheduler, ema)
+    step = checkpointer.start(args.resume, args.overwrite, tuple(args.allow_config_change))
+    stop_at = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, step + args.stop_after)
+    metrics = MetricLogger(accelerator, cfg.output_dir, cfg.log.every, cfg.train.steps, step, stop_at)
+    validator = Validator(cfg, accelerator, model, sampler_scheduler, ema, trainable)
     if accelerator.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
-    accelerator.init_trackers(cfg.log.project, config=flat_config(cfg))
-    logger.info("training %d parameters (%s) for %d steps: global batch %d = %d per process x %d accumulation x %d "
-                "processes", sum(p.numel() for p in trainable), cfg.train.trainable, cfg.train.steps,
-                cfg.train.global_batch_size, cfg.train.micro_batch_size, accumulation, accelerator.num_processes)
+    accelerator.init_trackers(cfg.log.project, config=flat_config(cfg),  # TensorBoard hides events after `step`
+                              init_kwargs={"tensorboard": {"purge_step": step + 1}} if step else {})
+    accumulation = accelerator.gradient_accumulation_steps
+    logger.info("training %d parameters (%s) for %d steps: %s", sum(p.numel() for p in trainable),
+                cfg.train.trainable, cfg.train.steps, describe_batch(cfg, accelerator))
 
     # 3. loop
     batches = batch_stream(loader, start=step * accumulation)
-    pipe = None  # built at the first validation
-    bar = tqdm(total=cfg.train.steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    first_bad_step = torch.full((), -1, device=accelerator.device)  # checked on log/save steps: no per-step sync
-    grad_norm = None
-    steps_since_log, last_log = 0, time.perf_counter()
-    stop_at = cfg.train.steps if args.stop_after is None else min(cfg.train.steps, step + args.stop_after)
     while step < stop_at:
         for _ in range(accumulation):
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, noise_scheduler, batch).mean()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                grad_norm = None
+                if accelerator.sync_gradients:  # the last micro-batch of the step
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach() / accumulation
+            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation)
         lr_scheduler.step()
         if ema is not None:
             ema.step(trainable)
         step += 1
-        steps_since_log += 1
-        bad = ~torch.isfinite(loss_sum if grad_norm is None else loss_sum + grad_norm)
-        first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
-        bar.update()
-
-        last = step == cfg.train.steps
-        should_log = step % cfg.log.every == 0 or step == stop_at
-        should_save = (step == stop_at and not last) or (
-            cfg.checkpoint.every > 0 and (step % cfg.checkpoint.every == 0 or last))
-        should_validate = cfg.validation.every > 0 and bool(cfg.validation.storyboards) and (
-            step % cfg.validation.every == 0 or last)
-        if should_log or should_save or should_validate:
-            stop_if_not_finite(accelerator, first_bad_step, checkpointer)
-        if should_log:
-            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_since_log
-            seconds = (time.perf_counter() - last_log) / steps_since_log
-            logs = {"loss": mean_loss, "step_time": seconds,
-                    **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
-            if grad_norm is not None:  # DeepSpeed clips inside its engine and reports no norm here
-                logs["grad_norm"] = accelerator.reduce(grad_norm, reduction="mean").item()
-            accelerator.log(logs, step=step)
-            if accelerator.is_main_process:  # the same numbers as plain text, for scripts and grep
-                with open(Path(cfg.output_dir) / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": step, **logs}) + "\n")
-            bar.set_postfix(loss=f"{mean_loss:.4g}", s_per_step=f"{seconds:.2f}")
-            loss_sum.zero_()
-            steps_since_log, last_log = 0, time.perf_counter()
-        if should_save:
-            checkpointer.save(step)
-        if should_validate:
-            if pipe is None:
-                pipe = build_pipeline(cfg, accelerator, model, sampler_scheduler)
-            with ema_weights(ema, trainable):
-                validate(pipe, accelerator, cfg.validation, Path(cfg.output_dir) / "validation", step)
-    bar.close()
-    if step < cfg.train.steps:
-        logger.info("stopped after step %d of %d (--stop-after); continue with --resume latest", step, cfg.train.steps)
-        accelerator.end_training()
-        return
+        metrics.step_done(step)
+        if metrics.should_log(step) or checkpointer.should_save(step, stop_at) or validator.should_validate(step):
+            metrics.stop_if_not_finite(checkpointer.last)  # nothing non-finite is logged, saved or sampled
+        metrics.maybe_log(step, optimizer)
+        checkpointer.maybe_save(step, stop_at)
+        validator.maybe_validate(step)
+    metrics.close()
 
     # 4. save
-    with ema_weights(ema, trainable):
-        final = full_transformer(accelerator, model)
-        if accelerator.is_main_process:
-            export_pipeline(build_pipeline(cfg, accelerator, final, sampler_scheduler), Path(cfg.output_dir) / "final")
-    accelerator.wait_for_everyone()
+    if step < cfg.train.steps:
+        logger.info("stopped after step %d of %d (--stop-after); continue with --resume latest", step, cfg.train.steps)
+    else:
+        export_final(cfg, accelerator, model, sampler_scheduler, ema, trainable)
     accelerator.end_training()
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """Accelerator with gradient accumulation derived from the global batch size and the process count."""
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
-        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, stepped by the loop
-        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
-        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
-    )
-    per_step = cfg.train.micro_batch_size * accelerator.num_processes
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x "
-                          f"{accelerator.num_processes}")
-    accelerator.gradient_accumulation_steps = cfg.train.global_batch_size // per_step
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine accumulates by its own config
-        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = (
-            accelerator.gradient_accumulation_steps)
-    return accelerator
-
-
-def expected_manifest(cfg: Config, model) -> dict:
-    """What the precompute cache must have been made with for this model and config (pipeline.data.SHAPE_FIELDS)."""
-    c = model.config
-    return shape_fields(cfg.data, max_text_length=c.max_text_seq_length, latent_frames_first=c.latent_frames_first,
-                        latent_frames_per_segment=c.latent_frames_per_segment, latent_channels=c.in_channels,
-                        text_embed_dim=c.text_embed_dim)
-
-
-def build_pipeline(cfg: Config, accelerator: Accelerator, model, scheduler) -> TTTVideoPipeline:
-    """The sampling pipeline around the (unwrapped) trained transformer; tokenizer, text encoder and VAE are loaded
-    here, on the CPU, only when validation or the export needs them."""
-    parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
-    dtype = torch_dtype(cfg.train.mixed_precision) if accelerator.device.type == "cuda" else torch.float32
-    return TTTVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"].to(dtype),
-                            vae=parts["vae"].to(dtype), transformer=accelerator.unwrap_model(model),
-                            scheduler=scheduler, fps=cfg.data.fps)
-
-
-def stop_if_not_finite(accelerator: Accelerator, first_bad_step: torch.Tensor, checkpointer: Checkpointer) -> None:
-    """Raise, naming the step, if any process saw a non-finite loss or gradient norm (nothing is saved then)."""
-    steps = accelerator.gather(first_bad_step[None])
-    if (steps >= 0).any():
-        bad = int(steps[steps >= 0].min().item())
-        saved = checkpointer.steps()
-        last_good = checkpointer.path(saved[-1]) if saved else "none"
-        raise FloatingPointError(f"non-finite loss or gradient norm at step {bad}; stopping without saving "
-                                 f"(last good checkpoint: {last_good})")
-
-
-def flat_config(cfg: Config) -> dict:
-    """The config as flat scalars for trackers' hyperparameter tables (lists as strings)."""
-
-    def walk(section: dict, prefix: str):
-        for key, value in section.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}/")
-            else:
-                yield f"{prefix}{key}", value if isinstance(value, (int, float, str, bool)) else str(value)
-
-    return dict(walk(to_dict(cfg), ""))
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML under configs/")
+    parser.add_argument("--resume", help='"latest", a step number or a checkpoint folder')
+    parser.add_argument("--stop-after", type=int, help="save a checkpoint and stop after this many steps in this run "
+                        "(for jobs with a time limit; continue with --resume latest)")
+    parser.add_argument("--overwrite", action="store_true", help="start a new run in an output_dir that holds "
+                        "another run, deleting that run's checkpoints, logs and export")
+    parser.add_argument("--allow-config-change", action="append", default=[], metavar="KEY[,KEY]",
+                        help="on --resume, apply these changed training-defining keys (e.g. optim.lr, or a section "
+                        "such as optim) instead of refusing the resume")
+    parser.add_argument("overrides", nargs="*", help="key=value, e.g. optim.lr=2e-5 train.steps=100")
+    args = parser.parse_args(argv)
+    args.allow_config_change = [k.strip() for item in args.allow_config_change for k in item.split(",") if k.strip()]
+    return args
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError, FileNotFoundError) as e:  # bad input: one line naming it, no traceback
+    except (ConfigError, DatasetError, FileNotFoundError, CheckpointError, FloatingPointError) as e:  # one line
         sys.exit(f"train.py: error: {e}")
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        sys.exit(f"train.py: error: no space left on device ({e.filename or e})")

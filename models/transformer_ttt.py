@@ -292,13 +292,6 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         return [n for n, _ in self.named_parameters()
                 if ".ttt." in n or ".gate_forward_" in n or ".gate_reverse_" in n or n == "scene_embedding"]
 
-    def no_weight_decay_names(self) -> list[str]:
-        """Biases, norms, gates, the scene embedding and the TTT LN affine / inner biases: trained without decay."""
-        inner_biases = (".ttt.b1", ".ttt.b2", ".ttt.b", ".ttt.ln_weight", ".ttt.ln_bias", ".ttt.lr_bias")
-        return [n for n, p in self.named_parameters()
-                if n.endswith("bias") or "norm" in n or ".gate_" in n or n == "scene_embedding" or p.dim() < 2
-                or n.endswith(inner_biases)]
-
     def set_trainable(self, mode: str) -> list[str]:
         """requires_grad by mode: "ttt" (TTT + gates + scene embedding), "ttt+attn" (+ attention q/k/v/o and
         qk-norms), "lora" (TTT + PEFT LoRA weights added with `add_adapter`), "full". Returns the trainable names."""

@@ -54,6 +54,11 @@ def test_yaml_extends_and_overrides(tmp_path):
     (["train.ema=maybe"], "train.ema: expected bool"),
     (["data=3"], "data: expected a mapping"),
     (["optim.lr"], "expected key=value"),
+    (["log.every=0"], "log.every: expected a number >= 1, got 0"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size: expected a number >= 1, got 0"),
+    (["train.steps=0"], "train.steps: expected a number >= 1, got 0"),
+    (["optim.lr=-1e-5"], "optim.lr: expected a number >= 0.0, got -1e-05"),
+    (["optim.ttt_lr=-0.1"], "optim.ttt_lr: expected a number >= 0.0, got -0.1"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -23,6 +23,7 @@ from pipeline.data import (
     write_metadata,
 )
 from pipeline.data.precompute import decode_segments, encode_frames, precompute, segment_frame_times
+from pipeline.data.precompute import main as precompute_main
 from pipeline.data.prepare import prepare_captions, prepare_scenes, whole_segments
 from pipeline.text_encoding import encode_text
 from pipeline.training.components import build_components
@@ -168,6 +169,29 @@ def test_precompute_resumes_and_skips_bad_videos(base, tmp_path):
     assert counts == {"done": 1, "skipped": 2, "failed": 2}
     assert item_path(tmp_path / "cache", records[1]).is_file()
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_precompute_command_fails_when_videos_failed(base, tmp_path):
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    records = read_metadata(tmp_path / "dataset")
+    write_metadata(tmp_path / "dataset", [*records, record(1, video="clips/absent.mp4")])
+    metadata = tmp_path / "dataset" / "metadata.jsonl"
+    with pytest.raises(DatasetError, match=r"^1 of 4 videos failed \(the warnings above name them and why\) and are "
+                       rf"not in {tmp_path / 'cache'}; fix or remove them in {metadata}"):
+        precompute_main(["--config", str(CONFIG), "--dtype", "float32", *debug_overrides(tmp_path),
+                         f"model.pretrained={base / 'pipeline'}"])
+
+
+def test_corrupt_manifest_and_null_embedding_name_the_file(base, tmp_path):
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    (tmp_path / "cache" / "null.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=rf"{tmp_path / 'cache' / 'null.safetensors'}: unreadable .*run the "
+                       "precompute again"):
+        SequenceDataset(base / "dataset", tmp_path / "cache", segments=2)
+    (tmp_path / "cache" / "manifest.json").write_text("[1, 2")
+    with pytest.raises(DatasetError, match=rf"{tmp_path / 'cache' / 'manifest.json'}: not valid JSON"):
+        SequenceDataset(base / "dataset", tmp_path / "cache", segments=2)
 
 
 def test_precompute_on_two_processes_splits_the_videos(base, tmp_path):

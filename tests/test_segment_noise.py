@@ -57,7 +57,7 @@ def model():
 def test_default_is_the_uniform_training_bit_for_bit():
     batch = collate()
     assert NoiseConfig().is_uniform
-    assert set(batch) == {"text", "text_mask", "scene_start", "latents", "noise", "timesteps"}
+    assert set(batch) == {"text", "text_mask", "scene_start", "latents", "noise", "timesteps", "names"}
     for i in range(2):  # the draws of the original collate, in its order
         source, g = item(i), torch.Generator().manual_seed(i)
         mean, logvar = source["latent_mean"], source["latent_logvar"]

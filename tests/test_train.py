@@ -1,6 +1,7 @@
 """Training: the loss, parameter groups and schedule, learning on tiny random components, checkpoints, and train.py
 end to end (resume, two processes, FSDP on a CPU mesh, non-finite stop, export → sample.py)."""
 
+import errno
 import json
 import os
 import shutil
@@ -11,16 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import other as accelerate_other
 from diffusers.training_utils import EMAModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
-from pipeline.data import SequenceDataset
+from pipeline.data import DatasetError, SequenceDataset
 from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
     Checkpointer,
+    CheckpointError,
     DiffusionCollate,
+    MetricLogger,
     build_components,
     build_optimizer,
     build_scheduler,
@@ -31,7 +35,9 @@ from pipeline.training import (
     training_scheduler,
 )
 from pipeline.training.config import ConfigError, load_config
+from pipeline.training.optim import no_weight_decay_names
 from pipeline.video_io import read_video
+from train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=2", "log.every=1", "validation.every=0"]
@@ -126,6 +132,33 @@ def test_param_groups(base):
     assert not any("ff." in n for n in trainable)  # the feed-forward stays frozen in "ttt+attn"
 
 
+def test_weight_decay_is_chosen_by_module_type(base):
+    """adaLN projections decay although "norm" is in their names; norms, biases, gates, TTT LN affine and inner
+    biases and the scene embedding do not."""
+    cfg, model, _ = build(base, "train.trainable=full", "optim.weight_decay=0.01")
+    groups = param_groups(model, cfg.optim)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    block = "transformer_blocks.0."
+    for name in (f"{block}norm1.linear.weight", f"{block}norm2.linear.weight", "norm_out.linear.weight",
+                 f"{block}attn1.to_q.weight", f"{block}ttt.w1", f"{block}ttt.wq.weight", f"{block}ttt.lr_weight"):
+        assert name in decay, name
+    for name in (f"{block}norm1.norm.weight", f"{block}norm1.norm.bias", f"{block}norm1.linear.bias",
+                 f"{block}attn1.norm_q.weight", "norm_out.norm.weight", "norm_final.weight", f"{block}ttt.ln_weight",
+                 f"{block}ttt.ln_bias", f"{block}ttt.b1", f"{block}ttt.b2", f"{block}ttt.lr_bias",
+                 f"{block}ttt.post_norm.weight", f"{block}gate_forward_text", f"{block}gate_reverse_video",
+                 "scene_embedding"):
+        assert name in no_decay, name
+    assert all(n in no_decay for n in names.values() if n.endswith(".bias"))
+
+    # FSDP2's fully_shard swaps each wrapped module's class for a subclass of it: the choice must not change
+    for module in model.modules():
+        if module is model or type(module).__name__ in ("CogVideoXTTTBlock", "TTTLayer"):
+            module.__class__ = type(f"FSDP{type(module).__name__}", (type(module),), {})
+    assert no_weight_decay_names(model) == no_decay
+
+
 def test_8bit_adamw_needs_bitsandbytes(base):
     cfg, model, _ = build(base, "optim.use_8bit=true")
     try:
@@ -147,7 +180,6 @@ def test_ema_follows_its_decay_schedule_swaps_in_and_out_and_is_checkpointed(bas
     model = accelerator.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(params, decay=cfg.train.ema_decay)
-    accelerator.register_for_checkpointing(ema)
     generator = torch.Generator().manual_seed(0)
     expected = None
     for s in range(1, 6):
@@ -168,13 +200,55 @@ def test_ema_follows_its_decay_schedule_swaps_in_and_out_and_is_checkpointed(bas
             torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-6)
     for p, r in zip(params, raw):
         assert torch.equal(p, r)  # restored
-    checkpointer = Checkpointer(accelerator, cfg, model)
+    checkpointer = Checkpointer(accelerator, cfg, model, ema=ema)
     checkpointer.save(1)
     for shadow in ema.shadow_params:
         shadow.zero_()
     checkpointer.load("1")
     for shadow, e in zip(ema.shadow_params, expected):
         torch.testing.assert_close(shadow, e, rtol=1e-6, atol=1e-6)
+
+
+def train_steps(model, optimizer, lr_scheduler, ema, scheduler, batch, steps):
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(steps):
+        diffusion_loss(model, scheduler, batch).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        lr_scheduler.step()
+        ema.step(params)
+
+
+def test_resumed_ema_equals_the_uninterrupted_runs_and_stays_on_the_models_device(base, tmp_path):
+    """Resume restores the EMA into the live shadow tensors (which follow the model's device: on CUDA the old order,
+    ema.to(device) before loading, left them on the CPU) and continues it exactly."""
+    batch = fixed_batch(base)
+    runs = {}
+    for name in ("whole", "resumed"):
+        torch.manual_seed(0)  # the same TTT initialisation in both
+        cfg, model, scheduler = build(base, "train.trainable=ttt", f"output_dir={tmp_path / 'out'}",
+                                      "optim.warmup_steps=0", "optim.lr=1e-2", "optim.ttt_lr=1e-2")
+        accelerator = Accelerator(cpu=True)
+        optimizer = build_optimizer(model, cfg.optim)
+        lr_scheduler = build_scheduler(optimizer, cfg.optim, 4)
+        model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+        ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=0.9)
+        checkpointer = Checkpointer(accelerator, cfg, model, optimizer, lr_scheduler, ema)
+        if name == "whole":
+            train_steps(model, optimizer, lr_scheduler, ema, scheduler, batch, 2)
+            checkpointer.save(2)
+        else:
+            live = [s.data_ptr() for s in ema.shadow_params]
+            assert checkpointer.start("latest") == 2
+            assert [s.data_ptr() for s in ema.shadow_params] == live  # loaded in place, not replaced
+        train_steps(model, optimizer, lr_scheduler, ema, scheduler, batch, 2)
+        runs[name] = ema
+    whole, resumed = runs["whole"], runs["resumed"]
+    assert whole.optimization_step == resumed.optimization_step == 4
+    params = [p for p in model.parameters() if p.requires_grad]
+    for a, b, p in zip(whole.shadow_params, resumed.shadow_params, params):
+        assert b.device == p.device
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_warmup_then_cosine_to_min_lr(base):
@@ -267,6 +341,109 @@ def test_checkpoints_rotate_store_trainable_only_and_restore(base, tmp_path):
     save_file(dict(list(weights.items())[1:]), saved / "model.safetensors")
     with pytest.raises(ValueError, match="do not match the trainable parameters"):
         checkpointer.load("3")
+
+
+def checkpointer_for(base, tmp_path, *overrides):
+    cfg, model, _ = build(base, "train.trainable=ttt", f"output_dir={tmp_path}", *overrides)
+    accelerator = Accelerator(cpu=True)
+    optimizer = build_optimizer(model, cfg.optim)
+    lr_scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    return Checkpointer(accelerator, cfg, model, optimizer, lr_scheduler)
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(base, tmp_path):
+    """Rotation would delete the new run's checkpoints (the old ones have later steps) and --resume latest would pick
+    the old run: a new run refuses the folder unless told to overwrite it."""
+    checkpointer_for(base, tmp_path).save(5)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 5, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=rf"output_dir={tmp_path} holds another run \(checkpoints of steps \[5\]\); "
+                       "continue it with --resume latest, choose a new output_dir, or pass --overwrite"):
+        checkpointer_for(base, tmp_path).start(None)
+    assert checkpointer_for(base, tmp_path).start(None, overwrite=True) == 0
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert checkpointer_for(base, tmp_path).start(None) == 0  # an empty folder is fine
+
+
+def test_resume_refuses_changed_training_keys_unless_allowed_and_then_applies_them(base, tmp_path, caplog):
+    first = checkpointer_for(base, tmp_path, "optim.lr=1e-3", "optim.ttt_lr=1e-3", "optim.warmup_steps=0",
+                             "optim.schedule=constant", "log.every=1")
+    first.optimizer.step()
+    first.lr_scheduler.step()
+    first.save(1)
+    with pytest.raises(ConfigError) as e:
+        checkpointer_for(base, tmp_path, "optim.lr=2e-3", "optim.ttt_lr=1e-3", "optim.warmup_steps=0",
+                         "optim.schedule=constant", "log.every=5", "data.segments=3").start("latest")
+    message = str(e.value)
+    assert "training-defining keys: data.segments: 2 in the checkpoint, 3 now; optim.lr: 0.001 in the checkpoint, " \
+           "0.002 now;" in message and "--allow-config-change data.segments,optim.lr" in message
+    assert "log.every" not in message  # runtime-only: may change
+
+    resumed = checkpointer_for(base, tmp_path, "optim.lr=2e-3", "optim.ttt_lr=1e-3", "optim.warmup_steps=0",
+                               "optim.schedule=constant", "log.every=5", "optim.weight_decay=0.5")
+    with caplog.at_level("WARNING"):
+        assert resumed.start("latest", allow_changes=("optim",)) == 1
+    assert "log.every: 1 in the checkpoint, 5 now (runtime-only)" in caplog.text
+    groups = {g["name"]: g for g in resumed.optimizer.param_groups}
+    assert groups["ttt"]["lr"] == 1e-3
+    assert groups["ttt"]["weight_decay"] == 0.5  # the new values, not the checkpoint's
+    resumed.lr_scheduler.step()
+    assert groups["ttt"]["lr"] == 1e-3 and resumed.lr_scheduler.scheduler.base_lrs[0] == 1e-3
+
+
+def test_base_lr_change_is_applied_on_resume(base, tmp_path):
+    first = checkpointer_for(base, tmp_path, "train.trainable=ttt+attn", "optim.lr=1e-3", "optim.warmup_steps=0",
+                             "optim.schedule=constant")
+    first.save(1)
+    resumed = checkpointer_for(base, tmp_path, "train.trainable=ttt+attn", "optim.lr=2e-3", "optim.warmup_steps=0",
+                               "optim.schedule=constant")
+    resumed.start("1", allow_changes=("optim.lr",))
+    assert {g["name"]: g["lr"] for g in resumed.optimizer.param_groups}["base"] == 2e-3
+
+
+def test_leftover_temporaries_of_a_killed_run_are_removed_at_start(base, tmp_path):
+    checkpointer = checkpointer_for(base, tmp_path)
+    killed = [tmp_path / "checkpoints" / ".tmp-step-00000004", tmp_path / ".final.k3j2x9", tmp_path / ".final.old.a1"]
+    for folder in killed:
+        (folder / "transformer").mkdir(parents=True)
+        (folder / "transformer" / "half.safetensors").write_bytes(b"\0" * 10)
+    assert checkpointer.start(None) == 0
+    assert not any(folder.exists() for folder in killed)
+
+
+@pytest.mark.parametrize("module, write, error", [
+    (torch, "save", OSError(errno.ENOSPC, "No space left on device")),  # the optimizer state, RNG states
+    (accelerate_other, "safe_save_file", SafetensorError(  # the model weights: safetensors' Rust error has no errno
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')),
+], ids=["torch.save", "safetensors"])
+def test_a_full_disk_while_saving_is_one_line(base, tmp_path, monkeypatch, module, write, error):
+    checkpointer = checkpointer_for(base, tmp_path)
+    checkpointer.save(1)
+
+    def full(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(module, write, full)
+    with pytest.raises(CheckpointError, match=r"no space left on device while saving checkpoint step 2 under "
+                       rf"{tmp_path / 'checkpoints'}; free space .* \(last complete checkpoint: "
+                       rf"{checkpointer.path(1)}\)"):
+        checkpointer.save(2)
+    assert checkpointer.steps() == [1] and [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000001"]
+
+
+def test_metrics_resume_without_duplicates_and_nan_stop_names_the_batch(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3, 4)))
+    accelerator = Accelerator(cpu=True)
+    metrics = MetricLogger(accelerator, tmp_path, every=1, total=6, start=2, stop_at=6)  # resumed at step 2
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    for step, loss in ((3, 1.0), (4, float("nan"))):
+        metrics.record(step, torch.tensor(loss), torch.tensor(0.5), [f"clips/v{step}.mp4 segments 0-1 (cache x)"], 1)
+        metrics.step_done(step)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient norm at step 4 \(batch items: "
+                       r"clips/v4.mp4 segments 0-1 \(cache x\)\); stopping without saving \(this run's last "
+                       r"checkpoint: out/checkpoints/step-00000002\)"):
+        metrics.stop_if_not_finite(Path("out/checkpoints/step-00000002"))
 
 
 def test_export_fuses_lora_into_a_loadable_pipeline(base, tmp_path):
@@ -407,9 +584,57 @@ def test_non_finite_loss_stops_naming_the_step(base, tmp_path):
     result = run(["--config", str(CONFIG), *debug_overrides(base), *RUN, f"data.cache={tmp_path / 'cache'}",
                   f"output_dir={tmp_path / 'out'}", "checkpoint.every=1"], check=False)
     assert result.returncode != 0
-    assert "non-finite loss or gradient norm at step 1; stopping without saving" in result.stderr
+    assert "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("train.py: error: non-finite loss or gradient norm at step 1 (batch items: clips/video")
+    assert " segments 0-1 (cache video" in line and line.endswith(
+        "; stopping without saving (this run's last checkpoint: none)")
     assert not (tmp_path / "out" / "checkpoints").exists() or not list((tmp_path / "out" / "checkpoints").iterdir())
     assert not (tmp_path / "out" / "final").exists()
+
+
+def corrupt_cache(tmp_path, base, what):
+    cache = tmp_path / "cache"
+    shutil.copytree(base / "cache", cache)
+    if what == "manifest":
+        (cache / "manifest.json").write_text('{"version": 1, "height": ')
+    elif what == "null missing":
+        (cache / "null.safetensors").unlink()
+    else:
+        (cache / "null.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    return [f"data.cache={cache}"]
+
+
+BAD_INPUTS = [  # (case, overrides (tmp_path, base), error, message with {tmp} for tmp_path)
+    ("pretrained", lambda tmp, base: [f"model.pretrained={tmp / 'nowhere'}"], ConfigError,
+     "model.pretrained={tmp}/nowhere: no such directory; expected a diffusers CogVideoX pipeline directory"),
+    ("init_from", lambda tmp, base: [f"model.init_from={tmp / 'stage1' / 'final'}"], ConfigError,
+     "model.init_from={tmp}/stage1/final: no transformer/config.json there; expected a previous stage's exported"),
+    ("log.every", lambda tmp, base: ["log.every=0"], ConfigError, "log.every: expected a number >= 1, got 0"),
+    ("micro batch", lambda tmp, base: ["train.micro_batch_size=0"], ConfigError,
+     "train.micro_batch_size: expected a number >= 1, got 0"),
+    ("steps", lambda tmp, base: ["train.steps=-5"], ConfigError, "train.steps: expected a number >= 1, got -5"),
+    ("lr", lambda tmp, base: ["optim.lr=-1e-4"], ConfigError, "optim.lr: expected a number >= 0.0, got -0.0001"),
+    ("storyboard", lambda tmp, base: ["validation.every=100", f"validation.storyboards=[{tmp / 'story.json'}]"],
+     ConfigError, "validation.storyboards[0]={tmp}/story.json: file not found; expected a storyboard file"),
+    ("manifest", lambda tmp, base: corrupt_cache(tmp, base, "manifest"), DatasetError,
+     "{tmp}/cache/manifest.json: not valid JSON"),
+    ("null missing", lambda tmp, base: corrupt_cache(tmp, base, "null missing"), DatasetError,
+     "{tmp}/cache/null.safetensors: not found; the precompute did not finish"),
+    ("null corrupt", lambda tmp, base: corrupt_cache(tmp, base, "null corrupt"), DatasetError,
+     "{tmp}/cache/null.safetensors: unreadable"),
+]
+
+
+@pytest.mark.parametrize("case, overrides, error, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_inputs_stop_before_the_first_step(base, tmp_path, case, overrides, error, message):
+    """Each is one line naming the key or file and what was expected, raised before anything is trained."""
+    args = ["--config", str(CONFIG), *debug_overrides(base), *RUN, f"output_dir={tmp_path / 'out'}",
+            *overrides(tmp_path, base)]
+    with pytest.raises(error) as e:
+        train_main(args)
+    assert message.format(tmp=tmp_path) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
 def test_fsdp_per_block_wrapping_on_a_cpu_mesh():

@@ -63,6 +63,7 @@ class SequenceDataset(Dataset):
         text: (segments, L, D) float32 text embeddings; text_mask: (segments, L) bool (True on real tokens).
         scene_start: (segments,) bool, the first always False (as the sampler gives it).
         seed: () int64, the seed for this sample's latent sample, noise and timestep.
+        name: str, where the sample comes from: "<video> segments a-b (cache <item file>)", for error messages.
     With probability `text_dropout` the whole sequence's text becomes the null embedding (the encoded empty text
     that classifier-free guidance uses for its unconditional branch).
 
@@ -81,11 +82,11 @@ class SequenceDataset(Dataset):
         self.scaling_factor = float(self.manifest["scaling_factor"])
         self.frames_first = self.manifest["latent_frames_first"]
         self.frames_per_segment = self.manifest["latent_frames_per_segment"]
-        null = _load_tensors(self.cache / NULL_FILE, ("text", "text_mask"))
-        self.null_text, self.null_mask = null["text"].float(), null["text_mask"].bool()
+        self.null_text, self.null_mask = read_null_embedding(cache)
 
         self.skipped: dict[str, int] = {"missing": 0, "corrupt": 0, "too_short": 0}
-        self.windows: list[tuple[Path, int]] = []
+        self.windows: list[tuple[Path, int]] = []  # (cache item, first segment)
+        self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
         records = read_metadata(root)
         for record in records:
             path = item_path(cache, record)
@@ -101,6 +102,7 @@ class SequenceDataset(Dataset):
             if num < segments:
                 self.skipped["too_short"] += 1
             self.windows.extend((path, start) for start in range(0, num - segments + 1, stride))
+            self.videos[path] = record.video
         logger.info("dataset: %d sequences of %d segments from %d videos; skipped videos: %s", len(self.windows),
                     segments, len(records), self.skipped)
         if not self.windows:
@@ -136,7 +138,8 @@ class SequenceDataset(Dataset):
             text = self.null_text.expand_as(text).clone()
             text_mask = self.null_mask.expand_as(text_mask).clone()
         return {"latent_mean": self._join(mean), "latent_logvar": self._join(logvar), "text": text,
-                "text_mask": text_mask, "scene_start": scene_start, "seed": torch.tensor(seed, dtype=torch.int64)}
+                "text_mask": text_mask, "scene_start": scene_start, "seed": torch.tensor(seed, dtype=torch.int64),
+                "name": f"{self.videos[path]} segments {start}-{stop - 1} (cache {path.name})"}
 
     def _join(self, per_segment: torch.Tensor) -> torch.Tensor:
         """(n, F1, C, h, w) per-segment encodings → (T, C, h, w): all frames of the first segment, then each later
@@ -146,11 +149,25 @@ class SequenceDataset(Dataset):
         return torch.cat([per_segment[0], per_segment[1:, skip:].flatten(0, 1)], dim=0)
 
 
+def read_null_embedding(cache: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's null embedding: text (L, D) float32 and text_mask (L,) bool (DatasetError if missing/corrupt)."""
+    null = _load_tensors(Path(cache) / NULL_FILE, ("text", "text_mask"))
+    return null["text"].float(), null["text_mask"].bool()
+
+
 def _load_tensors(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DatasetError(f"{path}: not found; the precompute did not finish (run it again, it resumes)")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in keys}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in keys if k not in f.keys()]
+            if missing:
+                raise DatasetError(f"{path}: tensors {missing} missing; expected {list(keys)} (delete the file and run "
+                                   "the precompute again)")
+            return {k: f.get_tensor(k) for k in keys}
+    except (OSError, SafetensorError) as e:
+        raise DatasetError(f"{path}: unreadable ({e}); expected a safetensors file with {list(keys)} (delete it and "
+                           "run the precompute again)") from None
 
 
 def batch_stream(loader, start: int = 0) -> Iterator:

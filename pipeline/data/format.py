@@ -133,7 +133,14 @@ def read_manifest(cache: str | os.PathLike) -> dict:
     path = Path(cache) / MANIFEST_FILE
     if not path.is_file():
         raise DatasetError(f"{path}: not found; run `python -m pipeline.data.precompute --config ...` first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e}); expected the JSON object the precompute writes "
+                           "(delete it and run the precompute again)") from None
+    if not isinstance(manifest, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    return manifest
 
 
 def shape_fields(data, *, max_text_length: int, latent_frames_first: int, latent_frames_per_segment: int,

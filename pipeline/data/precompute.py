@@ -8,7 +8,8 @@ cover data.height x data.width and center-crop, then encode each segment separat
 frames (its frames and the first frame of the next segment of the same scene; at a cut or at the end the last frame
 is repeated) into the VAE posterior (mean, logvar), and encode each segment's text with the pipeline's
 `encode_text`. One safetensors file per video under data.cache/items/, written atomically, so an interrupted run
-resumes where it stopped; unreadable videos are skipped and counted. data.cache/null.safetensors holds the null
+resumes where it stopped; unreadable videos are skipped and counted (the command then exits non-zero, saying how
+many). data.cache/null.safetensors holds the null
 embedding (the encoded empty text); data.cache/manifest.json records what produced the cache.
 """
 
@@ -26,6 +27,7 @@ import av
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -222,7 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    precompute(cfg, getattr(torch, args.dtype))
+    counts = gather_object([precompute(cfg, getattr(torch, args.dtype), Accelerator())])  # every process's
+    failed, total = sum(c["failed"] for c in counts), sum(sum(c.values()) for c in counts)
+    if failed:
+        raise DatasetError(f"{failed} of {total} videos failed (the warnings above name them and why) and are not in "
+                           f"{cfg.data.cache}; fix or remove them in {Path(cfg.data.root) / 'metadata.jsonl'} and run "
+                           "again (finished items are kept)")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ def _choice(default: Any, choices: tuple, **kwargs) -> Any:
     return field(default=default, metadata={"choices": choices}, **kwargs)
 
 
+def _at_least(default: Any, low: float) -> Any:
+    """A number field whose value must be >= low (None, where allowed, passes)."""
+    return field(default=default, metadata={"min": low})
+
+
 TTTConfig = dataclasses.make_dataclass("TTTConfig", ttt_config_fields())
 TTTConfig.__module__ = __name__
 TTTConfig.__doc__ = """The TTT arguments of `CogVideoXTTTTransformer3DModel` (which validates them), with the model's
@@ -74,10 +79,10 @@ class DataConfig:
     width: int = 720
     fps: int = 16
     max_text_length: int = 226
-    segments: int = 1
-    stride: int = 1
+    segments: int = _at_least(1, 1)
+    stride: int = _at_least(1, 1)
     text_dropout: float = 0.1
-    num_workers: int = 2
+    num_workers: int = _at_least(2, 0)
     vae_tiling: bool = True
 
 
@@ -122,9 +127,9 @@ class TrainConfig:
     (`NoiseConfig`).
     """
 
-    steps: int = 5000
-    global_batch_size: int = 64
-    micro_batch_size: int = 1
+    steps: int = _at_least(5000, 1)
+    global_batch_size: int = _at_least(64, 1)
+    micro_batch_size: int = _at_least(1, 1)
     trainable: str = _choice("full", TRAINABLE_MODES)
     lora_rank: int = 64
     lora_alpha: float = 64.0
@@ -141,14 +146,14 @@ class OptimConfig:
     up linearly for warmup_steps, then stays constant or follows a cosine down to min_lr (a group whose lr is at or
     below min_lr stays constant). use_8bit: bitsandbytes' AdamW8bit (must be installed)."""
 
-    lr: float = 1e-5
-    ttt_lr: float | None = None
+    lr: float = _at_least(1e-5, 0.0)
+    ttt_lr: float | None = _at_least(None, 0.0)
     schedule: str = _choice("constant", ("constant", "cosine"))
-    warmup_steps: int = 100
-    min_lr: float = 0.0
+    warmup_steps: int = _at_least(100, 0)
+    min_lr: float = _at_least(0.0, 0.0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    weight_decay: float = 1e-4
+    weight_decay: float = _at_least(1e-4, 0.0)
     grad_clip: float = 0.1
     use_8bit: bool = False
 
@@ -157,15 +162,15 @@ class OptimConfig:
 class CheckpointConfig:
     """Accelerate state every `every` steps (0: never) under output_dir/checkpoints, the last `keep` kept."""
 
-    every: int = 500
-    keep: int = 3
+    every: int = _at_least(500, 0)
+    keep: int = _at_least(3, 0)
 
 
 @dataclass
 class LogConfig:
     """Scalars every `every` steps to the tracker ("tensorboard", "wandb" or "none") under output_dir/logs."""
 
-    every: int = 10
+    every: int = _at_least(10, 1)
     tracker: str = _choice("tensorboard", ("tensorboard", "wandb", "none"))
     project: str = "ttt-video"
 
@@ -175,7 +180,7 @@ class ValidationConfig:
     """Every `every` steps (0: never), sample each storyboard file listed in `storyboards` to an mp4 under
     output_dir/validation and log it. cpu_offload: move idle components to the CPU while sampling on a GPU."""
 
-    every: int = 0
+    every: int = _at_least(0, 0)
     storyboards: list[str] = field(default_factory=list)
     num_inference_steps: int = 50
     guidance_scale: float = 6.0
@@ -225,9 +230,11 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     for name, value in data.items():
         key = prefix + name
         values[name] = _coerce(value, hints[name], key)
-        choices = fields[name].metadata.get("choices")
+        choices, low = fields[name].metadata.get("choices"), fields[name].metadata.get("min")
         if choices is not None and values[name] not in choices:
             raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
+        if low is not None and values[name] is not None and values[name] < low:
+            raise ConfigError(f"{key}: expected a number >= {low}, got {values[name]!r}")
     return cls(**values)
 
 

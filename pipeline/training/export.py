@@ -14,6 +14,8 @@ from accelerate import Accelerator, DistributedType
 
 from ..atomic import save_pretrained_atomically
 from ..pipeline_ttt_video import TTTVideoPipeline
+from .components import build_components, torch_dtype
+from .config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -58,3 +60,25 @@ def full_transformer(accelerator: Accelerator, model: torch.nn.Module) -> torch.
     copy = type(unwrapped).from_config(unwrapped.config)
     copy.load_state_dict(state)
     return copy
+
+
+def build_pipeline(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler) -> TTTVideoPipeline:
+    """The sampling pipeline around the (unwrapped) trained transformer; tokenizer, text encoder and VAE are loaded
+    here, on the CPU, only when validation or the export needs them."""
+    parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
+    dtype = torch_dtype(cfg.train.mixed_precision) if accelerator.device.type == "cuda" else torch.float32
+    return TTTVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"].to(dtype),
+                            vae=parts["vae"].to(dtype), transformer=accelerator.unwrap_model(model),
+                            scheduler=scheduler, fps=cfg.data.fps)
+
+
+def export_final(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler, ema,
+                 parameters: list[torch.nn.Parameter]) -> Path:
+    """output_dir/final: the trained (EMA, when kept) transformer in a pipeline directory. Call on every process."""
+    out = Path(cfg.output_dir) / "final"
+    with ema_weights(ema, parameters):
+        final = full_transformer(accelerator, model)
+        if accelerator.is_main_process:
+            export_pipeline(build_pipeline(cfg, accelerator, final, scheduler), out)
+    accelerator.wait_for_everyone()
+    return out

@@ -24,7 +24,8 @@ class DiffusionCollate:
     """Collate dataset items and draw each sample's randomness from its own seed, on the CPU (in the loader workers).
 
     The batch holds latents (B, T, C, h, w) = (mean + exp(logvar / 2) ε') x scaling_factor, noise (B, T, C, h, w),
-    timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n). Drawing from per-sample seeds
+    timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n), and names (B strings, where
+    each sample comes from, for error messages). Drawing from per-sample seeds
     makes a sample's noise independent of the batch it lands in, the process that loads it and the device.
     With a `NoiseConfig` other than uniform only (which needs the model's latent_frames_per_segment), timesteps are
     (B, n), one level per segment, and the batch adds frame_timesteps (B, T) and frame_noisy (B, T) bool (False on
@@ -55,7 +56,8 @@ class DiffusionCollate:
                 frame_timesteps.append(timesteps[-1][frame_segment])
                 frame_noisy.append(~clean[frame_segment])
         batch = default_collate([{k: item[k] for k in ("text", "text_mask", "scene_start")} for item in items])
-        batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps))
+        batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps),
+                     names=[str(item.get("name", "?")) for item in items])
         if not self.noise.is_uniform:
             batch.update(frame_timesteps=torch.stack(frame_timesteps), frame_noisy=torch.stack(frame_noisy))
         return batch

@@ -6,18 +6,44 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.models.normalization import LayerNorm, RMSNorm
 from torch import nn
 
+from models import CogVideoXTTTBlock, CogVideoXTTTTransformer3DModel, TTTLayer
+
 from .config import ConfigError, OptimConfig
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, LayerNorm, RMSNorm)  # every parameter of these: no decay
+# parameters held directly by our modules that take no decay: the TTT LN affine, inner and learning-rate biases,
+# the gates (DESIGN.md: "no weight decay on them") and the scene embedding
+NO_DECAY_OWN = {
+    TTTLayer: {"ln_weight", "ln_bias", "b1", "b2", "b", "lr_bias"},
+    CogVideoXTTTBlock: {"gate_forward_text", "gate_forward_video", "gate_reverse_text", "gate_reverse_video"},
+    CogVideoXTTTTransformer3DModel: {"scene_embedding"},
+}
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Parameters trained without weight decay, chosen by the module that holds them: all of a norm's (LayerNorm,
+    GroupNorm, RMSNorm), embedding tables, every bias, and those in NO_DECAY_OWN. Not by name: an adaLN's
+    `norm1.linear.weight` is a projection and decays."""
+    names = set()
+    for prefix, module in model.named_modules():
+        # isinstance, not type(): FSDP2's fully_shard swaps a module's class for a subclass of it
+        own = set().union(*(names for cls, names in NO_DECAY_OWN.items() if isinstance(module, cls)))
+        for local, _ in module.named_parameters(recurse=False):
+            if isinstance(module, (*NORMS, nn.Embedding)) or local == "bias" or local in own:
+                names.add(f"{prefix}.{local}" if prefix else local)
+    return names
 
 
 def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """The trainable parameters in up to four groups: {base, TTT} x {weight decay, none}.
 
-    No weight decay on the model's `no_weight_decay_names()` (biases, norms, gates, scene embedding); TTT parameters
-    (`added_parameter_names()`, everything TTT adds) use optim.ttt_lr when set. Each group carries a "name".
+    No weight decay on `no_weight_decay_names(model)` (norms, biases, gates, TTT LN affine, scene embedding); TTT
+    parameters (`added_parameter_names()`, everything TTT adds) use optim.ttt_lr when set. Each group carries a "name".
     """
-    no_decay = set(model.no_weight_decay_names())
+    no_decay = no_weight_decay_names(model)
     ttt = set(model.added_parameter_names())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():

@@ -12,10 +12,36 @@ from accelerate.hooks import remove_hook_from_module
 
 from ..pipeline_ttt_video import TTTVideoPipeline
 from ..video_io import write_video
-from .config import ValidationConfig
+from .config import Config, ValidationConfig
+from .export import build_pipeline, ema_weights
 
 logger = logging.getLogger(__name__)
 FRAMES_LOGGED = 8  # frames per video sent to image trackers (tensorboard has no video support without moviepy)
+
+
+class Validator:
+    """Runs `validate` every `validation.every` steps and at the last one, with the EMA weights when kept; the
+    pipeline (text encoder, VAE) is built at the first validation."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler, ema,
+                 parameters: list[torch.nn.Parameter]):
+        self.cfg, self.accelerator, self.model, self.scheduler = cfg, accelerator, model, scheduler
+        self.ema, self.parameters = ema, parameters
+        self.pipe: TTTVideoPipeline | None = None
+
+    def should_validate(self, step: int) -> bool:
+        every = self.cfg.validation.every
+        return every > 0 and bool(self.cfg.validation.storyboards) and (
+            step % every == 0 or step == self.cfg.train.steps)
+
+    def maybe_validate(self, step: int) -> list[Path]:
+        if not self.should_validate(step):
+            return []
+        if self.pipe is None:
+            self.pipe = build_pipeline(self.cfg, self.accelerator, self.model, self.scheduler)
+        with ema_weights(self.ema, self.parameters):
+            return validate(self.pipe, self.accelerator, self.cfg.validation, Path(self.cfg.output_dir) / "validation",
+                            step)
 
 
 @torch.no_grad()

@@ -1,0 +1,108 @@
+"""Training metrics: when to log, what, and the stop on a non-finite loss (torchtitan's MetricsProcessor idea).
+
+Losses and gradient norms stay on the device between logging steps and are read (`.item()`) only when
+`should_log(step)`: no per-step host sync. A non-finite value is recorded on the device with its step and checked
+(one gather) on logging, saving and validation steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricLogger:
+    """Scalars every `log.every` steps (and at `stop_at`) to Accelerate's trackers, output_dir/metrics.jsonl and a
+    progress bar. `start`: the step the run continues from; metrics.jsonl lines after it (logged by a run that died
+    before its next checkpoint) are dropped, so a resumed run's lines are not duplicated."""
+
+    def __init__(self, accelerator: Accelerator, output_dir: str | Path, every: int, total: int, start: int,
+                 stop_at: int):
+        self.accelerator, self.every, self.stop_at = accelerator, every, stop_at
+        self.path = Path(output_dir) / METRICS_FILE
+        device = accelerator.device
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm: torch.Tensor | None = None
+        self.first_bad_step = torch.full((), -1, device=device)
+        self.items: dict[int, list[str]] = {}  # step -> the batch items seen since the last check (host only)
+        self.steps, self.last_time = 0, time.perf_counter()
+        if accelerator.is_main_process:
+            truncate_metrics(self.path, start)
+        self.bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process)
+
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, items: list[str],
+               accumulation: int) -> None:
+        """One micro-batch of optimizer step `step` (1-based): its mean loss, the clipped-before norm on the
+        synchronising micro-batch, and the names of its items (for the non-finite stop)."""
+        self.loss_sum += loss.detach() / accumulation
+        if grad_norm is not None:
+            self.grad_norm = grad_norm
+        self.items.setdefault(step, []).extend(items)
+
+    def step_done(self, step: int) -> None:
+        total = self.loss_sum if self.grad_norm is None else self.loss_sum + self.grad_norm
+        self.first_bad_step = torch.where(~torch.isfinite(total) & (self.first_bad_step < 0), step,
+                                          self.first_bad_step)
+        self.steps += 1
+        self.bar.update()
+
+    def should_log(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.stop_at
+
+    def stop_if_not_finite(self, last_checkpoint: Path | None) -> None:
+        """Raise, naming the step, its batch's items and this run's last checkpoint, if any process saw a non-finite
+        loss or gradient norm (nothing is logged, saved or sampled then)."""
+        steps = self.accelerator.gather(self.first_bad_step[None])
+        bad = int(steps[steps >= 0].min().item()) if (steps >= 0).any() else None
+        items = gather_object([self.items.get(bad, [])]) if bad is not None else []
+        self.items = {}
+        if bad is None:
+            return
+        names = [name for per_process in items for name in per_process]
+        self.close()  # the bar's last line before the message
+        raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (batch items: {'; '.join(names)}); "
+                                 f"stopping without saving (this run's last checkpoint: {last_checkpoint or 'none'})")
+
+    def maybe_log(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
+        """On logging steps: the mean loss and step time since the last log, the learning rates and the gradient
+        norm, to the trackers, metrics.jsonl and the bar."""
+        if not self.should_log(step):
+            return None
+        mean_loss = self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.steps
+        seconds = (time.perf_counter() - self.last_time) / self.steps
+        logs = {"loss": mean_loss, "step_time": seconds, **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
+        if self.grad_norm is not None:  # DeepSpeed clips inside its engine and reports no norm here
+            logs["grad_norm"] = self.accelerator.reduce(self.grad_norm, reduction="mean").item()
+        self.accelerator.log(logs, step=step)
+        if self.accelerator.is_main_process:  # the same numbers as plain text, for scripts and grep
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+        self.bar.set_postfix(loss=f"{mean_loss:.4g}", s_per_step=f"{seconds:.2f}")
+        self.loss_sum.zero_()
+        self.steps, self.last_time = 0, time.perf_counter()
+        return logs
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the lines of metrics.jsonl up to `step` (the checkpoint a run continues from)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(kept))
+        logger.info("%s: dropped %d line(s) logged after step %d (the checkpoint resumed from)", path,
+                    len(lines) - len(kept), step)

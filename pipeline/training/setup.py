@@ -1,0 +1,132 @@
+"""What train.py sets up before the loop: the input checks, the Accelerator and the data loader.
+
+`check_inputs` runs first, before any model is loaded, so that a wrong path, a missing storyboard or a broken
+cache is one line naming the field or file at start-up rather than a traceback minutes (or, for validation,
+hours) into a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+from torch.utils.data import DataLoader
+
+from ..data import EpochSampler, SequenceDataset, shape_fields
+from ..data.dataset import read_null_embedding
+from ..data.format import read_manifest
+from ..storyboard import StoryboardError, load_storyboard
+from .components import build_components
+from .config import Config, ConfigError, to_dict
+from .loss import DiffusionCollate
+
+logger = logging.getLogger(__name__)
+
+
+def check_inputs(cfg: Config) -> None:
+    """Raise ConfigError / DatasetError (one line, naming the key or file and what was expected) for missing model
+    directories, unreadable validation storyboards and a precompute cache whose manifest or null embedding is
+    missing or corrupt."""
+    model = cfg.model
+    if model.builder == "pretrained" and _looks_local(model.pretrained):
+        if not Path(model.pretrained).is_dir():
+            raise ConfigError(f"model.pretrained={model.pretrained}: no such directory; expected a diffusers CogVideoX "
+                              "pipeline directory (model_index.json, transformer/, vae/, ...) or a hub id such as "
+                              "THUDM/CogVideoX-5b")
+        if not (Path(model.pretrained) / "model_index.json").is_file():
+            raise ConfigError(f"model.pretrained={model.pretrained}: model_index.json not found; expected a diffusers "
+                              "pipeline directory (save_pretrained's output)")
+    if model.init_from is not None and not (Path(model.init_from) / "transformer" / "config.json").is_file():
+        raise ConfigError(f"model.init_from={model.init_from}: no transformer/config.json there; expected a previous "
+                          "stage's exported pipeline directory (its output_dir/final)")
+    if cfg.validation.every > 0:
+        for i, source in enumerate(cfg.validation.storyboards):
+            if not Path(source).is_file():
+                raise ConfigError(f"validation.storyboards[{i}]={source}: file not found; expected a storyboard file "
+                                  "(.json, .yaml, .txt)")
+            try:
+                load_storyboard(source)
+            except StoryboardError as e:
+                problems = str(e).replace("\n", "; ")
+                raise ConfigError(f"validation.storyboards[{i}]={source}: {problems}") from None
+    read_manifest(cfg.data.cache)
+    read_null_embedding(cfg.data.cache)
+
+
+def _looks_local(source: str) -> bool:
+    """Whether `source` is meant as a directory rather than a hub id ("name" or "org/name")."""
+    return (Path(source).exists() or os.path.isabs(source) or source.startswith((".", "~"))
+            or source.strip("/").count("/") > 1 or source.endswith("/"))
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator with gradient accumulation derived from the global batch size and the process count."""
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, stepped by the loop
+        log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
+        project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
+    )
+    per_step = cfg.train.micro_batch_size * accelerator.num_processes
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x "
+                          f"{accelerator.num_processes}")
+    accelerator.gradient_accumulation_steps = cfg.train.global_batch_size // per_step
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine accumulates by its own config
+        accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = (
+            accelerator.gradient_accumulation_steps)
+    return accelerator
+
+
+def describe_batch(cfg: Config, accelerator: Accelerator) -> str:
+    return (f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} per process x "
+            f"{accelerator.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes")
+
+
+def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module, object]:
+    """The (unprepared) transformer to train and the sampler's scheduler. Under FSDP with activation checkpointing,
+    diffusers' own gradient checkpointing is turned off (FSDP checkpoints every wrapped block already)."""
+    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
+    model = parts["transformer"]
+    fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
+    if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
+        model.disable_gradient_checkpointing()
+        logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
+    return model, parts["scheduler"]
+
+
+def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) -> DataLoader:
+    """The (unprepared) loader of n-segment sequences from the cache, checked against the model's shapes."""
+    dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
+                              cfg.data.text_dropout, expected=expected_manifest(cfg, model))
+    return DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
+                      collate_fn=DiffusionCollate(num_train_timesteps, dataset.scaling_factor, cfg.train.noise,
+                                                   model.config.latent_frames_per_segment),
+                      num_workers=cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
+
+
+def expected_manifest(cfg: Config, model: torch.nn.Module) -> dict:
+    """What the precompute cache must have been made with for this model and config (pipeline.data.SHAPE_FIELDS)."""
+    c = model.config
+    return shape_fields(cfg.data, max_text_length=c.max_text_seq_length, latent_frames_first=c.latent_frames_first,
+                        latent_frames_per_segment=c.latent_frames_per_segment, latent_channels=c.in_channels,
+                        text_embed_dim=c.text_embed_dim)
+
+
+def flat_config(cfg: Config) -> dict:
+    """The config as flat scalars for trackers' hyperparameter tables (lists as strings)."""
+
+    def walk(section: dict, prefix: str):
+        for key, value in section.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}/")
+            else:
+                yield f"{prefix}{key}", value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    return dict(walk(to_dict(cfg), ""))
