@@ -38,17 +38,17 @@ if step 4 "precompute latents and text embeddings"; then
         --config configs/toy/pretrain.yaml
 fi
 if step 5 "pretraining the transformer on 3-s segments (no TTT)"; then
-    python train.py --config configs/toy/pretrain.yaml
+    python train.py --config configs/toy/pretrain.yaml --overwrite  # FROM=N redoes a stage from its start
     python -m pipeline.toy.model to-base --export outputs/toy/pretrain/final --out outputs/toy/base
 fi
 if step 6 "TTT-MLP inserted, 3-s stage"; then
-    python train.py --config configs/toy/ttt-mlp/3s.yaml
+    python train.py --config configs/toy/ttt-mlp/3s.yaml --overwrite  # FROM=N redoes a stage from its start
 fi
 if step 7 "15-s stage"; then
-    python train.py --config configs/toy/ttt-mlp/15s.yaml
+    python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite  # FROM=N redoes a stage from its start
 fi
 if step 8 "60-s stage"; then
-    python train.py --config configs/toy/ttt-mlp/60s.yaml
+    python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite  # FROM=N redoes a stage from its start
 fi
 if step 9 "install into models/default"; then
     python -m pipeline.toy.model install --export outputs/toy/ttt-mlp/60s/final --out models/default
