@@ -1,5 +1,6 @@
 """Dataset format, precompute (decode → resample → crop → VAE / text encoder → cache) and the sequence dataset."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pipeline.data import (
     SegmentInfo,
     SequenceDataset,
     VideoRecord,
+    check_manifest,
     item_path,
     read_metadata,
     write_metadata,
@@ -69,6 +71,10 @@ def test_metadata_round_trip(tmp_path):
      "metadata.jsonl:2: segments[0].scene_start: expected true or false"),
     ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0, "text": 3}]}', "segments[0].text: expected a string"),
     ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0}], "extra": 1}', "unknown field 'extra'"),
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0, "captions": {"dense": 3}}]}',
+     "segments[0].captions: expected an object of register name -> text"),
+    ('{"video": "a.mp4", "fps": 30, "segments": [{"start": 0, "captions": {"text": "x"}}]}',
+     "segments[0].captions: 'text' is the segment's own text field"),
     ("{not json", "metadata.jsonl:2: not valid JSON"),
 ])
 def test_bad_metadata_names_line_and_field(tmp_path, line, message):
@@ -127,7 +133,7 @@ def test_precompute_matches_direct_encoding(base):
     manifest = json.loads((base / "cache" / "manifest.json").read_text())
     assert manifest == {"version": 1, "model": str(base / "pipeline"), "height": 32, "width": 32, "fps": 4,
                         "max_text_length": 8, "latent_frames_first": 4, "latent_frames_per_segment": 3,
-                        "latent_channels": 4, "text_embed_dim": 16,
+                        "latent_channels": 4, "text_embed_dim": 16, "caption": "text",
                         "scaling_factor": parts["vae"].config.scaling_factor}
     rec = read_metadata(base / "dataset")[0]
     item = load_file(item_path(base / "cache", rec))
@@ -154,6 +160,64 @@ def test_precompute_matches_direct_encoding(base):
     null_text, null_mask = encode_text(parts["tokenizer"], parts["text_encoder"], [""], 8)
     torch.testing.assert_close(null["text"], null_text[0])
     assert torch.equal(null["text_mask"], null_mask[0])
+
+
+def with_dense(records: list[VideoRecord], skip: str | None = None) -> list[VideoRecord]:
+    """The records with a "dense" caption on every segment (none on the video named `skip`)."""
+    return [dataclasses.replace(r, segments=tuple(
+        dataclasses.replace(s, captions={} if r.video == skip else {"dense": f"dense {i} {r.video}"})
+        for i, s in enumerate(r.segments))) for r in records]
+
+
+def test_captions_in_other_registers_round_trip(tmp_path):
+    records = with_dense([record(2)])
+    write_metadata(tmp_path, records)
+    line = json.loads((tmp_path / "metadata.jsonl").read_text())
+    assert line["segments"][1]["captions"] == {"dense": "dense 1 v.mp4"}
+    assert read_metadata(tmp_path) == records
+    assert records[0].segments[1].caption("dense") == "dense 1 v.mp4"
+    assert records[0].segments[1].caption("text") == "text 1" and records[0].segments[1].caption("other") is None
+    assert "captions" not in json.dumps(record(2).to_json())  # metadata without registers is written as before
+
+
+def test_precompute_embeds_the_register_the_config_names(base, tmp_path):
+    """data.caption=dense: the cache holds encode_text of each segment's dense caption, the manifest says so, and
+    training that expects the story register (data.caption=text) refuses that cache."""
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = with_dense(read_metadata(tmp_path / "dataset"))
+    write_metadata(tmp_path / "dataset", records)
+    cfg = config(tmp_path, f"model.pretrained={base / 'pipeline'}", "data.caption=dense")
+    assert precompute(cfg, torch.float32, Accelerator(cpu=True))["done"] == len(records)
+    parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder"))
+    item = load_file(item_path(tmp_path / "cache", records[0]))
+    dense = [s.captions["dense"] for s in records[0].segments]
+    text, mask = encode_text(parts["tokenizer"], parts["text_encoder"], dense, 8)
+    torch.testing.assert_close(item["text"], text)
+    assert torch.equal(item["text_mask"], mask)
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["caption"] == "dense"
+    with pytest.raises(DatasetError, match=r"the cache was precomputed with caption='dense' .* training expects "
+                       r"caption='text'"):
+        SequenceDataset(tmp_path / "dataset", tmp_path / "cache", segments=2, expected={"caption": "text"})
+    SequenceDataset(tmp_path / "dataset", tmp_path / "cache", segments=2, expected={"caption": "dense"})
+
+
+def test_a_register_missing_from_the_metadata_stops_precompute_before_loading(base, tmp_path, monkeypatch):
+    import pipeline.data.precompute as module
+
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = read_metadata(tmp_path / "dataset")
+    write_metadata(tmp_path / "dataset", with_dense(records, skip=records[1].video))
+    monkeypatch.setattr(module, "build_components", lambda *a, **k: pytest.fail("components loaded"))
+    with pytest.raises(DatasetError, match=rf"^{records[1].video}: segment 1 has no caption in register 'dense'"):
+        precompute(config(tmp_path, "data.caption=dense"), torch.float32, Accelerator(cpu=True))
+
+
+def test_a_manifest_from_before_registers_means_the_story_register(base):
+    manifest = json.loads((base / "cache" / "manifest.json").read_text())
+    del manifest["caption"]
+    check_manifest(manifest, {"caption": "text"}, base / "cache")
+    with pytest.raises(DatasetError, match="caption=None|caption='text'"):
+        check_manifest(manifest, {"caption": "dense"}, base / "cache")
 
 
 def test_precompute_resumes_and_skips_bad_videos(base, tmp_path):
@@ -370,6 +434,12 @@ def test_toy_world_datasets_are_read_as_they_are_written(tmp_path):
     generate(tmp_path, stories=1, min_segments=2, max_segments=2, seed=0, size=32, progress=False)
     (rec,) = read_metadata(tmp_path)
     assert rec.fps == 8 and [s.start for s in rec.segments] == [0.0, 3.0]
+    # both caption registers in the metadata; the storyboard users see is in the story register only
+    assert all(s.captions["dense"].startswith("Scene: a ") and " On stage: " in s.captions["dense"]
+               for s in rec.segments)
+    storyboard = (tmp_path / rec.video).with_suffix(".storyboard.json").read_text()
+    assert "On stage" not in storyboard and json.loads(storyboard)["scenes"][0]["segments"][0]["text"] == \
+        rec.segments[0].text
     segments = dict(decode_segments(tmp_path / rec.video, rec, fps=8, height=32, width=32))
     assert sorted(segments) == [0, 1] and segments[1].shape == (25, 32, 32, 3)
     source, _ = read_video(tmp_path / rec.video)

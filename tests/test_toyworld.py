@@ -21,6 +21,7 @@ from pipeline.toyworld import (
 )
 from pipeline.toyworld.cli import main
 from pipeline.toyworld.render import _STAR, _TRIANGLE, backdrop_frames, coverage, shape_sdf
+from pipeline.toyworld.text import backdrop_sentence
 from pipeline.toyworld.tracking import classify_backdrop, drop_rims, find_blobs, label_pixels
 from pipeline.toyworld.world import (
     BACKDROP_COLORS,
@@ -72,6 +73,22 @@ def test_texts_parse_back_to_the_sampled_events():
             described = [i for i, s in enumerate(story.segments) if f"{name}, {look.describe()}," in s.text]
             named = [i for i, s in enumerate(story.segments) if name in s.actions]
             assert described == named[:1]
+
+
+def test_dense_captions_name_the_backdrop_and_every_character_on_stage():
+    """The dense register (pretraining captions): in every segment the backdrop and each character on stage during it
+    (there at its start, or entering) with its look; the story register keeps its events; nobody else is described."""
+    for seed in range(60):
+        story = sample_story(seed, 1, 21)
+        for state, seg in zip(plan(story), story.segments):
+            dense = seg.dense_text
+            assert dense.startswith(f"Scene: a {story.backdrops[seg.scene].color} backdrop")
+            on_stage = [*state.positions, *(n for n, a in seg.actions.items() if a.kind == "enter"
+                                            and n not in state.positions)]
+            described = [n for n, look in story.cast.items() if f"{n}, {look.describe()}" in dense]
+            assert sorted(described) == sorted(on_stage)
+            events = seg.text.removeprefix(backdrop_sentence(story.backdrops[seg.scene])).strip()
+            assert dense.endswith(events)
 
 
 def test_texts_fit_the_text_encoder_budget():

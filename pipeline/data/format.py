@@ -15,7 +15,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..atomic import atomic_write_text
@@ -31,7 +31,9 @@ _START_TOLERANCE = 1e-3  # seconds; starts written with a few decimals still cou
 
 # manifest fields that decide tensor shapes: a cache made with other values cannot feed the model
 SHAPE_FIELDS = ("height", "width", "fps", "max_text_length", "latent_frames_first", "latent_frames_per_segment",
-                "latent_channels", "text_embed_dim")
+                "latent_channels", "text_embed_dim", "caption")
+# what a manifest written before a field existed meant by it
+FIELD_DEFAULTS = {"caption": "text"}
 
 
 class DatasetError(ValueError):
@@ -40,11 +42,21 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class SegmentInfo:
-    """One 3-s segment of a source video: it starts `start` seconds into the file."""
+    """One 3-s segment of a source video: it starts `start` seconds into the file.
+
+    text: its caption, the one sampling-style storyboards hold; captions: other registers of the same segment by name
+    (for example the toy world's "dense": every segment names its backdrop and describes every character on stage),
+    which precompute embeds instead when `data.caption` names one.
+    """
 
     start: float
     text: str = ""
     scene_start: bool = False
+    captions: dict[str, str] = field(default_factory=dict)
+
+    def caption(self, register: str) -> str | None:
+        """The caption in `register` ("text": `text`), or None when this segment has none in it."""
+        return self.text if register == "text" else self.captions.get(register)
 
 
 @dataclass(frozen=True)
@@ -62,7 +74,8 @@ class VideoRecord:
         return f"{Path(self.video).stem[:40]}-{digest}"
 
     def to_json(self) -> dict:
-        return {"video": self.video, "fps": self.fps, "segments": [asdict(s) for s in self.segments]}
+        segments = [{k: v for k, v in asdict(s).items() if k != "captions" or v} for s in self.segments]
+        return {"video": self.video, "fps": self.fps, "segments": segments}
 
 
 def parse_record(data: object, place: str) -> VideoRecord:
@@ -84,9 +97,9 @@ def parse_record(data: object, place: str) -> VideoRecord:
         where = f"{place}: segments[{i}]"
         if not isinstance(seg, dict):
             raise DatasetError(f"{where}: expected an object with start, text, scene_start, got {seg!r}")
-        unknown = sorted(set(seg) - {"start", "text", "scene_start"})
+        unknown = sorted(set(seg) - {"start", "text", "scene_start", "captions"})
         if unknown:
-            raise DatasetError(f"{where}: unknown field {unknown[0]!r}; expected start, text, scene_start")
+            raise DatasetError(f"{where}: unknown field {unknown[0]!r}; expected start, text, scene_start, captions")
         start, text, scene_start = seg.get("start"), seg.get("text", ""), seg.get("scene_start", False)
         if isinstance(start, bool) or not isinstance(start, (int, float)) or start < 0:
             raise DatasetError(f"{where}.start: expected seconds >= 0, got {start!r}")
@@ -97,7 +110,13 @@ def parse_record(data: object, place: str) -> VideoRecord:
             raise DatasetError(f"{where}.text: expected a string, got {text!r}")
         if not isinstance(scene_start, bool):
             raise DatasetError(f"{where}.scene_start: expected true or false, got {scene_start!r}")
-        parsed.append(SegmentInfo(float(start), text, scene_start))
+        captions = seg.get("captions", {})
+        if not isinstance(captions, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in captions.items()):
+            raise DatasetError(f"{where}.captions: expected an object of register name -> text, got {captions!r}")
+        if "text" in captions:
+            raise DatasetError(f"{where}.captions: 'text' is the segment's own text field, not a register name")
+        parsed.append(SegmentInfo(float(start), text, scene_start, dict(captions)))
     return VideoRecord(video, float(fps), tuple(parsed))
 
 
@@ -146,16 +165,17 @@ def read_manifest(cache: str | os.PathLike) -> dict:
 def shape_fields(data, *, max_text_length: int, latent_frames_first: int, latent_frames_per_segment: int,
                  latent_channels: int, text_embed_dim: int) -> dict:
     """The manifest's SHAPE_FIELDS for `data` (a DataConfig: height, width, fps) and the model's sizes: what
-    precompute records in a cache and what training checks a cache against (`check_manifest`)."""
+    precompute records in a cache and what training checks a cache against (`check_manifest`); caption is the
+    register of the embedded texts (`data.caption`)."""
     return {"height": data.height, "width": data.width, "fps": data.fps, "max_text_length": max_text_length,
             "latent_frames_first": latent_frames_first, "latent_frames_per_segment": latent_frames_per_segment,
-            "latent_channels": latent_channels, "text_embed_dim": text_embed_dim}
+            "latent_channels": latent_channels, "text_embed_dim": text_embed_dim, "caption": data.caption}
 
 
 def check_manifest(manifest: dict, expected: dict, cache: str | os.PathLike) -> None:
     """Raise if the cache was made for other shapes than `expected` (keys from SHAPE_FIELDS)."""
     for key, want in expected.items():
-        have = manifest.get(key)
+        have = manifest.get(key, FIELD_DEFAULTS.get(key))
         if have != want:
             raise DatasetError(
                 f"{Path(cache) / MANIFEST_FILE}: the cache was precomputed with {key}={have!r} (model "

@@ -36,6 +36,7 @@ from ..text_encoding import encode_text
 from ..training.components import build_components, torch_dtype
 from ..training.config import Config, ConfigError, load_config
 from .format import (
+    FIELD_DEFAULTS,
     MANIFEST_FILE,
     NULL_FILE,
     SHAPE_FIELDS,
@@ -138,6 +139,8 @@ def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Ac
     compute_dtype = torch_dtype(cfg.train.mixed_precision) if device.type == "cuda" else torch.float32
     cache = Path(cfg.data.cache)
     records = read_metadata(cfg.data.root)
+    for record in records:  # a register missing from the metadata is found before any model is loaded
+        captions(record, cfg.data.caption)
     parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
     tokenizer, text_encoder, vae = parts["tokenizer"], parts["text_encoder"], parts["vae"]
     text_encoder.to(device, compute_dtype).eval()
@@ -155,7 +158,8 @@ def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Ac
     if accelerator.is_main_process:
         if (cache / MANIFEST_FILE).is_file():
             existing = read_manifest(cache)
-            differs = [k for k in (*SHAPE_FIELDS, "scaling_factor") if existing.get(k) != manifest[k]]
+            differs = [k for k in (*SHAPE_FIELDS, "scaling_factor")
+                       if existing.get(k, FIELD_DEFAULTS.get(k)) != manifest[k]]
             if differs:
                 raise DatasetError(f"{cache / MANIFEST_FILE}: this cache was made with other settings ("
                                    + ", ".join(f"{k}={existing.get(k)!r}, now {manifest[k]!r}" for k in differs)
@@ -198,11 +202,22 @@ def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae
         mean, logvar = encode_frames(vae, frames)
         means.append(mean.to(dtype).cpu())
         logvars.append(logvar.to(dtype).cpu())
-    text, mask = encode_text(tokenizer, text_encoder, [s.text for s in record.segments], cfg.data.max_text_length,
+    text, mask = encode_text(tokenizer, text_encoder, captions(record, cfg.data.caption), cfg.data.max_text_length,
                              vae.device)
     return {"latent_mean": torch.stack(means), "latent_logvar": torch.stack(logvars),  # (S, F1, C, h, w)
             "text": text.to(dtype).cpu(), "text_mask": mask.cpu(),  # (S, L, D), (S, L)
             "scene_start": torch.tensor([s.scene_start for s in record.segments])}  # (S,)
+
+
+def captions(record: VideoRecord, register: str) -> list[str]:
+    """The segments' captions in `register` (data.caption); DatasetError naming the video and segment without one."""
+    texts = [s.caption(register) for s in record.segments]
+    missing = [i for i, t in enumerate(texts) if t is None]
+    if missing:
+        raise DatasetError(f"{record.video}: segment {missing[0] + 1} has no caption in register {register!r} "
+                           "(data.caption); its metadata line needs segments[i].captions."
+                           f"{register}, or set data.caption=text")
+    return texts
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -39,11 +39,13 @@ def storyboard_dict(story: Story) -> dict:
 
 
 def story_record(story: Story, video: str) -> VideoRecord:
-    """The story's record of metadata.jsonl (pipeline/data/: starts exactly 3 s apart): segment i starts at 3 i s,
+    """The story's record of metadata.jsonl (pipeline/data/: starts exactly 3 s apart; text in the story register,
+    captions["dense"] in the dense one, for pretraining with data.caption=dense): segment i starts at 3 i s,
     the frame 24 i that its motion starts from (the previous segment's last frame, shared), and precompute encodes
     frames 24 i ... 24 (i + 1) for it."""
     return VideoRecord(video, FPS, tuple(
-        SegmentInfo(FRAMES_PER_SEGMENT * i / FPS, seg.text, i > 0 and seg.scene_start)
+        SegmentInfo(FRAMES_PER_SEGMENT * i / FPS, seg.text, i > 0 and seg.scene_start,
+                    {"dense": seg.dense_text} if seg.dense_text else {})
         for i, seg in enumerate(story.segments)))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .text import segment_text
+from .text import dense_segment_text, segment_text
 from .world import (
     BACKDROP_COLORS,
     COLORS,
@@ -52,6 +52,9 @@ def sample_story(seed: int, min_segments: int = 1, max_segments: int = 21) -> St
             state = StageState({})
         segment = _sample_segment(rng, cast, state, int(scene_of[i]), scene_start, set(introduced))
         segment.text = segment_text(segment, cast, backdrops[segment.scene], set(introduced), rng)
+        entering = [n for n, a in segment.actions.items() if a.kind == "enter" and n not in state.positions]
+        segment.dense_text = dense_segment_text(segment, cast, backdrops[segment.scene],
+                                                [*state.positions, *entering], segment.text)
         introduced += [n for n, a in segment.actions.items() if a.kind == "enter" and n not in introduced]
         segments.append(segment)
         state = advance(cast, state, segment)

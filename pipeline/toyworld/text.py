@@ -92,6 +92,20 @@ def segment_text(segment: Segment, cast: dict[str, Appearance], backdrop: Backdr
     return " ".join(sentences)
 
 
+def dense_segment_text(segment: Segment, cast: dict[str, Appearance], backdrop: Backdrop, on_stage: list[str],
+                       story_text: str) -> str:
+    """The dense caption of a segment (what a pretrained video model's captions look like): the backdrop, then every
+    character on stage during the segment with its look, then the story text's events (without its backdrop
+    sentence). Uses no randomness, so adding it changed no sampled story."""
+    sentences = [backdrop_sentence(backdrop)]
+    if on_stage:
+        sentences.append("On stage: " + "; ".join(f"{name}, {cast[name].describe()}" for name in on_stage) + ".")
+    events = story_text
+    if segment.scene_start and events.startswith(sentences[0]):
+        events = events[len(sentences[0]):].lstrip()
+    return " ".join(sentences + ([events] if events else []))
+
+
 @dataclass
 class ScriptSegment:
     """A segment as read back from its text.

@@ -95,13 +95,16 @@ class Action:
 
 @dataclass
 class Segment:
-    """One 3-s segment: its scene, the acting characters (in text order), a camera pan (-1 left, +1 right)."""
+    """One 3-s segment: its scene, the acting characters (in text order), a camera pan (-1 left, +1 right), and
+    its captions in two registers: text (story: a look only at a character's introduction, the backdrop only at a
+    scene's start) and dense_text (dense: the backdrop and every on-stage character's look in every segment)."""
 
     scene: int
     scene_start: bool
     actions: dict[str, Action]
     pan: int = 0
     text: str = ""
+    dense_text: str = ""
 
 
 @dataclass
@@ -131,6 +134,7 @@ class Story:
                     "scene_start": s.scene_start,
                     "pan": s.pan,
                     "text": s.text,
+                    "dense_text": s.dense_text,
                     "actions": [
                         {"name": n, "kind": a.kind, "direction": a.direction, "count": a.count,
                          "target": list(a.target) if a.target is not None else None}
@@ -150,6 +154,7 @@ class Story:
                 scene_start=s["scene_start"],
                 pan=s["pan"],
                 text=s["text"],
+                dense_text=s.get("dense_text", ""),  # truth files written before the dense register have none
                 actions={
                     a["name"]: Action(a["kind"], a["direction"], a["count"],
                                       tuple(a["target"]) if a["target"] is not None else None)

@@ -70,7 +70,9 @@ class DataConfig:
     root: folder with metadata.jsonl and the videos. cache: precompute's output folder. height, width, fps: the
     model's resolution and frame rate (pixels). segments: consecutive 3-s segments per training sequence (the
     curriculum: 1, 3, 6, 10, 21). stride: a sequence may start every `stride` segments. text_dropout: probability
-    that a segment's text is replaced by the null embedding (the encoded empty text the sampler uses).
+    that a segment's text is replaced by the null embedding (the encoded empty text the sampler uses). caption: the
+    register precompute embeds: "text" (each segment's text) or a name from the metadata's segments[i].captions (the
+    toy world writes "dense": every segment names its backdrop and describes every character on stage).
     """
 
     root: str = "data/dataset"
@@ -82,6 +84,7 @@ class DataConfig:
     segments: int = _at_least(1, 1)
     stride: int = _at_least(1, 1)
     text_dropout: float = 0.1
+    caption: str = "text"
     num_workers: int = _at_least(2, 0)
     vae_tiling: bool = True
 
