@@ -12,7 +12,10 @@ up to its step 5) and is trained with train.py through the same curriculum, data
     full    ttt_type none,   one attention window over the whole sequence (quadratic)
 
 Each trained variant then renders held-out 20-segment (60-s) toy-world storyboards (generated with a seed the
-training data never used) in a child process, whose peak resident memory is read from the kernel (wait4), and the
+training data never used) in two modes: joint (every segment generated from noise, as `python sample.py` does) and
+recall (segment 1 given as clean ground truth, the VAE encoding of the held-out video's first segment, and the other
+19 generated with it as context: whether a look shown once is carried to segment 20 isolates memory from drawing).
+Rendering runs in a child process, whose peak resident memory is read from the kernel (wait4), and the
 videos are scored with the toy world's metrics (pipeline/toyworld/tracking.py and checks.py). Rows for the held-out
 ground-truth videos and their VAE reconstructions (what a perfect transformer could reach through this VAE) and the
 chance levels frame the numbers. Results: OUT/results.json and a Markdown table on stdout (docs/results.md).
@@ -44,12 +47,15 @@ VARIANTS = {  # name -> model.ttt overrides
 STAGES = ("3s", "15s", "60s")
 STAGE_CONFIG = "configs/toy/ttt-mlp/{stage}.yaml"
 REPORTED_SEGMENTS = (1, 5, 10, 20)  # identity accuracy at these segments (1-based)
+MODES = ("joint", "recall")
 HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
+    p.add_argument("--modes", default=",".join(MODES), help="joint: all segments generated; recall: segment 1 given "
+                   "as clean ground truth (comma-separated)")
     p.add_argument("--stories", type=int, default=50, help="held-out 20-segment stories to render and score")
     p.add_argument("--steps", default="", help="train.steps per stage, e.g. 3s=200,15s=200,60s=100 (default: the "
                    "stage configs' own, i.e. the default model's budget)")
@@ -66,8 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resample", action="store_true", help="render again even where an earlier run's videos with the "
                    "same settings are there")
     p.add_argument("--vae", default=None, help="VAE folder for the reconstruction ceiling (default: the base's)")
-    p.add_argument("--sample", nargs=3, metavar=("MODEL", "STORYBOARDS", "VIDEOS"), help=argparse.SUPPRESS)
+    p.add_argument("--sample", nargs=4, metavar=("MODEL", "STORYBOARDS", "VIDEOS", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.modes = args.modes.split(",")
+    if any(m not in MODES for m in args.modes):
+        p.error(f"--modes: expected a comma-separated subset of {list(MODES)}, got {','.join(args.modes)}")
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         p.error(f"--variants: unknown {unknown}; known: {list(VARIANTS)}")
@@ -124,12 +133,14 @@ def train_variant(args: argparse.Namespace, variant: str) -> Path:
     return previous
 
 
-def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int) -> None:
-    """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory)."""
+def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
+                 mode: str = "joint") -> None:
+    """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
+    recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context."""
     import torch
 
     from pipeline import TTTVideoPipeline
-    from pipeline.video_io import write_video
+    from pipeline.video_io import read_video, write_video
 
     pipe = TTTVideoPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -138,8 +149,12 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
     seconds = {}
     for path in sorted(storyboards.glob("*.storyboard.json")):
         story_id = path.name[: -len(".storyboard.json")]
+        given = None
+        if mode == "recall":
+            truth, _ = read_video(path.with_name(f"{story_id}.mp4"))
+            given = truth[: pipe.num_frames(1)]  # (F_1, H, W, 3) uint8: segment 1
         started = time.perf_counter()
-        frames = pipe(path, num_inference_steps=steps, guidance_scale=guidance,
+        frames = pipe(path, num_inference_steps=steps, guidance_scale=guidance, video=given,
                       generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
@@ -148,12 +163,12 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
     atomic_write_text(videos / "timing.json", json.dumps(timing, indent=1) + "\n")
 
 
-def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, videos: Path) -> dict:
+def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, videos: Path, mode: str) -> dict:
     """Renders in a child process; returns its timing plus its peak resident memory (bytes)."""
-    command = [sys.executable, __file__, "--sample", str(model), str(storyboards), str(videos),
+    command = [sys.executable, __file__, "--sample", str(model), str(storyboards), str(videos), mode,
                "--inference-steps", str(args.inference_steps), "--guidance", str(args.guidance),
                "--seed", str(args.seed)]
-    log = args.out / "logs" / f"sample-{videos.parent.name}.log"
+    log = args.out / "logs" / f"sample-{videos.parent.name}-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         child = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -163,23 +178,26 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
         raise RuntimeError(f"sampling with {model} failed ({child.returncode}); see {log}")
     timing = json.loads((videos / "timing.json").read_text())
     timing["peak_rss_bytes"] = usage.ru_maxrss * 1024
-    timing["settings"] = sampling_settings(args, model)
+    timing["settings"] = sampling_settings(args, model, mode)
     atomic_write_text(videos / "timing.json", json.dumps(timing, indent=1) + "\n")
     return timing
 
 
-def sampling_settings(args: argparse.Namespace, model: Path) -> dict:
-    return {"model": str(model), "stories": args.stories, "inference_steps": args.inference_steps,
-            "guidance": args.guidance, "seed": args.seed}
+def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
+    settings = {"model": str(model), "stories": args.stories, "inference_steps": args.inference_steps,
+                "guidance": args.guidance, "seed": args.seed}
+    return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 
-def earlier_samples(args: argparse.Namespace, model: Path, videos: Path) -> dict | None:
+def earlier_samples(args: argparse.Namespace, model: Path, videos: Path, mode: str) -> dict | None:
     """The timing of an earlier run's videos in `videos` when they were made with the same settings, else None."""
     try:
         timing = json.loads((videos / "timing.json").read_text())
     except (OSError, ValueError):
         return None
-    if timing.get("settings") != sampling_settings(args, model) or len(list(videos.glob("*.mp4"))) != args.stories:
+    if timing.get("settings") != sampling_settings(args, model, mode):
+        return None
+    if len(list(videos.glob("*.mp4"))) != args.stories:
         return None
     return timing
 
@@ -215,11 +233,13 @@ def score(videos: Path) -> dict:
 
 
 def row(name: str, summary: dict, timing: dict | None) -> dict:
-    by_segment = summary["identity_by_segment"]
+    by_segment, after_intro = summary["identity_by_segment"], summary["identity_recall_by_segment"]
     out = {"variant": name, "videos": summary["videos"],
            **{f"identity@{s}": by_segment[s - 1] if s <= len(by_segment) else float("nan")
               for s in REPORTED_SEGMENTS},
-           **{k: summary[k] for k in ("identity", "identity_recall", "consistency", "background",
+           **{f"after_intro@{s}": after_intro[s - 1] if s <= len(after_intro) else float("nan")
+              for s in REPORTED_SEGMENTS},
+           **{k: summary[k] for k in ("identity", "identity_intro", "identity_recall", "consistency", "background",
                                       "background_recall", "motion", "presence", "color", "shape", "size")}}
     if timing is not None:
         seconds = list(timing["seconds"].values())
@@ -232,26 +252,26 @@ def markdown(rows: list[dict], chance: dict) -> str:
     def pct(v: float) -> str:
         return "-" if v != v else f"{100 * v:.1f}"
 
-    head = ("| variant | " + " | ".join(f"identity @{s}" for s in REPORTED_SEGMENTS)
-            + " | identity (all) | recall after intro | background | backdrop after scene start | action"
+    head = ("| variant (mode) | identity at intro | " + " | ".join(f"after intro @{s}" for s in REPORTED_SEGMENTS)
+            + " | after intro (all) | identity (all) | background | backdrop after scene start | action"
             " | s / 60-s video | peak RSS GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         timing = (f"{r['seconds_per_video']:.1f} | {r['peak_rss_gib']:.2f}" if "seconds_per_video" in r else "- | -")
-        lines.append(f"| {r['variant']} | " + " | ".join(pct(r[f'identity@{s}']) for s in REPORTED_SEGMENTS)
-                     + f" | {pct(r['identity'])} | {pct(r['identity_recall'])} | {pct(r['background'])} | "
+        lines.append(f"| {r['variant']} | {pct(r['identity_intro'])} | "
+                     + " | ".join(pct(r[f'after_intro@{s}']) for s in REPORTED_SEGMENTS)
+                     + f" | {pct(r['identity_recall'])} | {pct(r['identity'])} | {pct(r['background'])} | "
                      f"{pct(r['background_recall'])} | {pct(r['motion'])} | {timing} |")
-    lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * len(REPORTED_SEGMENTS))} | "
-                 f"{pct(chance['identity'])} | {pct(chance['identity'])} | {pct(chance['background'])} | "
-                 f"{pct(chance['background_recall'])} | | | |")
+    lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * (len(REPORTED_SEGMENTS) + 3))} | "
+                 f"{pct(chance['background'])} | {pct(chance['background_recall'])} | | | |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.sample:
-        model, storyboards, videos = args.sample
-        sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed)
+        model, storyboards, videos, mode = args.sample
+        sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",
@@ -271,17 +291,21 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         print(f"{variant}:", flush=True)
         model = Path(args.trained[variant]) if variant in args.trained else train_variant(args, variant)
-        videos = args.out / variant / "videos"
-        timing = None if args.resample else earlier_samples(args, model, videos)
-        if timing is None:
-            shutil.rmtree(videos, ignore_errors=True)
-            timing = sample_variant(args, model, heldout, videos)
-        else:
-            print(f"  reusing the videos in {videos} (same model and settings; --resample to redo them)", flush=True)
-        summaries[variant] = score(videos)
-        rows.append(row(variant, summaries[variant], timing))
-        print(f"  identity {100 * summaries[variant]['identity']:.1f}%, "
-              f"{rows[-1]['seconds_per_video']:.1f} s per video, peak {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
+        for mode in args.modes:
+            videos = args.out / variant / ("videos" if mode == "joint" else f"videos-{mode}")
+            timing = None if args.resample else earlier_samples(args, model, videos, mode)
+            if timing is None:
+                shutil.rmtree(videos, ignore_errors=True)
+                timing = sample_variant(args, model, heldout, videos, mode)
+            else:
+                print(f"  reusing the videos in {videos} (same model and settings; --resample to redo them)",
+                      flush=True)
+            name = f"{variant} ({mode})"
+            summaries[name] = score(videos)
+            rows.append(row(name, summaries[name], timing))
+            print(f"  {mode}: identity at intro {100 * summaries[name]['identity_intro']:.1f}%, after intro "
+                  f"{100 * summaries[name]['identity_recall']:.1f}%, {rows[-1]['seconds_per_video']:.1f} s per video, "
+                  f"peak {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
 
     from pipeline.toyworld.report import plot_identity
 

@@ -35,8 +35,8 @@ from pipeline.toyworld.world import (
 )
 from pipeline.video_io import read_video
 
-CHECKS = ("background", "background_recall", "presence", "color", "shape", "size", "identity", "identity_recall",
-          "motion", "consistency")
+CHECKS = ("background", "background_recall", "presence", "color", "shape", "size", "identity", "identity_intro",
+          "identity_recall", "motion", "consistency")
 
 
 def _score(story: Story, frames: np.ndarray):
@@ -196,11 +196,14 @@ def test_every_backdrop_is_recognised(size):
 
 
 def test_metrics_read_back_ground_truth():
-    results = [_score(story, render_story(story)) for story in (sample_story(seed, 1, 6) for seed in range(100))]
+    stories = [sample_story(seed, 1, 6) for seed in range(100)]
+    results = [_score(story, render_story(story)) for story in stories]
     summary = summarize(results)
     for check in CHECKS:
         assert summary[check] >= 0.98, (check, summary[check])
     assert summary["counts"]["identity_recall"] > 200
+    # every character is introduced once: the intro check counts exactly the cast of every story
+    assert summary["counts"]["identity_intro"] == sum(len(story.cast) for story in stories)
 
 
 @pytest.mark.parametrize("kind", ["color", "swap", "background", "reverse"])

@@ -247,13 +247,14 @@ def _mark_consistency(script: Script, results: list[SegmentResult]) -> None:
 def summarize(results: list[VideoResult]) -> dict:
     """Accuracy of every check over videos, identity curves by segment index, and chance levels.
 
-    identity: colour, shape and size as introduced, over every (segment, character on stage); identity_recall:
-    the same over segments after the character's introduction (what needs memory); consistency: later looks
+    identity: colour, shape and size as introduced, over every (segment, character on stage); identity_intro: the
+    same in the segment that introduces the character (drawing what the text says); identity_recall: the same over
+    segments after the character's introduction (what needs memory); consistency: later looks
     equal to the look drawn at the introduction. background_recall: the backdrop in the segments after a scene's
     first, whose texts do not name it (memory again, of the scene rather than a character).
     """
     checks = {k: [] for k in ("background", "background_recall", "presence", "color", "shape", "size", "identity",
-                              "identity_recall", "motion", "consistency")}
+                              "identity_intro", "identity_recall", "motion", "consistency")}
     by_segment: dict[int, list[bool]] = {}
     recall_by_segment: dict[int, list[bool]] = {}
     for video in results:
@@ -271,7 +272,9 @@ def summarize(results: list[VideoResult]) -> dict:
                 checks["identity"].append(c.identity_ok)
                 checks["motion"].append(c.motion_ok)
                 by_segment.setdefault(seg.index, []).append(c.identity_ok)
-                if not c.introduced_here:
+                if c.introduced_here:
+                    checks["identity_intro"].append(c.identity_ok)
+                else:
                     checks["identity_recall"].append(c.identity_ok)
                     recall_by_segment.setdefault(seg.index, []).append(c.identity_ok)
                 if c.consistent is not None:

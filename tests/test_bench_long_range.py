@@ -1,0 +1,41 @@
+"""benchmarks/bench_long_range.py's recall mode on the bundled default model (a real toy-world pipeline): segment 1 of
+a held-out story is given as clean ground truth, so the rendered video's first segment is that segment through the
+VAE, and the scores and table carry both modes."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_long_range  # noqa: E402
+
+from pipeline.toyworld.dataset import generate  # noqa: E402
+from pipeline.video_io import read_video  # noqa: E402
+
+
+def test_recall_mode_keeps_the_ground_truth_first_segment(tmp_path):
+    heldout = tmp_path / "heldout"
+    generate(heldout, stories=1, min_segments=2, max_segments=2, seed=bench_long_range.HELD_OUT_SEED, progress=False)
+    truth, _ = read_video(heldout / "story_00000.mp4")
+    outputs = {}
+    for mode in bench_long_range.MODES:
+        videos = tmp_path / mode
+        bench_long_range.sample_child(str(ROOT / "models" / "default"), heldout, videos, steps=2, guidance=1.0,
+                                      seed=0, mode=mode)
+        outputs[mode], _ = read_video(videos / "story_00000.mp4")
+        assert outputs[mode].shape == truth.shape
+    first = 25  # segment 1: 24 + 1 frames at 8 fps
+    recall_error = np.abs(outputs["recall"][:first].astype(float) - truth[:first]).mean()
+    joint_error = np.abs(outputs["joint"][:first].astype(float) - truth[:first]).mean()
+    print(f"segment 1 mean abs error: recall {recall_error:.2f}, joint {joint_error:.2f}")
+    assert recall_error < 12, recall_error  # the VAE's reconstruction of the given segment (plus H.264)
+    assert joint_error > 2 * recall_error, (joint_error, recall_error)  # 2 denoising steps draw something else
+
+    summary = bench_long_range.score(tmp_path / "recall")
+    row = bench_long_range.row("mlp (recall)", summary, None)
+    assert {"identity_intro", "after_intro@5", "identity@1"} <= set(row)
+    table = bench_long_range.markdown([row], summary["chance"])
+    assert "| mlp (recall) |" in table and "identity at intro" in table
