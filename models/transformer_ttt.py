@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .context_parallel import ContextParallel, ShardLayout, check_heads
 from .layout import SegmentLayout, num_latent_frames, segment_layout
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
@@ -90,10 +91,13 @@ class CogVideoXTTTBlock(CogVideoXBlock):
 
         # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
         if self.ttt is not None:
-            x = self._gated_ttt(x, n_text, layout.forward_order, layout.forward_inverse, layout.forward_rope,
-                                token_mask, self.gate_forward_text, self.gate_forward_video)
-            x = self._gated_ttt(x, n_text, layout.reverse_order, layout.reverse_inverse, layout.reverse_rope,
-                                token_mask, self.gate_reverse_text, self.gate_reverse_video)
+            # context parallel: the scan runs over every rank's tokens (models/context_parallel.py)
+            ttt_forward, ttt_reverse = (layout.ttt_callables(self.ttt) if isinstance(layout, ShardLayout)
+                                        else (self.ttt, self.ttt))
+            x = self._gated_ttt(ttt_forward, x, n_text, layout.forward_order, layout.forward_inverse,
+                                layout.forward_rope, token_mask, self.gate_forward_text, self.gate_forward_video)
+            x = self._gated_ttt(ttt_reverse, x, n_text, layout.reverse_order, layout.reverse_inverse,
+                                layout.reverse_rope, token_mask, self.gate_reverse_text, self.gate_reverse_video)
 
         hidden_states = hidden_states + gate_msa * x[:, n_text:]
         encoder_hidden_states = encoder_hidden_states + enc_gate_msa * x[:, :n_text]
@@ -105,13 +109,13 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :n_text]
         return hidden_states, encoder_hidden_states
 
-    def _gated_ttt(self, x, n_text, order, inverse, rope, token_mask, gate_text, gate_video):
-        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W)."""
+    def _gated_ttt(self, ttt, x, n_text, order, inverse, rope, token_mask, gate_text, gate_video):
+        """x + tanh(gate) * ttt(x in `order`), back in canonical order. x: (B, N, W)."""
         mask = None if token_mask is None else token_mask.index_select(1, order)
         if self.checkpoint_ttt and torch.is_grad_enabled():
-            y = checkpoint(self.ttt, x.index_select(1, order), mask, rope, use_reentrant=False)
+            y = checkpoint(ttt, x.index_select(1, order), mask, rope, use_reentrant=False)
         else:
-            y = self.ttt(x.index_select(1, order), mask, rope)
+            y = ttt(x.index_select(1, order), mask, rope)
         y = y.index_select(1, inverse)
         return torch.cat([x[:, :n_text] + torch.tanh(gate_text) * y[:, :n_text],
                           x[:, n_text:] + torch.tanh(gate_video) * y[:, n_text:]], dim=1)
@@ -231,6 +235,21 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         ])
         # added to the text tokens of a segment that opens a new scene; 0 at init keeps the base model exact
         self.scene_embedding = nn.Parameter(torch.zeros(inner_dim))
+        self.context_parallel: ContextParallel | None = None
+
+    def enable_context_parallel(self, mesh) -> None:
+        """Split every sample's segments over the ranks of `mesh` (a 1-D DeviceMesh, e.g. mesh["cp"]); None undoes
+        it. Inputs stay whole on every rank and the output is gathered; sum the parameter gradients over the group
+        (`self.context_parallel.reduce_gradients`). See models/context_parallel.py."""
+        if mesh is None:
+            self.context_parallel = None
+            return
+        if self.config.attention_window != "segment":
+            raise ValueError("context parallelism splits segment-local attention; attention_window='full' needs "
+                             "every frame on one rank")
+        if self.config.ttt_type != "none":
+            check_heads(self.config.ttt_num_heads or self.config.num_attention_heads, mesh.size())
+        self.context_parallel = ContextParallel(mesh)
 
     # building from a pretrained CogVideoX
 
@@ -391,6 +410,10 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
             raise ValueError(f"text length must be max_text_seq_length={self.config.max_text_seq_length}, "
                              f"got {text_len}")
         layout = self.segment_layout(n, height, width, hidden_states.device)
+        if self.context_parallel is not None:  # this rank's segments only; inputs stay whole
+            layout, encoder_hidden_states, encoder_attention_mask, scene_start = self.context_parallel.shard(
+                layout, encoder_hidden_states, encoder_attention_mask, scene_start)
+            n = layout.num_segments
 
         # 1. time embedding
         emb = self.time_embedding(self.time_proj(timestep).to(hidden_states.dtype), timestep_cond)
@@ -423,8 +446,10 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         # 4. output, as in CogVideoXTransformer3DModel
         video = self.proj_out(self.norm_out(self.norm_final(video), temb=emb))
         p = self.config.patch_size
-        output = video.reshape(batch, frames, height // p, width // p, -1, p, p)
+        output = video.reshape(batch, layout.num_frames, height // p, width // p, -1, p, p)
         output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        if self.context_parallel is not None:
+            output = self.context_parallel.gather(output, layout)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

@@ -1,0 +1,78 @@
+"""Context parallelism (docs/training.md, "Context parallelism"): one sequence over P ranks, against one process."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.context_parallel import check_heads, shard_layout, split_segments
+from models.layout import segment_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
+    """tests/cp_forward.py: fp32 output, input gradients and every parameter gradient within 1e-5 of one process;
+    2 segments on 2 ranks, 3 on 2 (uneven, with checkpointing), no overlap frame, 5 segments and a mini-batch (7)
+    that does not divide the ranks' chunks."""
+    result = torchrun("tests/cp_forward.py")
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("cp ok")]
+    assert len(lines) == 4, result.stdout
+    assert "segments per rank [2, 1]" in result.stdout
+
+
+@pytest.mark.parametrize("n, world, expected", [(2, 2, [1, 1]), (3, 2, [2, 1]), (21, 8, [3] * 5 + [2] * 3)])
+def test_segments_split_into_contiguous_runs(n, world, expected):
+    runs = split_segments(n, world)
+    assert [len(r) for r in runs] == expected
+    assert [i for r in runs for i in r] == list(range(n))
+
+
+def test_fewer_segments_than_ranks_is_refused():
+    with pytest.raises(ValueError, match="needs at least 4 segments, got 3"):
+        split_segments(3, 4)
+
+
+def test_heads_must_divide_over_the_ranks():
+    check_heads(48, 8)
+    with pytest.raises(ValueError, match=r"ttt_num_heads \(3\) must be divisible by 2"):
+        check_heads(3, 2)
+
+
+@pytest.mark.parametrize("overlap", [0, 1])
+@pytest.mark.parametrize("n, world", [(3, 2), (5, 3), (4, 4)])
+def test_rank_chunks_tile_both_ttt_orders(n, world, overlap):
+    """The ranks' chunks, mapped back to the whole sequence, are the interleaved order in rank order and the reverse
+    order in reverse rank order; every rank's windows read only its own frames and its halo."""
+    layout = segment_layout(n, 3, 2, overlap, 4, (2, 2), (2, 2), 16, 16)
+    shards = [shard_layout(layout, None, r, world) for r in range(world)]
+    hw, lt = layout.tokens_per_frame, layout.text_len
+
+    def to_global(shard, local):
+        text = shard.num_segments * lt
+        return torch.where(local < text, local + shard.segments.start * lt,
+                           n * lt + shard.frames.start * hw + (local - text))
+
+    forward = torch.cat([to_global(s, s.forward_order) for s in shards])
+    reverse = torch.cat([to_global(s, s.reverse_order) for s in shards[::-1]])
+    assert torch.equal(forward, layout.forward_order) and torch.equal(reverse, layout.reverse_order)
+    for s in shards:
+        assert torch.equal(s.forward_order[s.forward_inverse], torch.arange(len(s.forward_order)))
+        assert s.chunk_lengths[s.rank] == len(s.forward_order)
+        # the rank's rows of the whole window table, seen through the local [halo, own frames] video
+        local = s.window_tokens.view(s.num_segments, -1).flatten()[s.window_valid] // hw - overlap
+        whole = layout.window_tokens.view(n, -1)[s.segments.start:s.segments.stop].flatten()
+        valid = torch.zeros(layout.window_tokens.numel(), dtype=torch.bool)
+        valid[layout.window_valid] = True
+        whole = whole[valid.view(n, -1)[s.segments.start:s.segments.stop].flatten()] // hw
+        assert torch.equal(local + s.frames.start, whole)
