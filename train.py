@@ -40,6 +40,7 @@ from pipeline.training import (
 )
 from pipeline.training.components import torch_dtype
 from pipeline.training.config import Config, ConfigError, load_config, save_config, to_dict
+from pipeline.training.parallel import context_parallel_mesh, data_parallel_size, prepare_loader
 
 logger = logging.getLogger("train")
 
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.seed)  # the same TTT initialisation on every process
     parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
     model, sampler_scheduler = parts["transformer"], parts["scheduler"]
+    mesh = context_parallel_mesh(cfg.parallel, accelerator)  # None without context parallelism
+    if mesh is not None:
+        model.enable_context_parallel(mesh["cp"])
     fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
         model.disable_gradient_checkpointing()  # FSDP checkpoints every wrapped block already
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
                         num_workers=cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    loader = prepare_loader(accelerator, loader, mesh)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ema = None
     if cfg.train.ema:
@@ -87,8 +92,10 @@ def main(argv: list[str] | None = None) -> None:
         save_config(cfg, Path(cfg.output_dir) / "config.yaml")
     accelerator.init_trackers(cfg.log.project, config=flat_config(cfg))
     logger.info("training %d parameters (%s) for %d steps: global batch %d = %d per process x %d accumulation x %d "
-                "processes", sum(p.numel() for p in trainable), cfg.train.trainable, cfg.train.steps,
-                cfg.train.global_batch_size, cfg.train.micro_batch_size, accumulation, accelerator.num_processes)
+                "processes%s", sum(p.numel() for p in trainable), cfg.train.trainable, cfg.train.steps,
+                cfg.train.global_batch_size, cfg.train.micro_batch_size, accumulation,
+                data_parallel_size(cfg.parallel, accelerator.num_processes),
+                f" (x {cfg.parallel.context} context-parallel ranks each)" if mesh is not None else "")
 
     # 3. loop
     batches = batch_stream(loader, start=step * accumulation)
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, noise_scheduler, batch).mean()
-                accelerator.backward(loss)
+                accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                 optimizer.step()
@@ -172,11 +179,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
-    per_step = cfg.train.micro_batch_size * accelerator.num_processes
+    data_parallel = data_parallel_size(cfg.parallel, accelerator.num_processes)
+    per_step = cfg.train.micro_batch_size * data_parallel
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x "
-                          f"{accelerator.num_processes}")
+                          f"train.micro_batch_size x processes / parallel.context = {cfg.train.micro_batch_size} x "
+                          f"{data_parallel}")
     accelerator.gradient_accumulation_steps = cfg.train.global_batch_size // per_step
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine accumulates by its own config
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = (

@@ -1,5 +1,6 @@
 """Context parallelism (docs/training.md, "Context parallelism"): one sequence over P ranks, against one process."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
 from models.context_parallel import check_heads, shard_layout, split_segments
 from models.layout import segment_layout
@@ -76,3 +79,44 @@ def test_rank_chunks_tile_both_ttt_orders(n, world, overlap):
         valid[layout.window_valid] = True
         whole = whole[valid.view(n, -1)[s.segments.start:s.segments.stop].flatten()] // hw
         assert torch.equal(local + s.frames.start, whole)
+
+
+# train.py with parallel.context
+
+
+def train(base: Path, out: Path, processes: int, *overrides: str) -> subprocess.CompletedProcess:
+    args = ["train.py", "--config", str(CONFIG), *debug_overrides(base), f"output_dir={out}", "train.steps=1",
+            "log.every=1", "checkpoint.every=0", "validation.every=0", *overrides]
+    if processes == 1:
+        command, env = [sys.executable, *args], {**os.environ, "OMP_NUM_THREADS": "1"}
+    else:
+        launch, env = cpu_launch(processes)
+        command = [*launch, *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_a_training_step_with_context_parallel_2_equals_one_process(tmp_path_factory):
+    """dp = 1, cp = 2: both ranks read the same two samples (global batch 2, accumulation 2), each runs its segment,
+    and loss, gradient norm and every trained weight after the step equal the one-process run's."""
+    base = prepared(tmp_path_factory.mktemp("tiny"))
+    tmp = tmp_path_factory.mktemp("cp-train")
+    train(base, tmp / "one", 1)
+    two = train(base, tmp / "cp", 2, "parallel.context=2")
+    assert "global batch 2 = 1 per process x 2 accumulation x 1 processes (x 2 context-parallel" in two.stderr
+    one, cp = (json.loads((tmp / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("one", "cp"))
+    assert cp["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert cp["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-5)
+    a = load_file(tmp / "one" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp / "cp" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:  # Adam's first step is ~lr * sign(grad): rounding may move a weight whose gradient is ~0
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_context_size_must_divide_the_processes():
+    result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), "parallel.context=2"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "parallel.context=2 must be >= 1 and divide the process count (1)" in result.stderr
