@@ -3,6 +3,7 @@
     python sample.py                                    # the bundled example with the default model (models/default/)
     python sample.py --storyboard my_story.yaml --model path/to/pipeline --output my_story.mp4
     python sample.py --model THUDM/CogVideoX-5b --ttt-adapter ttt.safetensors --storyboard story.json --offload
+    torchrun --nproc_per_node 8 sample.py --context-parallel 8 --model path/to/pipeline --storyboard long.json
 
 --model is a pipeline saved with TTTVideoPipeline.save_pretrained (a directory or hub id), or, with --ttt-adapter, a
 stock CogVideoX pipeline that the adapter's TTT layers are added to. Storyboard formats: docs/storyboard.md.
@@ -52,8 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sequential: run the two guidance branches in turn (less memory)")
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default=None, help="default: the pipeline's own")
     p.add_argument("--max-segments", type=int, default=21, help="most segments accepted (default 21 = 63 s)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="P",
+                   help="split the segments over P processes started by torchrun (docs/sampling.md)")
     args = p.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments)):
+    for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments),
+                        ("--context-parallel", args.context_parallel)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.guidance < 0:
@@ -71,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--ttt-adapter: file not found: {args.ttt_adapter}")
     device, dtype = resolve_device(args.device, args.dtype, args.offload)
     output = args.output or ROOT / "outputs" / f"{args.storyboard.stem}.mp4"
+    if args.context_parallel > storyboard.num_segments:
+        raise UsageError(f"--context-parallel {args.context_parallel} needs at least as many segments, the storyboard "
+                         f"has {storyboard.num_segments}")
+    mesh, rank = None, 0
+    if args.context_parallel > 1:
+        from pipeline.context_parallel import start_context_parallel
+
+        mesh, rank, device = start_context_parallel(args.context_parallel, device)
 
     # 2. build the pipeline
     import torch
@@ -85,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.scheduler is not None:
         scheduler_class = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[args.scheduler]
         pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    if mesh is not None:
+        try:
+            pipe.transformer.enable_context_parallel(mesh)
+        except ValueError as e:
+            raise InputError(f"--context-parallel {args.context_parallel}: {first_line(e)}") from None
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -96,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
                   cfg_mode=args.cfg_mode, max_segments=args.max_segments, output_type="np")
     elapsed = time.perf_counter() - start
+    if mesh is not None:
+        torch.distributed.destroy_process_group()
 
-    # 4. save
+    # 4. save (with context parallelism every rank holds the same frames: the first writes them)
     frames = result.frames[0]  # (F, H, W, 3)
+    if rank > 0:
+        return 0
     write_video(frames, output, result.fps)
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
           f"({storyboard.num_segments} segments), generated in {elapsed:.1f} s")

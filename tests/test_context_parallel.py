@@ -6,13 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, tiny_components
 from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
+from models import CogVideoXTTTTransformer3DModel
 from models.context_parallel import check_heads, shard_layout, split_segments
 from models.layout import segment_layout
+from pipeline import TTTVideoPipeline
+from pipeline.video_io import read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,3 +125,40 @@ def test_context_size_must_divide_the_processes():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "parallel.context=2 must be >= 1 and divide the process count (1)" in result.stderr
+
+
+# sample.py --context-parallel
+
+
+def test_sampling_with_context_parallel_2_writes_the_frames_of_one_process(tmp_path):
+    """3 segments on 2 ranks (2 + 1): rank 0 alone writes the video, and the frames it encodes equal the one-process
+    frames within 1/255 (tests/sample_frames.py keeps them: H.264 itself does not reproduce bit for bit here)."""
+    components = tiny_components()
+    transformer = CogVideoXTTTTransformer3DModel.from_base(
+        components.pop("transformer"), latent_frames_first=FRAMES_FIRST, latent_frames_per_segment=FRAMES_PER_SEGMENT,
+        ttt_backend="torch", gate_init=0.5)
+    TTTVideoPipeline(transformer=transformer, **components).save_pretrained(tmp_path / "pipeline")
+    story = tmp_path / "story.txt"
+    story.write_text("a red ball rolls\n\na blue box\n\na green cone\n")
+    args = ["--model", str(tmp_path / "pipeline"), "--storyboard", str(story), "--steps", "2", "--seed", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "tests/sample_frames.py", str(tmp_path / "one.npy"), *args, "--output",
+                          str(tmp_path / "one.mp4")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-4000:]
+    cp = torchrun("tests/sample_frames.py", str(tmp_path / "cp.npy"), *args, "--output", str(tmp_path / "cp.mp4"),
+                  "--context-parallel", "2")
+    assert cp.returncode == 0, cp.stderr[-4000:]
+    assert cp.stdout.count("wrote ") == 1 and "(3 segments)" in cp.stdout
+    frames, fps = read_video(tmp_path / "cp.mp4")
+    expected, got = np.load(tmp_path / "one.npy"), np.load(tmp_path / "cp.npy")
+    assert frames.shape == expected.shape == got.shape == (25, 32, 32, 3) and fps == pytest.approx(8 / 3, rel=1e-3)
+    assert np.abs(got - expected).max() <= 1 / 255
+
+
+def test_sampling_with_context_parallel_needs_torchrun(tmp_path):
+    story = tmp_path / "story.txt"
+    story.write_text("a red ball rolls\n\na blue box\n")
+    result = subprocess.run([sys.executable, "sample.py", "--storyboard", str(story), "--context-parallel", "2"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--context-parallel 2 needs 2 processes started by torchrun" in result.stderr
