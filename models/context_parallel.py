@@ -209,20 +209,33 @@ class ShardLayout:
         out = _AllToAll.apply(send, [b * hp * n * d] * p, [c.numel() for c in chunks], self.group)
         return out.view(p, b, hp, n, d).transpose(0, 1).reshape(b, p * hp, n, d)
 
-    def ttt(self, layer: TTTLayer, x: torch.Tensor, token_mask: torch.Tensor | None,
-            rope: tuple[torch.Tensor, torch.Tensor] | None, reverse: bool) -> torch.Tensor:
-        """`layer(x, token_mask, rope)` over the whole sequence for the rank's chunk x (B, L_r, W) of it."""
-        q, k, target, eta = layer.prepare(x, token_mask, rope)  # (B, H, L_r, D) x 3, (B, H, L_r)
-        d = q.shape[-1]
-        qkt = self.sequence_to_heads(torch.cat([q, k, target], dim=-1), reverse)  # (B, H/P, L, 3D)
-        eta = self.sequence_to_heads(eta.unsqueeze(-1), reverse).squeeze(-1)  # (B, H/P, L), float32
-        heads = layer.num_heads // self.world
-        out = layer.scan(*qkt.split(d, dim=-1), eta, heads=slice(self.rank * heads, (self.rank + 1) * heads))
-        return layer.project_out(self.heads_to_sequence(out, reverse))  # (B, L_r, W)
-
     def ttt_callables(self, layer: TTTLayer):
-        """(forward, reverse) callables with the TTT layer's signature, for the block."""
-        return (functools.partial(self.ttt, layer, reverse=False), functools.partial(self.ttt, layer, reverse=True))
+        """(forward, reverse) callables with the TTT layer's signature, for the block. They call the module itself
+        (its hooks, e.g. FSDP's unsharding, run), with the exchange of the order's direction."""
+        return (functools.partial(layer, exchange=HeadExchange(self, layer.num_heads, reverse=False)),
+                functools.partial(layer, exchange=HeadExchange(self, layer.num_heads, reverse=True)))
+
+
+@dataclass(frozen=True)
+class HeadExchange:
+    """The TTT layer's all-to-alls for one rank and one direction (the layer's `exchange` argument)."""
+
+    shard: ShardLayout
+    num_heads: int
+    reverse: bool
+
+    def to_heads(self, q, k, target, eta):
+        """q, k, target (B, H, L_r, D), eta (B, H, L_r) of the rank's tokens -> the same for every token and the
+        rank's H/P heads, with the slice of the layer's heads they are."""
+        d, shard = q.shape[-1], self.shard
+        qkt = shard.sequence_to_heads(torch.cat([q, k, target], dim=-1), self.reverse)  # (B, H/P, L, 3D)
+        eta = shard.sequence_to_heads(eta.unsqueeze(-1), self.reverse).squeeze(-1)  # (B, H/P, L), float32
+        per_rank = self.num_heads // shard.world
+        return (*qkt.split(d, dim=-1), eta, slice(shard.rank * per_rank, (shard.rank + 1) * per_rank))
+
+    def to_sequence(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, H/P, L, D) -> (B, H, L_r, D)."""
+        return self.shard.heads_to_sequence(out, self.reverse)
 
 
 def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLayout:

@@ -89,14 +89,21 @@ class TTTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, initial_state=None,
-                return_state: bool = False):
+                return_state: bool = False, exchange=None):
         """x: (B, L, W); token_mask: (B, L) bool (False = never updates the state); rope: (cos, sin) each (L, D).
 
-        Returns (B, L, W), and with return_state also the final inner state (leading B, fp32).
+        exchange: context parallelism (models/context_parallel.py): x is this rank's chunk of the sequence, and
+        `exchange.to_heads` / `exchange.to_sequence` move the op's inputs to (every token, this rank's heads) and its
+        output back. Returns (B, L, W), and with return_state also the final inner state (leading B, fp32).
         """
         q, k, target, eta = self.prepare(x, token_mask, rope)
-        result = self.scan(q, k, target, eta, initial_state=initial_state, return_state=return_state)
+        heads = slice(None)
+        if exchange is not None:
+            q, k, target, eta, heads = exchange.to_heads(q, k, target, eta)
+        result = self.scan(q, k, target, eta, heads, initial_state=initial_state, return_state=return_state)
         out, state = result if return_state else (result, None)
+        if exchange is not None:
+            out = exchange.to_sequence(out)
         out = self.project_out(out)
         return (out, state) if return_state else out
 

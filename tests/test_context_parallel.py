@@ -39,6 +39,15 @@ def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
     assert "segments per rank [2, 1]" in result.stdout
 
 
+def test_composes_with_fsdp2_per_block_wrapping():
+    """tests/cp_fsdp_step.py: FSDP2 over the same 2 ranks, every block and TTT layer its own unit (the GPU configs'
+    wrapping): loss, every gradient and every updated weight equal one process. The TTT layer is entered through
+    its module call, so FSDP unshards its weights before the head-sharded scan."""
+    result = torchrun("tests/cp_fsdp_step.py")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "cp+fsdp ok" in result.stdout
+
+
 @pytest.mark.parametrize("n, world, expected", [(2, 2, [1, 1]), (3, 2, [2, 1]), (21, 8, [3] * 5 + [2] * 3)])
 def test_segments_split_into_contiguous_runs(n, world, expected):
     runs = split_segments(n, world)
