@@ -1,10 +1,12 @@
 """The context-parallel transformer on a CPU gloo mesh against one process: outputs and every gradient.
 
-    torchrun --nproc_per_node 2 tests/cp_forward.py
+    torchrun --nproc_per_node 2 tests/cp_forward.py            # cp = 2, every case
+    torchrun --nproc_per_node 4 tests/cp_forward.py CASE ...   # a (dp = 2, cp = 2) mesh, the named cases
 
 Every rank builds the same seeded model and inputs, runs the single-process model on the whole batch and the
 context-parallel copy on its segments, and checks (fp32) the gathered output, the input gradients and every parameter
-gradient (summed over the group) against the single-process ones. Exits non-zero on the first mismatch.
+gradient (summed over the group) against the single-process ones. With 4 processes the two data-parallel groups
+take different inputs. Exits non-zero on the first mismatch.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def build(config: dict) -> CogVideoXTTTTransformer3DModel:
     return model.train()
 
 
-def inputs(n: int, batch: int = 2) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(n)
+def inputs(n: int, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(n + 1000 * seed)
     frames = FRAMES_FIRST + (n - 1) * FRAMES_PER_SEGMENT
     mask = torch.ones(batch, n, TEXT_LEN, dtype=torch.bool)
     mask[:, :, TEXT_LEN // 2:] = torch.rand(batch, n, TEXT_LEN - TEXT_LEN // 2, generator=g) < 0.5  # text padding
@@ -72,16 +74,18 @@ def check(name: str, got: torch.Tensor, expected: torch.Tensor) -> None:
 
 def main() -> None:
     dist.init_process_group("gloo")
-    world = dist.get_world_size()
-    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "cp"))
-    for case, (n, config, checkpointing) in CASES.items():
+    cp = 2
+    mesh = init_device_mesh("cpu", (dist.get_world_size() // cp, cp), mesh_dim_names=("dp", "cp"))
+    dp_rank = mesh["dp"].get_local_rank()
+    for case in sys.argv[1:] or CASES:
+        n, config, checkpointing = CASES[case]
         reference = build(config)
         parallel = copy.deepcopy(reference)
         parallel.enable_context_parallel(mesh["cp"])
         if checkpointing:
             reference.enable_gradient_checkpointing()
             parallel.enable_gradient_checkpointing()
-        data = inputs(n)
+        data = inputs(n, seed=dp_rank)
         weight = torch.randn(data["hidden_states"].shape, generator=torch.Generator().manual_seed(99))
 
         ref_out, ref_grads, ref_input_grads = run(reference, data, weight)
@@ -99,7 +103,8 @@ def main() -> None:
             check(f"{case} grad of {key}", grads[key], g)
         shards = parallel.context_parallel.shard(parallel.segment_layout(n, 4, 4, torch.device("cpu")))[0]
         if dist.get_rank() == 0:
-            print(f"cp ok: {case}: segments per rank {[len(s) for s in _split(n, world)]}, "
+            print(f"cp ok: {case} on dp x cp = {mesh['dp'].size()} x {cp}: segments per rank "
+                  f"{[len(s) for s in _split(n, cp)]}, "
                   f"tokens per rank {list(shards.chunk_lengths)}, output and {len(ref_grads)} gradients agree "
                   f"(max output diff {(out - ref_out).abs().max().item():.2e})", flush=True)
     dist.barrier()

@@ -22,10 +22,10 @@ from pipeline.video_io import read_video
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+def torchrun(script: str, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script, *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), script,
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
@@ -37,6 +37,14 @@ def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
     lines = [line for line in result.stdout.splitlines() if line.startswith("cp ok")]
     assert len(lines) == 4, result.stdout
     assert "segments per rank [2, 1]" in result.stdout
+
+
+def test_a_dp_2_by_cp_2_mesh_on_4_ranks():
+    """Two data-parallel groups of two context-parallel ranks, each group its own inputs (3 segments, 2 + 1): the
+    collectives stay inside each cp group (ranks 2 and 3 are cp ranks 0 and 1 of theirs)."""
+    result = torchrun("tests/cp_forward.py", "linear-3-segments-uneven-checkpointed", processes=4)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "cp ok: linear-3-segments-uneven-checkpointed on dp x cp = 2 x 2" in result.stdout
 
 
 def test_composes_with_fsdp2_per_block_wrapping():
