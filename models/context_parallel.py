@@ -114,7 +114,8 @@ class ShardLayout:
         window_attn_mask, window_rope: the rank's rows of the whole layout's.
         forward_order, reverse_order, *_inverse: local canonical index of each token of the rank's chunk of the
         interleaved / reverse order, and back. forward_rope, reverse_rope: the chunk's rows of the whole tables.
-        chunk_lengths: tokens of every rank (the same in both orders). group, rank, world: the process group.
+        chunk_lengths: tokens of every rank (the same in both orders). frame_counts: latent frames of every rank.
+        group, rank, world: the process group.
     """
 
     full: SegmentLayout
@@ -138,6 +139,7 @@ class ShardLayout:
     forward_rope: tuple[torch.Tensor, torch.Tensor] | None
     reverse_rope: tuple[torch.Tensor, torch.Tensor] | None
     chunk_lengths: tuple[int, ...]
+    frame_counts: tuple[int, ...]
     group: object
     rank: int
     world: int
@@ -147,10 +149,6 @@ class ShardLayout:
     @property
     def window_frames_count(self) -> int:
         return self.window_frames.shape[1]
-
-    @property
-    def num_text_tokens(self) -> int:
-        return self.num_segments * self.text_len
 
     def _shift(self, x: torch.Tensor, to_next: bool) -> torch.Tensor:
         """x (B, hw, W) to rank r + 1 (to_next) or r - 1, around a ring; returns what arrived (B, hw, W).
@@ -290,7 +288,9 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
         forward_order=forward.to(device), reverse_order=reverse.to(device),
         forward_inverse=torch.argsort(forward).to(device), reverse_inverse=torch.argsort(reverse).to(device),
         forward_rope=rope_rows(layout.forward_rope, f_start), reverse_rope=rope_rows(layout.reverse_rope, r_start),
-        chunk_lengths=tuple(lengths), group=group, rank=rank, world=world,
+        chunk_lengths=tuple(lengths), frame_counts=tuple(seg_frames[s.stop - 1].stop - seg_frames[s.start].start
+                                                        for s in segments),
+        group=group, rank=rank, world=world,
     )
 
 
@@ -327,8 +327,7 @@ class ContextParallel:
 
     def gather(self, output: torch.Tensor, shard: ShardLayout) -> torch.Tensor:
         """Own frames (B, T_r, ...) -> every frame (B, T, ...) on every rank (backward: the own slice)."""
-        lengths = [r.stop - r.start for r in _frame_ranges(shard)]
-        return _GatherReplicated.apply(output, lengths, self.rank, self.group)
+        return _GatherReplicated.apply(output, list(shard.frame_counts), self.rank, self.group)
 
     def reduce_gradients(self, parameters) -> None:
         """Sum each parameter's gradient over the group: each rank holds its share of the total."""
@@ -336,8 +335,3 @@ class ContextParallel:
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=self.group)
 
-
-def _frame_ranges(shard: ShardLayout) -> list[range]:
-    seg_frames = _segment_frame_ranges(shard.full)
-    return [range(seg_frames[s.start].start, seg_frames[s.stop - 1].stop)
-            for s in split_segments(shard.full.num_segments, shard.world)]
