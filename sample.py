@@ -27,6 +27,7 @@ from pipeline.loading import (
     load_pipeline,
     resolve_device,
 )
+from pipeline.schedulers import SCHEDULERS, make_scheduler
 from pipeline.storyboard import StoryboardError, load_storyboard
 
 ROOT = Path(__file__).resolve().parent
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--offload", action="store_true", help="keep models on the CPU, each moved to the GPU in turn")
     p.add_argument("--cfg-mode", choices=("batched", "sequential"), default="batched",
                    help="sequential: run the two guidance branches in turn (less memory)")
-    p.add_argument("--scheduler", choices=("ddim", "dpm"), default=None, help="default: the pipeline's own")
+    p.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="default: the pipeline's own")
     p.add_argument("--max-segments", type=int, default=21, help="most segments accepted (default 21 = 63 s)")
     p.add_argument("--context-parallel", type=int, default=1, metavar="P",
                    help="split the segments over P processes started by torchrun (docs/sampling.md)")
@@ -86,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. build the pipeline
     import torch
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
     from pipeline.video_io import write_video
 
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         raise InputError(f"could not load --model {args.model}: {first_line(e)}") from None
     if args.scheduler is not None:
-        scheduler_class = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[args.scheduler]
-        pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if mesh is not None:
         try:
             pipe.transformer.enable_context_parallel(mesh)

@@ -23,7 +23,7 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline.data import DatasetError, EpochSampler, SequenceDataset, batch_stream
+from pipeline.data import DatasetError, EpochSampler, SequenceDataset, batch_stream, shape_fields
 from pipeline.pipeline_ttt_video import TTTVideoPipeline
 from pipeline.training import (
     Checkpointer,
@@ -195,10 +195,9 @@ def build_accelerator(cfg: Config) -> Accelerator:
 def expected_manifest(cfg: Config, model) -> dict:
     """What the precompute cache must have been made with for this model and config (pipeline.data.SHAPE_FIELDS)."""
     c = model.config
-    return {"height": cfg.data.height, "width": cfg.data.width, "fps": cfg.data.fps,
-            "max_text_length": c.max_text_seq_length, "latent_frames_first": c.latent_frames_first,
-            "latent_frames_per_segment": c.latent_frames_per_segment, "latent_channels": c.in_channels,
-            "text_embed_dim": c.text_embed_dim}
+    return shape_fields(cfg.data, max_text_length=c.max_text_seq_length, latent_frames_first=c.latent_frames_first,
+                        latent_frames_per_segment=c.latent_frames_per_segment, latent_channels=c.in_channels,
+                        text_embed_dim=c.text_embed_dim)
 
 
 def build_pipeline(cfg: Config, accelerator: Accelerator, model, scheduler) -> TTTVideoPipeline:

@@ -42,7 +42,7 @@ def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float, s
     from tqdm.auto import tqdm
 
     from pipeline import TTTVideoPipeline
-    from pipeline.toyworld.metrics import score_video, summarize
+    from pipeline.toyworld import score_video, summarize
 
     pipe = TTTVideoPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)

@@ -13,9 +13,9 @@ up to its step 5) and is trained with train.py through the same curriculum, data
 
 Each trained variant then renders held-out 20-segment (60-s) toy-world storyboards (generated with a seed the
 training data never used) in a child process, whose peak resident memory is read from the kernel (wait4), and the
-videos are scored with the toy world's metrics (pipeline/toyworld/metrics.py). Rows for the held-out ground-truth
-videos and their VAE reconstructions (what a perfect transformer could reach through this VAE) and the chance
-levels frame the numbers. Results: OUT/results.json and a Markdown table on stdout (docs/results.md).
+videos are scored with the toy world's metrics (pipeline/toyworld/tracking.py and checks.py). Rows for the held-out
+ground-truth videos and their VAE reconstructions (what a perfect transformer could reach through this VAE) and the
+chance levels frame the numbers. Results: OUT/results.json and a Markdown table on stdout (docs/results.md).
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ def reconstruct(vae_dir: str, storyboards: Path, videos: Path, count: int) -> No
 
 
 def score(videos: Path) -> dict:
+    from pipeline.toyworld import summarize
     from pipeline.toyworld.dataset import score_folder
-    from pipeline.toyworld.metrics import summarize
 
     return summarize([r for _, r in score_folder(videos, progress=False)])
 

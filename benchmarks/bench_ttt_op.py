@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from kernels import ttt_linear, ttt_mlp  # noqa: E402
+from pipeline.atomic import atomic_write_text  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -255,10 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     table = header + "\n\n" + format_table(rows, rate, rate_label)
     print(table)
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
-        os.replace(tmp, args.output)
+        atomic_write_text(args.output, table + "\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Shared pieces of the TTT op: validation of the contract's shapes and the per-head LayerNorm maths.
+"""Shared pieces of the TTT op backends: the per-head LayerNorm maths, the state's dtype and batch dim, and the
+reference's inner step. Inputs are validated once, in kernels/dispatch.py; here they are only asserted.
 
-Design: shared/DESIGN.md, "The TTT op contract".
+Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
@@ -21,30 +22,11 @@ def per_head_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return x_hat * weight[None, :, None, :] + bias[None, :, None, :]
 
 
-def check_qkv_eta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor) -> tuple[int, int, int, int]:
-    """Checks q, k, v (B, H, L, D) and eta (B, H, L); returns (B, H, L, D)."""
-    if q.dim() != 4:
-        raise ValueError(f"q must be (B, H, L, D), got shape {tuple(q.shape)}")
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if eta.shape != q.shape[:3]:
-        raise ValueError(f"eta must be (B, H, L) = {tuple(q.shape[:3])}, got {tuple(eta.shape)}")
+def qkv_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor) -> tuple[int, int, int, int]:
+    """(B, H, L, D) of inputs that kernels/dispatch.py has validated; the backends only assert the contract."""
+    assert q.dim() == 4 and k.shape == q.shape and v.shape == q.shape and eta.shape == q.shape[:3], \
+        "TTT inputs reach a backend unchecked: call kernels.ttt_mlp / kernels.ttt_linear"
     return tuple(q.shape)
-
-
-def check_state(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: tuple[tuple[int, ...], ...],
-                batch: int, per_sample_only: bool = False) -> None:
-    """Checks that tensors[i] has shape shapes[i] (shared by the batch) or (batch, *shapes[i]) (per sample)."""
-    if len(tensors) != len(names):
-        raise ValueError(f"expected {len(names)} state tensors ({', '.join(names)}), got {len(tensors)}")
-    for name, t, shape in zip(names, tensors, shapes):
-        per_sample = (batch, *shape)
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a tensor of shape {per_sample}, got {type(t).__name__}")
-        if tuple(t.shape) == per_sample or (tuple(t.shape) == shape and not per_sample_only):
-            continue
-        want = str(per_sample) if per_sample_only else f"{shape} or {per_sample}"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -60,11 +42,9 @@ def expand_state(tensors: tuple[torch.Tensor, ...], batch: int, shared_dims: tup
     """
     out = []
     for t, nd in zip(tensors, shared_dims):
+        assert t.dim() == nd or (t.dim() == nd + 1 and t.shape[0] == batch), (tuple(t.shape), nd, batch)
         if t.dim() == nd:
             t = t.unsqueeze(0).expand(batch, *t.shape)
-        elif t.dim() != nd + 1 or t.shape[0] != batch:
-            raise ValueError(f"state tensor of shape {tuple(t.shape)}: expected {nd} dims, "
-                             f"or {nd + 1} with batch {batch}")
         out.append(t.to(dtype))
     return tuple(out)
 

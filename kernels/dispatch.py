@@ -2,14 +2,13 @@
 
 Backends: "torch" (kernels/*/torch_impl.py, any device), "triton" (kernels/*/triton_impl.py, CUDA; imported only
 when asked for), "naive" (the plain-autograd reference, for tests) and "auto" (triton on CUDA tensors, torch
-otherwise). Design: shared/DESIGN.md, "The TTT op contract".
+otherwise). Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import check_qkv_eta, check_state
 from .ttt_linear import ttt_linear_naive, ttt_linear_torch
 from .ttt_mlp import ttt_mlp_naive, ttt_mlp_torch
 
@@ -25,6 +24,32 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+def _check_qkv_eta(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor) -> tuple[int, int, int, int]:
+    """Checks q, k, v (B, H, L, D) and eta (B, H, L); returns (B, H, L, D)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, H, L, D), got shape {tuple(q.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if eta.shape != q.shape[:3]:
+        raise ValueError(f"eta must be (B, H, L) = {tuple(q.shape[:3])}, got {tuple(eta.shape)}")
+    return tuple(q.shape)
+
+
+def _check_state(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], shapes: tuple[tuple[int, ...], ...],
+                 batch: int, per_sample_only: bool = False) -> None:
+    """Checks that tensors[i] has shape shapes[i] (shared by the batch) or (batch, *shapes[i]) (per sample)."""
+    if len(tensors) != len(names):
+        raise ValueError(f"expected {len(names)} state tensors ({', '.join(names)}), got {len(tensors)}")
+    for name, t, shape in zip(names, tensors, shapes):
+        per_sample = (batch, *shape)
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor of shape {per_sample}, got {type(t).__name__}")
+        if tuple(t.shape) == per_sample or (tuple(t.shape) == shape and not per_sample_only):
+            continue
+        want = str(per_sample) if per_sample_only else f"{shape} or {per_sample}"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
 def _check_common(q, k, v, eta, ln_weight, ln_bias, mini_batch_size, checkpoint_group) -> tuple[int, int, int, int]:
     for name, value in (("mini_batch_size", mini_batch_size), ("checkpoint_group", checkpoint_group)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -34,7 +59,7 @@ def _check_common(q, k, v, eta, ln_weight, ln_bias, mini_batch_size, checkpoint_
             raise ValueError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    B, H, L, D = check_qkv_eta(q, k, v, eta)
+    B, H, L, D = _check_qkv_eta(q, k, v, eta)
     for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         if tuple(t.shape) != (H, D):
             raise ValueError(f"{name} must have shape (H, D) = {(H, D)}, got {tuple(t.shape)}")
@@ -49,14 +74,14 @@ def _check_device(q: torch.Tensor, **tensors: torch.Tensor) -> None:
 
 
 def _check_weights(q, names, weights, shapes, initial_state, B) -> None:
-    check_state(names, weights, shapes, B)
+    _check_state(names, weights, shapes, B)
     _check_device(q, **dict(zip(names, weights)))
     if initial_state is not None:
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != len(names):
             got = len(initial_state) if isinstance(initial_state, (tuple, list)) else type(initial_state).__name__
             raise ValueError(f"initial_state must be a tuple of {len(names)} tensors ({', '.join(names)}), got {got}")
         names = tuple(f"initial_state.{n}" for n in names)
-        check_state(names, tuple(initial_state), shapes, B, per_sample_only=True)
+        _check_state(names, tuple(initial_state), shapes, B, per_sample_only=True)
         _check_device(q, **dict(zip(names, initial_state)))
 
 

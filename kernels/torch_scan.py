@@ -6,7 +6,7 @@ Step s of the scan reads the rows [q of mini-batch s-1; k of mini-batch s]: both
 (the read-out of mini-batch s-1 and the inner gradient of mini-batch s), so one matmul over 2m rows does both.
 The steps write into preallocated scratch tensors (`Workspace`): a fresh allocation of this size costs page
 faults on every step, which measured as much as the arithmetic on CPU.
-Design: shared/DESIGN.md, "The TTT op contract".
+Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from torch.autograd.function import once_differentiable
 
-from .common import LN_EPS, check_qkv_eta, compute_dtype, expand_state
+from .common import LN_EPS, compute_dtype, expand_state, qkv_shape
 
 State = tuple[torch.Tensor, ...]
 
@@ -50,6 +50,24 @@ def ln_backward(g: torch.Tensor, x_hat: torch.Tensor, rstd: torch.Tensor, out: t
     """
     proj = torch.mul(g, x_hat, out=tmp).mean(-1, keepdim=True)
     return torch.sub(g, g.mean(-1, keepdim=True), out=out).addcmul_(x_hat, proj, value=-1).mul_(rstd)
+
+
+def readout_backward(g_yq: torch.Tensor | None, x_hat: torch.Tensor, rstd: torch.Tensor, lnw: torch.Tensor,
+                     g_z: torch.Tensor, tmp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of a step's read-out rows y_q = x_hat_q * lnw + lnb, x_hat_q = LN(z_q) without affine.
+
+    g_yq (N, nq, D), or None for a step without read-out rows; x_hat, g_z, tmp (scratch): (N, R, D) and rstd
+    (N, R, 1), whose first nq rows are the read-out's; lnw (N, 1, D). Writes z_q's cotangent into g_z[:, :nq] and
+    returns the affine's (g_lnw, g_lnb), each (N, D) (zeros without read-out rows).
+    """
+    N, _, D = x_hat.shape
+    if g_yq is None:
+        return x_hat.new_zeros(N, D), x_hat.new_zeros(N, D)
+    nq = g_yq.shape[1]
+    g_lnw = torch.mul(g_yq, x_hat[:, :nq], out=tmp[:, :nq]).sum(1)
+    g_zq = torch.mul(g_yq, lnw, out=g_z[:, :nq])
+    ln_backward(g_zq, x_hat[:, :nq], rstd[:, :nq], out=g_zq, tmp=tmp[:, :nq])
+    return g_lnw, g_yq.sum(1)
 
 
 class InnerLossGrad:
@@ -241,7 +259,7 @@ def run_scan(step: InnerStep, q, k, v, eta, state: State, state_dims: tuple[int,
     """Shared body of the torch backends: casts to the compute dtype, flattens (B, H) into N rows, runs the
     checkpointed scan and restores the public shapes. Shapes as in `kernels.ttt_mlp` / `kernels.ttt_linear`;
     state_dims: each state tensor's dim count without the batch dim (biases are carried as (N, 1, X))."""
-    B, H, L, D = check_qkv_eta(q, k, v, eta)
+    B, H, L, D = qkv_shape(q, k, v, eta)
     dt = compute_dtype(q)
     state = expand_state(state, B, state_dims, dt)
     N = B * H

@@ -1,7 +1,7 @@
 """Pieces shared by the Triton TTT kernels: tile I/O, GELU, the LayerNorm + L2 inner-loss gradient and its
 backward (device side), and the autograd plumbing (host side).
 
-Design: shared/DESIGN.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
+Design: docs/design.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
 
 Device-side notation, for one (batch, head) and one mini-batch of M rows (rows past the sequence end are
 loaded as zeros and carry eta = 0, so they contribute nothing):
@@ -27,7 +27,7 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from . import common
-from .common import check_qkv_eta
+from .common import qkv_shape
 
 # globals read inside @triton.jit functions must be constexpr
 LN_EPS = tl.constexpr(common.LN_EPS)
@@ -270,29 +270,22 @@ class _TTTFunction(torch.autograd.Function):
 def apply_triton_op(op: TritonOp, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, state: tuple[torch.Tensor, ...],
                     mini_batch_size: int, checkpoint_group: int) -> tuple[torch.Tensor, ...]:
-    """Validates the inputs against the contract and the kernels' limits, then runs the op.
+    """Checks the kernels' own limits (the contract was validated by kernels/dispatch.py and is only asserted
+    here), then runs the op.
 
     q, k, v: (B, H, L, D); eta: (B, H, L); ln_weight, ln_bias: (H, D); state: tensors of shape
     op.state_shapes(H, D, F), each optionally with a leading B. Returns (out (B, H, L, D), *final state (B, H, ...)).
     """
-    B, H, L, D = check_qkv_eta(q, k, v, eta)
-    if len(state) != len(op.state_names):
-        raise ValueError(f"initial_state must hold {len(op.state_names)} tensors {op.state_names}, got {len(state)}")
+    B, H, L, D = qkv_shape(q, k, v, eta)
     F = state[0].shape[-1]
-    for name, s, shape in zip(op.state_names, state, op.state_shapes(H, D, F)):
-        if tuple(s.shape) not in (shape, (B, *shape)):
-            raise ValueError(f"{name} must have shape {shape} or {(B, *shape)}, got {tuple(s.shape)}")
-    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-        if tuple(t.shape) != (H, D):
-            raise ValueError(f"{name} must have shape {(H, D)}, got {tuple(t.shape)}")
+    assert len(state) == len(op.state_names) and all(
+        tuple(s.shape) in (shape, (B, *shape)) for s, shape in zip(state, op.state_shapes(H, D, F)))
+    assert ln_weight.shape == ln_bias.shape == (H, D) and checkpoint_group >= 1
+    tensors = (q, k, v, eta, ln_weight, ln_bias, *state)
+    assert all(t.device == q.device for t in tensors)
     check_power_of_two("head dim D", D)
     check_power_of_two("inner width F", F)
     check_power_of_two("mini_batch_size", mini_batch_size)
-    if not isinstance(checkpoint_group, int) or checkpoint_group < 1:
-        raise ValueError(f"checkpoint_group must be an int >= 1, got {checkpoint_group!r}")
-    tensors = (q, k, v, eta, ln_weight, ln_bias, *state)
-    if any(t.device != q.device for t in tensors):
-        raise ValueError("triton backend: every input must be on q's device " + str(q.device))
     if q.device.type != "cuda" and not all(isinstance(kern, InterpretedFunction) for kern in op.kernels):
         raise ValueError(f"triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):

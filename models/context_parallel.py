@@ -1,6 +1,6 @@
 """Context parallelism: one sample's sequence over the P ranks of a DeviceMesh dimension, split on segment boundaries.
 
-Design: shared/DESIGN.md, "Context parallelism"; docs/training.md, "Context parallelism". Rank r holds whole
+Design: docs/design.md and docs/training.md, "Context parallelism". Rank r holds whole
 segments (their text and their latent frames), a contiguous run of them; counts may differ by one (3 segments on 2
 ranks: 2 + 1). Per block:
 - norm1, norm2, feed-forward and gates are token-wise: no communication.
@@ -25,15 +25,13 @@ of the total: sum them over the context-parallel group (`reduce_gradients`).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .layout import SegmentLayout
-from .ttt_layer import TTTLayer
+from .layout import SegmentLayout, TokenOrder
 
 
 def split_segments(num_segments: int, world: int) -> list[range]:
@@ -112,10 +110,9 @@ class ShardLayout:
         window_valid: positions of real (non-padding) window tokens.
         overlap_count: (T_r*hw, 1) windows holding each own token, over the whole sequence.
         window_attn_mask, window_rope: the rank's rows of the whole layout's.
-        forward_order, reverse_order, *_inverse: local canonical index of each token of the rank's chunk of the
-        interleaved / reverse order, and back. forward_rope, reverse_rope: the chunk's rows of the whole tables.
-        chunk_lengths: tokens of every rank (the same in both orders). frame_counts: latent frames of every rank.
-        group, rank, world: the process group.
+        forward, reverse: the rank's chunk of the interleaved / reverse order (local canonical indices, the chunk's
+        RoPE rows), with the `HeadExchange` that spreads the TTT scan over the ranks.
+        frame_counts: latent frames of every rank. group, rank, world: the process group.
     """
 
     full: SegmentLayout
@@ -132,13 +129,8 @@ class ShardLayout:
     overlap_count: torch.Tensor
     window_attn_mask: torch.Tensor | None
     window_rope: tuple[torch.Tensor, torch.Tensor] | None
-    forward_order: torch.Tensor
-    reverse_order: torch.Tensor
-    forward_inverse: torch.Tensor
-    reverse_inverse: torch.Tensor
-    forward_rope: tuple[torch.Tensor, torch.Tensor] | None
-    reverse_rope: tuple[torch.Tensor, torch.Tensor] | None
-    chunk_lengths: tuple[int, ...]
+    forward: TokenOrder
+    reverse: TokenOrder
     frame_counts: tuple[int, ...]
     group: object
     rank: int
@@ -184,56 +176,49 @@ class ShardLayout:
         out = torch.cat([out[:, hw:-hw], out[:, -hw:] + share], dim=1)
         return out / self.overlap_count.to(out.dtype)
 
-    # TTT over the whole sequence
 
-    def sequence_to_heads(self, x: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """(B, H, L_r, D) own tokens, all heads -> (B, H/P, L, D) every token in the order's chunk order, own heads."""
+@dataclass(frozen=True)
+class HeadExchange:
+    """The TTT layer's all-to-alls for one rank and one direction (`TokenOrder.exchange`, `TTTLayer.forward`).
+
+    chunk_lengths: tokens of every rank, in rank order (the same in both directions); reverse: the order's chunks
+    come in reverse rank order (the reverse TTT order).
+    """
+
+    chunk_lengths: tuple[int, ...]
+    reverse: bool
+    group: object
+    rank: int
+    world: int
+
+    def to_heads(self, q, k, target, eta):
+        """q, k, target (B, H, L_r, D), eta (B, H, L_r) of the rank's tokens -> the same for every token of the
+        sequence and the rank's H/P heads, with the slice of the layer's heads they are."""
+        d, per_rank = q.shape[-1], q.shape[1] // self.world
+        qkt = self._sequence_to_heads(torch.cat([q, k, target], dim=-1))  # (B, H/P, L, 3D)
+        eta = self._sequence_to_heads(eta.unsqueeze(-1)).squeeze(-1)  # (B, H/P, L), float32
+        return (*qkt.split(d, dim=-1), eta, slice(self.rank * per_rank, (self.rank + 1) * per_rank))
+
+    def to_sequence(self, out: torch.Tensor) -> torch.Tensor:
+        """The op's output (B, H/P, L, D) -> the rank's tokens, all heads (B, H, L_r, D)."""
+        b, hp, _, d = out.shape
+        p, lengths = self.world, list(self.chunk_lengths)
+        chunks = out.split(lengths[::-1] if self.reverse else lengths, dim=2)
+        chunks = chunks[::-1] if self.reverse else chunks  # rank order
+        send = torch.cat([c.flatten() for c in chunks])
+        n = lengths[self.rank]
+        received = _AllToAll.apply(send, [b * hp * n * d] * p, [c.numel() for c in chunks], self.group)
+        return received.view(p, b, hp, n, d).transpose(0, 1).reshape(b, p * hp, n, d)
+
+    def _sequence_to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, L_r, D) own tokens, all heads -> (B, H/P, L, D) every token in the order, own heads."""
         b, h, length, d = x.shape
         p, hp = self.world, h // self.world
         send = x.reshape(b, p, hp, length, d).transpose(0, 1).flatten()  # chunk j: the heads of rank j
         sizes = [b * hp * n * d for n in self.chunk_lengths]
-        out = _AllToAll.apply(send, sizes, [send.numel() // p] * p, self.group)
-        chunks = [c.view(b, hp, n, d) for c, n in zip(out.split(sizes), self.chunk_lengths)]
-        return torch.cat(chunks[::-1] if reverse else chunks, dim=2)
-
-    def heads_to_sequence(self, y: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """The inverse of `sequence_to_heads`: (B, H/P, L, D) -> (B, H, L_r, D)."""
-        b, hp, _, d = y.shape
-        p, lengths = self.world, list(self.chunk_lengths)
-        chunks = y.split(lengths[::-1] if reverse else lengths, dim=2)
-        chunks = chunks[::-1] if reverse else chunks  # rank order
-        send = torch.cat([c.flatten() for c in chunks])
-        n = lengths[self.rank]
-        out = _AllToAll.apply(send, [b * hp * n * d] * p, [c.numel() for c in chunks], self.group)
-        return out.view(p, b, hp, n, d).transpose(0, 1).reshape(b, p * hp, n, d)
-
-    def ttt_callables(self, layer: TTTLayer):
-        """(forward, reverse) callables with the TTT layer's signature, for the block. They call the module itself
-        (its hooks, e.g. FSDP's unsharding, run), with the exchange of the order's direction."""
-        return (functools.partial(layer, exchange=HeadExchange(self, layer.num_heads, reverse=False)),
-                functools.partial(layer, exchange=HeadExchange(self, layer.num_heads, reverse=True)))
-
-
-@dataclass(frozen=True)
-class HeadExchange:
-    """The TTT layer's all-to-alls for one rank and one direction (the layer's `exchange` argument)."""
-
-    shard: ShardLayout
-    num_heads: int
-    reverse: bool
-
-    def to_heads(self, q, k, target, eta):
-        """q, k, target (B, H, L_r, D), eta (B, H, L_r) of the rank's tokens -> the same for every token and the
-        rank's H/P heads, with the slice of the layer's heads they are."""
-        d, shard = q.shape[-1], self.shard
-        qkt = shard.sequence_to_heads(torch.cat([q, k, target], dim=-1), self.reverse)  # (B, H/P, L, 3D)
-        eta = shard.sequence_to_heads(eta.unsqueeze(-1), self.reverse).squeeze(-1)  # (B, H/P, L), float32
-        per_rank = self.num_heads // shard.world
-        return (*qkt.split(d, dim=-1), eta, slice(shard.rank * per_rank, (shard.rank + 1) * per_rank))
-
-    def to_sequence(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, H/P, L, D) -> (B, H, L_r, D)."""
-        return self.shard.heads_to_sequence(out, self.reverse)
+        received = _AllToAll.apply(send, sizes, [send.numel() // p] * p, self.group)
+        chunks = [c.view(b, hp, n, d) for c, n in zip(received.split(sizes), self.chunk_lengths)]
+        return torch.cat(chunks[::-1] if self.reverse else chunks, dim=2)
 
 
 def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLayout:
@@ -268,14 +253,16 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
     lengths = [len(s) * lt + (seg_frames[s.stop - 1].stop - seg_frames[s.start].start) * hw for s in segments]
     f_start = sum(lengths[:rank])
     r_start = sum(lengths[rank + 1:])
-    forward = to_local[layout.forward_order.cpu()[f_start:f_start + lengths[rank]]]
-    reverse = to_local[layout.reverse_order.cpu()[r_start:r_start + lengths[rank]]]
+    forward = to_local[layout.forward.index.cpu()[f_start:f_start + lengths[rank]]]
+    reverse = to_local[layout.reverse.index.cpu()[r_start:r_start + lengths[rank]]]
     assert bool((forward >= 0).all() and (reverse >= 0).all()), "a rank's tokens are not contiguous in TTT order"
 
-    device = layout.forward_order.device
+    device = layout.forward.index.device
 
-    def rope_rows(pair, start):
-        return None if pair is None else tuple(t[start:start + lengths[rank]] for t in pair)
+    def token_order(whole: TokenOrder, index: torch.Tensor, start: int, reverse: bool) -> TokenOrder:
+        rope = None if whole.rope is None else tuple(t[start:start + lengths[rank]] for t in whole.rope)
+        return TokenOrder(index.to(device), torch.argsort(index).to(device), rope, len(mine) * lt,
+                          HeadExchange(tuple(lengths), reverse, group, rank, world))
 
     mask = layout.window_attn_mask
     return ShardLayout(
@@ -285,11 +272,9 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
         windows_are_partition=layout.windows_are_partition,
         overlap_count=layout.overlap_count[frames.start * hw:frames.stop * hw],
         window_attn_mask=None if mask is None else mask[mine.start:mine.stop], window_rope=layout.window_rope,
-        forward_order=forward.to(device), reverse_order=reverse.to(device),
-        forward_inverse=torch.argsort(forward).to(device), reverse_inverse=torch.argsort(reverse).to(device),
-        forward_rope=rope_rows(layout.forward_rope, f_start), reverse_rope=rope_rows(layout.reverse_rope, r_start),
-        chunk_lengths=tuple(lengths), frame_counts=tuple(seg_frames[s.stop - 1].stop - seg_frames[s.start].start
-                                                        for s in segments),
+        forward=token_order(layout.forward, forward, f_start, reverse=False),
+        reverse=token_order(layout.reverse, reverse, r_start, reverse=True),
+        frame_counts=tuple(seg_frames[s.stop - 1].stop - seg_frames[s.start].start for s in segments),
         group=group, rank=rank, world=world,
     )
 

@@ -2,7 +2,7 @@
 
 Everything here depends only on the shape (number of segments, frames, text length, latent grid), so it is
 computed once per shape (`segment_layout` is cached) and reused by every block and every denoising step.
-Design: shared/DESIGN.md, "One transformer block with TTT".
+Design: docs/design.md, "One transformer block with TTT".
 
 Two token arrangements are used:
 - canonical: [text_1 .. text_n, video frames 0 .. T-1], i.e. text (B, n*L_text, W) followed by video (B, T*hw, W);
@@ -26,12 +26,29 @@ def num_latent_frames(num_segments: int, frames_first: int, frames_per_segment: 
     return frames_first + (num_segments - 1) * frames_per_segment
 
 
-def num_segments_for_frames(num_frames: int, frames_first: int, frames_per_segment: int) -> int | None:
-    """Inverse of `num_latent_frames`; None when num_frames does not fall on a segment boundary."""
-    extra = num_frames - frames_first
-    if extra < 0 or extra % frames_per_segment:
-        return None
-    return extra // frames_per_segment + 1
+@dataclass(frozen=True)
+class TokenOrder:
+    """One order of the whole sequence for the TTT scan (N tokens: num_text text tokens, then video, canonically).
+
+    index: (N,) long, canonical index of each token in this order; inverse: (N,) long, the inverse permutation;
+    rope: (cos, sin) each (N, D_ttt) in this order, identity (cos 1, sin 0) on text, or None (model without TTT).
+    exchange: None, or under context parallelism (N is then one rank's tokens) what moves the TTT op's inputs to
+    every token of the sequence and back (`TTTLayer.forward`'s exchange).
+    """
+
+    index: torch.Tensor
+    inverse: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    num_text: int
+    exchange: object | None = None  # context parallelism: the TTT layer's all-to-alls (models/context_parallel.py)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Canonical (B, N, ...) → this order."""
+        return x.index_select(1, self.index)
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """This order (B, N, ...) → canonical."""
+        return x.index_select(1, self.inverse)
 
 
 @dataclass(frozen=True)
@@ -46,10 +63,8 @@ class SegmentLayout:
         overlap_count: (T * hw, 1) float, how many windows hold each video token (for averaging).
         window_attn_mask: (n, 1, Lt + Fw * hw) additive float mask hiding padding keys, or None (no padding).
         window_rope: (cos, sin) each (Fw * hw, D_attn), window-local positions, or None (model without RoPE).
-        forward_order: (N,) long, canonical index of each token of [text_1, video_1, ..., text_n, video_n].
-        reverse_order: (N,) long, canonical index of each token of [text_n, rev(video_n), ..., text_1, rev(video_1)].
-        forward_inverse, reverse_inverse: (N,) long, the inverse permutations (back to canonical).
-        forward_rope, reverse_rope: (cos, sin) each (N, D_ttt) in that order; identity (cos 1, sin 0) on text.
+        forward: the TTT order [text_1, video_1, ..., text_n, video_n].
+        reverse: the TTT order [text_n, rev(video_n), ..., text_1, rev(video_1)].
         full_rope: (cos, sin) each (T * hw, D_attn) over all frames, for the full-attention baseline, or None.
     """
 
@@ -64,12 +79,8 @@ class SegmentLayout:
     overlap_count: torch.Tensor
     window_attn_mask: torch.Tensor | None
     window_rope: tuple[torch.Tensor, torch.Tensor] | None
-    forward_order: torch.Tensor
-    reverse_order: torch.Tensor
-    forward_inverse: torch.Tensor
-    reverse_inverse: torch.Tensor
-    forward_rope: tuple[torch.Tensor, torch.Tensor] | None
-    reverse_rope: tuple[torch.Tensor, torch.Tensor] | None
+    forward: TokenOrder
+    reverse: TokenOrder
     full_rope: tuple[torch.Tensor, torch.Tensor] | None
 
     @property
@@ -186,15 +197,13 @@ def segment_layout(
     segments = _segment_frames(num_segments, frames_first, frames_per_segment)
     forward, reverse = _ttt_orders(num_segments, text_len, hw, segments)
 
-    forward_rope = reverse_rope = None
+    n_text = num_segments * text_len
+    ttt_rope = None
     if ttt_head_dim is not None:
         # global frame positions: one table over all T frames, uncropped grid; text tokens get none
         cos, sin = _rope_3d(ttt_head_dim, grid, num_frames, ((0, 0), grid))
-        n_text = num_segments * text_len
-        cos = torch.cat([torch.ones(n_text, ttt_head_dim), cos])
-        sin = torch.cat([torch.zeros(n_text, ttt_head_dim), sin])
-        forward_rope = (cos[forward], sin[forward])
-        reverse_rope = (cos[reverse], sin[reverse])
+        ttt_rope = (torch.cat([torch.ones(n_text, ttt_head_dim), cos]),
+                    torch.cat([torch.zeros(n_text, ttt_head_dim), sin]))
 
     def dev(t):
         return None if t is None else t.to(device)
@@ -202,13 +211,15 @@ def segment_layout(
     def dev_pair(pair):
         return None if pair is None else tuple(t.to(device) for t in pair)
 
+    def token_order(index: torch.Tensor) -> TokenOrder:
+        rope = None if ttt_rope is None else (ttt_rope[0][index], ttt_rope[1][index])
+        return TokenOrder(dev(index), dev(torch.argsort(index)), dev_pair(rope), n_text)
+
     return SegmentLayout(
         num_segments=num_segments, text_len=text_len, tokens_per_frame=hw, num_frames=num_frames,
         window_frames=dev(frames), window_tokens=dev(tokens), window_valid=dev(valid_positions),
         windows_are_partition=partition,
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
         window_rope=dev_pair(window_rope),
-        forward_order=dev(forward), reverse_order=dev(reverse),
-        forward_inverse=dev(torch.argsort(forward)), reverse_inverse=dev(torch.argsort(reverse)),
-        forward_rope=dev_pair(forward_rope), reverse_rope=dev_pair(reverse_rope), full_rope=dev_pair(full_rope),
+        forward=token_order(forward), reverse=token_order(reverse), full_rope=dev_pair(full_rope),
     )

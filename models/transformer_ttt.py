@@ -1,6 +1,6 @@
 """CogVideoX with gated, bidirectional TTT layers and segment-local attention.
 
-Design: shared/DESIGN.md, "One transformer block with TTT". Every pretrained module of diffusers'
+Design: docs/design.md, "One transformer block with TTT". Every pretrained module of diffusers'
 CogVideoXTransformer3DModel is kept with its weights and state-dict names; each block gains one TTT layer and four
 gates, and the model gains a scene-boundary embedding. With all gates at 0 and one segment the model is exactly the
 stock CogVideoX.
@@ -8,6 +8,7 @@ stock CogVideoX.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any
@@ -23,14 +24,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .context_parallel import ContextParallel, ShardLayout, check_heads
-from .layout import SegmentLayout, num_latent_frames, segment_layout
+from pipeline.atomic import atomic_path
+
+from .context_parallel import ContextParallel, check_heads
+from .layout import SegmentLayout, TokenOrder, num_latent_frames, segment_layout
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
+# the arguments TTT adds to CogVideoX's; their types and defaults are the model's signature (`ttt_config_fields`)
 TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
                    "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
                    "overlap_frames", "checkpoint_ttt", "attention_window")
-TRAINABLE_MODES = ("ttt", "ttt+attn", "lora", "full")
+TRAINABLE_MODES = ("full", "ttt", "ttt+attn", "lora")  # set_trainable's modes
 ATTENTION_WINDOWS = ("segment", "full")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
 
@@ -91,13 +95,8 @@ class CogVideoXTTTBlock(CogVideoXBlock):
 
         # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
         if self.ttt is not None:
-            # context parallel: the scan runs over every rank's tokens (models/context_parallel.py)
-            ttt_forward, ttt_reverse = (layout.ttt_callables(self.ttt) if isinstance(layout, ShardLayout)
-                                        else (self.ttt, self.ttt))
-            x = self._gated_ttt(ttt_forward, x, n_text, layout.forward_order, layout.forward_inverse,
-                                layout.forward_rope, token_mask, self.gate_forward_text, self.gate_forward_video)
-            x = self._gated_ttt(ttt_reverse, x, n_text, layout.reverse_order, layout.reverse_inverse,
-                                layout.reverse_rope, token_mask, self.gate_reverse_text, self.gate_reverse_video)
+            x = self._gated_ttt(x, layout.forward, token_mask, self.gate_forward_text, self.gate_forward_video)
+            x = self._gated_ttt(x, layout.reverse, token_mask, self.gate_reverse_text, self.gate_reverse_video)
 
         hidden_states = hidden_states + gate_msa * x[:, n_text:]
         encoder_hidden_states = encoder_hidden_states + enc_gate_msa * x[:, :n_text]
@@ -109,14 +108,17 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff_output[:, :n_text]
         return hidden_states, encoder_hidden_states
 
-    def _gated_ttt(self, ttt, x, n_text, order, inverse, rope, token_mask, gate_text, gate_video):
-        """x + tanh(gate) * ttt(x in `order`), back in canonical order. x: (B, N, W)."""
-        mask = None if token_mask is None else token_mask.index_select(1, order)
+    def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, token_mask: torch.Tensor | None,
+                   gate_text: torch.Tensor, gate_video: torch.Tensor) -> torch.Tensor:
+        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N).
+        Under context parallelism x is the rank's part and `order.exchange` spreads the scan over the ranks."""
+        mask = None if token_mask is None else order.gather(token_mask)
         if self.checkpoint_ttt and torch.is_grad_enabled():
-            y = checkpoint(ttt, x.index_select(1, order), mask, rope, use_reentrant=False)
+            y = checkpoint(self.ttt, order.gather(x), mask, order.rope, use_reentrant=False, exchange=order.exchange)
         else:
-            y = ttt(x.index_select(1, order), mask, rope)
-        y = y.index_select(1, inverse)
+            y = self.ttt(order.gather(x), mask, order.rope, exchange=order.exchange)
+        y = order.scatter(y)
+        n_text = order.num_text
         return torch.cat([x[:, :n_text] + torch.tanh(gate_text) * y[:, :n_text],
                           x[:, n_text:] + torch.tanh(gate_video) * y[:, n_text:]], dim=1)
 
@@ -303,8 +305,6 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         return [n for n, _ in self.named_parameters()
                 if ".ttt." in n or ".gate_forward_" in n or ".gate_reverse_" in n or n == "scene_embedding"]
 
-    ttt_parameter_names = added_parameter_names
-
     def no_weight_decay_names(self) -> list[str]:
         """Biases, norms, gates, the scene embedding and the TTT LN affine / inner biases: trained without decay."""
         inner_biases = (".ttt.b1", ".ttt.b2", ".ttt.b", ".ttt.ln_weight", ".ttt.ln_bias", ".ttt.lr_bias")
@@ -339,9 +339,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         """Write the added weights (safetensors) with the TTT config in the metadata; atomic (temp + rename)."""
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
                    if n in set(self.added_parameter_names())}
-        tmp = f"{os.fspath(path)}.tmp"
-        save_file(tensors, tmp, metadata={"ttt_config": json.dumps(self.ttt_config())})
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata={"ttt_config": json.dumps(self.ttt_config())})
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Read the added weights written by `save_adapter`; every added weight must be present and fit."""
@@ -453,3 +452,10 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+
+def ttt_config_fields() -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of every TTT argument, read from the model's signature: the one source of the TTT
+    config (pipeline.training.config.TTTConfig is built from it)."""
+    params = inspect.signature(CogVideoXTTTTransformer3DModel.__init__, eval_str=True).parameters
+    return [(key, params[key].annotation, params[key].default) for key in TTT_CONFIG_KEYS]

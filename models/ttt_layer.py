@@ -1,6 +1,6 @@
 """The TTT layer: projections, per-head norms, RoPE and the learned inner learning rate around the TTT op.
 
-Design: shared/DESIGN.md, "The TTT layer". x (B, L, width) → wq/wk/wv → heads → L2-normalised q, k → 3-D RoPE
+Design: docs/design.md, "The TTT layer". x (B, L, width) → wq/wk/wv → heads → L2-normalised q, k → 3-D RoPE
 (given as tables; identity on text) → target v' = LN_h(v - k) + k → eta = base_lr * sigmoid(x . w_h + b_h) /
 (head_dim * m), 0 on masked tokens → TTT op → post-LayerNorm → wo.
 """
@@ -62,7 +62,7 @@ class TTTLayer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Init of DESIGN.md: weights ~ N(0, 0.02), biases 0, LN affine (1, 0)."""
+        """Init of docs/design.md: weights ~ N(0, 0.02), biases 0, LN affine (1, 0)."""
         for name, p in self.named_parameters(recurse=False):
             if name == "ln_weight":
                 nn.init.ones_(p)

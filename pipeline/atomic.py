@@ -3,26 +3,38 @@ folder first and is then renamed into place (a rename within one file system is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file under a temporary name in the same folder, then rename it over `path`."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path in `path`'s folder for a writer that needs a file name (a video muxer, save_file,
+    savefig): renamed over `path` (as an ordinary 0o644 file) when the block ends, removed if it raises.
+    `suffix` ends the temporary name, for writers that read the format from it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the file it replaces was an ordinary one
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a UTF-8 text file under a temporary name in the same folder, then rename it over `path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def save_pretrained_atomically(obj, out: str | os.PathLike) -> Path:

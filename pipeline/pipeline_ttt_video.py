@@ -1,4 +1,4 @@
-"""TTTVideoPipeline: a storyboard of n 3-second segments → one video, denoised jointly (shared/DESIGN.md).
+"""TTTVideoPipeline: a storyboard of n 3-second segments → one video, denoised jointly (docs/design.md).
 
 Follows diffusers' CogVideoXPipeline (pipelines/cogvideo/pipeline_cogvideox.py): the same components, prompt
 handling, latents, schedulers (DDIM and DPM), classifier-free guidance (constant or CogVideoX's dynamic schedule)

@@ -1,4 +1,4 @@
-"""Storyboards: ordered 3-second segments of text, grouped into scenes (shared/DESIGN.md, "What the system does").
+"""Storyboards: ordered 3-second segments of text, grouped into scenes (docs/design.md, "What the system does").
 
 Three file formats are read:
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .atomic import atomic_write_text
 
 SEGMENT_SECONDS = 3.0
 DEFAULT_MAX_SEGMENTS = 21  # 63 s, the longest stage of the training recipe
@@ -122,17 +123,7 @@ class Storyboard:
         else:
             raise StoryboardError([f"{path}: unknown storyboard suffix {path.suffix!r}; expected .json, .yaml, "
                                    ".yml or .txt"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.chmod(tmp, 0o644)  # mkstemp makes it private; a storyboard is an ordinary file
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        return path
+        return atomic_write_text(path, text)
 
     def validate(self, max_segments: int | None = DEFAULT_MAX_SEGMENTS) -> Storyboard:
         """Checks texts, types and the segment count (1 .. max_segments; None: no maximum). Returns self."""

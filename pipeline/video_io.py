@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import torch
+
+from .atomic import atomic_path
 
 
 def to_uint8_frames(frames) -> np.ndarray:
@@ -45,22 +46,13 @@ def write_video(frames, path: str | os.PathLike, fps: float, crf: int = 18) -> P
     if fps <= 0:
         raise ValueError(f"fps: expected a positive number, got {fps}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".mp4.tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a video is an ordinary output file
-        with av.open(tmp, mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_path(path, suffix=".mp4.tmp") as tmp, av.open(os.fspath(tmp), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
     return path
 
 

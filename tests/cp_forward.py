@@ -105,7 +105,8 @@ def main() -> None:
         if dist.get_rank() == 0:
             print(f"cp ok: {case} on dp x cp = {mesh['dp'].size()} x {cp}: segments per rank "
                   f"{[len(s) for s in _split(n, cp)]}, "
-                  f"tokens per rank {list(shards.chunk_lengths)}, output and {len(ref_grads)} gradients agree "
+                  f"tokens per rank {list(shards.forward.exchange.chunk_lengths)}, output and {len(ref_grads)} "
+                  f"gradients agree "
                   f"(max output diff {(out - ref_out).abs().max().item():.2e})", flush=True)
     dist.barrier()
     dist.destroy_process_group()

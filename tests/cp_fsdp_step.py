@@ -25,9 +25,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from fsdp_step import wrap_classes  # noqa: E402
-from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_scheduler, tiny_transformer  # noqa: E402
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer  # noqa: E402
 
 from models import CogVideoXTTTTransformer3DModel  # noqa: E402
+from pipeline.schedulers import make_scheduler  # noqa: E402
 from pipeline.training.config import OptimConfig  # noqa: E402
 from pipeline.training.loss import diffusion_loss  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
@@ -63,7 +64,7 @@ def main() -> None:
 
     optim = OptimConfig(lr=1e-3, ttt_lr=1e-2, weight_decay=0.1)
     optimizer = build_optimizer(model, optim)
-    scheduler = tiny_scheduler()
+    scheduler = make_scheduler("ddim")
     data = sample()
     loss = diffusion_loss(model, scheduler, data).mean()
     (loss * world).backward()  # FSDP averages over its ranks: each holds a share of this one sample's gradient

@@ -2,7 +2,8 @@
 
 Used by every kernel test module (torch and Triton backends): named cases with awkward sizes, a random input
 builder, a relative error measure, and one check that compares output, final state and every gradient of a
-backend with the float64 reference (`kernels/*/naive.py`).
+backend with the float64 reference (`kernels/*/naive.py`). The naive reference itself is anchored to
+`contract_reference`, the op contract written out here again without any code from kernels/.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 OPS = ("ttt_mlp", "ttt_linear")
 REFERENCE = "reference"  # run_op backend name for the naive functions called directly, bypassing dispatch
+CONTRACT = "contract"  # run_op backend name for `contract_reference`
 STATE_NAMES = {"ttt_mlp": ("w1", "b1", "w2", "b2"), "ttt_linear": ("w", "b")}
 
 
@@ -156,8 +158,61 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / denom
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _inner_model(op_name: str, x: torch.Tensor, state: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """f_W(x) for x (M, D) and one head's state: (w1 (D, F), b1 (F,), w2 (F, D), b2 (D,)) or (w (D, D), b (D,))."""
+    if op_name == "ttt_mlp":
+        w1, b1, w2, b2 = state
+        return _gelu_tanh(x @ w1 + b1) @ w2 + b2
+    w, b = state
+    return x @ w + b
+
+
+def contract_reference(inputs: OpInputs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The TTT op contract written out one sample and one head at a time, sharing no code with kernels/.
+
+    Per mini-batch t: W_t = W_{t-1} - grad_W sum_i eta_i 1/2 ||LN(f_W(k_i)) - (v_i - k_i)||^2 at W_{t-1}, by
+    torch.autograd.grad (with create_graph, so the result stays differentiable), then out_j = q_j + LN(f_{W_t}(q_j)).
+    LN is torch's layer_norm (eps 1e-6) with the head's affine. Computes in the inputs' dtype (use float64).
+    Returns out (B, H, L, D) and the final state with a leading B, like the op with return_state.
+    """
+    B, H, L, D = inputs.q.shape
+    m = inputs.mini_batch_size
+    state = inputs.initial_state if inputs.initial_state is not None else inputs.weights
+    per_sample = state[-1].dim() == 3  # the last bias: (H, D) shared or (B, H, D) per sample
+    outs, finals = [], []
+    for b in range(B):
+        for h in range(H):
+            weights = tuple(s[b, h] if per_sample else s[h] for s in state)
+            weights = tuple(w if w.requires_grad else w.detach().requires_grad_() for w in weights)
+
+            def ln(x: torch.Tensor, h: int = h) -> torch.Tensor:
+                return torch.nn.functional.layer_norm(x, (D,), inputs.ln_weight[h], inputs.ln_bias[h], eps=1e-6)
+
+            rows = []
+            for start in range(0, L, m):
+                t = slice(start, start + m)  # the last mini-batch may be shorter
+                q, k, v, eta = inputs.q[b, h, t], inputs.k[b, h, t], inputs.v[b, h, t], inputs.eta[b, h, t]
+                losses = 0.5 * (ln(_inner_model(inputs.op_name, k, weights)) - (v - k)).square().sum(dim=-1)
+                grads = torch.autograd.grad((eta * losses).sum(), weights, create_graph=True)
+                weights = tuple(w - g for w, g in zip(weights, grads))
+                rows.append(q + ln(_inner_model(inputs.op_name, q, weights)))
+            outs.append(torch.cat(rows))
+            finals.append(weights)
+    out = torch.stack(outs).unflatten(0, (B, H))
+    final = tuple(torch.stack([w[i] for w in finals]).unflatten(0, (B, H)) for i in range(len(state)))
+    return out, final
+
+
 def run_op(backend: str, inputs: OpInputs, return_state: bool = True, **extra):
-    """Calls the op: the naive reference for backend REFERENCE, else the public API with that backend."""
+    """Calls the op: `contract_reference` for backend CONTRACT, the naive reference for REFERENCE, else the public
+    API with that backend."""
+    if backend == CONTRACT:
+        out, state = contract_reference(inputs)
+        return (out, state) if return_state else out
     args = (inputs.q, inputs.k, inputs.v, inputs.eta, *inputs.weights, inputs.ln_weight, inputs.ln_bias)
     kwargs = dict(mini_batch_size=inputs.mini_batch_size, initial_state=inputs.initial_state,
                   return_state=return_state)
@@ -190,8 +245,9 @@ def forward_backward(backend: str, inputs: OpInputs, seed: int = 1, **extra):
 
 
 def check_backend_against_reference(op_name: str, backend: str, case: Case, dtype: torch.dtype, tol: float, *,
-                                    device: str | torch.device = "cpu", seed: int = 0) -> dict[str, float]:
-    """Asserts that `backend` matches the float64 naive reference within relative error `tol`.
+                                    device: str | torch.device = "cpu", seed: int = 0,
+                                    reference: str = REFERENCE) -> dict[str, float]:
+    """Asserts that `backend` matches the float64 `reference` (the naive one unless told) within relative error `tol`.
 
     Compares the output, every final-state tensor and the gradient of every input (q, k, v, eta, the weights or
     the initial state, ln_weight, ln_bias), and that all of them are finite. The reference runs on the very
@@ -201,7 +257,7 @@ def check_backend_against_reference(op_name: str, backend: str, case: Case, dtyp
     test_in = base.cast(dtype)
     ref_in = test_in.cast(torch.float64)
     out, state, grads = forward_backward(backend, test_in)
-    ref_out, ref_state, ref_grads = forward_backward(REFERENCE, ref_in)
+    ref_out, ref_state, ref_grads = forward_backward(reference, ref_in)
 
     assert out.dtype == dtype, f"out dtype {out.dtype}, expected the input dtype {dtype}"
     want_state_dtype = torch.float64 if dtype == torch.float64 else torch.float32

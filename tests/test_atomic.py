@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.atomic import atomic_write_text, copy_dir_atomically, save_pretrained_atomically
+from pipeline.atomic import atomic_path, atomic_write_text, copy_dir_atomically, save_pretrained_atomically
 
 
 class _Saver:
@@ -43,3 +43,17 @@ def test_copy_and_text_write(tmp_path):
     path = atomic_write_text(tmp_path / "t" / "note.txt", "hello\n")
     assert path.read_text() == "hello\n" and oct(path.stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in path.parent.iterdir()] == ["note.txt"]
+
+
+def test_atomic_path_renames_on_success_and_removes_on_failure(tmp_path):
+    out = tmp_path / "sub" / "video.mp4"
+    with atomic_path(out, suffix=".mp4.tmp") as tmp:
+        assert tmp.parent == out.parent and tmp.name.endswith(".mp4.tmp") and not out.exists()
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new" and oct(out.stat().st_mode & 0o777) == "0o644"
+    with pytest.raises(RuntimeError, match="encoder died"):
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("encoder died")
+    assert out.read_bytes() == b"new"  # the old file is kept
+    assert [p.name for p in out.parent.iterdir()] == ["video.mp4"]  # and no temporary is left

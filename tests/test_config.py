@@ -101,7 +101,7 @@ def test_shipped_configs_load(path):
 
 
 def test_recipe_stages():
-    """The paper's curriculum (DESIGN.md, "Training recipe") in the shipped CogVideoX-5B configs."""
+    """The paper's curriculum (docs/training.md, "The curriculum") in the shipped CogVideoX-5B configs."""
     stages = {"3s": (1, "full", 5000, 100), "9s": (3, "ttt+attn", 5000, 100), "18s": (6, "ttt+attn", 1000, 50),
               "30s": (10, "ttt+attn", 500, 50), "63s": (21, "ttt+attn", 250, 25)}
     for ttt_type in ("mlp", "linear"):

@@ -88,12 +88,13 @@ def test_rank_chunks_tile_both_ttt_orders(n, world, overlap):
         return torch.where(local < text, local + shard.segments.start * lt,
                            n * lt + shard.frames.start * hw + (local - text))
 
-    forward = torch.cat([to_global(s, s.forward_order) for s in shards])
-    reverse = torch.cat([to_global(s, s.reverse_order) for s in shards[::-1]])
-    assert torch.equal(forward, layout.forward_order) and torch.equal(reverse, layout.reverse_order)
+    forward = torch.cat([to_global(s, s.forward.index) for s in shards])
+    reverse = torch.cat([to_global(s, s.reverse.index) for s in shards[::-1]])
+    assert torch.equal(forward, layout.forward.index) and torch.equal(reverse, layout.reverse.index)
     for s in shards:
-        assert torch.equal(s.forward_order[s.forward_inverse], torch.arange(len(s.forward_order)))
-        assert s.chunk_lengths[s.rank] == len(s.forward_order)
+        assert torch.equal(s.forward.index[s.forward.inverse], torch.arange(len(s.forward.index)))
+        assert s.forward.exchange.chunk_lengths[s.rank] == len(s.forward.index) == len(s.reverse.index)
+        assert not s.forward.exchange.reverse and s.reverse.exchange.reverse
         # the rank's rows of the whole window table, seen through the local [halo, own frames] video
         local = s.window_tokens.view(s.num_segments, -1).flatten()[s.window_valid] // hw - overlap
         whole = layout.window_tokens.view(n, -1)[s.segments.start:s.segments.stop].flatten()

@@ -1,4 +1,5 @@
-"""The TTT ops' public API and torch backend against the plain-autograd reference (kernels/*/naive.py).
+"""The TTT ops' public API and torch backend against the plain-autograd reference (kernels/*/naive.py), and that
+reference against the op contract written out again in the tests (kernel_testing.contract_reference).
 
 Output, final state and every gradient in float64; the contract's properties (eta = 0 tokens do not update,
 a sequence split in two calls with the state carried equals one call, low-precision inputs); activation
@@ -14,6 +15,7 @@ import torch
 from kernel_testing import (
     CASE_IDS,
     CASES,
+    CONTRACT,
     OPS,
     STATE_NAMES,
     Case,
@@ -42,6 +44,13 @@ def test_torch_backend_matches_reference_float32(op_name):
 @pytest.mark.parametrize("op_name", OPS)
 def test_naive_backend_is_the_reference(op_name):
     check_backend_against_reference(op_name, "naive", CASES[0], torch.float64, tol=0.0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("op_name", OPS)
+def test_naive_backend_follows_the_contract_written_out(op_name, case):
+    """The reference every backend is held to is itself held to the contract, written again in the test."""
+    check_backend_against_reference(op_name, "naive", case, torch.float64, tol=1e-11, reference=CONTRACT)
 
 
 @pytest.mark.gpu

@@ -1,10 +1,10 @@
-"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (DESIGN.md, "One transformer block with TTT")."""
+"""The TTT-augmented CogVideoX against stock diffusers CogVideoX (docs/design.md, "One transformer block with TTT")."""
 
 import copy
 
 import pytest
 import torch
-from diffusers.models.embeddings import get_3d_rotary_pos_embed
+from diffusers.models.embeddings import get_1d_rotary_pos_embed, get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 from peft import LoraConfig
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer, tiny_transformer_config
@@ -94,10 +94,9 @@ def test_layout_maps(overlap):
     n, text_len, hw = 3, 4, GRID * GRID
     layout = segment_layout(n, FRAMES_FIRST, FRAMES_PER_SEGMENT, overlap, text_len, (GRID, GRID), (GRID, GRID), 16, 16)
     total = n * text_len + layout.num_frames * hw
-    for order, inverse in [(layout.forward_order, layout.forward_inverse),
-                           (layout.reverse_order, layout.reverse_inverse)]:
-        assert torch.equal(order[inverse], torch.arange(total))
-        assert torch.equal(inverse[order], torch.arange(total))
+    for order in (layout.forward, layout.reverse):
+        assert torch.equal(order.index[order.inverse], torch.arange(total))
+        assert torch.equal(order.inverse[order.index], torch.arange(total))
     # forward: text_i then the frames of segment i in order; reverse: text_n first, frames reversed, raster kept
     def tokens(i: int, frames) -> list[int]:  # text of segment i, then the given frames in raster order
         video = [n * text_len + f * hw + j for f in frames for j in range(hw)]
@@ -106,10 +105,66 @@ def test_layout_maps(overlap):
     segments = [range(s.start, s.stop) for s in segment_frames(n)]
     expected_forward = [x for i in range(n) for x in tokens(i, segments[i])]
     expected_reverse = [x for i in reversed(range(n)) for x in tokens(i, reversed(segments[i]))]
-    assert layout.forward_order.tolist() == expected_forward
-    assert layout.reverse_order.tolist() == expected_reverse
+    assert layout.forward.index.tolist() == expected_forward
+    assert layout.reverse.index.tolist() == expected_reverse
     x = torch.randn(2, layout.num_frames * hw, 3)
     torch.testing.assert_close(layout.from_windows(layout.to_windows(x)), x)
+
+
+def rope_at(frame: int, y: int, x: int, head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) each (head_dim,) of one video token: diffusers' 1-D RoPE at its global frame, row and column, on
+    D/4, 3D/8 and 3D/8 channels (the split of get_3d_rotary_pos_embed)."""
+    parts = [get_1d_rotary_pos_embed(dim, torch.tensor([float(pos)]), use_real=True)
+             for dim, pos in ((head_dim // 4, frame), (head_dim // 8 * 3, y), (head_dim // 8 * 3, x))]
+    return torch.cat([cos[0] for cos, _ in parts]), torch.cat([sin[0] for _, sin in parts])
+
+
+def test_ttt_rope_is_global_frames_in_forward_and_reverse_order():
+    """Every token of the TTT orders gets the RoPE of its global latent frame (not its place in a window or in the
+    order), text tokens none; frames written out: 3 segments of 3, 2, 2 latent frames on a 2 x 3 grid."""
+    text_len, (h, w) = 2, (2, 3)
+    layout = segment_layout(3, 3, 2, 1, text_len, (h, w), (h, w), None, 16)
+    forward = [[0, 1, 2], [3, 4], [5, 6]]  # the frames of segments 1, 2, 3
+    reverse = [[6, 5], [4, 3], [2, 1, 0]]  # segments 3, 2, 1, frames reversed
+    text = (torch.ones(16), torch.zeros(16))  # the identity rotation
+    for order, (cos, sin) in ((forward, layout.forward_rope), (reverse, layout.reverse_rope)):
+        # each segment's text, then its frames in raster order
+        rows = [row for frames in order
+                for row in [text] * text_len + [rope_at(f, y, x) for f in frames for y in range(h) for x in range(w)]]
+        torch.testing.assert_close(cos, torch.stack([c for c, _ in rows]))
+        torch.testing.assert_close(sin, torch.stack([s for _, s in rows]))
+
+
+@pytest.mark.parametrize("overlap, frame_values", [
+    # value 100 * sample + 10 * window + slot + 1 (sample 0 here); windows hold frames [0, 1, 2], [2, 3, 4], [4, 5, 6]
+    (1, [1, 2, (3 + 11) / 2, 12, (13 + 21) / 2, 22, 23]),
+    (0, [1, 2, 3, 11, 12, 21, 22]),  # [0, 1, 2], [3, 4, pad], [5, 6, pad]
+])
+def test_overlap_frame_averages_the_two_windows_that_hold_it(base, overlap, frame_values):
+    """The block's attention output, hand-built per window and slot, reaches the TTT layer in canonical frames: the
+    last frame of segment i-1 is the average of its slot in window i-1 and slot 0 of window i."""
+    model = ttt_model(base, overlap_frames=overlap)
+    block, n, batch = model.transformer_blocks[0], 3, 2
+    hw = GRID * GRID
+
+    def hand_built(module, args, kwargs, out):
+        video, text = out  # (B*n, Fw*hw, W): row b*n + i is window i of sample b
+        row = torch.arange(video.shape[0])[:, None, None]
+        slot = torch.arange(video.shape[1])[None, :, None] // hw
+        return (100 * (row // n) + 10 * (row % n) + slot + 1).to(video.dtype).expand_as(video), torch.zeros_like(text)
+
+    seen = []
+    block.attn1.register_forward_hook(hand_built, with_kwargs=True)
+    block.ttt.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    latents, text, t = inputs(n, batch=batch)
+    with torch.no_grad():
+        model(latents, text, t)
+    layout = model.segment_layout(n, 4, 4, "cpu")
+    canonical = seen[0].index_select(1, layout.forward_inverse)  # the first TTT call sees the attention output
+    video = canonical[:, n * TEXT_LEN:].unflatten(1, (len(frame_values), hw))  # (B, T, hw, W)
+    expected = torch.tensor(frame_values)[None, :] + 100 * torch.arange(batch)[:, None]  # (B, T)
+    expected = expected[:, :, None, None].to(video.dtype).expand_as(video)
+    torch.testing.assert_close(video, expected)
 
 
 def test_save_load_round_trip(base, tmp_path):

@@ -20,8 +20,8 @@ from pipeline.toyworld import (
     summarize,
 )
 from pipeline.toyworld.cli import main
-from pipeline.toyworld.metrics import _blobs, _drop_rims, classify_backdrop, label_pixels
 from pipeline.toyworld.render import _STAR, _TRIANGLE, backdrop_frames, coverage, shape_sdf
+from pipeline.toyworld.tracking import classify_backdrop, drop_rims, find_blobs, label_pixels
 from pipeline.toyworld.world import (
     BACKDROP_COLORS,
     COLORS,
@@ -146,7 +146,7 @@ def test_pixel_labels_and_blob_statistics_match_plain_loops():
         centre = (frames[f, i, j] // 4) * 4 + 1.5  # the table is built on 6-bit colour bins
         d = np.sqrt(((palette - centre) ** 2).sum(1))
         assert labels[f, i, j] == (d.argmin() if d.min() < 60.0 else -1)
-    blobs = _blobs(labels)
+    blobs = find_blobs(labels)
     for f in range(3):
         for c in range(len(palette)):
             ys, xs = np.nonzero(labels[f] == c)
@@ -162,7 +162,7 @@ def test_rims_between_colours_and_lone_pixels_are_dropped():
     labels[0, 2:9, 2:9] = 1  # a rim of another colour around a character
     labels[0, 3:8, 3:8] = 2
     labels[0, 10, 10] = 4  # a lone pixel
-    cleaned = _drop_rims(labels)[0]
+    cleaned = drop_rims(labels)[0]
     assert np.all(cleaned[4:7, 4:7] == 2) and not np.any(cleaned == 4)
     assert np.count_nonzero(cleaned == 1) < np.count_nonzero(labels[0] == 1) // 2
 

@@ -137,31 +137,44 @@ def test_8bit_adamw_needs_bitsandbytes(base):
         assert type(build_optimizer(model, cfg.optim)).__name__ == "AdamW8bit"
 
 
-def test_ema_weights_swap_in_and_out_and_are_checkpointed(base, tmp_path):
-    cfg, model, _ = build(base, "train.trainable=ttt", f"output_dir={tmp_path}")
+def test_ema_follows_its_decay_schedule_swaps_in_and_out_and_is_checkpointed(base, tmp_path):
+    """The EMA as train.py builds it (EMAModel(trainable, decay=train.ema_decay), one step per optimizer step) against
+    an EMA computed by hand: diffusers' schedule copies the weights at step 1, then decays by min(decay, s / (s + 9))
+    at step s, so several steps with a small decay exercise both the warm-up and the cap."""
+    cfg, model, _ = build(base, "train.trainable=ttt", "train.ema=true", "train.ema_decay=0.3",
+                          f"output_dir={tmp_path}")
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMAModel(params, decay=0.5)
+    ema = EMAModel(params, decay=cfg.train.ema_decay)
     accelerator.register_for_checkpointing(ema)
+    generator = torch.Generator().manual_seed(0)
+    expected = None
+    for s in range(1, 6):
+        with torch.no_grad():  # a stand-in optimizer step
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=generator))
+        ema.step(params)
+        decay = 0.0 if s == 1 else min(0.3, s / (s + 9))  # 0, 2/11, 3/12, then the cap 0.3 (4/13 > 0.3)
+        current = [p.detach().clone() for p in params]
+        expected = current if expected is None else [decay * e + (1 - decay) * c for e, c in zip(expected, current)]
+    for shadow, e, p in zip(ema.shadow_params, expected, params):
+        torch.testing.assert_close(shadow, e, rtol=1e-6, atol=1e-6)
+        assert (shadow - p).abs().max() > 0.1  # so the swap below can tell the EMA from the weights
+
     raw = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p in params:
-            p.add_(1.0)
-    ema.step(params)  # shadow = 0.5 raw + 0.5 (raw + 1) = raw + 0.5 (decay warms up from 0.5)
-    shadow = [s.clone() for s in ema.shadow_params]
     with ema_weights(ema, params):
-        for p, s in zip(params, shadow):
-            assert torch.equal(p, s)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p, e, rtol=1e-6, atol=1e-6)
     for p, r in zip(params, raw):
-        assert torch.equal(p, r + 1.0)  # restored
+        assert torch.equal(p, r)  # restored
     checkpointer = Checkpointer(accelerator, cfg, model)
     checkpointer.save(1)
-    for s in ema.shadow_params:
-        s.zero_()
+    for shadow in ema.shadow_params:
+        shadow.zero_()
     checkpointer.load("1")
-    for s, expected in zip(ema.shadow_params, shadow):
-        assert torch.equal(s, expected)
+    for shadow, e in zip(ema.shadow_params, expected):
+        torch.testing.assert_close(shadow, e, rtol=1e-6, atol=1e-6)
 
 
 def test_warmup_then_cosine_to_min_lr(base):
@@ -205,7 +218,7 @@ def test_steps_lower_the_loss_and_train_only_the_chosen_parameters(base, trainab
         final = diffusion_loss(model, scheduler, batch).mean().item()
     trajectory = losses + [final]
     assert all(b < a for a, b in zip(trajectory, trajectory[1:])) and final < 0.95 * losses[0], trajectory
-    ttt = set(model.ttt_parameter_names())
+    ttt = set(model.added_parameter_names())
     for name, p in model.named_parameters():
         moved = not torch.equal(p.detach(), before[name])
         chosen = name in ttt or (trainable == "lora" and "lora_" in name)
@@ -233,7 +246,7 @@ def test_checkpoints_rotate_store_trainable_only_and_restore(base, tmp_path):
     saved = checkpointer.path(3)
     with safe_open(str(saved / "model.safetensors"), framework="pt") as f:
         stored = set(f.keys())
-    assert stored == {n for n, p in model.named_parameters() if p.requires_grad} == set(model.ttt_parameter_names())
+    assert stored == {n for n, p in model.named_parameters() if p.requires_grad} == set(model.added_parameter_names())
     assert load_config(saved / "config.yaml") == cfg
     assert json.loads((saved / "trainer_state.json").read_text()) == {"step": 3}
 

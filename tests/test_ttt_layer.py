@@ -1,8 +1,12 @@
-"""The TTT layer (shared/DESIGN.md, "The TTT layer"): masking, RoPE, gradients, state carry."""
+"""The TTT layer (docs/design.md, "The TTT layer"): its assembly against a hand-written forward, masking, RoPE,
+gradients, state carry."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from kernels.ttt_linear.naive import ttt_linear_naive
+from kernels.ttt_mlp.naive import ttt_mlp_naive
 from models import TTTLayer
 from models.layout import segment_layout
 
@@ -18,8 +22,58 @@ def layer(ttt_type: str, seed: int = 0) -> TTTLayer:
 
 def rope_for(length: int):
     lay = segment_layout(2, 3, 2, 0, 4, (2, 2), (2, 2), None, 16)  # 28 tokens: text + video
-    cos, sin = lay.forward_rope
+    cos, sin = lay.forward.rope
     return cos[:length], sin[:length]
+
+
+def hand_written_forward(module: TTTLayer, x: torch.Tensor, mask: torch.Tensor, rope) -> torch.Tensor:
+    """The layer as the design states it, step by step, around the naive op. x (B, L, W); mask (B, L)."""
+    B, L, _ = x.shape
+    H, D, m = module.num_heads, module.head_dim, module.mini_batch_size
+    cos, sin = rope  # (L, D) each
+
+    def heads(linear: torch.nn.Linear) -> torch.Tensor:  # (B, H, L, D)
+        return (x @ linear.weight.T + linear.bias).reshape(B, L, H, D).transpose(1, 2)
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:  # RoPE on interleaved pairs (t0, t1) -> (t0, t1) e^{i theta}
+        pairs = t.unflatten(-1, (D // 2, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+        return t * cos + rotated * sin
+
+    def ln_h(t: torch.Tensor) -> torch.Tensor:  # per-head LayerNorm with the op's affine
+        return torch.stack([F.layer_norm(t[:, h], (D,), module.ln_weight[h], module.ln_bias[h], eps=1e-6)
+                            for h in range(H)], dim=1)
+
+    q, k, v = heads(module.wq), heads(module.wk), heads(module.wv)
+    q, k = rotate(q / q.norm(dim=-1, keepdim=True)), rotate(k / k.norm(dim=-1, keepdim=True))
+    target = ln_h(v - k) + k
+    base_lr = {"mlp": 0.1, "linear": 1.0}[module.ttt_type]
+    eta = base_lr * torch.sigmoid(x @ module.lr_weight.T + module.lr_bias) / (D * m) * mask[..., None]  # (B, L, H)
+    op = ttt_mlp_naive if module.ttt_type == "mlp" else ttt_linear_naive
+    out = op(q, k, target, eta.transpose(1, 2), *module.inner_weights, module.ln_weight, module.ln_bias,
+             mini_batch_size=m)
+    out = F.layer_norm(out.transpose(1, 2).reshape(B, L, H * D), (H * D,), module.post_norm.weight,
+                       module.post_norm.bias, eps=1e-6)
+    return out @ module.wo.weight.T + module.wo.bias
+
+
+@pytest.mark.parametrize("ttt_type", ["mlp", "linear"])
+def test_layer_assembles_the_design_around_the_op(ttt_type):
+    """L2 norm of q, k per head -> RoPE -> target LN_h(v - k) + k -> eta -> op -> post-norm -> wo, in float64 with
+    every parameter random (so that no term vanishes), masked tokens, text and video RoPE and a short last
+    mini-batch (28 tokens, m = 8). The layer rounds q, k and eta through float32 (RoPE, sigmoid): ~3e-7 apart."""
+    module = layer(ttt_type).double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+    x = torch.randn(2, 28, 24, generator=generator, dtype=torch.float64)
+    mask = torch.rand(2, 28, generator=generator) > 0.25
+    rope = rope_for(28)
+    with torch.no_grad():
+        expected = hand_written_forward(module, x, mask, tuple(t.double() for t in rope))
+        got = module(x, mask, rope)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("ttt_type", ["mlp", "linear"])

@@ -11,19 +11,15 @@ from __future__ import annotations
 import os
 
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+from pipeline.schedulers import make_scheduler
 
 TEXT_LEN = 8  # max_text_seq_length of the tiny transformer and the tokenizer budget
 LATENT_CHANNELS = 4
 HEIGHT = WIDTH = 32  # pixels; latents are 4 x 4
 FRAMES_FIRST, FRAMES_PER_SEGMENT = 3, 2  # latent frames of the first and of every later segment
-
-SCHEDULER_CONFIG = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, num_train_timesteps=1000,
-    prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=1.0,
-    steps_offset=0, timestep_spacing="trailing",
-)
 
 
 def minilm_dir() -> str:
@@ -68,13 +64,8 @@ def tiny_text_encoder(seed: int = 0):
     return tokenizer, T5EncoderModel(config).eval()
 
 
-def tiny_scheduler(kind: str = "ddim"):
-    cls = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}[kind]
-    return cls(**SCHEDULER_CONFIG)
-
-
 def tiny_components(seed: int = 0, scheduler: str = "ddim") -> dict:
     """tokenizer, text_encoder, vae, transformer (stock CogVideoX), scheduler — CogVideoXPipeline's components."""
     tokenizer, text_encoder = tiny_text_encoder(seed)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed), transformer=tiny_transformer(seed),
-                scheduler=tiny_scheduler(scheduler))
+                scheduler=make_scheduler(scheduler))

@@ -1,13 +1,13 @@
 """Plain-autograd reference of TTT-Linear: the spec that every fast backend is tested against.
 
-Design: shared/DESIGN.md, "The TTT op contract".
+Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..common import check_qkv_eta, compute_dtype, expand_state, inner_gradient_step, per_head_layer_norm
+from ..common import compute_dtype, expand_state, inner_gradient_step, per_head_layer_norm, qkv_shape
 
 
 def linear(x: torch.Tensor, w, b) -> torch.Tensor:
@@ -23,7 +23,7 @@ def ttt_linear_naive(q, k, v, eta, w, b, ln_weight, ln_bias, *, mini_batch_size=
     ln_weight, ln_bias (H, D); initial_state, if given, replaces (w, b).
     Returns out (B, H, L, D) in q's dtype and, with return_state, the final (w, b) (leading B, fp32).
     """
-    B, H, L, D = check_qkv_eta(q, k, v, eta)
+    B, H, L, D = qkv_shape(q, k, v, eta)
     dt = compute_dtype(q)
     state = expand_state(tuple(initial_state) if initial_state is not None else (w, b), B, (3, 2), dt)
     qf, kf, vf, etaf = q.to(dt), k.to(dt), v.to(dt), eta.to(dt)

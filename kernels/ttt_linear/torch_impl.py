@@ -1,14 +1,14 @@
 """TTT-Linear, torch backend: batched matmuls over (batch, head), a scan over mini-batches, a hand-written
 backward and activation checkpointing (kernels/torch_scan.py). Runs on any device torch supports.
 
-Design: shared/DESIGN.md, "The TTT op contract".
+Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..torch_scan import InnerLossGrad, State, Workspace, ln_backward, ln_forward, run_scan
+from ..torch_scan import InnerLossGrad, State, Workspace, ln_forward, readout_backward, run_scan
 
 
 class LinearStep:
@@ -39,15 +39,8 @@ class LinearStep:
         g_w, g_b = g_state
         N, R, D = x.shape
         g_z = ws("g_z", (N, R, D), x)
-        tmp = ws("tmp", (N, R, D), x)
-        g_lnw = x.new_zeros(N, D)
-        g_lnb = x.new_zeros(N, D)
+        g_lnw, g_lnb = readout_backward(g_yq, x_hat, rstd, lnw, g_z, tmp=ws("tmp", (N, R, D), x))
         g_eta = g_target = None
-        if nq:
-            g_lnw += torch.mul(g_yq, x_hat[:, :nq], out=tmp[:, :nq]).sum(1)
-            g_lnb += g_yq.sum(1)
-            g_zq = torch.mul(g_yq, lnw, out=g_z[:, :nq])
-            ln_backward(g_zq, x_hat[:, :nq], rstd[:, :nq], out=g_zq, tmp=tmp[:, :nq])
         if loss is not None:
             x_k = x[:, nq:]
             # the new state is W - dW with dW = k^T dz, db = sum dz: dW's cotangent is minus the new state's

@@ -1,6 +1,6 @@
 """TTT-Linear as fused Triton kernels: a forward and a hand-derived backward, one program per (batch, head).
 
-Design: shared/DESIGN.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
+Design: docs/design.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
 
 Per (batch, head) the fp32 state W (D, D), b (D,) stays in registers over the whole sequence. Mini-batch t
 takes rows [t M, t M + M) of Q, K, V (M, D) and eta (M,), T = V - K; rows past L are zeros with eta = 0 and

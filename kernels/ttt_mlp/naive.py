@@ -2,7 +2,7 @@
 
 Each mini-batch takes one explicit gradient step, computed by autograd on the inner loss, then reads out
 with the updated weights. Slow and memory-hungry on purpose: it states the maths, nothing else.
-Design: shared/DESIGN.md, "The TTT op contract".
+Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..common import check_qkv_eta, compute_dtype, expand_state, inner_gradient_step, per_head_layer_norm
+from ..common import compute_dtype, expand_state, inner_gradient_step, per_head_layer_norm, qkv_shape
 
 
 def mlp(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
@@ -27,7 +27,7 @@ def ttt_mlp_naive(q, k, v, eta, w1, b1, w2, b2, ln_weight, ln_bias, *, mini_batc
     with a leading B; ln_weight, ln_bias (H, D); initial_state, if given, replaces (w1, b1, w2, b2).
     Returns out (B, H, L, D) in q's dtype and, with return_state, the final (w1, b1, w2, b2) (leading B, fp32).
     """
-    B, H, L, D = check_qkv_eta(q, k, v, eta)
+    B, H, L, D = qkv_shape(q, k, v, eta)
     dt = compute_dtype(q)
     state = expand_state(tuple(initial_state) if initial_state is not None else (w1, b1, w2, b2), B, (3, 2, 3, 2), dt)
     qf, kf, vf, etaf = q.to(dt), k.to(dt), v.to(dt), eta.to(dt)

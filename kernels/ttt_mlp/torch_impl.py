@@ -1,7 +1,7 @@
 """TTT-MLP, torch backend: batched matmuls over (batch, head), a scan over mini-batches, a hand-written backward
 and activation checkpointing (kernels/torch_scan.py). Runs on any device torch supports.
 
-Design: shared/DESIGN.md, "The TTT op contract".
+Design: docs/design.md, "The TTT op contract".
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..torch_scan import InnerLossGrad, State, Workspace, ln_backward, ln_forward, run_scan
+from ..torch_scan import InnerLossGrad, State, Workspace, ln_forward, readout_backward, run_scan
 
 # gelu_tanh(z) = z * sigmoid(u) with u = 2 sqrt(2/pi) (z + 0.044715 z^3), since 0.5 (1 + tanh(w)) = sigmoid(2w);
 # torch's CPU sigmoid is several times faster than its tanh.
@@ -96,15 +96,8 @@ class MLPStep:
         F = w1.shape[-1]
         M = R - nq
         g_z2 = ws("g_z2", (N, R, D), x)
-        tmp = ws("tmp", (N, R, D), x)
-        g_lnw = x.new_zeros(N, D)
-        g_lnb = x.new_zeros(N, D)
+        g_lnw, g_lnb = readout_backward(g_yq, x_hat, rstd, lnw, g_z2, tmp=ws("tmp", (N, R, D), x))
         g_eta = g_target = None
-        if nq:
-            g_lnw += torch.mul(g_yq, x_hat[:, :nq], out=tmp[:, :nq]).sum(1)
-            g_lnb += g_yq.sum(1)
-            g_zq = torch.mul(g_yq, lnw, out=g_z2[:, :nq])
-            ln_backward(g_zq, x_hat[:, :nq], rstd[:, :nq], out=g_zq, tmp=tmp[:, :nq])
         if k_part is not None:
             loss, dx2, dz1 = k_part
             x_k, x2_k = x[:, nq:], x2[:, nq:]

@@ -1,6 +1,6 @@
 """TTT-MLP as fused Triton kernels: a forward and a hand-derived backward, one program per (batch, head).
 
-Design: shared/DESIGN.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
+Design: docs/design.md, "The TTT op contract"; docs/kernels.md, "Triton kernels".
 
 Per (batch, head) the fp32 state is W1 (D, F), b1 (F,), W2 (F, D), b2 (D,). At D = 64, F = 256 it does not fit
 on chip as whole tiles, so W1, b1, W2 live in a per-(batch, head) buffer in global memory (L2-resident) and are

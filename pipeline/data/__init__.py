@@ -18,11 +18,13 @@ from .format import (
     parse_record,
     read_manifest,
     read_metadata,
+    shape_fields,
     write_metadata,
 )
 
 __all__ = [
     "ITEMS_DIR", "MANIFEST_FILE", "METADATA_FILE", "NULL_FILE", "SEGMENT_SECONDS", "SHAPE_FIELDS", "DatasetError",
     "EpochSampler", "SegmentInfo", "SequenceDataset", "VideoRecord", "batch_stream", "check_manifest", "item_path",
-    "num_pixel_frames", "parse_record", "read_manifest", "read_metadata", "sample_seed", "write_metadata",
+    "num_pixel_frames", "parse_record", "read_manifest", "read_metadata", "sample_seed", "shape_fields",
+    "write_metadata",
 ]

@@ -136,6 +136,15 @@ def read_manifest(cache: str | os.PathLike) -> dict:
     return json.loads(path.read_text())
 
 
+def shape_fields(data, *, max_text_length: int, latent_frames_first: int, latent_frames_per_segment: int,
+                 latent_channels: int, text_embed_dim: int) -> dict:
+    """The manifest's SHAPE_FIELDS for `data` (a DataConfig: height, width, fps) and the model's sizes: what
+    precompute records in a cache and what training checks a cache against (`check_manifest`)."""
+    return {"height": data.height, "width": data.width, "fps": data.fps, "max_text_length": max_text_length,
+            "latent_frames_first": latent_frames_first, "latent_frames_per_segment": latent_frames_per_segment,
+            "latent_channels": latent_channels, "text_embed_dim": text_embed_dim}
+
+
 def check_manifest(manifest: dict, expected: dict, cache: str | os.PathLike) -> None:
     """Raise if the cache was made for other shapes than `expected` (keys from SHAPE_FIELDS)."""
     for key, want in expected.items():

@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 from ..text_encoding import encode_text
 from ..training.components import build_components, torch_dtype
 from ..training.config import Config, ConfigError, load_config
@@ -43,6 +43,7 @@ from .format import (
     num_pixel_frames,
     read_manifest,
     read_metadata,
+    shape_fields,
 )
 
 logger = logging.getLogger(__name__)
@@ -120,10 +121,10 @@ def make_manifest(cfg: Config, vae, text_embed_dim: int) -> dict:
     if frames % ratio:
         raise DatasetError(f"data.fps={cfg.data.fps} gives {frames} frames per segment, not a multiple of the VAE's "
                            f"temporal compression {ratio}")
-    return {"version": CACHE_VERSION, "model": cfg.model.pretrained, "height": cfg.data.height,
-            "width": cfg.data.width, "fps": cfg.data.fps, "max_text_length": cfg.data.max_text_length,
-            "latent_frames_first": frames // ratio + 1, "latent_frames_per_segment": frames // ratio,
-            "latent_channels": vae.config.latent_channels, "text_embed_dim": text_embed_dim,
+    shape = shape_fields(cfg.data, max_text_length=cfg.data.max_text_length, latent_frames_first=frames // ratio + 1,
+                         latent_frames_per_segment=frames // ratio, latent_channels=vae.config.latent_channels,
+                         text_embed_dim=text_embed_dim)
+    return {"version": CACHE_VERSION, "model": cfg.model.pretrained, **shape,
             "scaling_factor": vae.config.scaling_factor}
 
 
@@ -203,14 +204,8 @@ def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _json(data: dict) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import av
 
+from ..atomic import atomic_path
 from .format import SEGMENT_SECONDS, DatasetError, SegmentInfo, VideoRecord, write_metadata
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,7 @@ def cut_scenes(source: str | os.PathLike, out: str | os.PathLike, runs: list[tup
     rate and size (cropped by one pixel where a side is odd); written under a temporary name, then renamed."""
     rate, _ = probe(source)
     wanted = sorted(i for first, count, _ in runs for i in range(first, first + count))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_path(out, suffix=".mp4.tmp") as tmp:
         with av.open(os.fspath(source)) as src, av.open(os.fspath(tmp), mode="w", format="mp4") as dst:
             stream_in = src.streams.video[0]
             stream_out = dst.add_stream("libx264", rate=rate)
@@ -103,10 +101,6 @@ def cut_scenes(source: str | os.PathLike, out: str | os.PathLike, runs: list[tup
             dst.mux(stream_out.encode())
         if position != len(wanted):
             raise DatasetError(f"{source}: ended after {position} of the {len(wanted)} frames to keep")
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def prepare_scenes(raw_dir: str | os.PathLike, out_dir: str | os.PathLike, detector: str = "content",

@@ -25,6 +25,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..schedulers import SCHEDULERS
 from ..storyboard import (
     DEFAULT_MAX_SEGMENTS,
     SEGMENT_SECONDS,
@@ -45,7 +46,6 @@ from .editor import (
 from .worker import (
     KEEP_OUTPUTS,
     MAX_STEPS,
-    SAMPLERS,
     OutputFolders,
     Renderer,
     Settings,
@@ -123,7 +123,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                     dynamic_cfg = gr.Checkbox(False, label="Dynamic guidance (CogVideoX's schedule)")
                     seed = gr.Number(-1, precision=0, label="Seed", elem_id="seed",
                                      info="-1 picks a random seed; the one used is shown with the result.")
-                    sampler = gr.Radio(list(SAMPLERS), value=renderer.default_sampler, label="Sampler",
+                    sampler = gr.Radio(list(SCHEDULERS), value=renderer.default_sampler, label="Sampler",
                                        info="ddim: DDIM; dpm: CogVideoX's DPM-Solver++ (adds noise each step).")
             with gr.Column(scale=2):
                 with gr.Row():

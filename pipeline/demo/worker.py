@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
+from ..schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from ..storyboard import (
     Storyboard,
 )
@@ -29,7 +29,6 @@ from .editor import format_seconds
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = {"ddim": CogVideoXDDIMScheduler, "dpm": CogVideoXDPMScheduler}
 MAX_STEPS = 200
 MAX_SEED = 2**32 - 1
 PREVIEW_HEIGHT = 96  # pixels per preview frame
@@ -71,8 +70,8 @@ class Settings:
             problems.append(f"guidance: expected a number from 0 to 30, got {self.guidance!r}")
         if not is_whole(self.seed) or not -1 <= self.seed <= MAX_SEED:
             problems.append(f"seed: expected -1 (random) or a whole number from 0 to {MAX_SEED}, got {self.seed!r}")
-        if self.sampler not in SAMPLERS:
-            problems.append(f"sampler: expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampler not in SCHEDULERS:
+            problems.append(f"sampler: expected one of {', '.join(SCHEDULERS)}, got {self.sampler!r}")
         if problems:
             raise SettingsError(problems)
         return Settings(int(self.steps), float(self.guidance), bool(self.dynamic_cfg), int(self.seed), self.sampler)
@@ -163,11 +162,11 @@ class Renderer:
         self.pipe = pipe
         self.outputs = outputs
         self._lock = threading.Lock()
-        self._schedulers = {name: cls.from_config(pipe.scheduler.config) for name, cls in SAMPLERS.items()}
+        self._schedulers = {name: make_scheduler(name, pipe.scheduler.config) for name in SCHEDULERS}
 
     @property
     def default_sampler(self) -> str:
-        return "dpm" if isinstance(self.pipe.scheduler, CogVideoXDPMScheduler) else "ddim"
+        return scheduler_name(self.pipe.scheduler)
 
     def render(self, storyboard: Storyboard, settings: Settings,
                on_step: Callable[[int, np.ndarray | None], None] | None = None,

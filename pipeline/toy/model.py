@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKLCogVideoX,
-    CogVideoXDPMScheduler,
     CogVideoXPipeline,
     CogVideoXTransformer3DModel,
 )
@@ -39,17 +38,11 @@ from models.transformer_ttt import TTT_CONFIG_KEYS
 
 from ..atomic import copy_dir_atomically, save_pretrained_atomically
 from ..packaged_text_encoder import PackagedTextEncoder, package_dir
+from ..schedulers import make_scheduler
 from ..training.components import load_component, prepare_transformer, register_builder
 from ..training.config import Config, ConfigError, DataConfig, ModelConfig, TrainConfig, from_dict, load_config
 
 MAX_DEFAULT_MODEL_BYTES = 30 * 2**20
-
-# CogVideoX's noise schedule (v-prediction, scaled-linear betas, zero-SNR rescale), sampled with DPM-solver++
-SCHEDULER_CONFIG = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, num_train_timesteps=1000,
-    prediction_type="v_prediction", rescale_betas_zero_snr=True, set_alpha_to_one=True, snr_shift_scale=1.0,
-    steps_offset=0, timestep_spacing="trailing",
-)
 
 
 # sizes, read from the config's model.builder_args
@@ -168,7 +161,7 @@ def build_toy(model: ModelConfig, train: TrainConfig, parts, data: DataConfig | 
     if "text_encoder" in parts:
         out["text_encoder"] = text_encoder
     if "scheduler" in parts:
-        out["scheduler"] = CogVideoXDPMScheduler(**SCHEDULER_CONFIG)
+        out["scheduler"] = make_scheduler("dpm")  # CogVideoX's noise schedule, sampled with DPM-solver++
     if "vae" in parts or "transformer" in parts:
         vae = load_trained_vae(args.vae_dir)
         if "vae" in parts:

@@ -1,5 +1,6 @@
 """A synthetic storyboard world: generated multi-scene videos with named characters, and metrics that read them
-back (docs/toyworld.md).
+back: tracking.py finds the characters and backdrops in a video, checks.py scores them against the storyboard
+(docs/toyworld.md).
 
 Python API for benchmarks::
 
@@ -10,9 +11,9 @@ Python API for benchmarks::
     print(summarize([result])["identity_recall"])
 """
 
+from .checks import CHANCE, CharacterResult, SegmentResult, VideoResult, score_video, summarize
 from .corrupt import Corruption, corrupt
 from .dataset import generate, load_truth, metadata_line, score_folder, storyboard_dict
-from .metrics import CHANCE, CharacterResult, SegmentResult, VideoResult, score_video, summarize
 from .render import render_story
 from .report import format_table, plot_identity
 from .sampler import sample_story

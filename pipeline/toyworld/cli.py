@@ -23,8 +23,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
+    from .checks import summarize
     from .dataset import score_folder
-    from .metrics import summarize
     from .report import format_table, plot_identity
 
     results = score_folder(args.videos, args.storyboards)
@@ -34,9 +34,9 @@ def _score(args: argparse.Namespace) -> None:
     if args.plot:
         print(f"plot: {plot_identity({args.label: summary}, args.plot)}")
     if args.json:
-        from .dataset import write_text
+        from ..atomic import atomic_write_text
 
-        write_text(Path(args.json), json.dumps(_finite(summary), indent=1) + "\n")
+        atomic_write_text(Path(args.json), json.dumps(_finite(summary), indent=1) + "\n")
         print(f"summary: {args.json}")
 
 
@@ -69,9 +69,10 @@ def _finite(value):
 
 
 def _corrupt(args: argparse.Namespace) -> None:
+    from ..atomic import atomic_write_text
     from ..video_io import write_video
     from .corrupt import corrupt
-    from .dataset import load_truth, write_text
+    from .dataset import load_truth
     from .world import FPS
 
     data, out = Path(args.data), Path(args.out)
@@ -88,7 +89,7 @@ def _corrupt(args: argparse.Namespace) -> None:
             continue
         write_video(corruption.render(args.size), out / f"{story_id}.mp4", fps=FPS)
         shutil.copyfile(data / f"{story_id}.storyboard.json", out / f"{story_id}.storyboard.json")
-        write_text(out / f"{story_id}.corruption.json", json.dumps(
+        atomic_write_text(out / f"{story_id}.corruption.json", json.dumps(
             {"kind": corruption.kind, "check": corruption.check, "targets": corruption.targets}) + "\n")
         written += 1
     print(f"wrote {written} '{args.kind}' videos (of {len(truths)} stories) to {out}")

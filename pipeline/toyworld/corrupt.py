@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .metrics import VideoResult
+from .checks import VideoResult
 from .render import render_story
 from .world import (
     BACKDROP_COLORS,

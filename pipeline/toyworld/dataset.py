@@ -12,41 +12,44 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from ..atomic import atomic_write_text
+from ..data.format import SegmentInfo, VideoRecord, write_metadata
+from ..storyboard import Segment, Storyboard
 from ..video_io import read_video, write_video
-from .metrics import VideoResult, score_video
+from .checks import VideoResult, score_video
 from .render import render_story
 from .sampler import sample_story
 from .world import FPS, FRAMES_PER_SEGMENT, Story
 
 
+def story_storyboard(story: Story) -> Storyboard:
+    """The story as a project storyboard; every scene after the first opens with a cut."""
+    segments = [Segment(seg.text, scene_start=i > 0 and seg.scene_start) for i, seg in enumerate(story.segments)]
+    return Storyboard(segments, title=story.title)
+
+
 def storyboard_dict(story: Story) -> dict:
-    """The story's storyboard in the project's JSON format; every scene after the first opens with a cut."""
-    scenes: list[dict] = []
-    for segment in story.segments:
-        if segment.scene_start:
-            scenes.append({"segments": []})
-        scenes[-1]["segments"].append({"text": segment.text})
-    return {"title": story.title, "scenes": scenes}
+    """The story's storyboard in the project's JSON format (`Storyboard.to_dict`)."""
+    return story_storyboard(story).to_dict()
+
+
+def story_record(story: Story, video: str) -> VideoRecord:
+    """The story's record of metadata.jsonl (pipeline/data/: starts exactly 3 s apart): segment i starts at 3 i s,
+    the frame 24 i that its motion starts from (the previous segment's last frame, shared), and precompute encodes
+    frames 24 i ... 24 (i + 1) for it."""
+    return VideoRecord(video, FPS, tuple(
+        SegmentInfo(FRAMES_PER_SEGMENT * i / FPS, seg.text, i > 0 and seg.scene_start)
+        for i, seg in enumerate(story.segments)))
 
 
 def metadata_line(story: Story, video: str) -> dict:
-    """The story's line of metadata.jsonl in the project's format (pipeline/data/: starts exactly 3 s apart):
-    segment i starts at 3 i s, the frame 24 i that its motion starts from (the previous segment's last frame,
-    shared), and precompute encodes frames 24 i ... 24 (i + 1) for it."""
-    return {
-        "video": video,
-        "fps": FPS,
-        "segments": [
-            {"start": FRAMES_PER_SEGMENT * i / FPS, "text": seg.text, "scene_start": i > 0 and seg.scene_start}
-            for i, seg in enumerate(story.segments)
-        ],
-    }
+    """The story's line of metadata.jsonl in the project's format (`story_record` as JSON)."""
+    return story_record(story, video).to_json()
 
 
 def story_seed(seed: int, index: int) -> int:
@@ -54,25 +57,12 @@ def story_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def write_text(path: Path, text: str) -> None:
-    """Writes under a temporary name in the same folder, then renames: `path` is never half-written."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def write_story(out: Path, story_id: str, story: Story, frames: np.ndarray) -> dict:
-    """Writes one story's video, storyboard and ground truth into `out`; returns its metadata line."""
+def write_story(out: Path, story_id: str, story: Story, frames: np.ndarray) -> VideoRecord:
+    """Writes one story's video, storyboard and ground truth into `out`; returns its metadata record."""
     write_video(frames, out / f"{story_id}.mp4", fps=FPS)
-    write_text(out / f"{story_id}.storyboard.json", json.dumps(storyboard_dict(story), indent=1) + "\n")
-    write_text(out / f"{story_id}.truth.json", json.dumps(story.to_dict()) + "\n")
-    return metadata_line(story, f"{story_id}.mp4")
+    story_storyboard(story).save(out / f"{story_id}.storyboard.json")
+    atomic_write_text(out / f"{story_id}.truth.json", json.dumps(story.to_dict()) + "\n")
+    return story_record(story, f"{story_id}.mp4")
 
 
 def generate(out: str | os.PathLike, stories: int, min_segments: int = 1, max_segments: int = 21, seed: int = 0,
@@ -86,13 +76,11 @@ def generate(out: str | os.PathLike, stories: int, min_segments: int = 1, max_se
         raise ValueError(f"stories: expected at least 1, got {stories}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    lines = []
+    records = []
     for i in tqdm(range(stories), desc="stories", unit="story", disable=not progress):
         story = sample_story(story_seed(seed, i), min_segments, max_segments)
-        lines.append(write_story(out, f"story_{i:05d}", story, render_story(story, size)))
-    metadata = out / "metadata.jsonl"
-    write_text(metadata, "".join(json.dumps(line) + "\n" for line in lines))
-    return metadata
+        records.append(write_story(out, f"story_{i:05d}", story, render_story(story, size)))
+    return write_metadata(out, records)
 
 
 def find_storyboard(video: Path, storyboards: Path | None = None) -> Path:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
+
 _ROWS = (
     ("background", "backdrop colour and pattern, per segment"),
     ("background_recall", "backdrop after the scene's first segment"),
@@ -24,7 +26,7 @@ _ROWS = (
 
 
 def format_table(summary: dict) -> str:
-    """The summary from `metrics.summarize` as a fixed-width table (accuracy, count, chance, meaning)."""
+    """The summary from `checks.summarize` as a fixed-width table (accuracy, count, chance, meaning)."""
     lines = [f"{'check':<18}{'accuracy':>9}{'n':>8}{'chance':>8}  meaning", "-" * 80]
     for key, meaning in _ROWS:
         value, count = summary[key], summary["counts"][key]
@@ -70,11 +72,9 @@ def plot_identity(summaries: dict[str, dict], path: str | os.PathLike) -> Path:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -104,9 +104,7 @@ def plot_story(frames: np.ndarray, texts: list[str], path: str | os.PathLike, pe
                 ax.text(-4, frames.shape[1] / 2, str(i + 1), ha="right", va="center", fontsize=9)
         fig.text((per_segment + 0.15) / (per_segment + 4.6), 1 - (i + 0.5) / rows, textwrap.fill(text, 52),
                  va="center", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from models.transformer_ttt import TRAINABLE_MODES, ttt_config_fields
+
 from ..atomic import atomic_write_text
 
 
@@ -30,26 +32,12 @@ def _choice(default: Any, choices: tuple, **kwargs) -> Any:
     return field(default=default, metadata={"choices": choices}, **kwargs)
 
 
-@dataclass
-class TTTConfig:
-    """The TTT arguments of `CogVideoXTTTTransformer3DModel` (models/transformer_ttt.py, which validates them),
-    passed through verbatim when TTT is inserted into a base CogVideoX. None means the model's default for the TTT
-    type. ttt_backend, ttt_checkpoint_group and checkpoint_ttt may change from stage to stage; the others must
-    match a previous stage's transformer (`model.init_from`)."""
-
-    ttt_type: str = "mlp"
-    ttt_num_heads: int | None = None
-    ttt_head_dim: int | None = None
-    ttt_mini_batch_size: int | None = None
-    ttt_base_lr: float | None = None
-    ttt_backend: str = "auto"
-    ttt_checkpoint_group: int = 4
-    gate_init: float = 0.1
-    latent_frames_first: int = 13
-    latent_frames_per_segment: int = 12
-    overlap_frames: int = 1
-    checkpoint_ttt: bool = False
-    attention_window: str = "segment"
+TTTConfig = dataclasses.make_dataclass("TTTConfig", ttt_config_fields())
+TTTConfig.__module__ = __name__
+TTTConfig.__doc__ = """The TTT arguments of `CogVideoXTTTTransformer3DModel` (which validates them), with the model's
+own types and defaults, passed through verbatim when TTT is inserted into a base CogVideoX. None means the model's
+default for the TTT type. ttt_backend, ttt_checkpoint_group and checkpoint_ttt may change from stage to stage; the
+others must match a previous stage's transformer (`model.init_from`)."""
 
 
 @dataclass
@@ -104,7 +92,7 @@ class TrainConfig:
     steps: int = 5000
     global_batch_size: int = 64
     micro_batch_size: int = 1
-    trainable: str = _choice("full", ("full", "ttt", "ttt+attn", "lora"))
+    trainable: str = _choice("full", TRAINABLE_MODES)
     lora_rank: int = 64
     lora_alpha: float = 64.0
     mixed_precision: str = _choice("bf16", ("no", "fp16", "bf16"))

@@ -1,5 +1,5 @@
-"""AdamW with parameter groups and the warmup → constant / cosine learning-rate schedule (DESIGN.md, "Training
-recipe")."""
+"""AdamW with parameter groups and the warmup → constant / cosine learning-rate schedule (docs/training.md, "The
+curriculum")."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ def param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """The trainable parameters in up to four groups: {base, TTT} x {weight decay, none}.
 
     No weight decay on the model's `no_weight_decay_names()` (biases, norms, gates, scene embedding); TTT parameters
-    (`ttt_parameter_names()`, everything TTT adds) use optim.ttt_lr when set. Each group carries a "name".
+    (`added_parameter_names()`, everything TTT adds) use optim.ttt_lr when set. Each group carries a "name".
     """
     no_decay = set(model.no_weight_decay_names())
-    ttt = set(model.ttt_parameter_names())
+    ttt = set(model.added_parameter_names())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
