@@ -6,6 +6,7 @@
     python sample.py --storyboard longer.json --video short.mp4 --output longer.mp4     # extend short.mp4
     python sample.py --storyboard story.json --video story.mp4 --regenerate 3,5          # redo segments 3 and 5
     python sample.py --storyboard story.json --reference look.mp4                        # a clip as clean context
+    torchrun --nproc_per_node 8 sample.py --context-parallel 8 --model path/to/pipeline --storyboard long.json
 
 --model is a pipeline saved with TTTVideoPipeline.save_pretrained (a directory or hub id), or, with --ttt-adapter, a
 stock CogVideoX pipeline that the adapter's TTT layers are added to. Storyboard formats: docs/storyboard.md.
@@ -66,8 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="mp4 of whole segments put before segment 1 as clean context (not in the output)")
     p.add_argument("--save-latents", action="store_true",
                    help="also write the final latents beside the mp4 (OUT.latents.safetensors), for --video later")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="P",
+                   help="split the segments over P processes started by torchrun (docs/sampling.md)")
     args = p.parse_args(argv)
-    for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments)):
+    for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments),
+                        ("--context-parallel", args.context_parallel)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.guidance < 0:
@@ -95,6 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--ttt-adapter: file not found: {args.ttt_adapter}")
     device, dtype = resolve_device(args.device, args.dtype, args.offload)
     output = args.output or ROOT / "outputs" / f"{args.storyboard.stem}.mp4"
+    if args.context_parallel > storyboard.num_segments:
+        raise UsageError(f"--context-parallel {args.context_parallel} needs at least as many segments, the storyboard "
+                         f"has {storyboard.num_segments}")
+    mesh, rank = None, 0
+    if args.context_parallel > 1:
+        from pipeline.context_parallel import start_context_parallel
+
+        mesh, rank, device = start_context_parallel(args.context_parallel, device)
 
     # 2. build the pipeline
     import torch
@@ -108,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError(f"could not load --model {args.model}: {first_line(e)}") from None
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if mesh is not None:
+        try:
+            pipe.transformer.enable_context_parallel(mesh)
+        except ValueError as e:
+            raise InputError(f"--context-parallel {args.context_parallel}: {first_line(e)}") from None
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -125,9 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
                   cfg_mode=args.cfg_mode, max_segments=args.max_segments, output_type="np", **context)
     elapsed = time.perf_counter() - start
+    if mesh is not None:
+        torch.distributed.destroy_process_group()
 
-    # 5. save
+    # 5. save (with context parallelism every rank holds the same frames: the first writes them)
     frames = result.frames[0]  # (F, H, W, 3)
+    if rank > 0:
+        return 0
     write_video(frames, output, result.fps)
     if args.save_latents:
         save_latents(result.latents, latents_path(output), video=output)

@@ -31,6 +31,7 @@ from pipeline.training import (
     training_scheduler,
 )
 from pipeline.training.config import ConfigError, load_config, save_config
+from pipeline.training.parallel import prepare_loader
 from pipeline.training.setup import (
     build_accelerator,
     build_loader,
@@ -53,12 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     # 2. build
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same TTT initialisation on every process
-    model, sampler_scheduler = build_model(cfg, accelerator)
+    model, sampler_scheduler, mesh = build_model(cfg, accelerator)  # mesh: (dp, cp), None without cp
     noise_scheduler = training_scheduler(sampler_scheduler)
     loader = build_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    loader = prepare_loader(accelerator, loader, mesh)  # sharded over dp: a cp group reads the same batches
     trainable = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(trainable, decay=cfg.train.ema_decay) if cfg.train.ema else None  # on the model's device
     checkpointer = Checkpointer(accelerator, cfg, model, optimizer, lr_scheduler, ema)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = diffusion_loss(model, noise_scheduler, batch).mean()
-                accelerator.backward(loss)
+                accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 grad_norm = None
                 if accelerator.sync_gradients:  # the last micro-batch of the step
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)

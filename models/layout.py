@@ -40,12 +40,15 @@ class TokenOrder:
 
     index: (N,) long, canonical index of each token in this order; inverse: (N,) long, the inverse permutation;
     rope: (cos, sin) each (N, D_ttt) in this order, identity (cos 1, sin 0) on text, or None (model without TTT).
+    exchange: None, or under context parallelism (N is then one rank's tokens) what moves the TTT op's inputs to
+    every token of the sequence and back (`TTTLayer.forward`'s exchange).
     """
 
     index: torch.Tensor
     inverse: torch.Tensor
     rope: tuple[torch.Tensor, torch.Tensor] | None
     num_text: int
+    exchange: object | None = None  # context parallelism: the TTT layer's all-to-alls (models/context_parallel.py)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Canonical (B, N, ...) → this order."""

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.atomic import atomic_path
 
+from .context_parallel import ContextParallel, check_heads
 from .layout import SegmentLayout, TokenOrder, num_latent_frames, segment_layout
 from .segment_conditioning import ada_layer_norm, gated, layer_norm_zero, time_embedding
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
@@ -113,12 +114,13 @@ class CogVideoXTTTBlock(CogVideoXBlock):
 
     def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, token_mask: torch.Tensor | None,
                    gate_text: torch.Tensor, gate_video: torch.Tensor) -> torch.Tensor:
-        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N)."""
+        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N).
+        Under context parallelism x is the rank's part and `order.exchange` spreads the scan over the ranks."""
         mask = None if token_mask is None else order.gather(token_mask)
         if self.checkpoint_ttt and torch.is_grad_enabled():
-            y = checkpoint(self.ttt, order.gather(x), mask, order.rope, use_reentrant=False)
+            y = checkpoint(self.ttt, order.gather(x), mask, order.rope, use_reentrant=False, exchange=order.exchange)
         else:
-            y = self.ttt(order.gather(x), mask, order.rope)
+            y = self.ttt(order.gather(x), mask, order.rope, exchange=order.exchange)
         y = order.scatter(y)
         n_text = order.num_text
         return torch.cat([x[:, :n_text] + torch.tanh(gate_text) * y[:, :n_text],
@@ -239,6 +241,21 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         ])
         # added to the text tokens of a segment that opens a new scene; 0 at init keeps the base model exact
         self.scene_embedding = nn.Parameter(torch.zeros(inner_dim))
+        self.context_parallel: ContextParallel | None = None
+
+    def enable_context_parallel(self, mesh) -> None:
+        """Split every sample's segments over the ranks of `mesh` (a 1-D DeviceMesh, e.g. mesh["cp"]); None undoes
+        it. Inputs stay whole on every rank and the output is gathered; sum the parameter gradients over the group
+        (`self.context_parallel.reduce_gradients`). See models/context_parallel.py."""
+        if mesh is None:
+            self.context_parallel = None
+            return
+        if self.config.attention_window != "segment":
+            raise ValueError("context parallelism splits segment-local attention; attention_window='full' needs "
+                             "every frame on one rank")
+        if self.config.ttt_type != "none":
+            check_heads(self.config.ttt_num_heads or self.config.num_attention_heads, mesh.size())
+        self.context_parallel = ContextParallel(mesh)
 
     # building from a pretrained CogVideoX
 
@@ -394,6 +411,13 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
             raise ValueError(f"per-segment timestep must be (B, n_segments) = {(batch, n)}, "
                              f"got {tuple(timestep.shape)}")
         layout = self.segment_layout(n, height, width, hidden_states.device)
+        if self.context_parallel is not None:  # this rank's segments only; inputs stay whole
+            per_segment = timestep if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 else None
+            cp = self.context_parallel
+            layout, encoder_hidden_states, encoder_attention_mask, scene_start, per_segment = cp.shard(
+                layout, encoder_hidden_states, encoder_attention_mask, scene_start, per_segment)
+            timestep = timestep if per_segment is None else per_segment
+            n = layout.num_segments
 
         # 1. time embedding: (B, D_t), or (B, n, D_t) per segment
         emb = time_embedding(self, timestep, hidden_states.dtype, timestep_cond, ofs)
@@ -424,8 +448,10 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         # 4. output, as in CogVideoXTransformer3DModel
         video = self.proj_out(ada_layer_norm(self.norm_out, self.norm_final(video), emb, layout))
         p = self.config.patch_size
-        output = video.reshape(batch, frames, height // p, width // p, -1, p, p)
+        output = video.reshape(batch, layout.num_frames, height // p, width // p, -1, p, p)
         output = output.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+        if self.context_parallel is not None:
+            output = self.context_parallel.gather(output, layout)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)

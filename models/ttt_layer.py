@@ -89,11 +89,29 @@ class TTTLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, initial_state=None,
-                return_state: bool = False):
+                return_state: bool = False, exchange=None):
         """x: (B, L, W); token_mask: (B, L) bool (False = never updates the state); rope: (cos, sin) each (L, D).
 
-        Returns (B, L, W), and with return_state also the final inner state (leading B, fp32).
+        exchange: context parallelism (models/context_parallel.py): x is this rank's chunk of the sequence, and
+        `exchange.to_heads` / `exchange.to_sequence` move the op's inputs to (every token, this rank's heads) and its
+        output back. Returns (B, L, W), and with return_state also the final inner state (leading B, fp32).
         """
+        q, k, target, eta = self.prepare(x, token_mask, rope)
+        heads = slice(None)
+        if exchange is not None:
+            q, k, target, eta, heads = exchange.to_heads(q, k, target, eta)
+        result = self.scan(q, k, target, eta, heads, initial_state=initial_state, return_state=return_state)
+        out, state = result if return_state else (result, None)
+        if exchange is not None:
+            out = exchange.to_sequence(out)
+        out = self.project_out(out)
+        return (out, state) if return_state else out
+
+    def prepare(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+        """Token-wise half before the op: x (B, L, W) -> q, k, target (B, H, L, D) and eta (B, H, L).
+
+        Every output depends on its own token only, so a context-parallel rank runs this on its tokens alone."""
         b, length, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H*D) -> (B, H, L, D)
@@ -106,14 +124,21 @@ class TTTLayer(nn.Module):
             q, k = apply_rotary_emb(q, rope), apply_rotary_emb(k, rope)
         # normalised reconstruction target: the op sees v' - k = LN_h(v - k)
         target = k + per_head_layer_norm(v - k, self.ln_weight, self.ln_bias).to(k.dtype)
-        eta = self.inner_lr(x, token_mask)  # (B, H, L)
+        return q, k, target, self.inner_lr(x, token_mask)
+
+    def scan(self, q: torch.Tensor, k: torch.Tensor, target: torch.Tensor, eta: torch.Tensor,
+             heads: slice = slice(None), initial_state=None, return_state: bool = False):
+        """The TTT op over the whole sequence for the heads `heads` (all by default): q, k, target (B, h, L, D),
+        eta (B, h, L) -> out (B, h, L, D) (and the final state with return_state)."""
+        weights = tuple(w[heads] for w in (*self.inner_weights, self.ln_weight, self.ln_bias))
         op = ttt_mlp if self.ttt_type == "mlp" else ttt_linear
-        result = op(q, k, target, eta, *self.inner_weights, self.ln_weight, self.ln_bias,
-                    mini_batch_size=self.mini_batch_size, initial_state=initial_state, return_state=return_state,
-                    checkpoint_group=self.checkpoint_group, backend=self.backend)
-        out, state = result if return_state else (result, None)
-        out = self.wo(self.post_norm(out.transpose(1, 2).reshape(b, length, -1)))
-        return (out, state) if return_state else out
+        return op(q, k, target, eta, *weights, mini_batch_size=self.mini_batch_size, initial_state=initial_state,
+                  return_state=return_state, checkpoint_group=self.checkpoint_group, backend=self.backend)
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Token-wise half after the op: out (B, H, L, D) -> post-LayerNorm -> wo -> (B, L, W)."""
+        b, _, length, _ = out.shape
+        return self.wo(self.post_norm(out.transpose(1, 2).reshape(b, length, -1)))
 
     def extra_repr(self) -> str:
         return (f"ttt_type={self.ttt_type}, heads={self.num_heads}x{self.head_dim}, "

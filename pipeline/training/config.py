@@ -1,10 +1,10 @@
 """Training configuration: typed dataclasses with defaults, loaded from YAML, with `key=value` overrides.
 
-A YAML file mirrors `Config` (sections `model`, `data`, `train`, `optim`, `checkpoint`, `log`, `validation`); a
-top-level `extends: other.yaml` (relative to the file) starts from another file, so the stages of a curriculum
-only state what changes. Unknown keys, wrong types and values outside a field's choices are rejected with the key
-path and what was expected. `save_config` writes the resolved config (all defaults filled in), which is what
-train.py stores next to every checkpoint.
+A YAML file mirrors `Config` (sections `model`, `data`, `train`, `optim`, `checkpoint`, `log`, `validation`,
+`parallel`); a top-level `extends: other.yaml` (relative to the file) starts from another file, so the stages of a
+curriculum only state what changes. Unknown keys, wrong types and values outside a field's choices are rejected
+with the key path and what was expected. `save_config` writes the resolved config (all defaults filled in), which
+is what train.py stores next to every checkpoint.
 """
 
 from __future__ import annotations
@@ -192,6 +192,15 @@ class ValidationConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """context: ranks that share one sample (context parallelism, docs/training.md): its segments are split between
+    them and the TTT heads too, so it must divide the process count, the TTT heads and be at most data.segments.
+    The processes form a (data, context) mesh: process count / context groups, each reading its own batches."""
+
+    context: int = 1
+
+
+@dataclass
 class Config:
     output_dir: str = "outputs/run"
     seed: int = 42
@@ -202,6 +211,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+from torch.distributed.device_mesh import DeviceMesh
 from torch.utils.data import DataLoader
 
 from ..data import EpochSampler, SequenceDataset, shape_fields
@@ -23,6 +24,7 @@ from ..storyboard import StoryboardError, load_storyboard
 from .components import build_components
 from .config import Config, ConfigError, to_dict
 from .loss import DiffusionCollate
+from .parallel import context_parallel_mesh, data_parallel_size
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +74,12 @@ def build_accelerator(cfg: Config) -> Accelerator:
         log_with=None if cfg.log.tracker == "none" else cfg.log.tracker,
         project_config=ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "logs")),
     )
-    per_step = cfg.train.micro_batch_size * accelerator.num_processes
+    data_parallel = data_parallel_size(cfg.parallel, accelerator.num_processes)
+    per_step = cfg.train.micro_batch_size * data_parallel
     if cfg.train.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size x processes = {cfg.train.micro_batch_size} x "
-                          f"{accelerator.num_processes}")
+                          f"train.micro_batch_size x processes / parallel.context = {cfg.train.micro_batch_size} x "
+                          f"{data_parallel}")
     accelerator.gradient_accumulation_steps = cfg.train.global_batch_size // per_step
     if accelerator.distributed_type == DistributedType.DEEPSPEED:  # its engine accumulates by its own config
         accelerator.state.deepspeed_plugin.deepspeed_config["gradient_accumulation_steps"] = (
@@ -85,20 +88,27 @@ def build_accelerator(cfg: Config) -> Accelerator:
 
 
 def describe_batch(cfg: Config, accelerator: Accelerator) -> str:
+    context = cfg.parallel.context
     return (f"global batch {cfg.train.global_batch_size} = {cfg.train.micro_batch_size} per process x "
-            f"{accelerator.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes")
+            f"{accelerator.gradient_accumulation_steps} accumulation x "
+            f"{data_parallel_size(cfg.parallel, accelerator.num_processes)} processes"
+            + (f" (x {context} context-parallel ranks each)" if context > 1 else ""))
 
 
-def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module, object]:
-    """The (unprepared) transformer to train and the sampler's scheduler. Under FSDP with activation checkpointing,
-    diffusers' own gradient checkpointing is turned off (FSDP checkpoints every wrapped block already)."""
+def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module, object, DeviceMesh | None]:
+    """The (unprepared) transformer to train, the sampler's scheduler and the (dp, cp) mesh (None without context
+    parallelism: parallel.context = 1). Under FSDP with activation checkpointing, diffusers' own gradient
+    checkpointing is turned off (FSDP checkpoints every wrapped block already)."""
     parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
     model = parts["transformer"]
+    mesh = context_parallel_mesh(cfg.parallel, accelerator)
+    if mesh is not None:
+        model.enable_context_parallel(mesh["cp"])
     fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
         model.disable_gradient_checkpointing()
         logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
-    return model, parts["scheduler"]
+    return model, parts["scheduler"], mesh
 
 
 def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) -> DataLoader:
