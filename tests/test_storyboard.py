@@ -261,8 +261,8 @@ def alias_bomb(levels: int = 9, width: int = 9, text: str = "lol") -> str:
     return "\n".join(lines) + "\n"
 
 
-def measure(function) -> tuple[float, int]:
-    """Seconds and peak traced bytes of one call of `function` (whose StoryboardError is expected)."""
+def measure(function) -> tuple[float, int, list[str]]:
+    """Seconds, peak traced bytes and the problems of one call of `function`, which must raise StoryboardError."""
     import time
     import tracemalloc
 
@@ -275,8 +275,7 @@ def measure(function) -> tuple[float, int]:
         seconds = time.perf_counter() - start
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    measure.problems = info.value.problems
-    return seconds, peak
+    return seconds, peak, info.value.problems
 
 
 @pytest.mark.parametrize("levels, width, text", [(9, 9, "lol"), (4, 600, "x" * 1000)],
@@ -284,8 +283,8 @@ def measure(function) -> tuple[float, int]:
 def test_yaml_alias_bomb_is_refused_fast_with_little_memory(tmp_path, levels, width, text):
     path = write(tmp_path, "bomb.yaml", alias_bomb(levels, width, text))
     assert path.stat().st_size < 20_000
-    seconds, peak = measure(lambda: load_storyboard(path, max_segments=None))
-    assert measure.problems == [f"{path}: its YAML aliases expand it past {MAX_EXPANDED_SIZE} nodes and characters, "
+    seconds, peak, problems = measure(lambda: load_storyboard(path, max_segments=None))
+    assert problems == [f"{path}: its YAML aliases expand it past {MAX_EXPANDED_SIZE} nodes and characters, "
                                 "the size limit of a storyboard; repeat fewer aliases"]
     assert seconds < 2 and peak < 4 * 2**20  # the read buffer (MAX_FILE_BYTES) is most of it
 
@@ -304,8 +303,8 @@ def test_aliases_within_the_limit_still_work(tmp_path):
 
 def test_files_over_the_size_limit_are_refused_unread(tmp_path):
     path = write(tmp_path, "big.txt", "a cat\n" * (MAX_FILE_BYTES // 6 + 1))
-    seconds, peak = measure(lambda: load_storyboard(path, max_segments=None))
-    assert measure.problems == [f"{path}: over {MAX_FILE_BYTES} bytes, the size limit of a storyboard file"]
+    _, peak, problems = measure(lambda: load_storyboard(path, max_segments=None))
+    assert problems == [f"{path}: over {MAX_FILE_BYTES} bytes, the size limit of a storyboard file"]
     assert peak < 2 * MAX_FILE_BYTES + 2**20
 
 
@@ -314,8 +313,8 @@ def test_the_segment_count_is_checked_before_segments_are_built(tmp_path, suffix
     count = 100_000
     text = json.dumps([{}] * count) if suffix == ".json" else "a\n" * count  # every JSON entry lacks its text
     path = write(tmp_path, "many" + suffix, text)
-    seconds, peak = measure(lambda: load_storyboard(path))
-    assert measure.problems == [f"{path}: storyboard has {count} segments ({3 * count} s); the maximum is 21 (63 s) — "
+    _, peak, problems = measure(lambda: load_storyboard(path))
+    assert problems == [f"{path}: storyboard has {count} segments ({3 * count} s); the maximum is 21 (63 s) — "
                                 "raise max_segments to allow more"]
     assert peak < 40 * 2**20  # the parsed JSON, not 100,000 segments and problems
 
@@ -323,8 +322,8 @@ def test_the_segment_count_is_checked_before_segments_are_built(tmp_path, suffix
 def test_messages_quote_huge_values_shortened_without_building_them():
     big = ["x" * 1000] * 1000
     data = {"scenes": [{"segments": [{"text": [big] * 100}]}]}  # whole, its repr would be 100 MB
-    seconds, peak = measure(lambda: load_storyboard(data))
-    (problem,) = measure.problems
+    _, peak, problems = measure(lambda: load_storyboard(data))
+    (problem,) = problems
     assert problem.startswith("scenes[0].segments[0].text: expected a string, got [[") and problem.endswith("(list)")
     assert len(problem) < 120 and peak < 2**20
 
