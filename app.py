@@ -10,7 +10,9 @@ docs/demo.md.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -53,12 +55,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def check_port(host: str, port: int) -> None:
+    """Binds host:port and lets go, so that a port in use is one line before the model is loaded (the server binds
+    the same way: SO_REUSEADDR, so a port left in TIME_WAIT by a previous run is not taken for one in use)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise UsageError(f"--server-name {host}: not an address to listen on ({e.strerror})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = "already in use" if e.errno == errno.EADDRINUSE else e.strerror
+            raise UsageError(f"--port {port}: cannot listen on {host}:{port} ({reason}); pick another --port") from None
+
+
 def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
     """Starts the app; returns the running gr.Blocks when prevent_thread_lock (tests), else serves until stopped."""
     # 1. flags and model location (cheap checks before anything heavy is imported)
     args = parse_args(argv)
     args.model = args.model or default_model()
     check_model_path(args.model)  # a local folder must hold a pipeline; "owner/name" may be a hub id
+    check_port(args.server_name, args.port)
     device, dtype = resolve_device(args.device, args.dtype, args.offload)
     from pipeline.demo import MAX_STEPS, build_demo, launch
 
@@ -78,8 +97,12 @@ def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
                       default_steps=args.steps)
 
     # 3. serve
-    launch(demo, server_name=args.server_name, server_port=args.port, share=args.share,
-           prevent_thread_lock=prevent_thread_lock, allowed_paths=[str(args.output_dir)] if args.output_dir else None)
+    try:
+        launch(demo, server_name=args.server_name, server_port=args.port, share=args.share,
+               prevent_thread_lock=prevent_thread_lock,
+               allowed_paths=[str(args.output_dir)] if args.output_dir else None)
+    except OSError as e:  # the port taken since check_port, say
+        raise InputError(f"cannot serve on {args.server_name}:{args.port}: {first_line(e)}") from None
     return demo
 
 

@@ -18,8 +18,10 @@ keeps them exactly instead of re-encoding its frames. docs/sampling.md.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from pipeline.loading import (
@@ -39,6 +41,7 @@ from pipeline.storyboard import StoryboardError, load_storyboard
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = ROOT / "models" / "default"
 DEFAULT_STORYBOARD = ROOT / "examples" / "toy_story.json"
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (a negative seed would alias a positive one)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,11 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="pipeline directory or hub id; default: models/default/")
     p.add_argument("--ttt-adapter", type=Path, default=None,
                    help="TTT weights (safetensors from save_adapter) to add to --model")
-    p.add_argument("--output", type=Path, default=None, help="mp4 to write; default: outputs/<storyboard name>.mp4")
+    p.add_argument("--output", type=Path, default=None,
+                   help="the .mp4 to write (checked before generating); default: outputs/<storyboard name>.mp4")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale; <= 1 turns it off")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--offload", action="store_true", help="keep models on the CPU, each moved to the GPU in turn")
@@ -69,13 +73,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="also write the final latents beside the mp4 (OUT.latents.safetensors), for --video later")
     p.add_argument("--context-parallel", type=int, default=1, metavar="P",
                    help="split the segments over P processes started by torchrun (docs/sampling.md)")
+    p.add_argument("--strict-text", action="store_true",
+                   help="refuse texts over the text encoder's token budget (default: truncate them with a warning)")
     args = p.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments),
                         ("--context-parallel", args.context_parallel)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if args.guidance < 0:
-        raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     if args.regenerate is not None and args.video is None:
         raise UsageError("--regenerate needs --video (the video whose other segments are kept)")
     if args.reference is not None and args.video is not None:
@@ -98,7 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.ttt_adapter is not None and not args.ttt_adapter.is_file():
         raise UsageError(f"--ttt-adapter: file not found: {args.ttt_adapter}")
     device, dtype = resolve_device(args.device, args.dtype, args.offload)
+    from pipeline.video_io import check_output_path, write_video
+
     output = args.output or ROOT / "outputs" / f"{args.storyboard.stem}.mp4"
+    try:
+        check_output_path(output)
+    except ValueError as e:
+        raise UsageError(f"--output: {e}") from None
     if args.context_parallel > storyboard.num_segments:
         raise UsageError(f"--context-parallel {args.context_parallel} needs at least as many segments, the storyboard "
                          f"has {storyboard.num_segments}")
@@ -112,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.segment_context import latents_path, save_latents
-    from pipeline.video_io import write_video
 
     try:
         pipe = load_pipeline(args.model, args.ttt_adapter, dtype)
@@ -125,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.transformer.enable_context_parallel(mesh)
         except ValueError as e:
             raise InputError(f"--context-parallel {args.context_parallel}: {first_line(e)}") from None
+    if args.steps > pipe.scheduler.config.num_train_timesteps:
+        raise UsageError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
+                         f"training timesteps), got {args.steps}")
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -140,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     result = pipe(storyboard, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
-                  cfg_mode=args.cfg_mode, max_segments=args.max_segments, output_type="np", **context)
+                  cfg_mode=args.cfg_mode, max_segments=args.max_segments, strict_text=args.strict_text,
+                  output_type="np", **context)
     elapsed = time.perf_counter() - start
     if mesh is not None:
         torch.distributed.destroy_process_group()
@@ -180,7 +197,13 @@ def context_arguments(args: argparse.Namespace, pipe, num_segments: int) -> tupl
     return {key: given, "regenerate": regenerate}, note
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings (e.g. a text truncated to the token budget) as one line each, like the errors."""
+    print(f"sample.py: warning: {message}", file=sys.stderr)
+
+
 if __name__ == "__main__":
+    warnings.showwarning = show_warning
     try:
         sys.exit(main())
     except UsageError as e:

@@ -5,7 +5,9 @@ flags (exit 2), InputError for a model that cannot be loaded (exit 1)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import struct
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +38,10 @@ def default_model(path: str | os.PathLike = DEFAULT_MODEL) -> str:
 
 
 def check_model_path(model: str) -> None:
-    """A local directory must exist and hold a pipeline; "owner/name" may be a hub id unless "owner" is a local
-    folder (then a missing "name" is a typo here, not something to look for on the hub)."""
+    """A local directory must exist and hold a pipeline with every component that model_index.json names; "owner/name"
+    may be a hub id unless "owner" is a local folder (then a missing "name" is a typo here, not something to look for
+    on the hub). With HF_HUB_OFFLINE set, a hub id must be in the local cache: said in one line, without the
+    download attempts and retries of from_pretrained."""
     path = Path(model).expanduser()
     local_parent = model.count("/") == 1 and path.parent.is_dir()
     if path.exists() or local_parent or model.startswith((".", "/", "~")) or model.count("/") != 1:
@@ -46,6 +50,73 @@ def check_model_path(model: str) -> None:
         if not (path / "model_index.json").is_file():
             raise InputError(f"--model {model}: no pipeline there (no model_index.json; save one with "
                              "TTTVideoPipeline.save_pretrained)")
+        problem = missing_component(path)
+        if problem:
+            raise InputError(f"--model {model}: {problem}")
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(model, "model_index.json"), str):
+        raise InputError(f"--model {model}: not available offline (HF_HUB_OFFLINE is set and the hub id is not in the "
+                         "local Hugging Face cache); download it first or pass a local pipeline directory")
+
+
+_CONFIG_FILES = ("config.json", "scheduler_config.json", "tokenizer_config.json", "tokenizer.json")
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json",
+                    "packaged_weights.json")  # the last: pipeline/packaged_text_encoder.py
+
+
+def missing_component(path: Path) -> str | None:
+    """What a saved pipeline directory lacks, in one line, or None: every component model_index.json names needs its
+    subfolder with a config, a model (a folder with config.json) needs weights, and a .safetensors file must be as
+    long as its header says (a cut-off copy or download). Cheap: reads only file names and headers."""
+    try:
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"model_index.json is not valid JSON ({first_line(e)})"
+    if not isinstance(index, dict):
+        return "model_index.json: expected an object naming the pipeline's components"
+    for name, value in index.items():
+        if name.startswith("_") or not (isinstance(value, (list, tuple)) and len(value) == 2 and all(value)):
+            continue  # config entries (fps, ...) and components saved as None
+        folder = path / name
+        what = f"the {name} component ({value[1]} in model_index.json)"
+        if not folder.is_dir():
+            return f"{what} is missing: no folder {name}/"
+        if not any((folder / config).is_file() for config in _CONFIG_FILES):
+            return f"{what} is incomplete: no config in {name}/ (expected one of {', '.join(_CONFIG_FILES)})"
+        if not (folder / "config.json").is_file():
+            continue  # a scheduler or a tokenizer: no weights
+        weights = sorted(f for pattern in _WEIGHT_PATTERNS for f in folder.glob(pattern) if f.is_file())
+        if not weights:
+            return f"{what} has no weights: no .safetensors or .bin file in {name}/"
+        for file in weights:
+            if file.name.endswith(".safetensors"):
+                problem = _safetensors_problem(file)
+                if problem:
+                    return f"{name}/{file.name}: {problem}"
+    return None
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """None when the file is as long as its header says; else what is wrong (safetensors: an 8-byte little-endian
+    header length, a JSON header with each tensor's data_offsets, then the data)."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"not a safetensors file ({size} bytes)"
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            return f"cut off: {size} bytes, shorter than its header says"
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError):
+            return "not a safetensors file (unreadable header)"
+    if 8 + header_len + end > size:
+        return f"cut off: {size} bytes, its header says {8 + header_len + end}"
+    return None
 
 
 def resolve_device(device: str | None, dtype: str = "auto", offload: bool = False):

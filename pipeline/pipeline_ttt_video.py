@@ -232,7 +232,8 @@ class TTTVideoPipeline(DiffusionPipeline):
 
     def check_inputs(self, storyboard: Storyboard, height: int, width: int, num_inference_steps: int,
                      negative_text: str | None, output_type: str, cfg_mode: str, decode_window: int | None,
-                     latents: torch.Tensor | None, callback_on_step_end_tensor_inputs: list[str] | None) -> None:
+                     latents: torch.Tensor | None, callback_on_step_end_tensor_inputs: list[str] | None,
+                     strict_text: bool = False) -> None:
         if height < 1 or width < 1 or height % self.vae_scale_factor_spatial or width % self.vae_scale_factor_spatial:
             raise ValueError(f"height and width must be positive multiples of {self.vae_scale_factor_spatial}, got "
                              f"{height} and {width}")
@@ -242,6 +243,10 @@ class TTTVideoPipeline(DiffusionPipeline):
                              f"{width}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        train_steps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps > train_steps:
+            raise ValueError(f"num_inference_steps must be at most the scheduler's {train_steps} training timesteps, "
+                             f"got {num_inference_steps}")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         if cfg_mode not in CFG_MODES:
@@ -256,7 +261,8 @@ class TTTVideoPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
                              f"got {unknown}")
-        storyboard.check_token_budget(self.tokenizer, self.transformer.config.max_text_seq_length, negative_text)
+        storyboard.check_token_budget(self.tokenizer, self.transformer.config.max_text_seq_length, negative_text,
+                                      strict=strict_text)
 
     # properties, as CogVideoXPipeline
 
@@ -302,6 +308,7 @@ class TTTVideoPipeline(DiffusionPipeline):
         cfg_mode: str = "batched",
         decode_window: int | None = None,
         max_segments: int | None = DEFAULT_MAX_SEGMENTS,
+        strict_text: bool = False,
         attention_kwargs: dict[str, Any] | None = None,
         callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | PipelineCallback
         | MultiPipelineCallbacks | None = None,
@@ -331,6 +338,8 @@ class TTTVideoPipeline(DiffusionPipeline):
                 them in turn (half the activation memory, same result).
             decode_window: latent frames per VAE decode window (see `decode_windows`); None: one segment.
             max_segments: the most segments accepted (None: no limit).
+            strict_text: refuse (StoryboardError) a text over the text encoder's budget of max_text_seq_length tokens;
+                by default it is truncated with a warning naming the segment and the dropped words, as in diffusers.
             callback_on_step_end(pipe, step, timestep, tensors) -> dict: called after each step with the tensors
                 named in callback_on_step_end_tensor_inputs (default ["latents"]); returned entries replace them.
         Returns:
@@ -352,7 +361,7 @@ class TTTVideoPipeline(DiffusionPipeline):
         # 1. Check inputs
         storyboard = load_storyboard(storyboard, max_segments)
         self.check_inputs(storyboard, height, width, num_inference_steps, negative_text, output_type, cfg_mode,
-                          decode_window, latents, callback_on_step_end_tensor_inputs)
+                          decode_window, latents, callback_on_step_end_tensor_inputs, strict_text)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None

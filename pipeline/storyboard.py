@@ -12,13 +12,18 @@ Three file formats are read:
 - Plain text (``.txt``): one segment per line, a blank line between scenes.
 
 Every problem is reported as one line naming its place (file, line/column or key path) and what was expected;
-all problems of a storyboard are raised together in one `StoryboardError`.
+all problems of a storyboard are raised together in one `StoryboardError`. Messages quote values shortened.
+
+Files are read only up to MAX_FILE_BYTES, and a YAML file's anchors and aliases may not expand it past
+MAX_EXPANDED_SIZE (a "billion laughs" file of a few hundred bytes would otherwise expand to gigabytes): both are
+checked before any value is built, so a hostile file is refused quickly and with little memory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import reprlib
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +36,9 @@ from .atomic import atomic_write_text
 
 SEGMENT_SECONDS = 3.0
 DEFAULT_MAX_SEGMENTS = 21  # 63 s, the longest stage of the training recipe
+MAX_FILE_BYTES = 1 << 20  # 1 MiB: 30 times a 63-s storyboard of 226-token texts
+# nodes + characters of a YAML document with its aliases expanded; an alias-free file under MAX_FILE_BYTES stays under
+MAX_EXPANDED_SIZE = 2 * MAX_FILE_BYTES
 
 _TOP_KEYS = ("title", "negative_text", "scenes")
 _SCENE_KEYS = ("segments",)
@@ -141,12 +149,25 @@ class Storyboard:
             raise StoryboardError(problems)
         return self
 
-    def check_token_budget(self, tokenizer, max_tokens: int, extra_negative_text: str | None = None) -> None:
-        """Raises StoryboardError naming every text whose token count (special tokens included) exceeds max_tokens.
+    def check_token_budget(self, tokenizer, max_tokens: int, extra_negative_text: str | None = None,
+                           strict: bool = True) -> None:
+        """Checks every text against the text encoder's budget (special tokens included).
 
         tokenizer: a transformers tokenizer (the pipeline's); max_tokens: the transformer's max_text_seq_length.
         extra_negative_text: a caller-supplied default negative text, checked too.
+        strict: raise StoryboardError naming every text over the budget; else warn (UserWarning) once per such text,
+            naming it and the words the text encoder will drop (it truncates, as diffusers' pipelines do).
         """
+        over = self.over_token_budget(tokenizer, max_tokens, extra_negative_text)
+        if strict and over:
+            raise StoryboardError([f"{place}: {name} has {count} tokens, over the text encoder's budget of "
+                                   f"{max_tokens} (shorten it)" for place, name, count, _ in over])
+        for line in truncation_warnings(over, max_tokens):
+            warnings.warn(line, stacklevel=2)
+
+    def over_token_budget(self, tokenizer, max_tokens: int,
+                          extra_negative_text: str | None = None) -> list[tuple[str, str, int, str]]:
+        """(place, field, token count, the words past the budget) of every text over max_tokens tokens."""
         checks = []
         for i, segment in enumerate(self.segments):
             place = segment.place or f"segments[{i}]"
@@ -157,14 +178,29 @@ class Storyboard:
             checks.append(("storyboard", "negative_text", self.negative_text))
         if extra_negative_text:
             checks.append(("argument", "negative_text", extra_negative_text))
-        problems = []
+        over = []
         for place, name, text in checks:
             count = count_tokens(tokenizer, text)
             if count > max_tokens:
-                problems.append(f"{place}: {name} has {count} tokens, over the text encoder's budget of {max_tokens} "
-                                "(shorten it)")
-        if problems:
-            raise StoryboardError(problems)
+                over.append((place, name, count, dropped_text(tokenizer, text, max_tokens)))
+        return over
+
+
+def truncation_warnings(over: list[tuple[str, str, int, str]], max_tokens: int) -> list[str]:
+    """One line per `Storyboard.over_token_budget` entry: where, how many tokens, and what is dropped."""
+    return [f"{place}: {name} has {count} tokens, over the text encoder's budget of {max_tokens}; truncated, "
+            f"dropping {_shorten(dropped, 80)}" for place, name, count, dropped in over]
+
+
+def dropped_text(tokenizer, text: str, max_tokens: int) -> str:
+    """The end of `text` that the text encoder does not see when it truncates to max_tokens tokens (special tokens
+    included), as encode_text does."""
+    keep = max(max_tokens - tokenizer.num_special_tokens_to_add(), 0)
+    if getattr(tokenizer, "is_fast", False):
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[offsets[keep][0]:].strip() if keep < len(offsets) else ""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[keep:]).strip()
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -204,8 +240,12 @@ def _from_file(path: Path, max_segments: int | None) -> Storyboard:
                                "or .txt"])
     if not path.is_file():
         raise StoryboardError([f"{path}: storyboard file not found"])
+    with open(path, "rb") as f:  # at most one byte past the limit, whatever stat says (a pipe, a growing file)
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise StoryboardError([f"{path}: over {MAX_FILE_BYTES} bytes, the size limit of a storyboard file"])
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise StoryboardError([f"{path}: not UTF-8 text (byte {e.start})"]) from None
     if suffix == ".txt":
@@ -215,9 +255,13 @@ def _from_file(path: Path, max_segments: int | None) -> Storyboard:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise StoryboardError([f"{path} line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}"]) from None
+        except RecursionError:
+            raise StoryboardError([f"{path}: nested too deeply"]) from None
     else:
         try:
-            data = yaml.safe_load(text)
+            data = _load_yaml(text, path)
+        except RecursionError:
+            raise StoryboardError([f"{path}: nested too deeply"]) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -226,7 +270,47 @@ def _from_file(path: Path, max_segments: int | None) -> Storyboard:
     return _from_data(data, f"{path}: ", max_segments)
 
 
+def _load_yaml(text: str, path: Path) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand it past MAX_EXPANDED_SIZE (or refer to themselves)
+    before any Python value is built: the node graph keeps each anchored node once, so measuring it is cheap."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+        open_nodes: set[int] = set()
+
+        def size(n: yaml.Node) -> int:  # nodes + scalar characters, aliases expanded
+            if id(n) in sizes:
+                return sizes[id(n)]
+            if id(n) in open_nodes:
+                raise StoryboardError([f"{path}: a YAML alias refers to a node that contains it; a storyboard "
+                                       "cannot contain itself"])
+            open_nodes.add(id(n))
+            if isinstance(n, yaml.ScalarNode):
+                total = 1 + len(n.value)
+            elif isinstance(n, yaml.SequenceNode):
+                total = 1 + sum(size(child) for child in n.value)
+            else:
+                total = 1 + sum(size(key) + size(value) for key, value in n.value)
+            open_nodes.discard(id(n))
+            if total > MAX_EXPANDED_SIZE:
+                raise StoryboardError([f"{path}: its YAML aliases expand it past {MAX_EXPANDED_SIZE} nodes and "
+                                       "characters, the size limit of a storyboard; repeat fewer aliases"])
+            sizes[id(n)] = total
+            return total
+
+        size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _from_text(text: str, name: str, max_segments: int | None) -> Storyboard:
+    problems = count_problems(sum(1 for line in text.splitlines() if line.strip()), max_segments)
+    if problems:
+        raise StoryboardError([f"{name}: {p}" for p in problems])
     segments = []
     new_scene = False
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -235,14 +319,13 @@ def _from_text(text: str, name: str, max_segments: int | None) -> Storyboard:
             continue
         segments.append(Segment(text=line.strip(), scene_start=new_scene, place=f"{name} line {lineno}"))
         new_scene = False
-    problems = count_problems(len(segments), max_segments)
-    if problems:
-        raise StoryboardError([f"{name}: {p}" for p in problems])
     return Storyboard(segments=segments, title=Path(name).stem)
 
 
 def _from_data(data: Any, prefix: str, max_segments: int | None) -> Storyboard:
     problems: list[str] = []
+    if max_segments is not None and _segment_count(data) > max_segments:  # before building thousands of segments
+        raise StoryboardError([prefix + p for p in count_problems(_segment_count(data), max_segments)])
     if isinstance(data, list):
         storyboard = _from_legacy_list(data, prefix, problems)
     elif isinstance(data, dict):
@@ -255,6 +338,16 @@ def _from_data(data: Any, prefix: str, max_segments: int | None) -> Storyboard:
     if problems:
         raise StoryboardError(problems)
     return storyboard
+
+
+def _segment_count(data: Any) -> int:
+    """Segments a parsed storyboard would have, counted without validating it (0 for what will fail validation)."""
+    if isinstance(data, list):
+        return len(data)
+    scenes = data.get("scenes") if isinstance(data, dict) else None
+    if not isinstance(scenes, list):
+        return 0
+    return sum(len(s["segments"]) for s in scenes if isinstance(s, dict) and isinstance(s.get("segments"), list))
 
 
 def _from_scenes(data: dict, prefix: str, problems: list[str]) -> Storyboard:
@@ -327,7 +420,8 @@ def _text_problems(value: Any, place: str, required: bool) -> list[str]:
 def _warn_unknown(entry: dict, known: tuple[str, ...], place: str) -> None:
     for key in entry:
         if key not in known:
-            warnings.warn(f"{place}: unknown key {key!r} ignored (known keys: {', '.join(known)})", stacklevel=2)
+            warnings.warn(f"{place}: unknown key {_shorten(key)} ignored (known keys: {', '.join(known)})",
+                          stacklevel=2)
 
 
 def _segment_dict(segment: Segment) -> dict[str, str]:
@@ -337,8 +431,18 @@ def _segment_dict(segment: Segment) -> dict[str, str]:
     return data
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 40, 40
+
+
+def _shorten(value: Any, limit: int = 40) -> str:
+    """repr(value) cut to about `limit` characters (a string: its first `limit`, then …), without ever building the
+    whole repr (values may be huge)."""
+    if isinstance(value, str):
+        return repr(value if len(value) <= limit else value[:limit] + "…")
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{text} ({type(value).__name__})"
+    return f"{_shorten(value)} ({type(value).__name__})"

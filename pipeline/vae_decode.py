@@ -53,20 +53,26 @@ def decode_windows(vae: AutoencoderKLCogVideoX, latents: torch.Tensor, decode_wi
         yield torch.cat(parts, dim=0)
 
 def _decode_frame_batch(vae: AutoencoderKLCogVideoX, z: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-    """One decoder call on z (B, C, t, h, w) → (B, 3, f, H, W), tiled exactly as the VAE's `tiled_decode` when
-    tiling is on (one conv cache per tile then)."""
-    vae = vae
+    """One decoder call on z (B, C, t, h, w) → (B, 3, f, H, W), tiled as the VAE's `tiled_decode` when tiling is on
+    (one conv cache per tile then).
+
+    One difference: `tiled_decode` keeps tile_sample_min * (1 - overlap) pixels of each tile and blends
+    tile_sample_min * overlap, which adds up to the frame only when that equals its latent step (rounded down) times
+    the VAE's spatial scale — true for CogVideoX's 480x720 tiles, not for small models (the default 64x64 model came
+    out 70x68). Here each tile keeps exactly its latent step's pixels and blends the rest of the tile, which is the
+    same where tiled_decode adds up and the frame's own size everywhere."""
     height, width = z.shape[-2:]
     if not (vae.use_tiling and (width > vae.tile_latent_min_width or height > vae.tile_latent_min_height)):
         if vae.post_quant_conv is not None:
             z = vae.post_quant_conv(z)
         return vae.decoder(z, conv_cache=cache)
     cache = cache or {}
-    step_h = int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height))
-    step_w = int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width))
-    blend_h = int(vae.tile_sample_min_height * vae.tile_overlap_factor_height)
-    blend_w = int(vae.tile_sample_min_width * vae.tile_overlap_factor_width)
-    keep_h, keep_w = vae.tile_sample_min_height - blend_h, vae.tile_sample_min_width - blend_w
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent, as enable_tiling computes it
+    step_h = max(1, int(vae.tile_latent_min_height * (1 - vae.tile_overlap_factor_height)))
+    step_w = max(1, int(vae.tile_latent_min_width * (1 - vae.tile_overlap_factor_width)))
+    keep_h, keep_w = step_h * scale, step_w * scale
+    blend_h = max(vae.tile_latent_min_height * scale - keep_h, 0)
+    blend_w = max(vae.tile_latent_min_width * scale - keep_w, 0)
     rows = []
     for i in range(0, height, step_h):
         row = []

@@ -31,6 +31,24 @@ def to_uint8_frames(frames) -> np.ndarray:
     return frames
 
 
+def check_output_path(path: str | os.PathLike) -> Path:
+    """Checks, before any long work, that `write_video` can write `path`: an .mp4 name (the container is mp4), not a
+    folder, in a folder that exists or can be created and that may be written to. Raises ValueError in one line."""
+    path = Path(path)
+    if path.suffix.lower() != ".mp4":
+        raise ValueError(f"{path}: expected a file name ending in .mp4")
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected an .mp4 file name")
+    folder = path.parent
+    while not folder.exists() and not folder.is_symlink():  # the nearest existing folder above it
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{path}: cannot create its folder, {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write in {folder} (permission denied)")
+    return path
+
+
 def write_video(frames, path: str | os.PathLike, fps: float, crf: int = 18) -> Path:
     """Encodes frames to an H.264 mp4 at `fps` (fractional rates are kept exactly, e.g. 8/3).
 

@@ -207,6 +207,61 @@ def test_app_exits_with_one_line_when_the_model_is_missing(tmp_path):
     assert result.stderr.strip().splitlines() == [f"app.py: error: --model: no such directory: {tmp_path}/missing"]
 
 
+def test_app_exits_with_one_line_when_the_port_is_in_use(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"app.py: error: --port {port}: cannot listen on 127.0.0.1:{port} (already in use); pick another --port"]
+    assert time.perf_counter() - start < 60  # before the model is loaded and gradio is imported
+
+
+def test_an_uploaded_alias_bomb_is_refused_fast_with_little_memory(tmp_path):
+    import tracemalloc
+
+    import gradio as gr
+    from test_storyboard import alias_bomb
+
+    from pipeline.demo.page import _load_into_editor
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(4, 600, "x" * 1000))  # 13 kB; without the limits, 130 billion characters
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(gr.Error, match="its YAML aliases expand it past"):
+            _load_into_editor(path, MAX_SEGMENTS, check_rows=True)
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 2 and peak < 4 * 2**20
+
+
+@pytest.mark.parametrize("segments, message", [
+    ([{"text": "a cat"}] * (MAX_SEGMENTS + 1), rf"storyboard has {MAX_SEGMENTS + 1} segments"),
+    ([{"text": "a cat " * 200}], r"row 1 text: 1199 characters; the limit is 1000"),
+], ids=["too-many-rows", "long-text"])
+def test_an_upload_gets_the_limits_of_typed_rows(tmp_path, segments, message):
+    import json
+
+    import gradio as gr
+
+    from pipeline.demo.page import _load_into_editor
+
+    path = tmp_path / "story.json"
+    path.write_text(json.dumps({"scenes": [{"segments": segments}]}))
+    _load_into_editor(path)  # the bundled examples are loaded without the editor's limits
+    with pytest.raises(gr.Error, match=message):
+        _load_into_editor(path, MAX_SEGMENTS, check_rows=True)
+
+
 # the editor's helpers
 
 

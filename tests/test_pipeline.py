@@ -6,6 +6,7 @@ here 8/3 fps, so every segment plays for exactly 3 s (CogVideoX: 48 frames, 16 f
 """
 
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -15,7 +16,8 @@ from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, TEXT_LEN, WIDTH, tiny_components
 
 from models import CogVideoXTTTTransformer3DModel
-from pipeline import Segment, Storyboard, StoryboardError, TTTVideoPipeline
+from pipeline import Segment, Storyboard, StoryboardError, TTTVideoPipeline, load_storyboard
+from pipeline.vae_decode import decode_windows
 from pipeline.video_io import read_video, to_uint8_frames, write_video
 
 TINY_FPS = 8 / 3  # 8 pixel frames per 3-s segment
@@ -118,6 +120,31 @@ def test_windowed_decode_equals_whole_sequence_decode(mode, windows):
         torch.testing.assert_close(torch.cat(pieces, dim=2), whole, rtol=0, atol=1e-6)
     if mode == "plain":
         assert window_frames == {1: [9, 8, 8], 4: [9, 16]}  # VAE frame batches (3), (2), (2) latent frames
+
+
+@pytest.mark.parametrize("tile, overlap", [(16, 1 / 6), (24, 1 / 5)], ids=["tile-16", "tile-24"])
+def test_tiling_keeps_the_frame_size_whatever_the_tile_settings(tile, overlap):
+    # diffusers' tiled_decode keeps tile * (1 - overlap) pixels per tile: here 14 or 20 of every 8 or 16 the tiles
+    # step by, which made 50 x 50 or 36 x 36 frames out of 32 x 32
+    pipe = make_pipeline()
+    latents = torch.randn(1, pipe.transformer.num_latent_frames(1), LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8,
+                          generator=torch.Generator().manual_seed(0))
+    plain = torch.cat(list(pipe.decode_windows(latents)), dim=2)
+    pipe.vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile, tile_overlap_factor_height=overlap,
+                           tile_overlap_factor_width=overlap)
+    tiled = torch.cat(list(pipe.decode_windows(latents)), dim=2)
+    assert tiled.shape == plain.shape == (1, 3, pipe.num_frames(1), HEIGHT, WIDTH)
+
+
+def test_tiling_keeps_the_default_models_frame_size():
+    # the default model is 64 x 64; VAE tiles of 32 pixels with CogVideoX's 1/6 and 1/5 overlaps made it 70 x 68
+    default = Path(__file__).resolve().parents[1] / "models" / "default"
+    vae = TTTVideoPipeline.from_pretrained(default).vae
+    latents = torch.randn(1, 3, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    plain = torch.cat(list(decode_windows(vae, latents, 3)), dim=2)
+    vae.enable_tiling()
+    tiled = torch.cat(list(decode_windows(vae, latents, 3)), dim=2)
+    assert tiled.shape == plain.shape == (1, 3, 9, 64, 64)
 
 
 def test_windows_group_whole_frame_batches():
@@ -264,21 +291,38 @@ def test_fps_is_stored_in_the_config():
     ({"decode_window": 0}, ValueError, "decode_window must be >= 1 latent frame, got 0"),
     ({"height": 36}, ValueError, "height and width must be positive multiples of 8, got 36 and 32"),
     ({"latents": torch.zeros(1, 4, 4, 4, 4)}, ValueError, "latents: expected shape (1, 3, 4, 4, 4) for 1 segments"),
-    ({"negative_text": "a dark and cold place and a very long night too"}, StoryboardError,
+    ({"negative_text": "a dark and cold place and a very long night too", "strict_text": True}, StoryboardError,
      "argument: negative_text has 13 tokens, over the text encoder's budget of 8 (shorten it)"),
+    ({"num_inference_steps": 1001}, ValueError,
+     "num_inference_steps must be at most the scheduler's 1000 training timesteps, got 1001"),
     ({"callback_on_step_end_tensor_inputs": ["noise"]}, ValueError, "callback_on_step_end_tensor_inputs must be in"),
     ({"max_segments": 0}, StoryboardError, "storyboard has 1 segments (3 s); the maximum is 0"),
-], ids=["cfg-mode", "output-type", "steps", "window", "height", "latents", "negative-budget", "callback", "max"])
+], ids=["cfg-mode", "output-type", "steps", "window", "height", "latents", "negative-budget", "too-many-steps",
+        "callback", "max"])
 def test_bad_arguments_are_clear_errors(pipe, kwargs, error, message):
     with pytest.raises(error) as info:
         pipe(story(["a red ball"]), **{"num_inference_steps": 1, **kwargs})
     assert message in str(info.value)
 
 
-def test_over_budget_segment_text_is_reported_before_any_work(pipe):
+def test_over_budget_segment_text_is_reported_before_any_work_with_strict_text(pipe):
     with pytest.raises(StoryboardError, match=r"scenes\[0\]\.segments\[1\]: text has 11 tokens, over the text "
                                               r"encoder's budget of 8"):
-        pipe({"scenes": [{"segments": [{"text": "ok"}, {"text": "one two three four five six seven eight nine"}]}]})
+        pipe({"scenes": [{"segments": [{"text": "ok"}, {"text": "one two three four five six seven eight nine"}]}]},
+             strict_text=True)
+
+
+def test_the_original_releases_long_texts_render_truncated_with_a_warning(pipe):
+    path = Path(__file__).parent / "data" / "long_texts_legacy.json"  # texts of 44 to 61 tokens; the budget is 8
+    with pytest.warns(UserWarning, match=r"long_texts_legacy\.json: \[1\]: text has 44 tokens, over the text "
+                                         r"encoder's budget of 8; truncated, dropping 'small hop and then"):
+        frames = generate(pipe, path, num_inference_steps=1, guidance_scale=1.0)
+    assert frames.shape == (1, 3 * 8 + 1, HEIGHT, WIDTH, 3)
+    # what the encoder saw: the texts cut to the budget, as diffusers' pipelines cut them
+    cut = [pipe.tokenizer.decode(pipe.tokenizer(t, truncation=True, max_length=TEXT_LEN)["input_ids"],
+                                 skip_special_tokens=True) for t in load_storyboard(path).texts]
+    np.testing.assert_array_equal(generate(pipe, story(cut, scene_starts=[2]), num_inference_steps=1,
+                                           guidance_scale=1.0), frames)
 
 
 # video files
@@ -312,6 +356,29 @@ def test_bad_video_input_writes_nothing(tmp_path, frames, fps, message):
         write_video(frames, tmp_path / "v.mp4", fps)
     assert message in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_keeps_the_existing_video(tmp_path, monkeypatch):
+    import av
+
+    path = write_video(np.zeros((2, 16, 16, 3)), tmp_path / "v.mp4", 8)
+    before = path.read_bytes()
+    real_frame = av.VideoFrame
+    calls = []
+
+    class FailingFrame:  # fails on frame 51, after the encoder's lookahead has sent packets to the file
+        @staticmethod
+        def from_ndarray(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 50:
+                raise OSError("No space left on device")
+            return real_frame.from_ndarray(*args, **kwargs)
+
+    monkeypatch.setattr(av, "VideoFrame", FailingFrame)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_video(np.random.default_rng(0).random((60, 16, 16, 3)), path, 8)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left
 
 
 @pytest.mark.gpu

@@ -76,12 +76,18 @@ def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
     (["--steps", "0"], "--steps must be at least 1, got 0"),
     (["--steps", "x"], "argument --steps: invalid int value: 'x' (see --help)"),
     (["--max-segments", "0"], "--max-segments must be at least 1, got 0"),
-    (["--guidance", "-1"], "--guidance must be >= 0, got -1.0"),
+    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
+    (["--guidance", "-1"], "--guidance must be a finite number >= 0, got -1.0"),
+    (["--guidance", "nan"], "--guidance must be a finite number >= 0, got nan"),
+    (["--guidance", "inf"], "--guidance must be a finite number >= 0, got inf"),
+    (["--seed", "-1"], "--seed must be from 0 to 18446744073709551615, got -1"),
+    (["--seed", str(2**64)], "--seed must be from 0 to 18446744073709551615, got 18446744073709551616"),
     (["--cfg-mode", "fast"], "argument --cfg-mode: invalid choice: 'fast'"),
     (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-], ids=["steps-zero", "steps-text", "max-segments", "guidance", "cfg-mode", "scheduler", "dtype", "unknown"])
+], ids=["steps-zero", "steps-text", "max-segments", "steps-fraction", "guidance", "guidance-nan", "guidance-inf",
+        "seed-negative", "seed-too-big", "cfg-mode", "scheduler", "dtype", "unknown"])
 def test_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run(*flags, cwd=tmp_path), 2, message)
 
@@ -117,11 +123,103 @@ def test_model_directory_without_a_pipeline(short_story, tmp_path):
                           "TTTVideoPipeline.save_pretrained)")
 
 
-def test_text_over_the_token_budget(model_dir, tmp_path):
+def test_text_over_the_token_budget_with_strict_text(model_dir, tmp_path):
     story = tmp_path / "long.txt"
     story.write_text("one two three four five six seven eight nine\n")
-    assert_one_line_error(run("--model", model_dir, "--storyboard", story, "--steps", 1, cwd=tmp_path), 1,
+    assert_one_line_error(run("--model", model_dir, "--storyboard", story, "--steps", 1, "--strict-text",
+                              cwd=tmp_path), 1,
                           f"{story} line 1: text has 11 tokens, over the text encoder's budget of 8 (shorten it)")
+
+
+def test_the_original_releases_long_texts_render_truncated_with_one_warning_line_each(model_dir, tmp_path):
+    story = ROOT / "tests" / "data" / "long_texts_legacy.json"
+    output = tmp_path / "long.mp4"
+    result = run("--model", model_dir, "--storyboard", story, "--output", output, "--steps", 1, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("sample.py: warning: ")]
+    assert len(warnings) == 4, result.stderr  # three texts and a negative text
+    assert warnings[1] == (f"sample.py: warning: {story}: [1]: text has 44 tokens, over the text encoder's budget of "
+                           "8; truncated, dropping 'small hop and then a much higher jump that takes it almost to the "
+                           "top of the fra…'")
+    assert read_video(output)[0].shape == (3 * 8 + 1, HEIGHT, WIDTH, 3)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """sample.main in-process with model loading forbidden: what it refuses, it refuses before any long work."""
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setattr(sample, "load_pipeline", fail)
+    return sample
+
+
+def test_the_output_is_checked_before_loading(no_loading, model_dir, short_story, tmp_path):
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "file").write_text("")
+    for output, message in [
+        (tmp_path / "folder.mp4", f"--output: {tmp_path / 'folder.mp4'} is a folder; expected an .mp4 file name"),
+        (tmp_path / "video.avi", f"--output: {tmp_path / 'video.avi'}: expected a file name ending in .mp4"),
+        (tmp_path / "file" / "new" / "v.mp4", f"--output: {tmp_path / 'file' / 'new' / 'v.mp4'}: cannot create its "
+                                              f"folder, {tmp_path / 'file'} is not a folder"),
+    ]:
+        with pytest.raises(no_loading.UsageError) as info:
+            no_loading.main(["--model", str(model_dir), "--storyboard", str(short_story), "--output", str(output)])
+        assert str(info.value) == message
+    with pytest.raises(AssertionError, match="loaded"):  # a new folder is fine: write_video creates it
+        no_loading.main(["--model", str(model_dir), "--storyboard", str(short_story), "--output",
+                         str(tmp_path / "new" / "deeper" / "v.mp4")])
+
+
+def test_steps_over_the_schedulers_training_timesteps(model_dir, short_story, tmp_path):
+    assert_one_line_error(run("--model", model_dir, "--storyboard", short_story, "--steps", 1001, cwd=tmp_path), 2,
+                          "--steps must be at most 1000 (the scheduler's training timesteps), got 1001")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no-vae", "the vae component (AutoencoderKLCogVideoX in model_index.json) is missing: no folder vae/"),
+    ("no-vae-weights", "the vae component (AutoencoderKLCogVideoX in model_index.json) has no weights: no .safetensors "
+                       "or .bin file in vae/"),
+    ("no-scheduler-config", "the scheduler component (CogVideoXDDIMScheduler in model_index.json) is incomplete: no "
+                            "config in scheduler/"),
+    ("cut-transformer", "transformer/diffusion_pytorch_model.safetensors: cut off: {half} bytes, its header says "
+                        "{full}"),
+])
+def test_a_model_folder_missing_a_component_names_it(no_loading, model_dir, short_story, tmp_path, damage, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    if damage == "no-vae":
+        shutil.rmtree(model / "vae")
+    elif damage == "no-vae-weights":
+        (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    elif damage == "no-scheduler-config":
+        (model / "scheduler" / "scheduler_config.json").unlink()
+    else:
+        weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+        full = weights.stat().st_size
+        weights.write_bytes(weights.read_bytes()[:full // 2])
+        message = message.format(half=full // 2, full=full)
+    with pytest.raises(no_loading.InputError) as info:
+        no_loading.main(["--model", str(model), "--storyboard", str(short_story)])
+    assert str(info.value).startswith(f"--model {model}: {message}")
+
+
+def test_a_hub_id_not_in_the_cache_is_one_line_offline(short_story, tmp_path):
+    import os
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, str(SAMPLE), "--model", "someone/not-cached", "--storyboard",
+                             str(short_story)], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert_one_line_error(result, 1, "--model someone/not-cached: not available offline (HF_HUB_OFFLINE is set and "
+                                     "the hub id is not in the local Hugging Face cache)")
+    assert "Retrying" not in result.stderr and time.perf_counter() - start < 60
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is available")

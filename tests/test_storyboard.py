@@ -8,6 +8,8 @@ from tiny import tiny_text_encoder
 
 from pipeline.storyboard import (
     DEFAULT_MAX_SEGMENTS,
+    MAX_EXPANDED_SIZE,
+    MAX_FILE_BYTES,
     Segment,
     Storyboard,
     StoryboardError,
@@ -244,3 +246,104 @@ def test_token_budget_names_count_and_limit(tmp_path):
         f"{path} line 2: text has {count} tokens, over the text encoder's budget of {count - 1} (shorten it)",
         f"argument: negative_text has {count} tokens, over the text encoder's budget of {count - 1} (shorten it)",
     ]
+
+
+# hostile and oversized files: refused before anything big is built
+
+
+def alias_bomb(levels: int = 9, width: int = 9, text: str = "lol") -> str:
+    """A "billion laughs" YAML storyboard: each level is a list of `width` aliases to the level below, so a file of a
+    few hundred bytes expands to width ** levels copies of `text`."""
+    lines = [f"a0: &a0 {json.dumps(text)}"]
+    for level in range(1, levels + 1):
+        lines.append(f"a{level}: &a{level} [{', '.join([f'*a{level - 1}'] * width)}]")
+    lines.append(f"scenes: [{{segments: *a{levels}}}]")
+    return "\n".join(lines) + "\n"
+
+
+def measure(function) -> tuple[float, int, list[str]]:
+    """Seconds, peak traced bytes and the problems of one call of `function`, which must raise StoryboardError."""
+    import time
+    import tracemalloc
+
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(StoryboardError) as info:
+            function()
+    finally:
+        seconds = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return seconds, peak, info.value.problems
+
+
+@pytest.mark.parametrize("levels, width, text", [(9, 9, "lol"), (4, 600, "x" * 1000)],
+                         ids=["billion-laughs", "long-strings"])
+def test_yaml_alias_bomb_is_refused_fast_with_little_memory(tmp_path, levels, width, text):
+    path = write(tmp_path, "bomb.yaml", alias_bomb(levels, width, text))
+    assert path.stat().st_size < 20_000
+    seconds, peak, problems = measure(lambda: load_storyboard(path, max_segments=None))
+    assert problems == [f"{path}: its YAML aliases expand it past {MAX_EXPANDED_SIZE} nodes and characters, "
+                                "the size limit of a storyboard; repeat fewer aliases"]
+    assert seconds < 2 and peak < 4 * 2**20  # the read buffer (MAX_FILE_BYTES) is most of it
+
+
+def test_a_yaml_alias_that_contains_itself_is_refused(tmp_path):
+    path = write(tmp_path, "loop.yaml", "scenes: &s [{segments: [{text: a}]}, *s]\n")
+    assert problems_of(path) == [f"{path}: a YAML alias refers to a node that contains it; a storyboard cannot "
+                                 "contain itself"]
+
+
+def test_aliases_within_the_limit_still_work(tmp_path):
+    path = write(tmp_path, "anchors.yaml", "negative_text: &neg blurry\nscenes:\n"
+                                           "  - segments: [{text: a cat, negative_text: *neg}, {text: a dog}]\n")
+    assert load_storyboard(path).negative_texts() == ["blurry", "blurry"]
+
+
+def test_files_over_the_size_limit_are_refused_unread(tmp_path):
+    path = write(tmp_path, "big.txt", "a cat\n" * (MAX_FILE_BYTES // 6 + 1))
+    _, peak, problems = measure(lambda: load_storyboard(path, max_segments=None))
+    assert problems == [f"{path}: over {MAX_FILE_BYTES} bytes, the size limit of a storyboard file"]
+    assert peak < 2 * MAX_FILE_BYTES + 2**20
+
+
+@pytest.mark.parametrize("suffix", [".json", ".txt"])
+def test_the_segment_count_is_checked_before_segments_are_built(tmp_path, suffix):
+    count = 100_000
+    text = json.dumps([{}] * count) if suffix == ".json" else "a\n" * count  # every JSON entry lacks its text
+    path = write(tmp_path, "many" + suffix, text)
+    _, peak, problems = measure(lambda: load_storyboard(path))
+    assert problems == [f"{path}: storyboard has {count} segments ({3 * count} s); the maximum is 21 (63 s) — "
+                                "raise max_segments to allow more"]
+    assert peak < 40 * 2**20  # the parsed JSON, not 100,000 segments and problems
+
+
+def test_messages_quote_huge_values_shortened_without_building_them():
+    big = ["x" * 1000] * 1000
+    data = {"scenes": [{"segments": [{"text": [big] * 100}]}]}  # whole, its repr would be 100 MB
+    _, peak, problems = measure(lambda: load_storyboard(data))
+    (problem,) = problems
+    assert problem.startswith("scenes[0].segments[0].text: expected a string, got [[") and problem.endswith("(list)")
+    assert len(problem) < 120 and peak < 2**20
+
+
+# the text encoder's token budget
+
+
+def test_over_budget_texts_are_truncated_with_a_warning_naming_the_dropped_words():
+    tokenizer, _ = tiny_text_encoder()
+    storyboard = load_storyboard(EXAMPLES.parent / "tests" / "data" / "long_texts_legacy.json")
+    with pytest.warns(UserWarning) as record:
+        storyboard.check_token_budget(tokenizer, 8, strict=False)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 4  # three texts and one negative text
+    assert messages[0].endswith("long_texts_legacy.json: [0]: text has 61 tokens, over the text encoder's budget of "
+                                "8; truncated, dropping 'vertical stripes, lit from the left, the stripes slowly "
+                                "fading into a paler gray…'")
+    kept = tokenizer(storyboard.texts[0], truncation=True, max_length=8)["input_ids"]  # as encode_text truncates
+    assert tokenizer.decode(kept, skip_special_tokens=True) == "scene : a gray backdrop with"
+    assert ": [2]: negative_text has 25 tokens, over the text encoder's budget of 8; truncated" in messages[3]
+    with pytest.raises(StoryboardError) as info:
+        storyboard.check_token_budget(tokenizer, 8)
+    assert len(info.value.problems) == 4 and info.value.problems[0].endswith("(shorten it)")

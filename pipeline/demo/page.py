@@ -195,8 +195,8 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                 return gr.skip(), gr.skip(), gr.skip()
             return _load_into_editor(examples_dir / Path(name).name)
 
-        def load_upload(file):
-            return _load_into_editor(Path(file))
+        def load_upload(file):  # the limits of typed input: max_segments rows, MAX_TEXT_CHARS per text
+            return _load_into_editor(Path(file), max_segments, check_rows=True)
 
         def save_rows(rows, title_text, negative_text, fmt):
             try:
@@ -244,13 +244,21 @@ def launch(demo: gr.Blocks, server_name: str | None = None, server_port: int | N
                 quiet=quiet, css=CSS, theme=gr.themes.Soft(), show_error=True, allowed_paths=allowed_paths)
 
 
-def _load_into_editor(path: Path) -> tuple[list[list[Any]], str, str]:
+def _load_into_editor(path: Path, max_segments: int | None = None,
+                      check_rows: bool = False) -> tuple[list[list[Any]], str, str]:
     """Table rows, title and default negative text of a storyboard file; unknown keys become warning toasts.
-    Messages name the file, not the folder it was uploaded to."""
+    Messages name the file, not the folder it was uploaded to.
+
+    max_segments: the most segments accepted (None: any number). check_rows: also apply the editor's own limits
+    (`storyboard_from_rows`), so an uploaded file gets no further than typed rows would. The file's size and YAML
+    alias limits (pipeline/storyboard.py) always apply."""
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            storyboard = load_storyboard(path, max_segments=None)
+            storyboard = load_storyboard(path, max_segments=max_segments)
+        if check_rows:
+            storyboard_from_rows(rows_from_storyboard(storyboard), storyboard.title, storyboard.negative_text,
+                                 max_segments)
     except StoryboardError as e:
         raise gr.Error(_as_html([p.replace(str(path), path.name) for p in e.problems]),
                        title=f"Cannot load {path.name}", print_exception=False) from None

@@ -206,6 +206,7 @@ class Renderer:
             output = self.pipe(storyboard=storyboard, num_inference_steps=settings.steps,
                                guidance_scale=settings.guidance, use_dynamic_cfg=settings.dynamic_cfg,
                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_segments=None,
+                               strict_text=True,  # in the editor, shortening the row beats a silent cut
                                callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
                                **context)
             frames = output.frames[0]  # (F, H, W, 3)
