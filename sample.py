@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.cache import CACHES, cache_problems, set_cache
 from pipeline.loading import (
     DTYPES,
     ArgumentParser,
@@ -52,12 +53,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="sequential: run the two guidance branches in turn (less memory)")
     p.add_argument("--scheduler", choices=("ddim", "dpm"), default=None, help="default: the pipeline's own")
     p.add_argument("--max-segments", type=int, default=21, help="most segments accepted (default 21 = 63 s)")
+    p.add_argument("--cache", choices=CACHES, default="none",
+                   help="reuse computation across steps with a diffusers cache hook (docs/sampling.md); default none")
     args = p.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.guidance < 0:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
+    for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
+        raise UsageError(f"--cache {args.cache}: {problem}")
     return args
 
 
@@ -89,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    set_cache(pipe, args.cache)
 
     # 3. generate
     start = time.perf_counter()

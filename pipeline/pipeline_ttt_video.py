@@ -353,6 +353,8 @@ class TTTVideoPipeline(DiffusionPipeline):
                                        latents)
 
         # 6. Denoising loop over the whole sequence
+        if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind
+            self.transformer._reset_stateful_cache()
         is_dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
         old_pred_original_sample = None  # DPM-solver++ keeps the previous x0 prediction
         with self.progress_bar(total=num_inference_steps) as progress_bar:

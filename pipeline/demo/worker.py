@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
 
+from ..cache import CACHES, cache_problems, set_cache
 from ..storyboard import (
     Storyboard,
 )
@@ -61,6 +62,7 @@ class Settings:
     dynamic_cfg: bool = False
     seed: int = -1
     sampler: str = "ddim"
+    cache: str = "none"
 
     def checked(self) -> Settings:
         """The settings with whole numbers as ints; raises SettingsError naming each bad field."""
@@ -73,9 +75,14 @@ class Settings:
             problems.append(f"seed: expected -1 (random) or a whole number from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.sampler not in SAMPLERS:
             problems.append(f"sampler: expected one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.cache not in CACHES:
+            problems.append(f"cache: expected one of {', '.join(CACHES)}, got {self.cache!r}")
+        elif isinstance(self.guidance, (int, float)):
+            problems += [f"cache: {p}" for p in cache_problems(self.cache, self.guidance, "batched")]
         if problems:
             raise SettingsError(problems)
-        return Settings(int(self.steps), float(self.guidance), bool(self.dynamic_cfg), int(self.seed), self.sampler)
+        return Settings(int(self.steps), float(self.guidance), bool(self.dynamic_cfg), int(self.seed), self.sampler,
+                        self.cache)
 
 
 @dataclass(frozen=True)
@@ -196,6 +203,7 @@ class Renderer:
         with self._lock:
             start = time.perf_counter()
             self.pipe.scheduler = self._schedulers[settings.sampler]
+            set_cache(self.pipe, settings.cache)
             output = self.pipe(storyboard=storyboard, num_inference_steps=settings.steps,
                                guidance_scale=settings.guidance, use_dynamic_cfg=settings.dynamic_cfg,
                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_segments=None,
