@@ -35,6 +35,7 @@ from diffusers import (
     ModelMixin,  # noqa: F401  (looked up in this module when loading; see __init__)
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import CogVideoXLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -93,7 +94,7 @@ class TTTVideoPipelineOutput(BaseOutput):
     fps: float
 
 
-class TTTVideoPipeline(DiffusionPipeline):
+class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     r"""Storyboard-to-video generation with CogVideoX + gated TTT layers.
 
     Args:
