@@ -45,6 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models import CogVideoXTTTTransformer3DModel
 
 from .atomic import atomic_write_text
+from .code_bundle import BUNDLE_FILE, bundle_text
 
 # model_index.json may name this text encoder (the toy default model does): diffusers resolves component classes only
 # in modules already imported
@@ -67,20 +68,22 @@ CODE_FILE = "pipeline_ttt_video.py"
 CLASS_NAME_ENTRY = [CODE_FILE.removesuffix(".py"), "TTTVideoPipeline"]
 CODE_FILE_TEXT = '''"""TTT-Video's pipeline, for `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
 
-diffusers copies this file into its modules cache and runs it there, so it cannot bring the rest of the code along:
-it imports the TTT-Video packages (pipeline, models, kernels), which must be importable (the repository on
-PYTHONPATH, or the current directory when run from the repository root). Written by TTTVideoPipeline.save_pretrained.
+diffusers copies this file into its modules cache and runs it there. It imports the TTT-Video packages (pipeline,
+models, kernels) from the repository when they are importable, else from ttt_video_code.py, the code as of the export
+that diffusers copies along. Written by TTTVideoPipeline.save_pretrained.
 """
 
 import importlib
 
 try:
     TTTVideoPipeline = importlib.import_module("pipeline.pipeline_ttt_video").TTTVideoPipeline
-except ImportError as e:
-    raise ImportError(
-        "this folder holds a TTT-Video pipeline, whose code is the TTT-Video repository's packages (pipeline, models, "
-        f"kernels); put the repository on PYTHONPATH (or run from its root) and load again ({e})"
-    ) from e
+except ModuleNotFoundError as e:
+    if e.name not in ("pipeline", "pipeline.pipeline_ttt_video"):
+        raise
+    from .ttt_video_code import install
+
+    install()
+    TTTVideoPipeline = importlib.import_module("pipeline.pipeline_ttt_video").TTTVideoPipeline
 '''
 CFG_MODES = ("batched", "sequential")
 
@@ -177,13 +180,15 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         """DiffusionPipeline.save_pretrained, plus what `DiffusionPipeline.from_pretrained(save_directory,
         trust_remote_code=True)` needs to return a TTTVideoPipeline: model_index.json names the class as
         ["pipeline_ttt_video", "TTTVideoPipeline"] and the folder carries that file (`CODE_FILE_TEXT`), which imports
-        this class. `TTTVideoPipeline.from_pretrained` needs neither (see `load_config`)."""
+        this class, and the sampling code itself for processes that cannot import this repository (`BUNDLE_FILE`,
+        pipeline/code_bundle.py). `TTTVideoPipeline.from_pretrained` needs neither (see `load_config`)."""
         super().save_pretrained(save_directory, *args, **kwargs)
         folder = Path(save_directory)
         index = json.loads((folder / "model_index.json").read_text())
         index["_class_name"] = CLASS_NAME_ENTRY
         atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
         atomic_write_text(folder / CODE_FILE, CODE_FILE_TEXT)
+        atomic_write_text(folder / BUNDLE_FILE, bundle_text())
 
     @classmethod
     def load_config(cls, *args, **kwargs):

@@ -15,12 +15,20 @@ from tiny_ttt_pipeline import save_tiny_ttt_pipeline
 
 from models import CogVideoXTTTTransformer3DModel
 from pipeline import TTTVideoPipeline
+from pipeline.code_bundle import BUNDLE_FILE, bundle_text
 from pipeline.pipeline_ttt_video import CLASS_NAME_ENTRY, CODE_FILE, CODE_FILE_TEXT
 
 ROOT = Path(__file__).resolve().parents[1]
-LOAD = ("import sys; from diffusers import DiffusionPipeline; "
-        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True); "
-        "print(type(pipe).__name__, type(pipe.transformer).__name__)")
+LOAD = """
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+latents = pipe(prompt=["a red ball rolls in"], num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+               output_type="latent").frames
+print(type(pipe).__name__, type(pipe.transformer).__name__, sys.modules[type(pipe).__module__].__file__,
+      repr(latents.double().sum().item()))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +42,10 @@ def first_latents(pipe) -> torch.Tensor:
                 output_type="latent").frames
 
 
-def test_saved_folder_names_its_pipeline_file(saved):
+def test_saved_folder_names_its_pipeline_file_and_carries_the_code(saved):
     assert json.loads((saved / "model_index.json").read_text())["_class_name"] == CLASS_NAME_ENTRY
     assert (saved / CODE_FILE).read_text() == CODE_FILE_TEXT
+    assert (saved / BUNDLE_FILE).read_text() == bundle_text()
 
 
 def test_diffusion_pipeline_from_pretrained_returns_the_ttt_pipeline(saved):
@@ -55,22 +64,24 @@ def test_own_from_pretrained_needs_no_remote_code(saved):
     assert type(TTTVideoPipeline.from_pretrained(saved)) is TTTVideoPipeline  # no trust_remote_code needed
 
 
-def test_a_copied_folder_loads_in_a_fresh_process(saved, tmp_path):
-    """Nothing imported beforehand: the folder's pipeline file brings in the TTT-Video packages, whose classes the
-    other model_index.json entries then name. With the repository off the path the error says what to do."""
+def test_a_copied_folder_loads_where_the_repository_cannot_be_imported(saved, tmp_path):
+    """A fresh process, run elsewhere, with the repository off sys.path: the folder's pipeline file falls back on the
+    code it carries (ttt_video_code.py), which then resolves the other model_index.json entries too; same output."""
     copy = shutil.copytree(saved, tmp_path / "elsewhere")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
     run = subprocess.run([sys.executable, "-c", LOAD, str(copy)], cwd=tmp_path, capture_output=True, text=True,
-                         env={**env, "PYTHONPATH": str(ROOT)}, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["TTTVideoPipeline", "CogVideoXTTTTransformer3DModel"]
-    run = subprocess.run([sys.executable, "-c", LOAD, str(copy)], cwd=tmp_path, capture_output=True, text=True,
-                         env=env, timeout=300)
-    assert run.returncode != 0
-    assert "put the repository on PYTHONPATH" in run.stderr
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    pipeline_name, transformer_name, module_file, checksum = run.stdout.split()
+    assert (pipeline_name, transformer_name) == ("TTTVideoPipeline", "CogVideoXTTTTransformer3DModel")
+    assert Path(module_file).is_relative_to(tmp_path / "modules")  # the carried code, not the repository's
+    expected = first_latents(TTTVideoPipeline.from_pretrained(saved)).double().sum().item()
+    assert float(checksum) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
 def test_bundled_default_model_is_in_the_remote_code_form():
     folder = ROOT / "models" / "default"
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == CLASS_NAME_ENTRY
     assert (folder / CODE_FILE).read_text() == CODE_FILE_TEXT
+    assert (folder / BUNDLE_FILE).is_file()  # the code as of the export (it may lag the repository's)
