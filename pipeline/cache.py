@@ -39,7 +39,7 @@ def cache_config(name: str, pipe) -> Any | None:
         return int(pipe.current_timestep)
 
     if name == "first-block":
-        return FirstBlockCacheConfig(threshold=0.05)
+        return FirstBlockCacheConfig(threshold=0.2)
     if name == "taylorseer":
         return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=3, max_order=1,
                                      taylor_factors_dtype=torch.float32, use_lite_mode=True)
