@@ -80,3 +80,13 @@ def test_cache_settings_that_cannot_combine_are_named():
     assert cache_problems("first-block", 1.0, "sequential") == []
     with pytest.raises(ValueError, match="expected one of"):
         cache_config("fastest", None)
+
+
+def test_demo_settings_check_the_cache():
+    from pipeline.demo.worker import Settings, SettingsError
+
+    assert Settings(cache="pab").checked().cache == "pab"
+    with pytest.raises(SettingsError, match="cache: expected one of none, first-block"):
+        Settings(cache="fastest").checked()
+    with pytest.raises(SettingsError, match="cache: cache 'faster' approximates"):
+        Settings(guidance=1.0, cache="faster").checked()
