@@ -1,4 +1,5 @@
-"""The sampling path's code, carried inside every saved pipeline folder, so that
+"""What a saved pipeline folder carries for `DiffusionPipeline.from_pretrained`: the pipeline file named in
+model_index.json (`CODE_FILE`), and the sampling path's code, so that
 `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works in a process that cannot import this
 repository (docs/sampling.md, "Loading").
 
@@ -17,6 +18,29 @@ import io
 import zipfile
 from pathlib import Path
 
+# model_index.json names the pipeline class as [module file in the folder, class]: diffusers' remote-code form, which
+# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) resolves by running that file (docs/sampling.md)
+CODE_FILE = "pipeline_ttt_video.py"
+CLASS_NAME_ENTRY = [CODE_FILE.removesuffix(".py"), "TTTVideoPipeline"]
+CODE_FILE_TEXT = '''"""TTT-Video's pipeline, for `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
+diffusers copies this file into its modules cache and runs it there. It imports the TTT-Video packages (pipeline,
+models, kernels) from the repository when they are importable, else from ttt_video_code.py, the code as of the export
+that diffusers copies along. Written by TTTVideoPipeline.save_pretrained.
+"""
+
+import importlib
+
+try:
+    TTTVideoPipeline = importlib.import_module("pipeline.pipeline_ttt_video").TTTVideoPipeline
+except ModuleNotFoundError as e:
+    if e.name not in ("pipeline", "pipeline.pipeline_ttt_video"):
+        raise
+    from .ttt_video_code import install
+
+    install()
+    TTTVideoPipeline = importlib.import_module("pipeline.pipeline_ttt_video").TTTVideoPipeline
+'''
 BUNDLE_FILE = "ttt_video_code.py"
 PACKAGES = ("pipeline", "models", "kernels")
 ROOT = Path(__file__).resolve().parents[1]

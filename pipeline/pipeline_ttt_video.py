@@ -45,7 +45,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from models import CogVideoXTTTTransformer3DModel
 
 from .atomic import atomic_write_text
-from .code_bundle import BUNDLE_FILE, bundle_text
+from .code_bundle import BUNDLE_FILE, CLASS_NAME_ENTRY, CODE_FILE, CODE_FILE_TEXT, bundle_text
 
 # model_index.json may name this text encoder (the toy default model does): diffusers resolves component classes only
 # in modules already imported
@@ -62,29 +62,6 @@ from .text_encoding import encode_text
 from .vae_decode import decode_windows, frame_batches
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
-# model_index.json names the pipeline class as [module file in the folder, class]: diffusers' remote-code form, which
-# DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) resolves by running that file (docs/sampling.md)
-CODE_FILE = "pipeline_ttt_video.py"
-CLASS_NAME_ENTRY = [CODE_FILE.removesuffix(".py"), "TTTVideoPipeline"]
-CODE_FILE_TEXT = '''"""TTT-Video's pipeline, for `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
-
-diffusers copies this file into its modules cache and runs it there. It imports the TTT-Video packages (pipeline,
-models, kernels) from the repository when they are importable, else from ttt_video_code.py, the code as of the export
-that diffusers copies along. Written by TTTVideoPipeline.save_pretrained.
-"""
-
-import importlib
-
-try:
-    TTTVideoPipeline = importlib.import_module("pipeline.pipeline_ttt_video").TTTVideoPipeline
-except ModuleNotFoundError as e:
-    if e.name not in ("pipeline", "pipeline.pipeline_ttt_video"):
-        raise
-    from .ttt_video_code import install
-
-    install()
-    TTTVideoPipeline = importlib.import_module("pipeline.pipeline_ttt_video").TTTVideoPipeline
-'''
 CFG_MODES = ("batched", "sequential")
 
 
@@ -182,6 +159,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         ["pipeline_ttt_video", "TTTVideoPipeline"] and the folder carries that file (`CODE_FILE_TEXT`), which imports
         this class, and the sampling code itself for processes that cannot import this repository (`BUNDLE_FILE`,
         pipeline/code_bundle.py). `TTTVideoPipeline.from_pretrained` needs neither (see `load_config`)."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub: the hub copy would lack the pipeline file and the code; save_pretrained to "
+                             "a folder, then upload it (huggingface_hub.upload_folder)")
         super().save_pretrained(save_directory, *args, **kwargs)
         folder = Path(save_directory)
         index = json.loads((folder / "model_index.json").read_text())
