@@ -84,6 +84,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         scheduler ([`CogVideoXDDIMScheduler`] or [`CogVideoXDPMScheduler`]).
         fps: frame rate of the videos; default: one segment's frames per 3 s, i.e. 4 * latent_frames_per_segment / 3
             (16 for CogVideoX; 8 for a model with 6 latent frames per segment). Stored in the pipeline's config.
+
+    LoRA: diffusers' CogVideoX loader (`load_lora_weights`, `fuse_lora`, `set_adapters`, ...) on the transformer's
+    attention; cache hooks: `transformer.enable_cache(...)` (docs/sampling.md).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
