@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+from pipeline.cache import CACHES, cache_problems, set_cache
 from pipeline.loading import (
     DTYPES,
     ArgumentParser,
@@ -75,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="split the segments over P processes started by torchrun (docs/sampling.md)")
     p.add_argument("--strict-text", action="store_true",
                    help="refuse texts over the text encoder's token budget (default: truncate them with a warning)")
+    p.add_argument("--cache", choices=CACHES, default="none",
+                   help="reuse computation across steps with a diffusers cache hook (docs/sampling.md); default none")
     args = p.parse_args(argv)
     for flag, value in (("--steps", args.steps), ("--max-segments", args.max_segments),
                         ("--context-parallel", args.context_parallel)):
@@ -94,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, path in (("--video", args.video), ("--reference", args.reference)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: file not found: {path}")
+    for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
+        raise UsageError(f"--cache {args.cache}: {problem}")
     return args
 
 
@@ -145,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    set_cache(pipe, args.cache)
 
     # 3. clean context: the segments of --video to keep, or a --reference clip
     try:

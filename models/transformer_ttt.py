@@ -8,6 +8,7 @@ stock CogVideoX.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import os
@@ -17,6 +18,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import CogVideoXTransformer3DModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.hooks import FasterCacheConfig
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.utils import apply_lora_scale
@@ -327,6 +329,24 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
             raise ValueError('trainable mode "lora" needs LoRA layers: call add_adapter(LoraConfig(...)) first')
         return names
 
+    # diffusers' cache hooks
+
+    def enable_cache(self, config) -> None:
+        """diffusers' `CacheMixin.enable_cache`, made to fit this model (docs/sampling.md, "Faster sampling").
+
+        The block-level hooks (FirstBlockCacheConfig, FasterCache's) look a block class up in diffusers'
+        TransformerBlockRegistry by exact class: `CogVideoXTTTBlock` returns (video, text) like CogVideoXBlock and is
+        registered so. FasterCache halves the batch of the unconditional/conditional inputs it knows by name;
+        `scene_start` (B, n) is added to them. Attention-level hooks (PyramidAttentionBroadcastConfig) need nothing.
+        """
+        register_block_for_cache_hooks()
+        if isinstance(config, FasterCacheConfig):
+            names = tuple(config._unconditional_conditional_input_kwargs_identifiers)
+            if "scene_start" not in names:
+                names = (*names, "scene_start")
+                config = dataclasses.replace(config, _unconditional_conditional_input_kwargs_identifiers=names)
+        super().enable_cache(config)
+
     # adapters: the added weights alone
 
     def ttt_config(self) -> dict:
@@ -462,3 +482,13 @@ def ttt_config_fields() -> list[tuple[str, Any, Any]]:
     config (pipeline.training.config.TTTConfig is built from it)."""
     params = inspect.signature(CogVideoXTTTTransformer3DModel.__init__, eval_str=True).parameters
     return [(key, params[key].annotation, params[key].default) for key in TTT_CONFIG_KEYS]
+
+
+def register_block_for_cache_hooks() -> None:
+    """Registers `CogVideoXTTTBlock` with diffusers' cache hooks: forward(hidden_states, encoder_hidden_states, ...)
+    returns (hidden_states, encoder_hidden_states), as CogVideoXBlock's. diffusers keeps this registry in a private
+    module (hooks._helpers) and has no public way to add a block class; registering twice is harmless."""
+    from diffusers.hooks._helpers import TransformerBlockMetadata, TransformerBlockRegistry
+
+    TransformerBlockRegistry.register(CogVideoXTTTBlock, TransformerBlockMetadata(return_hidden_states_index=0,
+                                                                                 return_encoder_hidden_states_index=1))

@@ -48,6 +48,11 @@ def copy_dir_atomically(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     return _build_dir(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
+def build_dir_atomically(out: str | os.PathLike, fill) -> Path:
+    """fill(tmp) writes a folder that then replaces `out` (see save_pretrained_atomically)."""
+    return _build_dir(out, fill)
+
+
 def _build_dir(out: str | os.PathLike, fill) -> Path:
     """fill(tmp) writes the new folder into a temporary sibling of `out`, which then replaces `out`; on failure the
     temporary folder is removed and `out` is left as it was."""

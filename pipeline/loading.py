@@ -138,12 +138,10 @@ def resolve_device(device: str | None, dtype: str = "auto", offload: bool = Fals
 def load_pipeline(model: str, adapter: Path | None, dtype):
     """A TTTVideoPipeline from a saved TTT-Video folder (plus an optional adapter), or from a stock CogVideoX
     pipeline and a TTT adapter; InputError / UsageError in one line otherwise."""
-    from diffusers import DiffusionPipeline
-
     from .pipeline_ttt_video import TTTVideoPipeline
 
     try:
-        index = DiffusionPipeline.load_config(model)
+        index = TTTVideoPipeline.load_config(model)  # reads a TTT-Video folder's class entry as "TTTVideoPipeline"
     except OSError as e:
         raise InputError(f"--model {model}: no pipeline there ({first_line(e)})") from None
     if index.get("_class_name") == TTTVideoPipeline.__name__:

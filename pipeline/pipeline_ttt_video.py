@@ -7,9 +7,10 @@ and VAE. What differs: the text of every segment is encoded separately and the t
 latents with T = num_latent_frames(n) — and the VAE decodes in temporal windows with its causal conv cache carried
 from window to window, so a minute of video never sits on the device as one float tensor and has no seams.
 
-Load a saved pipeline with `TTTVideoPipeline.from_pretrained(directory)` (not `DiffusionPipeline.from_pretrained`,
-which cannot find this class from model_index.json), or build one from a stock CogVideoX pipeline and a TTT adapter
-with `TTTVideoPipeline.from_cogvideox(...)`.
+Load a saved pipeline with `TTTVideoPipeline.from_pretrained(directory)`, or with
+`DiffusionPipeline.from_pretrained(directory, trust_remote_code=True)` (diffusers' remote-code route: the folder names
+its pipeline file in model_index.json; see `save_pretrained`), or build one from a stock CogVideoX pipeline and a TTT
+adapter with `TTTVideoPipeline.from_cogvideox(...)`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,6 +35,7 @@ from diffusers import (
     ModelMixin,  # noqa: F401  (looked up in this module when loading; see __init__)
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.loaders import CogVideoXLoraLoaderMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
@@ -41,11 +44,21 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models import CogVideoXTTTTransformer3DModel
 
+from .atomic import atomic_write_text
+from .code_bundle import BUNDLE_FILE, CLASS_NAME_ENTRY, CODE_FILE, CODE_FILE_TEXT, bundle_text
+
 # model_index.json may name this text encoder (the toy default model does): diffusers resolves component classes only
 # in modules already imported
 from .packaged_text_encoder import PackagedTextEncoder  # noqa: F401
 from .segment_context import SegmentContext, VideoInput, build_context, encode_video, latent_segments
-from .storyboard import DEFAULT_MAX_SEGMENTS, SEGMENT_SECONDS, Storyboard, load_storyboard
+from .storyboard import (
+    DEFAULT_MAX_SEGMENTS,
+    SEGMENT_SECONDS,
+    Segment,
+    Storyboard,
+    StoryboardError,
+    load_storyboard,
+)
 from .text_encoding import encode_text
 from .vae_decode import decode_windows, frame_batches
 
@@ -65,7 +78,7 @@ class TTTVideoPipelineOutput(BaseOutput):
     latents: torch.Tensor | None = None
 
 
-class TTTVideoPipeline(DiffusionPipeline):
+class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     r"""Storyboard-to-video generation with CogVideoX + gated TTT layers.
 
     Args:
@@ -75,6 +88,9 @@ class TTTVideoPipeline(DiffusionPipeline):
         scheduler ([`CogVideoXDDIMScheduler`] or [`CogVideoXDPMScheduler`]).
         fps: frame rate of the videos; default: one segment's frames per 3 s, i.e. 4 * latent_frames_per_segment / 3
             (16 for CogVideoX; 8 for a model with 6 latent frames per segment). Stored in the pipeline's config.
+
+    LoRA: diffusers' CogVideoX loader (`load_lora_weights`, `fuse_lora`, `set_adapters`, ...) on the transformer's
+    attention; cache hooks: `transformer.enable_cache(...)` (docs/sampling.md).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -141,6 +157,36 @@ class TTTVideoPipeline(DiffusionPipeline):
         transformer = CogVideoXTTTTransformer3DModel.from_base(base.transformer, adapter=ttt_adapter, **ttt_config)
         return cls(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=transformer,
                    scheduler=base.scheduler, fps=fps)
+
+    # saving, and loading through DiffusionPipeline
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """DiffusionPipeline.save_pretrained, plus what `DiffusionPipeline.from_pretrained(save_directory,
+        trust_remote_code=True)` needs to return a TTTVideoPipeline: model_index.json names the class as
+        ["pipeline_ttt_video", "TTTVideoPipeline"] and the folder carries that file (`CODE_FILE_TEXT`), which imports
+        this class, and the sampling code itself for processes that cannot import this repository (`BUNDLE_FILE`,
+        pipeline/code_bundle.py). `TTTVideoPipeline.from_pretrained` needs neither (see `load_config`)."""
+        if kwargs.get("push_to_hub"):
+            raise ValueError("push_to_hub: the hub copy would lack the pipeline file and the code; save_pretrained to "
+                             "a folder, then upload it (huggingface_hub.upload_folder)")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        index = json.loads((folder / "model_index.json").read_text())
+        index["_class_name"] = CLASS_NAME_ENTRY
+        atomic_write_text(folder / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(folder / CODE_FILE, CODE_FILE_TEXT)
+        atomic_write_text(folder / BUNDLE_FILE, bundle_text())
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """ConfigMixin.load_config; for this class (not for DiffusionPipeline) the remote-code class entry written by
+        `save_pretrained` reads as the plain class name, so `TTTVideoPipeline.from_pretrained(folder)` uses this class
+        directly instead of running the folder's code file (which diffusers would refuse without trust_remote_code)."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if list(config.get("_class_name") or []) == CLASS_NAME_ENTRY:
+            config["_class_name"] = CLASS_NAME_ENTRY[1]
+        return loaded
 
     # text
 
@@ -233,7 +279,7 @@ class TTTVideoPipeline(DiffusionPipeline):
     def check_inputs(self, storyboard: Storyboard, height: int, width: int, num_inference_steps: int,
                      negative_text: str | None, output_type: str, cfg_mode: str, decode_window: int | None,
                      latents: torch.Tensor | None, callback_on_step_end_tensor_inputs: list[str] | None,
-                     strict_text: bool = False) -> None:
+                     strict_text: bool = False, num_videos_per_prompt: int = 1) -> None:
         if height < 1 or width < 1 or height % self.vae_scale_factor_spatial or width % self.vae_scale_factor_spatial:
             raise ValueError(f"height and width must be positive multiples of {self.vae_scale_factor_spatial}, got "
                              f"{height} and {width}")
@@ -255,8 +301,11 @@ class TTTVideoPipeline(DiffusionPipeline):
             raise ValueError(f"decode_window must be >= 1 latent frame, got {decode_window}")
         if negative_text is not None and not isinstance(negative_text, str):
             raise ValueError(f"negative_text must be a string, got {type(negative_text).__name__}")
-        if latents is not None and latents.shape[0] != 1:
-            raise ValueError(f"latents: one storyboard makes one video, expected batch size 1, got {latents.shape[0]}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be a whole number >= 1, got {num_videos_per_prompt!r}")
+        if latents is not None and latents.shape[0] != num_videos_per_prompt:
+            raise ValueError(f"latents: expected batch size num_videos_per_prompt={num_videos_per_prompt}, got "
+                             f"{latents.shape[0]}")
         unknown = [k for k in callback_on_step_end_tensor_inputs or [] if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs must be in {self._callback_tensor_inputs}, "
@@ -289,7 +338,10 @@ class TTTVideoPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        storyboard: Storyboard | str | os.PathLike | dict | list,
+        storyboard: Storyboard | str | os.PathLike | dict | list | None = None,
+        prompt: str | list[str] | list[list[str]] | None = None,
+        negative_prompt: str | list[str] | list[list[str]] | None = None,
+        num_videos_per_prompt: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float = 6.0,
         use_dynamic_cfg: bool = False,
@@ -319,6 +371,12 @@ class TTTVideoPipeline(DiffusionPipeline):
 
         Args:
             storyboard: a `Storyboard`, a path (.json/.yaml/.yml/.txt) or parsed JSON (see pipeline/storyboard.py).
+            prompt, negative_prompt: diffusers' names, in place of a storyboard (see `storyboard_from_prompts`): a
+                string (one segment), a list of strings (one scene, a segment each) or a list of lists (scenes);
+                negative_prompt is one string for every segment or the same nesting as prompt. With a storyboard,
+                a string negative_prompt is the same as negative_text.
+            num_videos_per_prompt: videos made in one batch (B), each from its own noise; latents, if given, and the
+                output have batch size B.
             num_inference_steps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs: as
                 CogVideoXPipeline (guidance is off for guidance_scale <= 1; the dynamic schedule is CogVideoX's).
             negative_text: default negative text for segments without their own; when None the storyboard's default,
@@ -359,9 +417,11 @@ class TTTVideoPipeline(DiffusionPipeline):
             width = self.transformer.config.sample_width * self.vae_scale_factor_spatial
 
         # 1. Check inputs
+        storyboard, negative_text = storyboard_from_prompts(storyboard, prompt, negative_prompt, negative_text)
         storyboard = load_storyboard(storyboard, max_segments)
         self.check_inputs(storyboard, height, width, num_inference_steps, negative_text, output_type, cfg_mode,
-                          decode_window, latents, callback_on_step_end_tensor_inputs, strict_text)
+                          decode_window, latents, callback_on_step_end_tensor_inputs, strict_text,
+                          num_videos_per_prompt)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
@@ -376,6 +436,10 @@ class TTTVideoPipeline(DiffusionPipeline):
         # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
         if video is not None and video_latents is not None or reference is not None and reference_latents is not None:
             raise ValueError("give a video (or reference) either as frames or as latents, not both")
+        given = (video, video_latents, reference, reference_latents)
+        if num_videos_per_prompt > 1 and any(x is not None for x in given):
+            raise ValueError("num_videos_per_prompt > 1 cannot be combined with kept video or reference segments; "
+                             "make one call per video")
         if video is not None:
             video_latents = self.encode_video(video, height, width, "video")
         if reference is not None:
@@ -399,6 +463,10 @@ class TTTVideoPipeline(DiffusionPipeline):
         prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
             null + storyboard.texts, null + storyboard.negative_texts(negative_text), do_classifier_free_guidance,
             device=device)
+        if num_videos_per_prompt > 1:  # (1, n, ...) -> (B, n, ...)
+            prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, scene_start = (
+                None if x is None else x.repeat_interleave(num_videos_per_prompt, dim=0)
+                for x in (prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, scene_start))
 
         # 5. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -407,8 +475,8 @@ class TTTVideoPipeline(DiffusionPipeline):
         self._num_timesteps = len(timesteps)
 
         # 6. Latents for all segments, the kept ones clean
-        latents = self.prepare_latents(1, num_segments, height, width, prompt_embeds.dtype, device, generator,
-                                       latents)
+        latents = self.prepare_latents(num_videos_per_prompt, num_segments, height, width, prompt_embeds.dtype,
+                                       device, generator, latents)
         keep_frames = clean = None
         if context is not None:
             keep_frames = context.keep_frames(
@@ -417,6 +485,8 @@ class TTTVideoPipeline(DiffusionPipeline):
             latents = torch.where(keep_frames, clean, latents)
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
+        if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind
+            self.transformer._reset_stateful_cache()
         is_dpm = isinstance(self.scheduler, CogVideoXDPMScheduler)
         old_pred_original_sample = None  # DPM-solver++ keeps the previous x0 prediction
         with self.progress_bar(total=num_inference_steps) as progress_bar:
@@ -510,3 +580,53 @@ class TTTVideoPipeline(DiffusionPipeline):
         return out.chunk(2)
 
 
+
+
+def storyboard_from_prompts(storyboard: Any, prompt: Any, negative_prompt: Any,
+                            negative_text: str | None) -> tuple[Any, str | None]:
+    """(storyboard, negative_text) for `__call__` from either a storyboard or diffusers' prompt / negative_prompt.
+
+    prompt: "text" (one segment), ["text", ...] (one scene, a segment each) or [["text", ...], ...] (scenes, each
+    after the first opening with a scene transition). negative_prompt: a string for every segment (the default
+    negative text) or per segment in the same nesting as prompt. Shape errors raise StoryboardError naming the place.
+    """
+    if storyboard is not None and prompt is not None:
+        raise ValueError("pass either storyboard or prompt, not both")
+    if isinstance(negative_prompt, str) or negative_prompt is None:
+        if negative_prompt is not None and negative_text is not None:
+            raise ValueError("pass either negative_prompt or negative_text, not both")
+        negative_text = negative_prompt if negative_prompt is not None else negative_text
+        negative_prompt = None
+    if storyboard is not None:
+        if negative_prompt is not None:
+            raise ValueError("a per-segment negative_prompt (a list) goes with prompt; a storyboard carries its "
+                             "segments' negative_text itself")
+        return storyboard, negative_text
+    if prompt is None:
+        raise ValueError("pass a storyboard or a prompt")
+
+    def scenes_of(value: Any, name: str) -> list[list[Any]]:
+        if isinstance(value, str):
+            return [[value]]
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+            return [list(scene) for scene in value]
+        if isinstance(value, (list, tuple)) and not any(isinstance(v, (list, tuple)) for v in value):
+            return [list(value)]
+        raise StoryboardError([f"{name}: expected a string, a list of strings (one scene) or a list of lists of "
+                               f"strings (scenes), got {type(value).__name__}"])
+
+    scenes = scenes_of(prompt, "prompt")
+    negatives = None if negative_prompt is None else scenes_of(negative_prompt, "negative_prompt")
+    if negatives is not None and [len(s) for s in negatives] != [len(s) for s in scenes]:
+        raise StoryboardError([f"negative_prompt: expected one text per segment, nested like prompt "
+                               f"({[len(s) for s in scenes]} segments per scene), got {[len(s) for s in negatives]}"])
+    single = len(scenes) == 1
+    segments = []
+    for i, scene in enumerate(scenes):
+        if not scene:
+            raise StoryboardError([f"prompt[{i}]: an empty scene; expected at least one text"])
+        for j, text in enumerate(scene):
+            place = f"prompt[{j}]" if single else f"prompt[{i}][{j}]"
+            segments.append(Segment(text, None if negatives is None else negatives[i][j],
+                                    scene_start=i > 0 and j == 0, place=place))
+    return Storyboard(segments), negative_text

@@ -17,12 +17,13 @@ def to_uint8_frames(frames) -> np.ndarray:
     """One video's frames as a (F, H, W, 3) uint8 array.
 
     frames: a (F, H, W, 3) numpy array (float in [0, 1] or uint8), a (F, 3, H, W) torch tensor in [0, 1], or a list
-    of PIL images — the pipeline's "np", "pt" and "pil" outputs for one video.
+    of PIL images or of (H, W, 3) arrays — the pipeline's "np", "pt" and "pil" outputs for one video, and what
+    diffusers' export_to_video takes.
     """
     if isinstance(frames, torch.Tensor):
         frames = frames.detach().float().cpu().permute(0, 2, 3, 1).numpy()
     elif isinstance(frames, (list, tuple)):
-        frames = np.stack([np.asarray(image.convert("RGB")) for image in frames])
+        frames = np.stack([np.asarray(f.convert("RGB")) if hasattr(f, "convert") else np.asarray(f) for f in frames])
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames: expected (F, H, W, 3), got shape {frames.shape}")

@@ -16,6 +16,7 @@ from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, ti
 
 from models import CogVideoXTTTTransformer3DModel
 from pipeline import TTTVideoPipeline
+from pipeline.code_bundle import BUNDLE_FILE, CODE_FILE, REPO_CODE_FILE_TEXT
 from pipeline.packaged_text_encoder import PACKAGED_FILE, PackagedTextEncoder, package_dir
 from pipeline.toy.model import MAX_DEFAULT_MODEL_BYTES, install, to_base, toy_args
 from pipeline.toy.vae import train_vae
@@ -134,7 +135,10 @@ def test_install_copies_an_export_and_refuses_an_oversized_one(tmp_path):
     assert not (tmp_path / "default").exists()
     out = install(export, tmp_path / "default")
     files = sorted(p.relative_to(out) for p in out.rglob("*"))
-    assert files == sorted(p.relative_to(export) for p in export.rglob("*"))
+    # the same files, less the code bundle: the installed copy uses the repository's code (kept out of git)
+    assert (export / BUNDLE_FILE).is_file()
+    assert files == sorted(p.relative_to(export) for p in export.rglob("*") if p.name != BUNDLE_FILE)
+    assert (out / CODE_FILE).read_text() == REPO_CODE_FILE_TEXT
     pipe = TTTVideoPipeline.from_pretrained(out)
     assert pipe.transformer.config.ttt_type == "mlp"
     with pytest.raises(FileNotFoundError, match="model_index.json"):

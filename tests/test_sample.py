@@ -61,6 +61,14 @@ def test_renders_a_storyboard_to_mp4(model_dir, short_story, tmp_path):
     assert sorted(p.name for p in output.parent.iterdir()) == ["short.mp4"]
 
 
+def test_renders_with_a_cache_hook(model_dir, short_story, tmp_path):
+    output = tmp_path / "cached.mp4"
+    result = run("--model", model_dir, "--storyboard", short_story, "--output", output, "--steps", 3, "--cache",
+                 "first-block", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_video(output)[0].shape == (17, HEIGHT, WIDTH, 3)
+
+
 def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
     # in-process, with the default path pointed away (the real models/default/ is bundled)
     sys.path.insert(0, str(ROOT))
@@ -86,8 +94,12 @@ def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
     (["--scheduler", "euler"], "argument --scheduler: invalid choice: 'euler'"),
     (["--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--cache", "fastest"], "argument --cache: invalid choice: 'fastest'"),
+    (["--cache", "pab", "--cfg-mode", "sequential"], "--cache pab: cache 'pab' keeps one attention output per layer"),
+    (["--cache", "faster", "--guidance", "1"], "--cache faster: cache 'faster' approximates the unconditional half"),
 ], ids=["steps-zero", "steps-text", "max-segments", "steps-fraction", "guidance", "guidance-nan", "guidance-inf",
-        "seed-negative", "seed-too-big", "cfg-mode", "scheduler", "dtype", "unknown"])
+        "seed-negative", "seed-too-big", "cfg-mode", "scheduler", "dtype", "unknown", "cache",
+        "cache-pab-sequential", "cache-faster-no-guidance"])
 def test_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run(*flags, cwd=tmp_path), 2, message)
 

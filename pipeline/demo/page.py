@@ -27,6 +27,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..cache import CACHES
 from ..schedulers import SCHEDULERS
 from ..storyboard import (
     DEFAULT_MAX_SEGMENTS,
@@ -133,6 +134,9 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                                      info="-1 picks a random seed; the one used is shown with the result.")
                     sampler = gr.Radio(list(SCHEDULERS), value=renderer.default_sampler, label="Sampler",
                                        info="ddim: DDIM; dpm: CogVideoX's DPM-Solver++ (adds noise each step).")
+                    cache = gr.Radio(list(CACHES), value="none", label="Cache", elem_id="cache",
+                                     info="Reuse work across steps (diffusers' cache hooks): faster, slightly "
+                                          "different; see docs/sampling.md.")
             with gr.Column(scale=2):
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -147,10 +151,11 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
         selected = gr.State(None)  # index of the last row clicked in the table
 
         def run(rows, title_text, negative_text, steps_value, guidance_value, dynamic, seed_value, sampler_name,
-                request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker here)
+                cache_name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker)
             try:
                 storyboard = storyboard_from_rows(rows, title_text, negative_text, max_segments)
-                settings = Settings(steps_value, guidance_value, dynamic, seed_value, sampler_name).checked()
+                settings = Settings(steps_value, guidance_value, dynamic, seed_value, sampler_name,
+                                    cache_name).checked()
             except StoryboardError as e:
                 yield from _report("Check the storyboard", e.problems)
             except SettingsError as e:
@@ -215,7 +220,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
             return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
 
         editor = [table, title, negative]
-        settings_inputs = [steps, guidance, dynamic_cfg, seed, sampler]
+        settings_inputs = [steps, guidance, dynamic_cfg, seed, sampler, cache]
         generate.click(run, editor + settings_inputs, [preview, video, files, status], api_name="generate",
                        concurrency_limit=1, concurrency_id="model", show_progress="full", show_progress_on=[video])
         stop.click(request_stop, None, status, api_name="stop", queue=False)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..cache import CACHES, cache_problems, set_cache
 from ..schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from ..segment_context import latents_path, load_latents, save_latents
 from ..storyboard import (
@@ -61,6 +62,7 @@ class Settings:
     dynamic_cfg: bool = False
     seed: int = -1
     sampler: str = "ddim"
+    cache: str = "none"
 
     def checked(self) -> Settings:
         """The settings with whole numbers as ints; raises SettingsError naming each bad field."""
@@ -73,9 +75,14 @@ class Settings:
             problems.append(f"seed: expected -1 (random) or a whole number from 0 to {MAX_SEED}, got {self.seed!r}")
         if self.sampler not in SCHEDULERS:
             problems.append(f"sampler: expected one of {', '.join(SCHEDULERS)}, got {self.sampler!r}")
+        if self.cache not in CACHES:
+            problems.append(f"cache: expected one of {', '.join(CACHES)}, got {self.cache!r}")
+        elif isinstance(self.guidance, (int, float)):
+            problems += [f"cache: {p}" for p in cache_problems(self.cache, self.guidance, "batched")]
         if problems:
             raise SettingsError(problems)
-        return Settings(int(self.steps), float(self.guidance), bool(self.dynamic_cfg), int(self.seed), self.sampler)
+        return Settings(int(self.steps), float(self.guidance), bool(self.dynamic_cfg), int(self.seed), self.sampler,
+                        self.cache)
 
 
 @dataclass(frozen=True)
@@ -203,6 +210,7 @@ class Renderer:
         with self._lock:
             start = time.perf_counter()
             self.pipe.scheduler = self._schedulers[settings.sampler]
+            set_cache(self.pipe, settings.cache)
             output = self.pipe(storyboard=storyboard, num_inference_steps=settings.steps,
                                guidance_scale=settings.guidance, use_dynamic_cfg=settings.dynamic_cfg,
                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_segments=None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,8 @@ from transformers import BertTokenizerFast, PreTrainedModel
 from models import CogVideoXTTTTransformer3DModel
 from models.transformer_ttt import TTT_CONFIG_KEYS
 
-from ..atomic import copy_dir_atomically, save_pretrained_atomically
+from ..atomic import build_dir_atomically, save_pretrained_atomically
+from ..code_bundle import use_repository_code
 from ..packaged_text_encoder import PackagedTextEncoder, package_dir
 from ..schedulers import make_scheduler
 from ..training.components import load_component, prepare_transformer, register_builder
@@ -204,7 +206,7 @@ def to_base(export: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def install(export: str | os.PathLike, out: str | os.PathLike, max_bytes: int = MAX_DEFAULT_MODEL_BYTES) -> Path:
     """Copies a final pipeline export to `out` (replacing what is there) after checking it loads nothing from
-    outside the package reference and fits in `max_bytes`."""
+    outside the package reference and fits in `max_bytes`; the copy uses the repository's code (no code bundle)."""
     export, out = Path(export), Path(out)
     if not (export / "model_index.json").is_file():
         raise FileNotFoundError(f"{export}: no model_index.json; expected train.py's final export folder")
@@ -212,7 +214,8 @@ def install(export: str | os.PathLike, out: str | os.PathLike, max_bytes: int = 
     if size > max_bytes:
         raise ValueError(f"{export}: {size / 2**20:.1f} MiB, more than the {max_bytes / 2**20:.0f} MiB allowed for "
                          "the bundled model; shrink model.builder_args")
-    return copy_dir_atomically(export, out)
+    return build_dir_atomically(out, lambda tmp: (shutil.copytree(export, tmp, dirs_exist_ok=True),
+                                                   use_repository_code(tmp)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,12 +12,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DistributedType
 
-from ..atomic import save_pretrained_atomically
+from ..atomic import build_dir_atomically
 from ..pipeline_ttt_video import TTTVideoPipeline
 from .components import build_components, torch_dtype
 from .config import Config
 
 logger = logging.getLogger(__name__)
+
+LORA_DIR = "lora"  # inside the export: the LoRA weights unfused, in diffusers' format
+TTT_ADAPTER_FILE = "ttt_adapter.safetensors"
 
 
 @contextlib.contextmanager
@@ -36,15 +39,45 @@ def ema_weights(ema, parameters: list[torch.nn.Parameter]) -> Iterator[None]:
 
 def export_pipeline(pipe: TTTVideoPipeline, out_dir: str | Path) -> Path:
     """Save a pipeline directory that sample.py and app.py load (`TTTVideoPipeline.from_pretrained`), atomically:
-    written to a temporary sibling folder, then swapped in for out_dir. LoRA weights, if any, are fused first."""
+    written to a temporary sibling folder, then swapped in for out_dir.
+
+    LoRA weights, if any, are fused into the exported transformer, and also written unfused in diffusers' format to
+    out_dir/lora/ (`save_lora`), for `load_lora_weights` on the transformer they were trained on."""
     out_dir = Path(out_dir)
     transformer = pipe.transformer
+    lora = None
     if getattr(transformer, "_hf_peft_config_loaded", False):
+        lora = lora_layers(transformer)
         transformer.fuse_lora()
         transformer.unload_lora()
-    save_pretrained_atomically(pipe, out_dir)
+
+    def fill(folder: Path) -> None:
+        pipe.save_pretrained(folder)
+        if lora is not None:
+            save_lora(folder / LORA_DIR, transformer, *lora)
+
+    build_dir_atomically(out_dir, fill)
     logger.info("exported the pipeline to %s", out_dir)
     return out_dir
+
+
+def lora_layers(transformer: torch.nn.Module, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict]:
+    """The transformer's LoRA weights (peft's state dict: "transformer_blocks.0.attn1.to_q.lora_A.weight", ...) and
+    the adapter's LoraConfig as a dict (rank, alpha, targets), as diffusers' training scripts collect them."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {k: v.detach().cpu().contiguous()
+              for k, v in get_peft_model_state_dict(transformer, adapter_name=adapter_name).items()}
+    return layers, transformer.peft_config[adapter_name].to_dict()
+
+
+def save_lora(folder: Path, transformer, layers: dict[str, torch.Tensor], metadata: dict) -> None:
+    """folder/pytorch_lora_weights.safetensors in diffusers' LoRA format (keys prefixed "transformer.", the adapter
+    config in the metadata; `CogVideoXLoraLoaderMixin.save_lora_weights`), and folder/ttt_adapter.safetensors: the TTT
+    weights trained with the LoRA (`save_adapter`), which the transformer it is loaded into must have."""
+    TTTVideoPipeline.save_lora_weights(folder, transformer_lora_layers=layers,
+                                       transformer_lora_adapter_metadata=metadata)
+    transformer.save_adapter(folder / TTT_ADAPTER_FILE)
 
 
 def full_transformer(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module | None:
