@@ -32,7 +32,8 @@ logger = logging.getLogger(__name__)
 def check_inputs(cfg: Config) -> None:
     """Raise ConfigError / DatasetError (one line, naming the key or file and what was expected) for missing model
     directories, unreadable validation storyboards and a precompute cache whose manifest or null embedding is
-    missing or corrupt."""
+    missing or corrupt; and a parallel.context that does not divide the launched processes (WORLD_SIZE)."""
+    data_parallel_size(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     model = cfg.model
     if model.builder == "pretrained" and _looks_local(model.pretrained):
         if not Path(model.pretrained).is_dir():
