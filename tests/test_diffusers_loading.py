@@ -80,7 +80,7 @@ def test_a_copied_folder_loads_where_the_repository_cannot_be_imported(saved, tm
     assert float(checksum) == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
-def test_bundled_default_model_is_in_the_remote_code_form():
+def test_bundled_default_model_is_in_the_remote_code_form(tmp_path):
     """models/default loads through DiffusionPipeline with the repository's code; the code bundle a saved folder
     carries (a zip of the repository's own code) is not kept in git, where it would only lag the code beside it."""
     folder = ROOT / "models" / "default"
@@ -91,5 +91,5 @@ def test_bundled_default_model_is_in_the_remote_code_form():
     load = ("from diffusers import DiffusionPipeline; import sys; "
             "print(type(DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)).__name__)")
     run = subprocess.run([sys.executable, "-c", load, str(folder)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "HF_MODULES_CACHE": str(ROOT / "outputs" / "hf_modules_test")})
+                         timeout=600, env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")})
     assert run.returncode == 0 and run.stdout.split()[-1] == "TTTVideoPipeline", run.stderr[-2000:]
