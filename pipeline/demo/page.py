@@ -90,7 +90,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
         start_rows, start_title = rows_from_storyboard(start), start.title or ""
     else:
         start_rows, start_title = [["", False, ""]], ""
-    limit = f"Up to {max_segments} segments ({format_seconds(max_segments * SEGMENT_SECONDS)})" if max_segments else ""
+    limit = f"Up to {max_segments} segments ({format_seconds(max_segments * SEGMENT_SECONDS)})." if max_segments else ""
 
     with gr.Blocks(title="TTT-Video", delete_cache=(600, 3600)) as demo:
         gr.Markdown("# TTT-Video\nWrite a storyboard, one row per 3-second segment, then press **Generate**. "
@@ -101,7 +101,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                 example = gr.Dropdown(examples, value=first_example, label="Example stories", elem_id="example")
                 table = gr.Dataframe(start_rows, headers=COLUMNS, datatype=["str", "bool", "str", "bool"],
                                      type="array", interactive=True, wrap=True, column_count=4, show_row_numbers=True,
-                                     column_widths=["54%", "12%", "24%", "10%"], label="Storyboard",
+                                     column_widths=["43%", "13%", "22%", "13%"], label="Storyboard",  # +row numbers
                                      elem_id="storyboard")
                 info = gr.Markdown(storyboard_summary(start_rows, max_segments), elem_id="storyboard-info")
                 with gr.Row():
