@@ -50,6 +50,7 @@ CHANCE = {
     "background": 1.0 / (len(BACKDROP_COLORS) * len(PATTERNS)),
     "background_recall": 1.0 / (len(BACKDROP_COLORS) * len(PATTERNS)),
     "identity": 1.0 / _LOOKS,
+    "identity_intro": 1.0 / _LOOKS,
     "identity_recall": 1.0 / _LOOKS,
     "consistency": 1.0 / _LOOKS,
     "color": 1.0 / len(COLORS),

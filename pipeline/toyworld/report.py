@@ -19,6 +19,7 @@ _ROWS = (
     ("shape", "shape as introduced"),
     ("size", "size as introduced"),
     ("identity", "colour + shape + size, every segment"),
+    ("identity_intro", "identity where the character is introduced"),
     ("identity_recall", "identity after the introduction (memory)"),
     ("consistency", "later looks equal the look drawn at intro"),
     ("motion", "motion matches the action"),
