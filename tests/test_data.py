@@ -216,7 +216,7 @@ def test_a_manifest_from_before_registers_means_the_story_register(base):
     manifest = json.loads((base / "cache" / "manifest.json").read_text())
     del manifest["caption"]
     check_manifest(manifest, {"caption": "text"}, base / "cache")
-    with pytest.raises(DatasetError, match="caption=None|caption='text'"):
+    with pytest.raises(DatasetError, match=r"precomputed with caption='text' .* training expects caption='dense'"):
         check_manifest(manifest, {"caption": "dense"}, base / "cache")
 
 
@@ -233,6 +233,21 @@ def test_precompute_resumes_and_skips_bad_videos(base, tmp_path):
     assert counts == {"done": 1, "skipped": 2, "failed": 2}
     assert item_path(tmp_path / "cache", records[1]).is_file()
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_precompute_reads_a_manifest_from_before_registers_as_the_story_register(base, tmp_path):
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    shutil.copytree(base / "cache", tmp_path / "cache")
+    path = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    del manifest["caption"]
+    path.write_text(json.dumps(manifest))
+    records = read_metadata(tmp_path / "dataset")
+    pipeline_dir = f"model.pretrained={base / 'pipeline'}"
+    assert precompute(config(tmp_path, pipeline_dir), torch.float32, Accelerator(cpu=True))["skipped"] == len(records)
+    write_metadata(tmp_path / "dataset", with_dense(records))
+    with pytest.raises(DatasetError, match=r"this cache was made with other settings \(caption='text', now 'dense'\)"):
+        precompute(config(tmp_path, pipeline_dir, "data.caption=dense"), torch.float32, Accelerator(cpu=True))
 
 
 def test_precompute_command_fails_when_videos_failed(base, tmp_path):

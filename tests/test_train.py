@@ -627,10 +627,13 @@ BAD_INPUTS = [  # (case, overrides (tmp_path, base), error, message with {tmp} f
 
 
 @pytest.mark.parametrize("case, overrides, error, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
-def test_bad_inputs_stop_before_the_first_step(base, tmp_path, case, overrides, error, message):
-    """Each is one line naming the key or file and what was expected, raised before anything is trained."""
+def test_bad_inputs_stop_before_the_first_step(base, tmp_path, monkeypatch, case, overrides, error, message):
+    """Each is one line naming the key or file and what was expected, raised before any model is loaded."""
+    import train
+
     args = ["--config", str(CONFIG), *debug_overrides(base), *RUN, f"output_dir={tmp_path / 'out'}",
             *overrides(tmp_path, base)]
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
     with pytest.raises(error) as e:
         train_main(args)
     assert message.format(tmp=tmp_path) in str(e.value) and "\n" not in str(e.value)

@@ -172,10 +172,15 @@ def shape_fields(data, *, max_text_length: int, latent_frames_first: int, latent
             "latent_channels": latent_channels, "text_embed_dim": text_embed_dim, "caption": data.caption}
 
 
+def manifest_field(manifest: dict, key: str):
+    """manifest[key], or what a manifest written before `key` existed meant by it (FIELD_DEFAULTS)."""
+    return manifest.get(key, FIELD_DEFAULTS.get(key))
+
+
 def check_manifest(manifest: dict, expected: dict, cache: str | os.PathLike) -> None:
     """Raise if the cache was made for other shapes than `expected` (keys from SHAPE_FIELDS)."""
     for key, want in expected.items():
-        have = manifest.get(key, FIELD_DEFAULTS.get(key))
+        have = manifest_field(manifest, key)
         if have != want:
             raise DatasetError(
                 f"{Path(cache) / MANIFEST_FILE}: the cache was precomputed with {key}={have!r} (model "

@@ -36,13 +36,13 @@ from ..text_encoding import encode_text
 from ..training.components import build_components, torch_dtype
 from ..training.config import Config, ConfigError, load_config
 from .format import (
-    FIELD_DEFAULTS,
     MANIFEST_FILE,
     NULL_FILE,
     SHAPE_FIELDS,
     DatasetError,
     VideoRecord,
     item_path,
+    manifest_field,
     num_pixel_frames,
     read_manifest,
     read_metadata,
@@ -158,11 +158,11 @@ def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Ac
     if accelerator.is_main_process:
         if (cache / MANIFEST_FILE).is_file():
             existing = read_manifest(cache)
-            differs = [k for k in (*SHAPE_FIELDS, "scaling_factor")
-                       if existing.get(k, FIELD_DEFAULTS.get(k)) != manifest[k]]
+            differs = [k for k in (*SHAPE_FIELDS, "scaling_factor") if manifest_field(existing, k) != manifest[k]]
             if differs:
                 raise DatasetError(f"{cache / MANIFEST_FILE}: this cache was made with other settings ("
-                                   + ", ".join(f"{k}={existing.get(k)!r}, now {manifest[k]!r}" for k in differs)
+                                   + ", ".join(f"{k}={manifest_field(existing, k)!r}, now {manifest[k]!r}"
+                                               for k in differs)
                                    + "); use another data.cache folder")
         else:
             atomic_write_text(cache / MANIFEST_FILE, _json(manifest))
