@@ -335,6 +335,7 @@ def test_per_segment_levels_with_gradient_checkpointing(base):
         latents, text, _ = inputs(4)
         model(latents, text, LEVELS).sample.square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[1].keys() == grads[0].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
