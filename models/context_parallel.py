@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .layout import SegmentLayout, TokenOrder
+from .layout import SegmentLayout, TokenOrder, segment_layout
 
 
 def split_segments(num_segments: int, world: int) -> list[range]:
@@ -308,9 +308,12 @@ class ContextParallel:
         """The rank's `ShardLayout` of `layout`, and each per-segment input (B, n, ...) cut to the rank's segments
         (None stays None)."""
         key = id(layout)  # layouts are cached per shape (segment_layout's lru_cache), so are their shards
-        if key not in self._shards or self._shards[key].full is not layout:
-            self._shards[key] = shard_layout(layout, self.group, self.rank, self.world)
-        shard = self._shards[key]
+        shard = self._shards.get(key)
+        if shard is None or shard.full is not layout:
+            # a shard keeps its whole layout alive: keep no more than segment_layout's cache does
+            while len(self._shards) >= segment_layout.cache_info().maxsize:
+                del self._shards[next(iter(self._shards))]
+            shard = self._shards[key] = shard_layout(layout, self.group, self.rank, self.world)
         segments = slice(shard.segments.start, shard.segments.stop)
         return shard, *(None if t is None else t[:, segments] for t in per_segment)
 
