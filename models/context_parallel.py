@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from .layout import SegmentLayout, TokenOrder
+from .layout import SegmentLayout, TokenOrder, segment_layout
 
 
 def split_segments(num_segments: int, world: int) -> list[range]:
@@ -113,7 +113,7 @@ class ShardLayout:
         forward, reverse: the rank's chunk of the interleaved / reverse order (local canonical indices, the chunk's
         RoPE rows), with the `HeadExchange` that spreads the TTT scan over the ranks.
         frame_counts: latent frames of every rank. group, rank, world: the process group.
-        frame_segment: (T_r,) local segment of each own latent frame (per-segment noise levels), or None.
+        frame_segment: (T_r,) local segment of each own latent frame (per-segment noise levels).
     """
 
     full: SegmentLayout
@@ -136,7 +136,7 @@ class ShardLayout:
     group: object
     rank: int
     world: int
-    frame_segment: torch.Tensor | None = None
+    frame_segment: torch.Tensor
 
     full_rope = None  # the full-attention baseline is not context-parallel
 
@@ -252,7 +252,8 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
     to_local[mine.start * lt:mine.stop * lt] = torch.arange(len(mine) * lt)
     own_video = n * lt + frames.start * hw + torch.arange(len(frames) * hw)
     to_local[own_video] = len(mine) * lt + torch.arange(len(frames) * hw)
-    lengths = [len(s) * lt + (seg_frames[s.stop - 1].stop - seg_frames[s.start].start) * hw for s in segments]
+    frame_counts = tuple(seg_frames[s.stop - 1].stop - seg_frames[s.start].start for s in segments)
+    lengths = [len(s) * lt + f * hw for s, f in zip(segments, frame_counts)]
     f_start = sum(lengths[:rank])
     r_start = sum(lengths[rank + 1:])
     forward = to_local[layout.forward.index.cpu()[f_start:f_start + lengths[rank]]]
@@ -276,10 +277,9 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
         window_attn_mask=None if mask is None else mask[mine.start:mine.stop], window_rope=layout.window_rope,
         forward=token_order(layout.forward, forward, f_start, reverse=False),
         reverse=token_order(layout.reverse, reverse, r_start, reverse=True),
-        frame_counts=tuple(seg_frames[s.stop - 1].stop - seg_frames[s.start].start for s in segments),
+        frame_counts=frame_counts,
         group=group, rank=rank, world=world,
-        frame_segment=(None if layout.frame_segment is None
-                       else layout.frame_segment[frames.start:frames.stop] - mine.start),
+        frame_segment=layout.frame_segment[frames.start:frames.stop] - mine.start,
     )
 
 
@@ -308,9 +308,12 @@ class ContextParallel:
         """The rank's `ShardLayout` of `layout`, and each per-segment input (B, n, ...) cut to the rank's segments
         (None stays None)."""
         key = id(layout)  # layouts are cached per shape (segment_layout's lru_cache), so are their shards
-        if key not in self._shards or self._shards[key].full is not layout:
-            self._shards[key] = shard_layout(layout, self.group, self.rank, self.world)
-        shard = self._shards[key]
+        shard = self._shards.get(key)
+        if shard is None or shard.full is not layout:
+            # a shard keeps its whole layout alive: keep no more than segment_layout's cache does
+            while len(self._shards) >= segment_layout.cache_info().maxsize:
+                del self._shards[next(iter(self._shards))]
+            shard = self._shards[key] = shard_layout(layout, self.group, self.rank, self.world)
         segments = slice(shard.segments.start, shard.segments.stop)
         return shard, *(None if t is None else t[:, segments] for t in per_segment)
 

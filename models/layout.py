@@ -92,7 +92,7 @@ class SegmentLayout:
     forward: TokenOrder
     reverse: TokenOrder
     full_rope: tuple[torch.Tensor, torch.Tensor] | None
-    frame_segment: torch.Tensor | None = None
+    frame_segment: torch.Tensor
 
     @property
     def window_frames_count(self) -> int:

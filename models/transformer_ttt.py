@@ -427,16 +427,16 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         if text_len != self.config.max_text_seq_length:
             raise ValueError(f"text length must be max_text_seq_length={self.config.max_text_seq_length}, "
                              f"got {text_len}")
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 and tuple(timestep.shape) != (batch, n):
+        per_segment = isinstance(timestep, torch.Tensor) and timestep.dim() == 2
+        if per_segment and tuple(timestep.shape) != (batch, n):
             raise ValueError(f"per-segment timestep must be (B, n_segments) = {(batch, n)}, "
                              f"got {tuple(timestep.shape)}")
         layout = self.segment_layout(n, height, width, hidden_states.device)
         if self.context_parallel is not None:  # this rank's segments only; inputs stay whole
-            per_segment = timestep if isinstance(timestep, torch.Tensor) and timestep.dim() == 2 else None
-            cp = self.context_parallel
-            layout, encoder_hidden_states, encoder_attention_mask, scene_start, per_segment = cp.shard(
-                layout, encoder_hidden_states, encoder_attention_mask, scene_start, per_segment)
-            timestep = timestep if per_segment is None else per_segment
+            layout, encoder_hidden_states, encoder_attention_mask, scene_start, segment_timestep = \
+                self.context_parallel.shard(layout, encoder_hidden_states, encoder_attention_mask, scene_start,
+                                            timestep if per_segment else None)
+            timestep = segment_timestep if per_segment else timestep
             n = layout.num_segments
 
         # 1. time embedding: (B, D_t), or (B, n, D_t) per segment

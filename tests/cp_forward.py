@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer  # noqa: E402
 
 from models import CogVideoXTTTTransformer3DModel  # noqa: E402
+from models.context_parallel import split_segments  # noqa: E402
 
 CASES = {  # name: (segments, model config, gradient checkpointing); "per-segment" cases: timestep (B, n)
     "mlp-2-segments": (2, dict(ttt_type="mlp"), False),
@@ -107,18 +108,12 @@ def main() -> None:
         shards = parallel.context_parallel.shard(parallel.segment_layout(n, 4, 4, torch.device("cpu")))[0]
         if dist.get_rank() == 0:
             print(f"cp ok: {case} on dp x cp = {mesh['dp'].size()} x {cp}: segments per rank "
-                  f"{[len(s) for s in _split(n, cp)]}, "
+                  f"{[len(s) for s in split_segments(n, cp)]}, "
                   f"tokens per rank {list(shards.forward.exchange.chunk_lengths)}, output and {len(ref_grads)} "
                   f"gradients agree "
                   f"(max output diff {(out - ref_out).abs().max().item():.2e})", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _split(n: int, world: int):
-    from models.context_parallel import split_segments
-
-    return split_segments(n, world)
 
 
 if __name__ == "__main__":

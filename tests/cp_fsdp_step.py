@@ -19,18 +19,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fsdp_step import wrap_classes  # noqa: E402
+from fsdp_step import OPTIM, check_against_reference, shard  # noqa: E402
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer  # noqa: E402
 
 from models import CogVideoXTTTTransformer3DModel  # noqa: E402
 from pipeline.schedulers import make_scheduler  # noqa: E402
-from pipeline.training.config import OptimConfig  # noqa: E402
 from pipeline.training.loss import diffusion_loss  # noqa: E402
 from pipeline.training.optim import build_optimizer  # noqa: E402
 
@@ -58,13 +56,10 @@ def main() -> None:
     model.set_trainable("ttt+attn")
     reference = copy.deepcopy(model)
 
-    for module in reversed([m for m in model.modules() if type(m).__name__ in wrap_classes()]):
-        fully_shard(module, mesh=fsdp_mesh)
-    fully_shard(model, mesh=fsdp_mesh)
+    shard(model, fsdp_mesh)
     model.enable_context_parallel(cp_mesh)
 
-    optim = OptimConfig(lr=1e-3, ttt_lr=1e-2, weight_decay=0.1)
-    optimizer = build_optimizer(model, optim)
+    optimizer = build_optimizer(model, OPTIM)
     scheduler = make_scheduler("ddim")
     data = sample()
     loss = diffusion_loss(model, scheduler, data).mean()
@@ -74,19 +69,7 @@ def main() -> None:
     sharded = {name: p.full_tensor() for name, p in model.named_parameters()}
 
     if rank == 0:
-        ref_optimizer = build_optimizer(reference, optim)
-        ref_loss = diffusion_loss(reference, scheduler, data).mean()
-        ref_loss.backward()
-        ref_optimizer.step()
-        # the loss itself is float32 (diffusion_loss computes it so), its gradients flow back into float64
-        torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-6, atol=0)
-        ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
-        assert grads.keys() == ref_grads.keys() == {n for n, p in reference.named_parameters() if p.requires_grad}
-        for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=lambda m, n=name: f"grad of {n}: {m}")
-        for name, p in reference.named_parameters():
-            torch.testing.assert_close(sharded[name], p.detach(), rtol=0, atol=1e-10,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+        ref_loss, _, _ = check_against_reference(reference, scheduler, data, loss, grads, sharded)
         print(f"cp+fsdp ok: loss {ref_loss.item():.6f}, {len(grads)} gradients and every weight agree")
     dist.barrier()
     dist.destroy_process_group()

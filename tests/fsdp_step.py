@@ -55,6 +55,44 @@ def batch(world: int) -> dict[str, torch.Tensor]:
             "scene_start": torch.tensor([[False, True]] * world)}
 
 
+OPTIM = OptimConfig(lr=1e-3, ttt_lr=1e-2, weight_decay=0.1)
+
+
+def shard(model: torch.nn.Module, mesh) -> list[torch.nn.Module]:
+    """`fully_shard` as the GPU configs wrap: one unit per class to wrap, inner units first, then the root."""
+    names = wrap_classes()
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    assert {type(m).__name__ for m in units} == names, f"classes to wrap not found in the model: {names}"
+    for module in reversed(units):  # inner units (TTT layers) before the blocks that contain them
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return units
+
+
+def check_against_reference(reference: torch.nn.Module, scheduler, data: dict[str, torch.Tensor],
+                            loss: torch.Tensor, grads: dict[str, torch.Tensor], updated: dict[str, torch.Tensor]
+                            ) -> tuple[torch.Tensor, float, float]:
+    """Runs the unsharded step on `data` and asserts that the sharded run's loss, gradients and updated
+    parameters (whole tensors) agree; returns the reference loss and the largest gradient and parameter diffs."""
+    ref_optimizer = build_optimizer(reference, OPTIM)
+    ref_loss = diffusion_loss(reference, scheduler, data).mean()
+    ref_loss.backward()
+    ref_optimizer.step()
+    # the loss itself is float32 (diffusion_loss computes it so), its gradients flow back into float64
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-6, atol=0)
+    ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+    assert grads.keys() == ref_grads.keys() == {n for n, p in reference.named_parameters() if p.requires_grad}
+    worst_grad = worst_param = 0.0
+    for name, p in reference.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-12,
+                                       msg=lambda m, n=name: f"grad of {n}: {m}")
+            worst_grad = max(worst_grad, (grads[name] - ref_grads[name]).abs().max().item())
+        torch.testing.assert_close(updated[name], p.detach(), rtol=0, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+        worst_param = max(worst_param, (updated[name] - p.detach()).abs().max().item())
+    return ref_loss, worst_grad, worst_param
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -66,15 +104,9 @@ def main() -> None:
     model.set_trainable("ttt+attn")
     reference = copy.deepcopy(model)
 
-    names = wrap_classes()
-    units = [m for m in model.modules() if type(m).__name__ in names]
-    assert {type(m).__name__ for m in units} == names, f"classes to wrap not found in the model: {names}"
-    for module in reversed(units):  # inner units (TTT layers) before the blocks that contain them
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    units = shard(model, mesh)
 
-    optim = OptimConfig(lr=1e-3, ttt_lr=1e-2, weight_decay=0.1)
-    optimizer = build_optimizer(model, optim)
+    optimizer = build_optimizer(model, OPTIM)
     scheduler = make_scheduler("ddim")
     data = batch(world)
     mine = {k: v[rank:rank + 1] for k, v in data.items()}
@@ -87,23 +119,8 @@ def main() -> None:
     sharded = {name: p.full_tensor() for name, p in model.named_parameters()}
 
     if rank == 0:
-        ref_optimizer = build_optimizer(reference, optim)
-        ref_loss = diffusion_loss(reference, scheduler, data).mean()
-        ref_loss.backward()
-        ref_optimizer.step()
-        # the loss itself is float32 (diffusion_loss computes it so), its gradients flow back into float64
-        torch.testing.assert_close(torch.stack(losses).mean(), ref_loss.detach(), rtol=1e-6, atol=0)
-        ref_grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
-        assert grads.keys() == ref_grads.keys() == {n for n, p in reference.named_parameters() if p.requires_grad}
-        worst_grad = worst_param = 0.0
-        for name, p in reference.named_parameters():
-            if name in grads:
-                torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-12,
-                                           msg=lambda m, n=name: f"grad of {n}: {m}")
-                worst_grad = max(worst_grad, (grads[name] - ref_grads[name]).abs().max().item())
-            torch.testing.assert_close(sharded[name], p.detach(), rtol=0, atol=1e-10,
-                                       msg=lambda m, n=name: f"{n}: {m}")
-            worst_param = max(worst_param, (sharded[name] - p.detach()).abs().max().item())
+        ref_loss, worst_grad, worst_param = check_against_reference(
+            reference, scheduler, data, torch.stack(losses).mean(), grads, sharded)
         print(f"fsdp ok: {len(units)} units + root, loss {ref_loss.item():.6f}, {len(grads)} trained parameters "
               f"agree (max diff: gradients {worst_grad:.1e}, updated parameters {worst_param:.1e})")
     dist.barrier()

@@ -54,15 +54,20 @@ def test_gates_zero_one_segment_equals_stock_cogvideox(base, ttt_type):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_gates_zero_segments_without_overlap_equal_stock_per_segment(base):
-    model = ttt_model(base, gate_init=0.0, overlap_frames=0)
-    latents, text, t = inputs(4)
+def assert_stock_per_segment(base, model, timestep):
+    """model's output on 4 segments equals stock CogVideoX run on each segment alone (its text, its frames and its
+    level: timestep (B,) or per segment (B, n))."""
+    latents, text, _ = inputs(4)
     with torch.no_grad():
-        got = model(latents, text, t).sample
+        got = model(latents, text, timestep).sample
         for i, frames in enumerate(segment_frames(4)):
-            n = frames.stop - frames.start
-            expected = base(latents[:, frames], text[:, i], t, image_rotary_emb=stock_rope(n)).sample
+            expected = base(latents[:, frames], text[:, i], timestep if timestep.dim() == 1 else timestep[:, i],
+                            image_rotary_emb=stock_rope(frames.stop - frames.start)).sample
             torch.testing.assert_close(got[:, frames], expected, atol=1e-5, rtol=0)
+
+
+def test_gates_zero_segments_without_overlap_equal_stock_per_segment(base):
+    assert_stock_per_segment(base, ttt_model(base, gate_init=0.0, overlap_frames=0), inputs(4)[2])
 
 
 @pytest.mark.parametrize("overlap", [0, 1])
@@ -312,14 +317,7 @@ def test_equal_per_segment_levels_equal_one_level(base, overlap, window):
 
 
 def test_per_segment_levels_at_gates_zero_equal_stock_cogvideox_per_segment(base):
-    model = ttt_model(base, gate_init=0.0, overlap_frames=0)
-    latents, text, _ = inputs(4)
-    with torch.no_grad():
-        got = model(latents, text, LEVELS).sample
-        for i, frames in enumerate(segment_frames(4)):
-            expected = base(latents[:, frames], text[:, i], LEVELS[:, i],
-                            image_rotary_emb=stock_rope(frames.stop - frames.start)).sample
-            torch.testing.assert_close(got[:, frames], expected, atol=1e-5, rtol=0)
+    assert_stock_per_segment(base, ttt_model(base, gate_init=0.0, overlap_frames=0), LEVELS)
 
 
 def test_frame_segment_puts_the_overlap_frame_in_its_own_segment():
@@ -337,6 +335,7 @@ def test_per_segment_levels_with_gradient_checkpointing(base):
         latents, text, _ = inputs(4)
         model(latents, text, LEVELS).sample.square().mean().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[1].keys() == grads[0].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
 
