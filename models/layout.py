@@ -134,6 +134,13 @@ def _window_frame_table(num_segments: int, frames_first: int, frames_per_segment
     return frames, valid
 
 
+def frame_segments(num_segments: int, frames_first: int, frames_per_segment: int) -> torch.Tensor:
+    """(T,) long: the segment each latent frame belongs to (frames_first frames for segment 0, then
+    frames_per_segment each); what per-segment noise levels are applied through, in the model and in training."""
+    return torch.cat([torch.full((len(r),), i) for i, r in
+                      enumerate(_segment_frames(num_segments, frames_first, frames_per_segment))])
+
+
 def _segment_frames(num_segments: int, frames_first: int, frames_per_segment: int) -> list[range]:
     starts = [0] + [frames_first + (i - 1) * frames_per_segment for i in range(1, num_segments)]
     ends = [frames_first + i * frames_per_segment for i in range(num_segments)]
@@ -233,5 +240,5 @@ def segment_layout(
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
         window_rope=dev_pair(window_rope),
         forward=token_order(forward), reverse=token_order(reverse), full_rope=dev_pair(full_rope),
-        frame_segment=dev(torch.cat([torch.full((len(r),), i) for i, r in enumerate(segments)])),
+        frame_segment=dev(frame_segments(num_segments, frames_first, frames_per_segment)),
     )

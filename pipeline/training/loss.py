@@ -17,6 +17,8 @@ import torch
 from diffusers import CogVideoXDDIMScheduler
 from torch.utils.data import default_collate
 
+from models.layout import frame_segments
+
 from .config import NoiseConfig
 
 
@@ -52,7 +54,8 @@ class DiffusionCollate:
             if not self.noise.is_uniform:  # drawn after the uniform draws, which stay what they always were
                 num_segments = item["text"].shape[0]
                 timesteps[-1], clean = self._segment_levels(timesteps[-1], num_segments, generator)
-                frame_segment = self._frame_segment(mean.shape[0], num_segments)
+                first = mean.shape[0] - (num_segments - 1) * self.frames_per_segment  # the first segment's frames
+                frame_segment = frame_segments(num_segments, first, self.frames_per_segment)
                 frame_timesteps.append(timesteps[-1][frame_segment])
                 frame_noisy.append(~clean[frame_segment])
         batch = default_collate([{k: item[k] for k in ("text", "text_mask", "scene_start")} for item in items])
@@ -78,12 +81,6 @@ class DiffusionCollate:
             clean[torch.randint(0, n, (), generator=generator)] = False
         return torch.where(clean, 0, level.expand(n)), clean
 
-    def _frame_segment(self, num_frames: int, num_segments: int) -> torch.Tensor:
-        """(T,) segment of each latent frame: the first segment has the frames left over by the later ones."""
-        first = num_frames - (num_segments - 1) * self.frames_per_segment
-        assert first >= 1, (num_frames, num_segments, self.frames_per_segment)
-        return torch.cat([torch.zeros(first, dtype=torch.long),
-                          torch.arange(1, num_segments).repeat_interleave(self.frames_per_segment)])
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
