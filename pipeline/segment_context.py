@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from models.layout import num_segments_for_frames
 
+from .atomic import atomic_path
 from .video_io import read_video
 
 VideoInput = torch.Tensor | np.ndarray | list[PIL.Image.Image]
@@ -121,9 +122,8 @@ def save_latents(latents: torch.Tensor, path: str | os.PathLike, video: str | os
     """Writes latents (1, T, C, h, w) as safetensors, atomically (temporary name, then rename). video: the mp4 they
     were decoded to; its hash is stored so that the latents are only ever used for that exact file."""
     metadata = {} if video is None else {"video_sha256": file_sha256(video)}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=metadata)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
