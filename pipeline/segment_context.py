@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from models.layout import num_segments_for_frames
 
 from .atomic import atomic_path
+from .vae_decode import onload
 from .video_io import read_video
 
 VideoInput = torch.Tensor | np.ndarray | list[PIL.Image.Image]
@@ -88,9 +89,7 @@ def encode_video(vae, video_processor, frames: VideoInput, height: int, width: i
     if tuple(video.shape[-2:]) != (height, width):
         raise ValueError(f"{what}: frames are {video.shape[-1]}x{video.shape[-2]}, the pipeline makes "
                          f"{width}x{height}")
-    hook = getattr(vae, "_hf_hook", None)  # model CPU offload moves the VAE in on its forward; encode is not one
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(vae)
+    onload(vae)  # model CPU offload moves the VAE in on its forward; encode is not one
     video = video.to(device=vae.device, dtype=vae.dtype)
     latents = vae.encode(video).latent_dist.mode() * vae.config.scaling_factor  # (1, C, T, h, w)
     return latents.permute(0, 2, 1, 3, 4)
