@@ -453,8 +453,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         context = build_context(
             None if video_latents is None else video_latents.to(device, self.transformer.dtype), regenerate,
             None if reference_latents is None else reference_latents.to(device, self.transformer.dtype),
-            storyboard.num_segments, latent_shape[1], config.latent_frames_first, config.latent_frames_per_segment,
-            latent_shape)
+            storyboard.num_segments, config.latent_frames_first, config.latent_frames_per_segment, latent_shape)
         if num_reference:  # the reference's segments: the null text, same scene as segment 1
             scene_start = torch.cat([torch.zeros(1, num_reference, dtype=torch.bool, device=device), scene_start], 1)
 

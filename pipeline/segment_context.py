@@ -179,15 +179,14 @@ def read_context_video(path: str | os.PathLike, pipe, what: str) -> tuple[torch.
 
 
 def build_context(given: torch.Tensor | None, regenerate: Sequence[int], reference: torch.Tensor | None,
-                  num_segments: int, num_frames: int, frames_first: int, frames_per_segment: int,
+                  num_segments: int, frames_first: int, frames_per_segment: int,
                   full_shape: tuple[int, ...]) -> SegmentContext | None:
     """The SegmentContext of one call, or None when nothing is kept.
 
     given: (1, T_k, C, h, w) latents of the first k <= n storyboard segments; regenerate: 0-based storyboard segments
     of `given` to generate anew; reference: (1, T_r, C, h, w) latents of r segments put before segment 1 (not with
     `given`).
-    num_segments: n (storyboard); num_frames: latent frames of the whole sequence (reference + storyboard);
-    full_shape: (1, T, C, h, w) of the whole sequence.
+    num_segments: n (storyboard); full_shape: (1, T, C, h, w) of the whole sequence (reference + storyboard).
     """
     if given is None and reference is None:
         if regenerate:
@@ -216,6 +215,5 @@ def build_context(given: torch.Tensor | None, regenerate: Sequence[int], referen
     clean = reference if reference is not None else given
     latents = clean.new_zeros(full_shape)
     latents[:, : clean.shape[1]] = clean
-    assert latents.shape[1] == num_frames
     keep = torch.tensor([True] * r + keep_story, device=latents.device)
     return SegmentContext(latents=latents, keep=keep)
