@@ -430,7 +430,6 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         # 2. Default call parameters
         device = self._execution_device
         do_classifier_free_guidance = guidance_scale > 1.0
-        num_segments = storyboard.num_segments
         scene_start = torch.tensor([[s.scene_start for s in storyboard.segments]], device=device)  # (1, n)
 
         # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
@@ -577,8 +576,6 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         out = run(torch.cat([latents, latents]), torch.cat([negative_prompt_embeds, prompt_embeds]),
                   torch.cat([negative_mask, prompt_mask]), torch.cat([scene_start, scene_start]), "cond_uncond")
         return out.chunk(2)
-
-
 
 
 def storyboard_from_prompts(storyboard: Any, prompt: Any, negative_prompt: Any,
