@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pipeline.cache import CACHES, cache_problems, set_cache
 from pipeline.loading import (
+    DEFAULT_MODEL,
     DTYPES,
     ArgumentParser,
     InputError,
@@ -40,7 +41,6 @@ from pipeline.schedulers import SCHEDULERS, make_scheduler
 from pipeline.storyboard import StoryboardError, load_storyboard
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = ROOT / "models" / "default"
 DEFAULT_STORYBOARD = ROOT / "examples" / "toy_story.json"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1 (a negative seed would alias a positive one)
 

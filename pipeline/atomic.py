@@ -40,20 +40,15 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def save_pretrained_atomically(obj, out: str | os.PathLike) -> Path:
     """obj.save_pretrained (a diffusers pipeline or model) into a temporary sibling folder, then swapped in for
     `out`: a reader sees the old folder or the new one, never a mix or a half-written one."""
-    return _build_dir(out, obj.save_pretrained)
+    return build_dir_atomically(out, obj.save_pretrained)
 
 
 def copy_dir_atomically(src: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A copy of the folder `src` swapped in for `out` (see save_pretrained_atomically)."""
-    return _build_dir(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
+    return build_dir_atomically(out, lambda tmp: shutil.copytree(src, tmp, dirs_exist_ok=True))
 
 
 def build_dir_atomically(out: str | os.PathLike, fill) -> Path:
-    """fill(tmp) writes a folder that then replaces `out` (see save_pretrained_atomically)."""
-    return _build_dir(out, fill)
-
-
-def _build_dir(out: str | os.PathLike, fill) -> Path:
     """fill(tmp) writes the new folder into a temporary sibling of `out`, which then replaces `out`; on failure the
     temporary folder is removed and `out` is left as it was."""
     out = Path(out)

@@ -430,7 +430,6 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         # 2. Default call parameters
         device = self._execution_device
         do_classifier_free_guidance = guidance_scale > 1.0
-        num_segments = storyboard.num_segments
         scene_start = torch.tensor([[s.scene_start for s in storyboard.segments]], device=device)  # (1, n)
 
         # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
@@ -453,8 +452,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         context = build_context(
             None if video_latents is None else video_latents.to(device, self.transformer.dtype), regenerate,
             None if reference_latents is None else reference_latents.to(device, self.transformer.dtype),
-            storyboard.num_segments, latent_shape[1], config.latent_frames_first, config.latent_frames_per_segment,
-            latent_shape)
+            storyboard.num_segments, config.latent_frames_first, config.latent_frames_per_segment, latent_shape)
         if num_reference:  # the reference's segments: the null text, same scene as segment 1
             scene_start = torch.cat([torch.zeros(1, num_reference, dtype=torch.bool, device=device), scene_start], 1)
 
@@ -578,8 +576,6 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         out = run(torch.cat([latents, latents]), torch.cat([negative_prompt_embeds, prompt_embeds]),
                   torch.cat([negative_mask, prompt_mask]), torch.cat([scene_start, scene_start]), "cond_uncond")
         return out.chunk(2)
-
-
 
 
 def storyboard_from_prompts(storyboard: Any, prompt: Any, negative_prompt: Any,

@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 
 from models.layout import num_segments_for_frames
 
+from .atomic import atomic_path
+from .vae_decode import onload
 from .video_io import read_video
 
 VideoInput = torch.Tensor | np.ndarray | list[PIL.Image.Image]
@@ -58,6 +60,14 @@ def latent_segments(latents: torch.Tensor, frames_first: int, frames_per_segment
     return k
 
 
+def frame_segments(count: int, temporal: int, frames_first: int, frames_per_segment: int) -> int | None:
+    """Segments covered by `count` video frames (temporal * (T - 1) + 1 for T latent frames), None when they are not
+    a whole number of segments."""
+    if (count - 1) % temporal:
+        return None
+    return num_segments_for_frames((count - 1) // temporal + 1, frames_first, frames_per_segment)
+
+
 def encode_video(vae, video_processor, frames: VideoInput, height: int, width: int, frames_first: int,
                  frames_per_segment: int, what: str = "video") -> torch.Tensor:
     """Frames of whole segments → latents (1, T, C, h, w), scaled by the VAE's scaling factor (the mean of the
@@ -69,9 +79,7 @@ def encode_video(vae, video_processor, frames: VideoInput, height: int, width: i
     """
     temporal = vae.config.temporal_compression_ratio
     count = len(frames)
-    segments = (count - 1) % temporal == 0 and num_segments_for_frames((count - 1) // temporal + 1, frames_first,
-                                                                      frames_per_segment)
-    if not segments:
+    if not frame_segments(count, temporal, frames_first, frames_per_segment):
         per = frames_per_segment * temporal
         raise ValueError(f"{what}: {count} frames are not a whole number of segments ({per} k + 1 frames: "
                          f"{per + 1}, {2 * per + 1}, {3 * per + 1}, ...)")
@@ -81,9 +89,7 @@ def encode_video(vae, video_processor, frames: VideoInput, height: int, width: i
     if tuple(video.shape[-2:]) != (height, width):
         raise ValueError(f"{what}: frames are {video.shape[-1]}x{video.shape[-2]}, the pipeline makes "
                          f"{width}x{height}")
-    hook = getattr(vae, "_hf_hook", None)  # model CPU offload moves the VAE in on its forward; encode is not one
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(vae)
+    onload(vae)  # model CPU offload moves the VAE in on its forward; encode is not one
     video = video.to(device=vae.device, dtype=vae.dtype)
     latents = vae.encode(video).latent_dist.mode() * vae.config.scaling_factor  # (1, C, T, h, w)
     return latents.permute(0, 2, 1, 3, 4)
@@ -121,9 +127,8 @@ def save_latents(latents: torch.Tensor, path: str | os.PathLike, video: str | os
     """Writes latents (1, T, C, h, w) as safetensors, atomically (temporary name, then rename). video: the mp4 they
     were decoded to; its hash is stored so that the latents are only ever used for that exact file."""
     metadata = {} if video is None else {"video_sha256": file_sha256(video)}
-    tmp = f"{os.fspath(path)}.tmp"
-    save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"latents": latents.detach().to("cpu", torch.float32).contiguous()}, tmp, metadata=metadata)
 
 
 def load_latents(path: str | os.PathLike) -> tuple[torch.Tensor, str | None]:
@@ -157,8 +162,7 @@ def read_context_video(path: str | os.PathLike, pipe, what: str) -> tuple[torch.
                          f"{width}x{height}")
     temporal, per = pipe.vae_scale_factor_temporal, pipe.frames_per_segment
     count = len(frames)
-    k = (count - 1) % temporal == 0 and num_segments_for_frames(
-        (count - 1) // temporal + 1, config.latent_frames_first, config.latent_frames_per_segment)
+    k = frame_segments(count, temporal, config.latent_frames_first, config.latent_frames_per_segment)
     if not k:
         raise ValueError(f"{what} {path}: {count} frames are not a whole number of segments of this model "
                          f"({per} k + 1 frames: {per + 1}, {2 * per + 1}, ...)")
@@ -175,15 +179,14 @@ def read_context_video(path: str | os.PathLike, pipe, what: str) -> tuple[torch.
 
 
 def build_context(given: torch.Tensor | None, regenerate: Sequence[int], reference: torch.Tensor | None,
-                  num_segments: int, num_frames: int, frames_first: int, frames_per_segment: int,
+                  num_segments: int, frames_first: int, frames_per_segment: int,
                   full_shape: tuple[int, ...]) -> SegmentContext | None:
     """The SegmentContext of one call, or None when nothing is kept.
 
     given: (1, T_k, C, h, w) latents of the first k <= n storyboard segments; regenerate: 0-based storyboard segments
     of `given` to generate anew; reference: (1, T_r, C, h, w) latents of r segments put before segment 1 (not with
     `given`).
-    num_segments: n (storyboard); num_frames: latent frames of the whole sequence (reference + storyboard);
-    full_shape: (1, T, C, h, w) of the whole sequence.
+    num_segments: n (storyboard); full_shape: (1, T, C, h, w) of the whole sequence (reference + storyboard).
     """
     if given is None and reference is None:
         if regenerate:
@@ -212,6 +215,5 @@ def build_context(given: torch.Tensor | None, regenerate: Sequence[int], referen
     clean = reference if reference is not None else given
     latents = clean.new_zeros(full_shape)
     latents[:, : clean.shape[1]] = clean
-    assert latents.shape[1] == num_frames
     keep = torch.tensor([True] * r + keep_story, device=latents.device)
     return SegmentContext(latents=latents, keep=keep)

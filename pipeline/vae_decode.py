@@ -21,6 +21,14 @@ def frame_batches(vae: AutoencoderKLCogVideoX, num_latent_frames: int) -> list[t
     return [(s, min(e, num_latent_frames)) for s, e in zip(starts, ends)]
 
 
+def onload(vae: AutoencoderKLCogVideoX) -> None:
+    """Runs the model CPU offload hook that `vae.forward` would (it moves the VAE to the device), for callers of the
+    VAE's other methods (encode, the decoder's parts); nothing without offload."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
+
+
 @torch.no_grad()
 def decode_windows(vae: AutoencoderKLCogVideoX, latents: torch.Tensor, decode_window: int) -> Iterator[torch.Tensor]:
     """Decodes latents (B, T, C, h, w) window by window, carrying the VAE's causal conv cache across windows.
@@ -29,10 +37,7 @@ def decode_windows(vae: AutoencoderKLCogVideoX, latents: torch.Tensor, decode_wi
     (B, 3, F_w, H, W) in [-1, 1] whose concatenation along frames equals `vae.decode` of the whole sequence, with or
     without `vae.enable_tiling()` / `enable_slicing()`.
     """
-    # the offload hook that vae.decode would trigger; we call the decoder's parts directly
-    hook = getattr(vae, "_hf_hook", None)
-    if hook is not None and hasattr(hook, "pre_forward"):
-        hook.pre_forward(vae)
+    onload(vae)  # vae.decode would trigger it; we call the decoder's parts directly
     z = latents.to(vae.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # (B, C, T, h, w)
     slices = list(z.split(1)) if vae.use_slicing and z.shape[0] > 1 else [z]
     caches: list[Any] = [None] * len(slices)
@@ -51,6 +56,7 @@ def decode_windows(vae: AutoencoderKLCogVideoX, latents: torch.Tensor, decode_wi
             parts.append(torch.cat(frames, dim=2))
         window = []
         yield torch.cat(parts, dim=0)
+
 
 def _decode_frame_batch(vae: AutoencoderKLCogVideoX, z: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
     """One decoder call on z (B, C, t, h, w) → (B, 3, f, H, W), tiled as the VAE's `tiled_decode` when tiling is on

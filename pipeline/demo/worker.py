@@ -22,7 +22,7 @@ import torch
 
 from ..cache import CACHES, cache_problems, set_cache
 from ..schedulers import SCHEDULERS, make_scheduler, scheduler_name
-from ..segment_context import latents_path, load_latents, save_latents
+from ..segment_context import latent_segments, latents_path, load_latents, save_latents
 from ..storyboard import (
     Storyboard,
 )
@@ -242,7 +242,8 @@ def keep_arguments(keep: list[int], previous: Path | None, pipe, num_segments: i
                          "kept); untick keep to generate anew")
     latents, _ = load_latents(latents_path(previous))
     config = pipe.transformer.config
-    covered = (latents.shape[1] - config.latent_frames_first) // config.latent_frames_per_segment + 1
+    covered = latent_segments(latents, config.latent_frames_first, config.latent_frames_per_segment,
+                              "the last video's latents")
     past = [i + 1 for i in keep if i >= covered]
     if past:
         raise ValueError(f"row {past[0]} is marked keep, but the last video has only {covered} segments")
