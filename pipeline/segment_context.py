@@ -60,7 +60,7 @@ def latent_segments(latents: torch.Tensor, frames_first: int, frames_per_segment
     return k
 
 
-def frame_segments(count: int, temporal: int, frames_first: int, frames_per_segment: int) -> int | None:
+def segments_in_video(count: int, temporal: int, frames_first: int, frames_per_segment: int) -> int | None:
     """Segments covered by `count` video frames (temporal * (T - 1) + 1 for T latent frames), None when they are not
     a whole number of segments."""
     if (count - 1) % temporal:
@@ -79,7 +79,7 @@ def encode_video(vae, video_processor, frames: VideoInput, height: int, width: i
     """
     temporal = vae.config.temporal_compression_ratio
     count = len(frames)
-    if not frame_segments(count, temporal, frames_first, frames_per_segment):
+    if not segments_in_video(count, temporal, frames_first, frames_per_segment):
         per = frames_per_segment * temporal
         raise ValueError(f"{what}: {count} frames are not a whole number of segments ({per} k + 1 frames: "
                          f"{per + 1}, {2 * per + 1}, {3 * per + 1}, ...)")
@@ -162,7 +162,7 @@ def read_context_video(path: str | os.PathLike, pipe, what: str) -> tuple[torch.
                          f"{width}x{height}")
     temporal, per = pipe.vae_scale_factor_temporal, pipe.frames_per_segment
     count = len(frames)
-    k = frame_segments(count, temporal, config.latent_frames_first, config.latent_frames_per_segment)
+    k = segments_in_video(count, temporal, config.latent_frames_first, config.latent_frames_per_segment)
     if not k:
         raise ValueError(f"{what} {path}: {count} frames are not a whole number of segments of this model "
                          f"({per} k + 1 frames: {per + 1}, {2 * per + 1}, ...)")
