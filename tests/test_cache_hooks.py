@@ -46,10 +46,10 @@ def uncached(pipe):
 @pytest.mark.parametrize("name", CACHES[1:])
 def test_cache_preset_skips_work_within_tolerance(pipe, uncached, name):
     reference, full_calls = uncached
-    set_cache(pipe, name)
-    if name == "first-block":  # a threshold that surely skips on this random model
-        set_cache(pipe, "none")
+    if name == "first-block":  # the preset's 0.2 suits the default model; 0.5 surely skips on this random one
         pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    else:
+        set_cache(pipe, name)
     try:
         latents, calls = run_counting(pipe)
         again, _ = run_counting(pipe)
