@@ -239,7 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
-    counts = gather_object([precompute(cfg, getattr(torch, args.dtype), Accelerator())])  # every process's
+    accelerator = Accelerator()
+    try:
+        counts = gather_object([precompute(cfg, getattr(torch, args.dtype), accelerator)])  # every process's
+    finally:
+        # A process group left to the interpreter's exit can abort it ("terminate called without an active
+        # exception", seen under gloo): a finished precompute then exits with SIGABRT. Tear it down here.
+        accelerator.end_training()
     failed, total = sum(c["failed"] for c in counts), sum(sum(c.values()) for c in counts)
     if failed:
         raise DatasetError(f"{failed} of {total} videos failed (the warnings above name them and why) and are not in "
