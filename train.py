@@ -26,7 +26,7 @@ from pipeline.training import (
     Validator,
     build_optimizer,
     build_scheduler,
-    diffusion_loss,
+    diffusion_terms,
     export_final,
     training_scheduler,
 )
@@ -77,19 +77,23 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.train.trainable, cfg.train.steps, describe_batch(cfg, accelerator))
 
     # 3. loop
+    multi_segment = cfg.data.segments > 1
+    frames_per_segment = accelerator.unwrap_model(model).config.latent_frames_per_segment
     batches = batch_stream(loader, start=step * accumulation)
     while step < stop_at:
         for _ in range(accumulation):
             batch = next(batches)
             with accelerator.accumulate(model):
-                loss = diffusion_loss(model, noise_scheduler, batch).mean()
+                terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight)
+                loss = terms.per_sample.mean()
                 accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 grad_norm = None
                 if accelerator.sync_gradients:  # the last micro-batch of the step
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation)
+            later = terms.later_segments(batch["text"].shape[1], frames_per_segment) if multi_segment else None
+            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later)
         lr_scheduler.step()
         if ema is not None:
             ema.step(trainable)
@@ -97,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics.step_done(step)
         if metrics.should_log(step) or checkpointer.should_save(step, stop_at) or validator.should_validate(step):
             metrics.stop_if_not_finite(checkpointer.last)  # nothing non-finite is logged, saved or sampled
-        metrics.maybe_log(step, optimizer)
+        metrics.maybe_log(step, optimizer, model)
         checkpointer.maybe_save(step, stop_at)
         validator.maybe_validate(step)
     metrics.close()

@@ -201,6 +201,35 @@ def test_precompute_embeds_the_register_the_config_names(base, tmp_path):
     SequenceDataset(tmp_path / "dataset", tmp_path / "cache", segments=2, expected={"caption": "dense"})
 
 
+def test_a_second_register_copies_the_latents_of_the_first_cache(base, tmp_path):
+    """data.latents_from: the dense cache takes its latents from the story cache (the videos are not read again:
+    they are gone here) and embeds its own texts; a source made with other latents is refused, naming the field."""
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = with_dense(read_metadata(tmp_path / "dataset"))
+    write_metadata(tmp_path / "dataset", records)
+    story = tmp_path / "story"
+    precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", f"data.cache={story}"), torch.float32,
+               Accelerator(cpu=True))
+    for r in records:
+        (tmp_path / "dataset" / r.video).unlink()
+    cfg = config(tmp_path, f"model.pretrained={base / 'pipeline'}", "data.caption=dense", f"data.latents_from={story}")
+    assert precompute(cfg, torch.float32, Accelerator(cpu=True)) == {"done": len(records), "skipped": 0, "failed": 0}
+    for r in records:
+        ours, source = load_file(item_path(tmp_path / "cache", r)), load_file(item_path(story, r))
+        assert torch.equal(ours["latent_mean"], source["latent_mean"])
+        assert torch.equal(ours["latent_logvar"], source["latent_logvar"])
+        assert not torch.equal(ours["text"], source["text"])  # the dense captions, not the story texts
+    other = tmp_path / "other"
+    shutil.copytree(story, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "scaling_factor": 0.5}))
+    cfg = config(tmp_path, f"model.pretrained={base / 'pipeline'}", "data.caption=dense",
+                 f"data.latents_from={other}", f"data.cache={tmp_path / 'cache2'}")
+    with pytest.raises(DatasetError, match=r"^data.latents_from: .*manifest.json was made with other latents "
+                       r"\(scaling_factor=0.5, here "):
+        precompute(cfg, torch.float32, Accelerator(cpu=True))
+
+
 def test_a_register_missing_from_the_metadata_stops_precompute_before_loading(base, tmp_path, monkeypatch):
     import pipeline.data.precompute as module
 

@@ -4,6 +4,7 @@ Items are made in code in the dataset's format (latent mean/logvar per frame, te
 tests/tiny.py: 3 segments = 3 + 2 + 2 latent frames of 4 x 4 x 4.
 """
 
+import copy
 import math
 from pathlib import Path
 
@@ -167,3 +168,49 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
                                        "context_rate": 0.5}
+
+
+def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames():
+    """train.hard_fraction / hard_weight: loss = plain loss + weight x mean of the top fraction of the weighted squared
+    errors, over the noisy frames only (clean context frames can hold no large error); written out by hand."""
+    batch = collate(CONTEXT_FIRST)
+    scheduler = make_scheduler("ddim")
+    prediction = torch.randn(batch["latents"].shape)
+    prediction[:, :FRAMES_FIRST] += 50.0  # huge errors on the clean frames: they must not be picked
+    plain = diffusion_loss(Recorder(prediction.clone()), scheduler, batch)
+    hard = diffusion_loss(Recorder(prediction.clone()), scheduler, batch, hard_fraction=0.1, hard_weight=2.0)
+    a = scheduler.alphas_cumprod.float()[batch["frame_timesteps"]][:, :, None, None, None]
+    noisy_input = torch.where(batch["frame_noisy"][:, :, None, None, None],
+                              a.sqrt() * batch["latents"] + (1 - a).sqrt() * batch["noise"], batch["latents"])
+    x0 = a.sqrt() * noisy_input - (1 - a).sqrt() * prediction
+    errors = ((x0 - batch["latents"]).pow(2) / (1 - a))[:, FRAMES_FIRST:].flatten(1)  # the noisy frames
+    k = round(0.1 * errors.shape[1])
+    expected = plain + 2.0 * errors.topk(k, dim=1).values.mean(dim=1)
+    torch.testing.assert_close(hard, expected, rtol=1e-6, atol=0)
+    assert (hard > plain).all()
+
+
+def test_later_segment_loss_is_the_mean_over_noisy_frames_after_segment_one():
+    """LossTerms.later_segments: the (sum, count) that training logs as loss/later_segments."""
+    from pipeline.training import diffusion_terms
+
+    batch = collate(NoiseConfig(uniform=0.0, context=1.0, context_first=0.0, context_rate=0.5))
+    terms = diffusion_terms(Recorder(torch.randn(batch["latents"].shape)), make_scheduler("ddim"), batch)
+    total, count = terms.later_segments(N, FRAMES_PER_SEGMENT)
+    later = batch["frame_noisy"][:, FRAMES_FIRST:]
+    assert count == later.sum() and 0 < count < later.numel()  # some later segments were drawn clean
+    torch.testing.assert_close(total, terms.per_frame[:, FRAMES_FIRST:][later].sum())
+    torch.testing.assert_close(terms.per_sample, terms.per_frame.sum(1) / batch["frame_noisy"].sum(1))
+
+
+def test_video_gate_magnitude_reads_the_video_gates_only(model):
+    from pipeline.training.logging import video_gate_magnitude
+
+    assert video_gate_magnitude(tiny_transformer(seed=0)) is None  # no TTT
+    model = copy.deepcopy(model)  # the module's fixture stays as it is
+    with torch.no_grad():
+        for block in model.transformer_blocks:
+            block.gate_forward_video.fill_(0.2)
+            block.gate_reverse_video.fill_(-0.2)
+            block.gate_forward_text.fill_(3.0)
+    assert video_gate_magnitude(model) == pytest.approx(math.tanh(0.2), rel=1e-6)

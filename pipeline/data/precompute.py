@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, atomic_write_text
@@ -168,6 +168,7 @@ def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Ac
             atomic_write_text(cache / MANIFEST_FILE, _json(manifest))
         _save(cache / NULL_FILE, {"text": null_text[0].to(dtype), "text_mask": null_mask[0]}, {})
     accelerator.wait_for_everyone()
+    latents_from = _latent_source(cfg, manifest)
 
     mine = records[accelerator.process_index::accelerator.num_processes]
     counts = {"done": 0, "skipped": 0, "failed": 0}
@@ -178,7 +179,7 @@ def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Ac
             counts["skipped"] += 1
             continue
         try:
-            tensors = encode_record(cfg, record, tokenizer, text_encoder, vae, dtype)
+            tensors = encode_record(cfg, record, tokenizer, text_encoder, vae, dtype, latents_from)
         except (av.FFmpegError, OSError, DatasetError) as e:
             counts["failed"] += 1
             logger.warning("skipping %s: %s", record.video, e)
@@ -191,22 +192,48 @@ def precompute(cfg: Config, dtype: torch.dtype = torch.bfloat16, accelerator: Ac
     return counts
 
 
-def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae, dtype: torch.dtype
-                  ) -> dict[str, torch.Tensor]:
-    """All tensors of one cache item (shapes in SequenceDataset, per segment S of the video)."""
-    video = Path(cfg.data.root) / record.video
-    if not video.is_file():
-        raise DatasetError(f"{video}: video file not found")
-    means, logvars = [], []
-    for _, frames in decode_segments(video, record, cfg.data.fps, cfg.data.height, cfg.data.width):
-        mean, logvar = encode_frames(vae, frames)
-        means.append(mean.to(dtype).cpu())
-        logvars.append(logvar.to(dtype).cpu())
+def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae, dtype: torch.dtype,
+                  latents_from: Path | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one cache item (shapes in SequenceDataset, per segment S of the video); the latents are
+    copied from the cache `latents_from` when it holds the item."""
+    source = item_path(latents_from, record) if latents_from is not None else None
+    if source is not None and source.is_file():
+        kept = load_file(source)
+        latent_mean, latent_logvar = kept["latent_mean"].to(dtype), kept["latent_logvar"].to(dtype)
+    else:
+        video = Path(cfg.data.root) / record.video
+        if not video.is_file():
+            raise DatasetError(f"{video}: video file not found")
+        means, logvars = [], []
+        for _, frames in decode_segments(video, record, cfg.data.fps, cfg.data.height, cfg.data.width):
+            mean, logvar = encode_frames(vae, frames)
+            means.append(mean.to(dtype).cpu())
+            logvars.append(logvar.to(dtype).cpu())
+        latent_mean, latent_logvar = torch.stack(means), torch.stack(logvars)
     text, mask = encode_text(tokenizer, text_encoder, captions(record, cfg.data.caption), cfg.data.max_text_length,
                              vae.device)
-    return {"latent_mean": torch.stack(means), "latent_logvar": torch.stack(logvars),  # (S, F1, C, h, w)
+    return {"latent_mean": latent_mean, "latent_logvar": latent_logvar,  # (S, F1, C, h, w)
             "text": text.to(dtype).cpu(), "text_mask": mask.cpu(),  # (S, L, D), (S, L)
             "scene_start": torch.tensor([s.scene_start for s in record.segments])}  # (S,)
+
+
+LATENT_FIELDS = ("model", "height", "width", "fps", "latent_frames_first", "latent_frames_per_segment",
+                 "latent_channels", "scaling_factor")  # what the stored latents depend on
+
+
+def _latent_source(cfg: Config, manifest: dict) -> Path | None:
+    """data.latents_from as a Path, checked to hold latents made the way this cache's would be (DatasetError)."""
+    if not cfg.data.latents_from:
+        return None
+    source = Path(cfg.data.latents_from)
+    if source.resolve() == Path(cfg.data.cache).resolve():
+        raise DatasetError(f"data.latents_from: {source} is data.cache itself; name another cache")
+    theirs = read_manifest(source)
+    differs = [k for k in LATENT_FIELDS if theirs.get(k) != manifest[k]]
+    if differs:
+        raise DatasetError(f"data.latents_from: {source / MANIFEST_FILE} was made with other latents ("
+                           + ", ".join(f"{k}={theirs.get(k)!r}, here {manifest[k]!r}" for k in differs) + ")")
+    return source
 
 
 def captions(record: VideoRecord, register: str) -> list[str]:

@@ -7,8 +7,6 @@ it. Every frame of a segment is computed at once, each character only inside the
 
 from __future__ import annotations
 
-from functools import cache
-
 import numpy as np
 
 from .world import (
@@ -35,14 +33,13 @@ def _polygon(points: np.ndarray) -> np.ndarray:
     return np.asarray(points, dtype=np.float64)
 
 
-def _star(points: int, outer: float, inner: float) -> np.ndarray:
+def _regular(points: int, outer: float, inner: float) -> np.ndarray:
     angles = -np.pi / 2 + np.pi * np.arange(2 * points) / points
     radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
     return _polygon(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1))
 
 
-_TRIANGLE = _star(3, 1.0, 0.5)[::2]  # y points down: the first vertex is the top one
-_STAR = _star(5, 1.0, 0.45)
+_TRIANGLE = _regular(3, 1.0, 0.5)[::2]  # y points down: the first vertex is the top one
 
 
 def polygon_sdf(px: np.ndarray, py: np.ndarray, vertices: np.ndarray) -> np.ndarray:
@@ -67,19 +64,6 @@ def _box_sdf(px: np.ndarray, py: np.ndarray, half_w: float, half_h: float) -> np
     return np.hypot(np.maximum(qx, 0.0), np.maximum(qy, 0.0)) + np.minimum(np.maximum(qx, qy), 0.0)
 
 
-def _moon_raw(px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    return np.maximum(np.hypot(px, py) - 0.92, 0.75 - np.hypot(px - 0.42, py + 0.3))
-
-
-@cache
-def _moon_centroid() -> tuple[float, float]:
-    # The crescent's area centroid, so that a character's position is the centre of its visible mass.
-    g = np.linspace(-1.2, 1.2, 961)
-    gx, gy = np.meshgrid(g, g)
-    inside = _moon_raw(gx, gy) < 0
-    return float(gx[inside].mean()), float(gy[inside].mean())
-
-
 def shape_sdf(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
     """Signed distance to a unit shape (circumradius ~1, centroid at the origin); px, py any equal shapes."""
     if shape == "circle":
@@ -88,14 +72,7 @@ def shape_sdf(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
         return _box_sdf(px, py, 0.75, 0.75)
     if shape == "triangle":
         return polygon_sdf(px, py, _TRIANGLE)
-    if shape == "star":
-        return polygon_sdf(px, py, _STAR)
-    if shape == "cross":
-        return np.minimum(_box_sdf(px, py, 0.95, 0.32), _box_sdf(px, py, 0.32, 0.95))
-    if shape == "moon":
-        cx, cy = _moon_centroid()
-        return _moon_raw(px + cx, py + cy)
-    raise ValueError(f"shape: expected one of circle, square, triangle, star, cross, moon, got {shape!r}")
+    raise ValueError(f"shape: expected one of circle, square, triangle, got {shape!r}")
 
 
 def coverage(shape: str, radius_px: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:

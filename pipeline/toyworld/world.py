@@ -17,7 +17,10 @@ import numpy as np
 FPS = 8
 FRAMES_PER_SEGMENT = 24  # 3 s at 8 fps; the first segment has one extra frame (24 n + 1 frames in all)
 
-SHAPES = ("circle", "square", "triangle", "star", "cross", "moon")
+# Three shapes whose silhouettes differ at the scale of one transformer token (16x16 pixels at patch 4 on a 64x64
+# frame), at two sizes of about 1.2 and 1.8 tokens across: 8 colours x 3 shapes x 2 sizes = 48 looks. (An earlier
+# world had six shapes at 0.8-1.1 tokens; its pretrained model drew their colours but never their shapes.)
+SHAPES = ("circle", "square", "triangle")
 # Bright, saturated character colours (luma >= 113), far from the dark backdrops (luma <= 62), so that a pixel's
 # colour tells a character from the background and luma alone outlines it (see metrics._outline).
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -30,7 +33,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "pink": (255, 125, 205),
     "white": (245, 245, 245),
 }
-SIZES: dict[str, float] = {"small": 0.1, "big": 0.14}  # nominal radius, fraction of the frame height
+SIZES: dict[str, float] = {"small": 0.15, "big": 0.22}  # nominal radius, fraction of the frame height
 BACKDROP_COLORS: dict[str, tuple[int, int, int]] = {
     "navy": (25, 35, 95),
     "dark green": (20, 80, 35),

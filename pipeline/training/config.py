@@ -73,6 +73,8 @@ class DataConfig:
     that a segment's text is replaced by the null embedding (the encoded empty text the sampler uses). caption: the
     register precompute embeds: "text" (each segment's text) or a name from the metadata's segments[i].captions (the
     toy world writes "dense": every segment names its backdrop and describes every character on stage).
+    latents_from: another precompute cache of the same videos, VAE and frame shapes (say, another caption
+    register's): precompute copies its latents instead of encoding the videos again and embeds only the texts.
     """
 
     root: str = "data/dataset"
@@ -85,6 +87,7 @@ class DataConfig:
     stride: int = _at_least(1, 1)
     text_dropout: float = 0.1
     caption: str = "text"
+    latents_from: str | None = None
     num_workers: int = _at_least(2, 0)
     vae_tiling: bool = True
 
@@ -127,7 +130,8 @@ class TrainConfig:
 
     trainable: "full", "ttt" (TTT layers, gates, scene embedding), "ttt+attn" (+ attention q/k/v/o and qk-norms) or
     "lora" (TTT + LoRA of rank lora_rank on attn1's to_q, to_k, to_v, to_out.0). noise: per-segment noise levels
-    (`NoiseConfig`).
+    (`NoiseConfig`). hard_fraction, hard_weight: the loss's term on each sample's largest errors
+    (pipeline.training.loss.diffusion_terms); 0: the plain objective.
     """
 
     steps: int = _at_least(5000, 1)
@@ -141,6 +145,14 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.9999
     noise: NoiseConfig = field(default_factory=NoiseConfig)
+    hard_fraction: float = 0.0
+    hard_weight: float = 0.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.hard_fraction <= 1.0:
+            raise ConfigError(f"train.hard_fraction: expected a fraction in [0, 1], got {self.hard_fraction!r}")
+        if self.hard_weight < 0:
+            raise ConfigError(f"train.hard_weight: expected a weight >= 0, got {self.hard_weight!r}")
 
 
 @dataclass

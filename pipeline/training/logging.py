@@ -33,6 +33,7 @@ class MetricLogger:
         device = accelerator.device
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm: torch.Tensor | None = None
+        self.later = torch.zeros(2, device=device)  # loss sum and frame count on segments 2..n (multi-segment runs)
         self.first_bad_step = torch.full((), -1, device=device)
         self.items: dict[int, list[str]] = {}  # step -> the batch items seen since the last check (host only)
         self.steps, self.last_time = 0, time.perf_counter()
@@ -41,10 +42,13 @@ class MetricLogger:
         self.bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process)
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, items: list[str],
-               accumulation: int) -> None:
+               accumulation: int, later: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """One micro-batch of optimizer step `step` (1-based): its mean loss, the clipped-before norm on the
-        synchronising micro-batch, and the names of its items (for the non-finite stop)."""
+        synchronising micro-batch, the names of its items (for the non-finite stop), and (sum, count) of its loss on
+        the noisy frames of segments 2..n (`LossTerms.later_segments`)."""
         self.loss_sum += loss.detach() / accumulation
+        if later is not None:
+            self.later += torch.stack([later[0].detach().float(), later[1].float()])
         if grad_norm is not None:
             self.grad_norm = grad_norm
         self.items.setdefault(step, []).extend(items)
@@ -73,9 +77,11 @@ class MetricLogger:
         raise FloatingPointError(f"non-finite loss or gradient norm at step {bad} (batch items: {'; '.join(names)}); "
                                  f"stopping without saving (this run's last checkpoint: {last_checkpoint or 'none'})")
 
-    def maybe_log(self, step: int, optimizer: torch.optim.Optimizer) -> dict | None:
-        """On logging steps: the mean loss and step time since the last log, the learning rates and the gradient
-        norm, to the trackers, metrics.jsonl and the bar."""
+    def maybe_log(self, step: int, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
+                  ) -> dict | None:
+        """On logging steps: the mean loss and step time since the last log, the learning rates, the gradient
+        norm, the loss on segments 2..n (loss/later_segments, multi-segment runs) and the mean |tanh(gate)| of the
+        TTT gates on video tokens (ttt_gate/video), to the trackers, metrics.jsonl and the bar."""
         if not self.should_log(step):
             return None
         mean_loss = self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.steps
@@ -83,17 +89,38 @@ class MetricLogger:
         logs = {"loss": mean_loss, "step_time": seconds, **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
         if self.grad_norm is not None:  # DeepSpeed clips inside its engine and reports no norm here
             logs["grad_norm"] = self.accelerator.reduce(self.grad_norm, reduction="mean").item()
+        later = self.accelerator.reduce(self.later, reduction="sum")
+        if later[1] > 0:
+            logs["loss/later_segments"] = (later[0] / later[1]).item()
+        gate = video_gate_magnitude(model) if model is not None else None
+        if gate is not None:
+            logs["ttt_gate/video"] = gate
         self.accelerator.log(logs, step=step)
         if self.accelerator.is_main_process:  # the same numbers as plain text, for scripts and grep
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
         self.bar.set_postfix(loss=f"{mean_loss:.4g}", s_per_step=f"{seconds:.2f}")
         self.loss_sum.zero_()
+        self.later.zero_()
         self.steps, self.last_time = 0, time.perf_counter()
         return logs
 
     def close(self) -> None:
         self.bar.close()
+
+
+def video_gate_magnitude(model: torch.nn.Module) -> float | None:
+    """Mean |tanh(gate)| over the TTT gates on video tokens (forward and reverse, every block); None without TTT.
+
+    How much of the TTT output reaches the video tokens: a run where it falls towards 0 has learned to ignore TTT.
+    Sharded gates (FSDP2 DTensors) are gathered first, so every process must call this.
+    """
+    gates = [p.detach() for name, p in model.named_parameters()
+             if name.endswith(("gate_forward_video", "gate_reverse_video"))]
+    if not gates:
+        return None
+    gates = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in gates]
+    return torch.cat([g.float().flatten() for g in gates]).tanh().abs().mean().item()
 
 
 def truncate_metrics(path: Path, step: int) -> None:

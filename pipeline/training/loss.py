@@ -13,6 +13,8 @@ segment, and each latent frame is noised, predicted and weighted at its own segm
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from diffusers import CogVideoXDDIMScheduler
 from torch.utils.data import default_collate
@@ -83,39 +85,79 @@ class DiffusionCollate:
 
 
 
-def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
-                   ) -> torch.Tensor:
+@dataclass
+class LossTerms:
+    """What one batch's loss is made of: per_sample (B,) float32 (what is optimised), per_frame (B, T) the weighted
+    squared error per latent frame (0 on clean context frames), noisy (B, T) bool (False on clean context frames)."""
+
+    per_sample: torch.Tensor
+    per_frame: torch.Tensor
+    noisy: torch.Tensor
+
+    def later_segments(self, num_segments: int, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) of the per-frame loss over the noisy frames of segments 2..n: in the toy world's story
+        captions those are where a character is named without its look, so only memory can lower it."""
+        first = self.per_frame.shape[1] - (num_segments - 1) * frames_per_segment
+        later = self.noisy.clone()
+        later[:, :first] = False
+        return (self.per_frame * later).sum(), later.sum()
+
+
+def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
+                   hard_fraction: float = 0.0, hard_weight: float = 0.0) -> torch.Tensor:
     """Per-sample weighted loss (B,) float32 for a `DiffusionCollate` batch (see the module docstring)."""
-    if "frame_timesteps" in batch:
-        return segment_diffusion_loss(model, scheduler, batch)
-    latents, noise, timesteps = batch["latents"], batch["noise"], batch["timesteps"]
-    noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, T, C, h, w)
-    prediction = model(hidden_states=noisy, encoder_hidden_states=batch["text"], timestep=timesteps,
-                       encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
-                       return_dict=False)[0]
-    x0 = scheduler.get_velocity(prediction.float(), noisy.float(), timesteps)  # v → x_0 estimate
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps]  # (B,)
-    weights = 1.0 / (1.0 - alphas_cumprod)
-    return weights * (x0 - latents.float()).pow(2).flatten(1).mean(dim=1)
+    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight).per_sample
 
 
-def segment_diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
-                           ) -> torch.Tensor:
-    """`diffusion_loss` with a noise level per segment: timesteps (B, n), frame_timesteps (B, T), frame_noisy (B, T).
+def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
+                    hard_fraction: float = 0.0, hard_weight: float = 0.0) -> LossTerms:
+    """`diffusion_loss` with its parts (`LossTerms`).
 
-    Each frame is noised and weighted at its segment's level; clean frames (frame_noisy False) enter as the clean
-    latents and are left out of the loss. Returns the mean over each sample's noisy frames (B,) float32.
+    hard_fraction, hard_weight (train.hard_fraction / train.hard_weight): each sample's loss gains hard_weight times
+    the mean of its largest hard_fraction of weighted squared errors (over its noisy frames' latent elements). In the
+    toy world the backdrop is most of every frame and easy; the characters are few elements with large errors, and
+    this term makes them count (the VAE's worst-pixel term, docs/default_model.md). 0 (default): the plain loss.
     """
-    latents, noise, noisy_frames = batch["latents"], batch["noise"], batch["frame_noisy"]
+    errors, noisy, per_sample = _weighted_errors(model, scheduler, batch)  # (B, T, C, h, w) float32, (B, T), (B,)
+    per_frame = torch.where(noisy, errors.flatten(2).mean(dim=2), torch.zeros((), device=errors.device))
+    if hard_fraction > 0 and hard_weight > 0:
+        flat = torch.where(noisy[:, :, None, None, None], errors, torch.zeros((), device=errors.device)).flatten(1)
+        per_element = errors[0].numel() // errors.shape[1]
+        k = (noisy.sum(dim=1) * per_element * hard_fraction).round().clamp(min=1).long()  # (B,)
+        top = flat.topk(int(k.max()), dim=1).values  # (B, k_max), descending
+        take = torch.arange(top.shape[1], device=top.device)[None] < k[:, None]
+        per_sample = per_sample + hard_weight * (top * take).sum(dim=1) / k
+    return LossTerms(per_sample, per_frame, noisy)
+
+
+def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(1 / (1 - ᾱ_t)) (x0_pred - x0)^2 per latent element (B, T, C, h, w) float32, which frames are noisy (B, T),
+    and the per-sample loss (B,): the mean over the noisy frames, in the original objective's order of operations."""
+    latents, noise = batch["latents"], batch["noise"]
+    if "frame_timesteps" not in batch:  # one level per sample: the original objective
+        timesteps = batch["timesteps"]
+        noisy = scheduler.add_noise(latents, noise, timesteps)  # (B, T, C, h, w)
+        prediction = model(hidden_states=noisy, encoder_hidden_states=batch["text"], timestep=timesteps,
+                           encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
+                           return_dict=False)[0]
+        x0 = scheduler.get_velocity(prediction.float(), noisy.float(), timesteps)  # v → x_0 estimate
+        alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)[timesteps]  # (B,)
+        weights = 1.0 / (1.0 - alphas_cumprod)
+        squared = (x0 - latents.float()).pow(2)
+        all_frames = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
+        return weights[:, None, None, None, None] * squared, all_frames, weights * squared.flatten(1).mean(dim=1)
+    # a level per segment: each frame noised and weighted at its segment's level; clean frames enter as the clean
+    # latents (exactly as the sampler gives them) and are left out of the loss
+    noisy_frames = batch["frame_noisy"]
     alphas_cumprod = scheduler.alphas_cumprod.to(device=latents.device, dtype=torch.float32)
     a = alphas_cumprod[batch["frame_timesteps"]][:, :, None, None, None]  # (B, T, 1, 1, 1)
     noisy = (a.sqrt() * latents.float() + (1 - a).sqrt() * noise.float()).to(latents.dtype)
-    keep = ~noisy_frames[:, :, None, None, None]
-    noisy = torch.where(keep, latents, noisy)  # clean context exactly as the sampler gives it
+    noisy = torch.where(~noisy_frames[:, :, None, None, None], latents, noisy)
     prediction = model(hidden_states=noisy, encoder_hidden_states=batch["text"], timestep=batch["timesteps"],
                        encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
                        return_dict=False)[0]
     x0 = a.sqrt() * noisy.float() - (1 - a).sqrt() * prediction.float()  # v → x_0 estimate
-    per_frame = ((x0 - latents.float()).pow(2) / (1 - a)).flatten(2).mean(dim=2)  # (B, T)
-    per_frame = torch.where(noisy_frames, per_frame, torch.zeros_like(per_frame))
-    return per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1)
+    errors = (x0 - latents.float()).pow(2) / (1 - a)
+    per_frame = torch.where(noisy_frames, errors.flatten(2).mean(dim=2), torch.zeros((), device=errors.device))
+    return errors, noisy_frames, per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1)
