@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inference-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--min-identity", type=float, metavar="PCT",
+                   help="exit with status 3 and say so when a model's identity is below PCT percent (a recipe's gate)")
     args = p.parse_args(argv)
     if args.segments < 1 or args.stories < 1:
         p.error("--segments and --stories must be at least 1")
@@ -77,10 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     storyboards = [first_segments(json.loads(path.read_text()), args.segments)
                    for path in sorted(folder.glob("*.storyboard.json"))]
     print(f"| model | {' | '.join(REPORTED)} |\n|---|{'---|' * len(REPORTED)}")
+    below = []
     for model in args.models:
         summary = evaluate(model, storyboards, args.inference_steps, args.guidance, args.seed)
         print(f"| {model} | " + " | ".join(f"{100 * summary[k]:.0f}" for k in REPORTED) + " |", flush=True)
-    return 0
+        if args.min_identity is not None and 100 * summary["identity"] < args.min_identity:
+            below.append(f"{model}: identity {100 * summary['identity']:.1f}% < {args.min_identity:g}%")
+    for line in below:
+        print(f"bench_first_segments: below the gate: {line} (the model does not draw the characters its texts "
+              "describe; see docs/default_model.md)", file=sys.stderr)
+    return 3 if below else 0
 
 
 if __name__ == "__main__":

@@ -3,23 +3,30 @@
 #
 #     bash scripts/train_default_model.sh
 #
-# toy-world dataset -> tiny VAE -> base pipeline (random transformer) -> precompute -> pretraining without TTT on
-# 3-s segments -> stock "pretrained" CogVideoX -> TTT-MLP curriculum 3 s -> 15 s -> 60 s -> models/default/.
+# toy-world dataset -> tiny VAE -> base pipeline (random transformer) -> precompute (story and dense captions) ->
+# pretraining without TTT on 3-s segments with dense captions -> stock "pretrained" CogVideoX -> gate: does it draw
+# the characters its texts describe? -> TTT-MLP curriculum 3 s -> 15 s -> 60 s on story captions -> models/default/.
 # Every setting is in configs/toy/ (docs/default_model.md explains them). Intermediate results go to outputs/toy/;
-# delete it to start over. STORIES (default 100) sets the number of 20-segment training stories; FROM=N starts at
-# step N (the earlier steps' outputs must be there), e.g. FROM=6 to redo only the TTT curriculum.
+# delete it to start over. STORIES (default 150) sets the number of 20-segment training stories; FROM=N starts at
+# step N (the earlier steps' outputs must be there), e.g. FROM=7 to redo only the TTT curriculum; TO=N stops after
+# step N. MIN_IDENTITY (default 70) is step 6's gate, in percent; MIN_IDENTITY=0 goes on whatever the pretrained
+# model draws.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # One thread per process: these tensors are small, and on a busy 2-core machine OpenMP's spinning worker threads made
 # every step 5-20x slower than one thread (measured); set OMP_NUM_THREADS=2 on an idle machine if you like.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-STORIES="${STORIES:-100}"
+STORIES="${STORIES:-150}"
+MIN_IDENTITY="${MIN_IDENTITY:-70}"
+CPU_LAUNCH=(accelerate launch --multi_gpu --num_processes 2)  # one process per core; with ACCELERATE_USE_CPU
+export ACCELERATE_USE_CPU=true
 FROM="${FROM:-1}"
+TO="${TO:-10}"  # the last step to run
 start=$SECONDS
 step() {  # step N "title": true when step N is to run (N >= FROM)
-    if (( $1 < FROM )); then echo "== skip $1/9 $2"; return 1; fi
-    echo "== [$(( (SECONDS - start) / 60 )) min] $1/9 $2"
+    if (( $1 < FROM || $1 > TO )); then echo "== skip $1/10 $2"; return 1; fi
+    echo "== [$(( (SECONDS - start) / 60 )) min] $1/10 $2"
 }
 
 if step 1 "toy-world dataset: $STORIES stories of 20 segments (60 s)"; then
@@ -31,26 +38,36 @@ fi
 if step 3 "base pipeline: MiniLM text encoder, the VAE, DPM scheduler, random transformer"; then
     python -m pipeline.toy.model init --config configs/toy/base.yaml
 fi
-if step 4 "precompute latents and text embeddings"; then
-    rm -rf outputs/toy/cache  # encoded by an earlier VAE otherwise
+if step 4 "precompute latents and text embeddings: story captions, then dense captions (same latents)"; then
+    rm -rf outputs/toy/cache outputs/toy/cache-dense  # encoded by an earlier VAE otherwise
     # two processes, one per core (Accelerate's launcher; on the CPU it needs ACCELERATE_USE_CPU and --multi_gpu)
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m pipeline.data.precompute \
-        --config configs/toy/pretrain.yaml
+    # the story register (the TTT stages' cache), with the same VAE and text encoder as the dense one
+    "${CPU_LAUNCH[@]}" -m pipeline.data.precompute --config configs/toy/pretrain.yaml \
+        data.caption=text data.cache=outputs/toy/cache data.latents_from=null
+    "${CPU_LAUNCH[@]}" -m pipeline.data.precompute --config configs/toy/pretrain.yaml  # copies the latents
 fi
-if step 5 "pretraining the transformer on 3-s segments (no TTT)"; then
-    python train.py --config configs/toy/pretrain.yaml --overwrite  # FROM=N redoes a stage from its start
+if step 5 "pretraining the transformer on 3-s segments with dense captions (no TTT), two processes"; then
+    "${CPU_LAUNCH[@]}" train.py --config configs/toy/pretrain.yaml --overwrite train.micro_batch_size=4
     python -m pipeline.toy.model to-base --export outputs/toy/pretrain/final --out outputs/toy/base
 fi
-if step 6 "TTT-MLP inserted, 3-s stage"; then
+if step 6 "gate: segment 1 of 50 held-out stories, identity >= ${MIN_IDENTITY}%"; then
+    python benchmarks/bench_first_segments.py outputs/toy/pretrain/final --min-identity "$MIN_IDENTITY" || {
+        echo "== stopped: the pretrained model does not draw the characters its texts describe (identity in segment 1"
+        echo "   below ${MIN_IDENTITY}%; the TTT stages would have nothing to remember). Pretrain longer or change"
+        echo "   configs/toy/pretrain.yaml, then FROM=5; or MIN_IDENTITY=0 FROM=7 to go on anyway."
+        exit 3
+    }
+fi
+if step 7 "TTT-MLP inserted, 3-s stage (story captions)"; then
     python train.py --config configs/toy/ttt-mlp/3s.yaml --overwrite  # FROM=N redoes a stage from its start
 fi
-if step 7 "15-s stage"; then
-    python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite  # FROM=N redoes a stage from its start
+if step 8 "15-s stage: half the sequences with clean context segments"; then
+    python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite
 fi
-if step 8 "60-s stage"; then
-    python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite  # FROM=N redoes a stage from its start
+if step 9 "60-s stage"; then
+    python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite
 fi
-if step 9 "install into models/default"; then
+if step 10 "install into models/default"; then
     python -m pipeline.toy.model install --export outputs/toy/ttt-mlp/60s/final --out models/default
 fi
 echo "== done in $(( (SECONDS - start) / 60 )) min"

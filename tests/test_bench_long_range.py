@@ -39,3 +39,18 @@ def test_recall_mode_keeps_the_ground_truth_first_segment(tmp_path):
     assert {"identity_intro", "after_intro@5", "identity@1"} <= set(row)
     table = bench_long_range.markdown([row], summary["chance"])
     assert "| mlp (recall) |" in table and "identity at intro" in table
+
+
+def test_first_segments_gate_stops_below_the_threshold(tmp_path, capsys):
+    """bench_first_segments --min-identity (the recipe's step 6): status 3 and a line naming the model below the
+    gate; 0 when the model is at or above it."""
+    import bench_first_segments
+
+    model = str(ROOT / "models" / "default")
+    common = [model, "--stories", "1", "--inference-steps", "2", "--out", str(tmp_path)]
+    assert bench_first_segments.main([*common, "--min-identity", "101"]) == 3  # no model reaches 101%
+    out, err = capsys.readouterr()
+    assert f"| {model} |" in out
+    assert f"below the gate: {model}: identity " in err and "< 101%" in err
+    assert bench_first_segments.main([*common, "--min-identity", "0"]) == 0
+    assert "below the gate" not in capsys.readouterr().err

@@ -20,7 +20,7 @@ from pipeline.toyworld import (
     summarize,
 )
 from pipeline.toyworld.cli import main
-from pipeline.toyworld.render import _STAR, _TRIANGLE, backdrop_frames, coverage, shape_sdf
+from pipeline.toyworld.render import _TRIANGLE, _regular, backdrop_frames, coverage, polygon_sdf, shape_sdf
 from pipeline.toyworld.text import backdrop_sentence
 from pipeline.toyworld.tracking import classify_backdrop, drop_rims, find_blobs, label_pixels
 from pipeline.toyworld.world import (
@@ -103,13 +103,13 @@ def test_texts_fit_the_text_encoder_budget():
 @pytest.mark.parametrize(
     "texts, problem",
     [
-        (["Scene: a navy backdrop. Pip, a small red star, slides in from the left.", "Pip dances."],
+        (["Scene: a navy backdrop. Pip, a small red triangle, slides in from the left.", "Pip dances."],
          "scenes[0].segments[1].text: cannot read 'Pip dances.'"),
         (["Scene: a navy backdrop. Bo jumps."], "scenes[0].segments[0].text: Bo acts (jump) but is not on stage"),
         (["Scene: a navy backdrop. Bo slides in from the left."], "Bo enters before being introduced"),
-        (["Pip, a small red star, slides in from the left."], "a scene must open with 'Scene: a <color> backdrop"),
-        (["Scene: a navy backdrop. Pip, a small red star, slides in from the left.",
-          "Pip, a big blue moon, slides in from the right."], "Pip enters but is already on stage"),
+        (["Pip, a small red triangle, slides in from the left."], "a scene must open with 'Scene: a <color> backdrop"),
+        (["Scene: a navy backdrop. Pip, a small red triangle, slides in from the left.",
+          "Pip, a big blue circle, slides in from the right."], "Pip enters but is already on stage"),
     ],
 )
 def test_storyboard_errors_name_the_segment(texts, problem):
@@ -146,11 +146,13 @@ def test_antialiased_coverage_matches_supersampling(shape):
         assert np.abs(fast - reference).max() < 0.5  # at sharp tips a straight-edge estimate is only approximate
 
 
-@pytest.mark.parametrize("name, vertices", [("triangle", _TRIANGLE), ("star", _STAR)])
+@pytest.mark.parametrize("name, vertices", [("triangle", _TRIANGLE), ("a non-convex star", _regular(5, 1.0, 0.45))])
 def test_polygon_sign_matches_a_point_in_polygon_test(name, vertices):
     points = np.random.default_rng(0).uniform(-1.2, 1.2, size=(20000, 2))
-    inside = shape_sdf(name, points[:, 0], points[:, 1]) < 0
+    inside = polygon_sdf(points[:, 0], points[:, 1], vertices) < 0
     assert np.array_equal(inside, PolygonPath(vertices).contains_points(points))
+    if name == "triangle":
+        assert np.array_equal(shape_sdf(name, points[:, 0], points[:, 1]) < 0, inside)
 
 
 def test_pixel_labels_and_blob_statistics_match_plain_loops():
