@@ -1,0 +1,92 @@
+"""benchmarks/probe_ttt.py on the bundled default model (a real toy-world pipeline, no mocks): the hooks capture the
+TTT contribution the blocks really add, and the probe can fit separable features."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import probe_ttt  # noqa: E402
+
+from pipeline.toyworld.dataset import generate  # noqa: E402
+
+HELD_OUT_SEED = 1000
+
+
+def test_capture_matches_a_recomputation_of_the_ttt_path(tmp_path):
+    from pipeline import TTTVideoPipeline
+
+    folder = tmp_path / "heldout"
+    generate(folder, stories=3, min_segments=4, max_segments=4, seed=HELD_OUT_SEED, progress=False)
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    transformer = pipe.transformer
+    ids = [f"story_{i:05d}" for i in range(3)]
+    samples, raw = probe_ttt.extract(pipe, folder, ids, timestep=500, seed=0, progress=False, keep_inputs=True)
+
+    blocks, width = len(transformer.transformer_blocks), transformer.config.num_attention_heads * \
+        transformer.config.attention_head_dim
+    inputs, layout = raw["inputs"], raw["layout"]
+    n_video = layout.num_frames * layout.tokens_per_frame
+    assert set(raw["features"]) == {(b, k) for b in range(blocks) for k in probe_ttt.FEATURES}
+    for value in raw["features"].values():
+        assert value.shape == (1, n_video, width)
+    for s in samples:  # every probed segment is a later one with a known character
+        assert s["segment"] > 0 and set(s["features"]) == set(raw["features"])
+        assert all(v.shape == (width,) for v in s["features"].values())
+    assert raw["means"][(0, "ttt")].shape == (layout.num_segments, width)
+
+    # the TTT path by hand, on the sequence each pass got
+    embeds_mask = inputs["encoder_attention_mask"].reshape(1, -1).bool()
+    token_mask = torch.cat([embeds_mask, torch.ones(1, n_video, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        for index, block in enumerate(transformer.transformer_blocks):
+            for kind, order, gate in (("ttt_fwd", layout.forward, block.gate_forward_video),
+                                      ("ttt_rev", layout.reverse, block.gate_reverse_video)):
+                x = raw["ttt_inputs"][(index, kind)]
+                y = order.scatter(block.ttt(order.gather(x), order.gather(token_mask), order.rope))
+                expected = torch.tanh(gate) * y[:, order.num_text:]
+                torch.testing.assert_close(raw["features"][(index, kind)], expected, atol=1e-5, rtol=0)
+                assert expected.abs().max() > 1e-3  # not trivially zero
+            # what the forward pass added is what the reverse pass got on top of the forward pass's input
+            added = raw["ttt_inputs"][(index, "ttt_rev")] - raw["ttt_inputs"][(index, "ttt_fwd")]
+            torch.testing.assert_close(raw["features"][(index, "ttt_fwd")], added[:, layout.forward.num_text:],
+                                       atol=1e-5, rtol=0)
+    # a segment mean is the mean over that segment's own latent frames
+    segment = 2
+    frames = (layout.frame_segment == segment).nonzero().flatten()
+    tokens = raw["features"][(1, "input")][0].reshape(layout.num_frames, layout.tokens_per_frame, width)
+    torch.testing.assert_close(raw["means"][(1, "input")][segment], tokens[frames].mean((0, 1)), atol=1e-5, rtol=0)
+
+
+def test_probe_fits_separable_features():
+    generator = torch.Generator().manual_seed(0)
+    classes, per_class, dim = 8, 10, 16
+    centres = 5 * torch.randn(classes, dim, generator=generator)
+    y = torch.arange(classes).repeat_interleave(per_class)
+    x = centres[y] + 0.1 * torch.randn(len(y), dim, generator=generator)
+    predict = probe_ttt.fit_probe(x, y, classes)
+    assert (predict(x) == y).all()
+
+
+def test_context_inputs_give_segment_one_clean(tmp_path):
+    """--context: segment 1's latents enter as they are at timestep 0, the later segments noised at --timestep."""
+    from pipeline import TTTVideoPipeline
+
+    folder = tmp_path / "heldout"
+    generate(folder, stories=1, min_segments=3, max_segments=3, seed=HELD_OUT_SEED, progress=False)
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    video, board = folder / "story_00000.mp4", folder / "story_00000.storyboard.json"
+    plain = probe_ttt.story_inputs(pipe, video, board, timestep=700, seed=0)
+    given = probe_ttt.story_inputs(pipe, video, board, timestep=700, seed=0, context=True)
+    first = pipe.transformer.config.latent_frames_first
+    assert given["timestep"].tolist() == [[0, 700, 700]] and plain["timestep"].tolist() == [700]
+    assert torch.equal(given["hidden_states"][:, first:], plain["hidden_states"][:, first:])
+    assert not torch.allclose(given["hidden_states"][:, :first], plain["hidden_states"][:, :first])
+    from pipeline.video_io import read_video
+
+    config, scale = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    latents = pipe.encode_video(read_video(video)[0], config.sample_height * scale, config.sample_width * scale, "v")
+    torch.testing.assert_close(given["hidden_states"][:, :first], latents[:, :first], atol=1e-6, rtol=0)
