@@ -292,6 +292,11 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
     video_strip = tmp_path / "video_strip.png"  # any mp4 with its storyboard, e.g. a generated one
     assert main(["show", "--video", str(data / "story_00000.mp4"), "--out", str(video_strip)]) == 0
     assert video_strip.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = tmp_path / "first.png"  # --segments N: the first N segments only (a shorter strip)
+    assert main(["show", "--video", str(data / "story_00000.mp4"), "--segments", "1", "--out", str(first)]) == 0
+    from PIL import Image
+
+    assert Image.open(first).size[1] < Image.open(video_strip).size[1]
 
 
 def test_cli_reports_bad_arguments(tmp_path, capsys):

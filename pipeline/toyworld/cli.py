@@ -124,7 +124,10 @@ def _show_video(args: argparse.Namespace) -> None:
     video = Path(args.video)
     board = Path(args.storyboard) if args.storyboard else video.with_name(f"{video.stem}.storyboard.json")
     texts = [segment.text for segment in load_storyboard(board, max_segments=None).segments]
+    if args.segments:  # the first N segments only
+        texts = texts[:args.segments]
     frames, _ = read_video(video)
+    frames = frames[:24 * len(texts) + 1]
     if len(frames) < 24 * len(texts) + 1:
         raise SystemExit(f"error: {video}: {len(frames)} frames, fewer than the {24 * len(texts) + 1} of the "
                          f"{len(texts)} segments in {board}")
@@ -165,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("show", help="print a story's storyboard and draw its frame strip")
     v.add_argument("--out", required=True, help="PNG to write")
     v.add_argument("--seed", type=int, default=0, help="story seed (sample_story's)")
-    v.add_argument("--segments", type=int, help="segments (default: 1 to 21 at random)")
+    v.add_argument("--segments", type=int, help="segments (default: 1 to 21 at random); with --video: draw only the "
+                   "first N")
     v.add_argument("--truth", help="draw this <id>.truth.json instead of sampling")
     v.add_argument("--video", help="draw this mp4 (e.g. a generated one) instead, with its storyboard's texts")
     v.add_argument("--storyboard", help="with --video: its storyboard (default: <video stem>.storyboard.json)")
