@@ -118,9 +118,9 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     toy world the backdrop is most of every frame and easy; the characters are few elements with large errors, and
     this term makes them count (the VAE's worst-pixel term, docs/default_model.md). 0 (default): the plain loss.
     """
-    errors, noisy, per_sample = _weighted_errors(model, scheduler, batch)  # (B, T, C, h, w) float32, (B, T), (B,)
-    per_frame = torch.where(noisy, errors.flatten(2).mean(dim=2), torch.zeros((), device=errors.device))
-    if hard_fraction > 0 and hard_weight > 0:
+    hard = hard_fraction > 0 and hard_weight > 0
+    errors, noisy, per_frame, per_sample = _weighted_errors(model, scheduler, batch, elements=hard)
+    if hard:
         flat = torch.where(noisy[:, :, None, None, None], errors, torch.zeros((), device=errors.device)).flatten(1)
         per_element = errors[0].numel() // errors.shape[1]
         k = (noisy.sum(dim=1) * per_element * hard_fraction).round().clamp(min=1).long()  # (B,)
@@ -130,10 +130,12 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     return LossTerms(per_sample, per_frame, noisy)
 
 
-def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(1 / (1 - ᾱ_t)) (x0_pred - x0)^2 per latent element (B, T, C, h, w) float32, which frames are noisy (B, T),
-    and the per-sample loss (B,): the mean over the noisy frames, in the original objective's order of operations."""
+def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
+                     elements: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(errors, noisy, per_frame, per_sample): (1 / (1 - ᾱ_t)) (x0_pred - x0)^2 per latent element (B, T, C, h, w)
+    float32 (with one level per sample only when `elements`: otherwise None, no extra tensor of the latents' size),
+    which frames are noisy (B, T), the per-frame mean (B, T) (0 on clean frames) and the per-sample loss (B,) over
+    the noisy frames, in the original objective's order of operations."""
     latents, noise = batch["latents"], batch["noise"]
     if "frame_timesteps" not in batch:  # one level per sample: the original objective
         timesteps = batch["timesteps"]
@@ -146,7 +148,9 @@ def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, 
         weights = 1.0 / (1.0 - alphas_cumprod)
         squared = (x0 - latents.float()).pow(2)
         all_frames = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
-        return weights[:, None, None, None, None] * squared, all_frames, weights * squared.flatten(1).mean(dim=1)
+        errors = weights[:, None, None, None, None] * squared if elements else None
+        return (errors, all_frames, weights[:, None] * squared.flatten(2).mean(dim=2),
+                weights * squared.flatten(1).mean(dim=1))
     # a level per segment: each frame noised and weighted at its segment's level; clean frames enter as the clean
     # latents (exactly as the sampler gives them) and are left out of the loss
     noisy_frames = batch["frame_noisy"]
@@ -160,4 +164,4 @@ def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, 
     x0 = a.sqrt() * noisy.float() - (1 - a).sqrt() * prediction.float()  # v → x_0 estimate
     errors = (x0 - latents.float()).pow(2) / (1 - a)
     per_frame = torch.where(noisy_frames, errors.flatten(2).mean(dim=2), torch.zeros((), device=errors.device))
-    return errors, noisy_frames, per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1)
+    return errors, noisy_frames, per_frame, per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1)
