@@ -240,7 +240,8 @@ def row(name: str, summary: dict, timing: dict | None) -> dict:
            **{f"after_intro@{s}": after_intro[s - 1] if s <= len(after_intro) else float("nan")
               for s in REPORTED_SEGMENTS},
            **{k: summary[k] for k in ("identity", "identity_intro", "identity_recall", "consistency", "background",
-                                      "background_recall", "motion", "presence", "color", "shape", "size")}}
+                                      "background_recall", "motion", "presence", "color", "color_intro",
+                                      "color_recall", "shape", "size")}}
     if timing is not None:
         seconds = list(timing["seconds"].values())
         out.update(seconds_per_video=sum(seconds) / len(seconds), peak_rss_gib=timing["peak_rss_bytes"] / 2**30,
@@ -253,17 +254,18 @@ def markdown(rows: list[dict], chance: dict) -> str:
         return "-" if v != v else f"{100 * v:.1f}"
 
     head = ("| variant (mode) | identity at intro | " + " | ".join(f"after intro @{s}" for s in REPORTED_SEGMENTS)
-            + " | after intro (all) | identity (all) | background | backdrop after scene start | action"
-            " | s / 60-s video | peak RSS GiB |")
+            + " | after intro (all) | identity (all) | colour at intro | colour after intro | background"
+            " | backdrop after scene start | action | s / 60-s video | peak RSS GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         timing = (f"{r['seconds_per_video']:.1f} | {r['peak_rss_gib']:.2f}" if "seconds_per_video" in r else "- | -")
         lines.append(f"| {r['variant']} | {pct(r['identity_intro'])} | "
                      + " | ".join(pct(r[f'after_intro@{s}']) for s in REPORTED_SEGMENTS)
-                     + f" | {pct(r['identity_recall'])} | {pct(r['identity'])} | {pct(r['background'])} | "
+                     + f" | {pct(r['identity_recall'])} | {pct(r['identity'])} | {pct(r['color_intro'])} | "
+                     f"{pct(r['color_recall'])} | {pct(r['background'])} | "
                      f"{pct(r['background_recall'])} | {pct(r['motion'])} | {timing} |")
     lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * (len(REPORTED_SEGMENTS) + 3))} | "
-                 f"{pct(chance['background'])} | {pct(chance['background_recall'])} | | | |")
+                 f"{pct(chance['color_intro'])} | {pct(chance['color_recall'])} | {pct(chance['background'])} | {pct(chance['background_recall'])} | | | |")
     return "\n".join(lines)
 
 
@@ -304,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
             summaries[name] = score(videos)
             rows.append(row(name, summaries[name], timing))
             print(f"  {mode}: identity at intro {100 * summaries[name]['identity_intro']:.1f}%, after intro "
-                  f"{100 * summaries[name]['identity_recall']:.1f}%, {rows[-1]['seconds_per_video']:.1f} s per video, "
+                  f"{100 * summaries[name]['identity_recall']:.1f}%; colour at intro "
+                  f"{100 * summaries[name]['color_intro']:.1f}%, after intro "
+                  f"{100 * summaries[name]['color_recall']:.1f}%; {rows[-1]['seconds_per_video']:.1f} s per video, "
                   f"peak {rows[-1]['peak_rss_gib']:.2f} GiB", flush=True)
 
     from pipeline.toyworld.report import plot_identity

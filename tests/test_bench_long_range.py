@@ -36,9 +36,11 @@ def test_recall_mode_keeps_the_ground_truth_first_segment(tmp_path):
 
     summary = bench_long_range.score(tmp_path / "recall")
     row = bench_long_range.row("mlp (recall)", summary, None)
-    assert {"identity_intro", "after_intro@5", "identity@1"} <= set(row)
+    assert {"identity_intro", "after_intro@5", "identity@1", "color_intro", "color_recall"} <= set(row)
     table = bench_long_range.markdown([row], summary["chance"])
-    assert "| mlp (recall) |" in table and "identity at intro" in table
+    assert "| mlp (recall) |" in table and "identity at intro" in table and "colour after intro" in table
+    # every line of the table has as many cells as its head
+    assert len({line.count("|") for line in table.splitlines()}) == 1
 
 
 def test_first_segments_gate_stops_below_the_threshold(tmp_path, capsys):

@@ -35,8 +35,8 @@ from pipeline.toyworld.world import (
 )
 from pipeline.video_io import read_video
 
-CHECKS = ("background", "background_recall", "presence", "color", "shape", "size", "identity", "identity_intro",
-          "identity_recall", "motion", "consistency")
+CHECKS = ("background", "background_recall", "presence", "color", "color_intro", "color_recall", "shape", "size",
+          "identity", "identity_intro", "identity_recall", "motion", "consistency")
 
 
 def _score(story: Story, frames: np.ndarray):
@@ -247,6 +247,11 @@ def test_memoryless_baseline_scores_near_chance_after_introductions():
     summary = summarize(results)
     assert summary["counts"]["identity_recall"] > 150
     assert summary["identity_recall"] < 5 * summary["chance"]["identity"]
+    # the colour alone: right where the text gives it, near chance (1/8) after, where only memory could give it
+    assert summary["color_intro"] > 0.95
+    assert summary["counts"]["color_recall"] == summary["counts"]["identity_recall"]
+    assert summary["color_recall"] < 2 * summary["chance"]["color_recall"]
+    assert len(summary["color_recall_by_segment"]) == len(summary["identity_recall_by_segment"])
     assert summary["presence"] > 0.95 and summary["background"] > 0.98  # only the looks are wrong
 
 

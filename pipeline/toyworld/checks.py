@@ -54,6 +54,8 @@ CHANCE = {
     "identity_recall": 1.0 / _LOOKS,
     "consistency": 1.0 / _LOOKS,
     "color": 1.0 / len(COLORS),
+    "color_intro": 1.0 / len(COLORS),
+    "color_recall": 1.0 / len(COLORS),
     "shape": 1.0 / len(SHAPES),
     "size": 1.0 / len(SIZES),
 }
@@ -252,12 +254,16 @@ def summarize(results: list[VideoResult]) -> dict:
     same in the segment that introduces the character (drawing what the text says); identity_recall: the same over
     segments after the character's introduction (what needs memory); consistency: later looks
     equal to the look drawn at the introduction. background_recall: the backdrop in the segments after a scene's
-    first, whose texts do not name it (memory again, of the scene rather than a character).
+    first, whose texts do not name it (memory again, of the scene rather than a character). color_intro and
+    color_recall: the colour alone, where introduced and after (memory of the one attribute a weak model may draw
+    well; a character not drawn counts as wrong).
     """
-    checks = {k: [] for k in ("background", "background_recall", "presence", "color", "shape", "size", "identity",
-                              "identity_intro", "identity_recall", "motion", "consistency")}
+    checks = {k: [] for k in ("background", "background_recall", "presence", "color", "color_intro", "color_recall",
+                              "shape", "size", "identity", "identity_intro", "identity_recall", "motion",
+                              "consistency")}
     by_segment: dict[int, list[bool]] = {}
     recall_by_segment: dict[int, list[bool]] = {}
+    color_recall_by_segment: dict[int, list[bool]] = {}
     for video in results:
         scenes_seen = set()
         for seg in video.segments:
@@ -275,9 +281,12 @@ def summarize(results: list[VideoResult]) -> dict:
                 by_segment.setdefault(seg.index, []).append(c.identity_ok)
                 if c.introduced_here:
                     checks["identity_intro"].append(c.identity_ok)
+                    checks["color_intro"].append(c.color_ok)
                 else:
                     checks["identity_recall"].append(c.identity_ok)
+                    checks["color_recall"].append(c.color_ok)
                     recall_by_segment.setdefault(seg.index, []).append(c.identity_ok)
+                    color_recall_by_segment.setdefault(seg.index, []).append(c.color_ok)
                 if c.consistent is not None:
                     checks["consistency"].append(c.consistent)
     summary = {k: (float(np.mean(v)) if v else float("nan")) for k, v in checks.items()}
@@ -285,7 +294,8 @@ def summarize(results: list[VideoResult]) -> dict:
     summary["videos"] = len(results)
     summary["segments"] = len(checks["background"])
     n = max(by_segment) + 1 if by_segment else 0
-    for key, table in (("identity", by_segment), ("identity_recall", recall_by_segment)):
+    for key, table in (("identity", by_segment), ("identity_recall", recall_by_segment),
+                       ("color_recall", color_recall_by_segment)):
         summary[f"{key}_by_segment"] = [float(np.mean(table[i])) if i in table else float("nan") for i in range(n)]
         summary[f"{key}_count_by_segment"] = [len(table.get(i, [])) for i in range(n)]
     summary["chance"] = dict(CHANCE)

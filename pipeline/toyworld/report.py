@@ -16,6 +16,8 @@ _ROWS = (
     ("background_recall", "backdrop after the scene's first segment"),
     ("presence", "character on stage is drawn"),
     ("color", "colour as introduced"),
+    ("color_intro", "colour where the character is introduced"),
+    ("color_recall", "colour after the introduction (memory)"),
     ("shape", "shape as introduced"),
     ("size", "size as introduced"),
     ("identity", "colour + shape + size, every segment"),
