@@ -63,6 +63,14 @@ def test_toy_curriculum_chains_its_stages():
     configs = [load_config(ROOT / "configs" / "toy" / f"{stage}.yaml") for stage in STAGES]
     pretrain = load_config(ROOT / "configs" / "toy" / "pretrain.yaml")
     assert pretrain.model.ttt.ttt_type == "none" and pretrain.data.segments == 1
+    # pretraining's second stage goes on from the first's stock export, on the same data, with new noise draws; the
+    # recipe turns each stage's export into the pipeline the next reads
+    second = load_config(ROOT / "configs" / "toy" / "pretrain-2.yaml")
+    assert second.model.ttt.ttt_type == "none" and second.data.segments == 1 and second.seed != pretrain.seed
+    assert (second.data.caption, second.data.cache) == (pretrain.data.caption, pretrain.data.cache)
+    script = (ROOT / "scripts" / "train_default_model.sh").read_text()
+    assert f"--export {pretrain.output_dir}/final --out {second.model.pretrained}" in script
+    assert f"--export {second.output_dir}/final --out {configs[0].model.pretrained}" in script
     assert configs[0].model.init_from is None and configs[0].model.pretrained == "outputs/toy/base"
     for previous, stage in zip(configs, configs[1:]):
         assert stage.model.init_from == f"{previous.output_dir}/final"
