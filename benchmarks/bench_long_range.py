@@ -265,7 +265,8 @@ def markdown(rows: list[dict], chance: dict) -> str:
                      f"{pct(r['color_recall'])} | {pct(r['background'])} | "
                      f"{pct(r['background_recall'])} | {pct(r['motion'])} | {timing} |")
     lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * (len(REPORTED_SEGMENTS) + 3))} | "
-                 f"{pct(chance['color_intro'])} | {pct(chance['color_recall'])} | {pct(chance['background'])} | {pct(chance['background_recall'])} | | | |")
+                 f"{pct(chance['color_intro'])} | {pct(chance['color_recall'])} | {pct(chance['background'])} | "
+                 f"{pct(chance['background_recall'])} | | | |")
     return "\n".join(lines)
 
 

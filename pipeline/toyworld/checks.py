@@ -279,12 +279,10 @@ def summarize(results: list[VideoResult]) -> dict:
                 checks["identity"].append(c.identity_ok)
                 checks["motion"].append(c.motion_ok)
                 by_segment.setdefault(seg.index, []).append(c.identity_ok)
-                if c.introduced_here:
-                    checks["identity_intro"].append(c.identity_ok)
-                    checks["color_intro"].append(c.color_ok)
-                else:
-                    checks["identity_recall"].append(c.identity_ok)
-                    checks["color_recall"].append(c.color_ok)
+                part = "intro" if c.introduced_here else "recall"
+                checks[f"identity_{part}"].append(c.identity_ok)
+                checks[f"color_{part}"].append(c.color_ok)
+                if not c.introduced_here:
                     recall_by_segment.setdefault(seg.index, []).append(c.identity_ok)
                     color_recall_by_segment.setdefault(seg.index, []).append(c.color_ok)
                 if c.consistent is not None:
