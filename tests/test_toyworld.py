@@ -6,7 +6,6 @@ import re
 
 import numpy as np
 import pytest
-from matplotlib.path import Path as PolygonPath
 
 from pipeline.toyworld import (
     FPS,
@@ -20,14 +19,16 @@ from pipeline.toyworld import (
     summarize,
 )
 from pipeline.toyworld.cli import main
-from pipeline.toyworld.render import _TRIANGLE, _regular, backdrop_frames, coverage, polygon_sdf, shape_sdf
+from pipeline.toyworld.render import backdrop_frames, coverage, shape_sdf
 from pipeline.toyworld.text import backdrop_sentence
 from pipeline.toyworld.tracking import classify_backdrop, drop_rims, find_blobs, label_pixels
 from pipeline.toyworld.world import (
     BACKDROP_COLORS,
     COLORS,
+    HALF_EXTENTS,
     PATTERNS,
     SHAPES,
+    SIZES,
     Backdrop,
     Story,
     plan,
@@ -103,12 +104,12 @@ def test_texts_fit_the_text_encoder_budget():
 @pytest.mark.parametrize(
     "texts, problem",
     [
-        (["Scene: a navy backdrop. Pip, a small red triangle, slides in from the left.", "Pip dances."],
+        (["Scene: a navy backdrop. Pip, a small red tower, slides in from the left.", "Pip dances."],
          "scenes[0].segments[1].text: cannot read 'Pip dances.'"),
         (["Scene: a navy backdrop. Bo jumps."], "scenes[0].segments[0].text: Bo acts (jump) but is not on stage"),
         (["Scene: a navy backdrop. Bo slides in from the left."], "Bo enters before being introduced"),
-        (["Pip, a small red triangle, slides in from the left."], "a scene must open with 'Scene: a <color> backdrop"),
-        (["Scene: a navy backdrop. Pip, a small red triangle, slides in from the left.",
+        (["Pip, a small red tower, slides in from the left."], "a scene must open with 'Scene: a <color> backdrop"),
+        (["Scene: a navy backdrop. Pip, a small red tower, slides in from the left.",
           "Pip, a big blue circle, slides in from the right."], "Pip enters but is already on stage"),
     ],
 )
@@ -146,13 +147,18 @@ def test_antialiased_coverage_matches_supersampling(shape):
         assert np.abs(fast - reference).max() < 0.5  # at sharp tips a straight-edge estimate is only approximate
 
 
-@pytest.mark.parametrize("name, vertices", [("triangle", _TRIANGLE), ("a non-convex star", _regular(5, 1.0, 0.45))])
-def test_polygon_sign_matches_a_point_in_polygon_test(name, vertices):
-    points = np.random.default_rng(0).uniform(-1.2, 1.2, size=(20000, 2))
-    inside = polygon_sdf(points[:, 0], points[:, 1], vertices) < 0
-    assert np.array_equal(inside, PolygonPath(vertices).contains_points(points))
-    if name == "triangle":
-        assert np.array_equal(shape_sdf(name, points[:, 0], points[:, 1]) < 0, inside)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unit_shapes_fill_their_half_extents_and_differ_at_token_scale(shape):
+    half_w, half_h = HALF_EXTENTS[shape]
+    points = np.random.default_rng(0).uniform(-1.5, 1.5, size=(20000, 2))
+    x, y = points[:, 0], points[:, 1]
+    inside = shape_sdf(shape, x, y) < 0
+    box = (np.abs(x) < half_w) & (np.abs(y) < half_h)
+    expected = box & (np.hypot(x, y) < half_w) if shape == "circle" else box
+    assert np.array_equal(inside, expected)
+    # at the big size, a 64-px frame and 16-px tokens, the long side of a tower or bar spans more than two tokens
+    long_side = 2 * max(half_w, half_h) * SIZES["big"] * 64
+    assert long_side > 32 if shape != "circle" else 16 < long_side < 32
 
 
 def test_pixel_labels_and_blob_statistics_match_plain_loops():

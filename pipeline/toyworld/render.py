@@ -1,6 +1,6 @@
 """Vectorised numpy rendering of toy-world stories: anti-aliased shapes over patterned backdrops.
 
-Shapes are signed distance functions (SDFs) in unit space (circumradius about 1, area centroid at the origin);
+Shapes are signed distance functions (SDFs) in unit space (world.HALF_EXTENTS, centroid at the origin);
 a pixel's coverage is clip(0.5 - distance in pixels, 0, 1), the area of the pixel inside a straight edge through
 it. Every frame of a segment is computed at once, each character only inside the box its track sweeps.
 """
@@ -12,6 +12,7 @@ import numpy as np
 from .world import (
     BACKDROP_COLORS,
     COLORS,
+    HALF_EXTENTS,
     PAN,
     SIZES,
     Appearance,
@@ -29,50 +30,19 @@ DOT_RADIUS = 0.05
 DARK_TONE = 0.45  # the pattern's second tone is the backdrop colour times this
 
 
-def _polygon(points: np.ndarray) -> np.ndarray:
-    return np.asarray(points, dtype=np.float64)
-
-
-def _regular(points: int, outer: float, inner: float) -> np.ndarray:
-    angles = -np.pi / 2 + np.pi * np.arange(2 * points) / points
-    radii = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
-    return _polygon(np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1))
-
-
-_TRIANGLE = _regular(3, 1.0, 0.5)[::2]  # y points down: the first vertex is the top one
-
-
-def polygon_sdf(px: np.ndarray, py: np.ndarray, vertices: np.ndarray) -> np.ndarray:
-    """Signed distance (negative inside) from points (px, py) (any equal shapes) to a closed polygon (V, 2).
-
-    Distance is the minimum over edges; the sign flips once per edge that a ray from the point crosses.
-    """
-    d2 = np.full(px.shape, np.inf)
-    inside = np.zeros(px.shape, dtype=bool)
-    for (ax, ay), (bx, by) in zip(vertices, np.roll(vertices, 1, axis=0)):
-        ex, ey = bx - ax, by - ay
-        wx, wy = px - ax, py - ay
-        t = np.clip((wx * ex + wy * ey) / (ex * ex + ey * ey), 0.0, 1.0)
-        d2 = np.minimum(d2, (wx - ex * t) ** 2 + (wy - ey * t) ** 2)
-        above, below, left = py >= ay, py < by, ex * wy > ey * wx
-        inside ^= (above & below & left) | (~above & ~below & ~left)
-    return np.where(inside, -1.0, 1.0) * np.sqrt(d2)
-
-
 def _box_sdf(px: np.ndarray, py: np.ndarray, half_w: float, half_h: float) -> np.ndarray:
     qx, qy = np.abs(px) - half_w, np.abs(py) - half_h
     return np.hypot(np.maximum(qx, 0.0), np.maximum(qy, 0.0)) + np.minimum(np.maximum(qx, qy), 0.0)
 
 
 def shape_sdf(shape: str, px: np.ndarray, py: np.ndarray) -> np.ndarray:
-    """Signed distance to a unit shape (circumradius ~1, centroid at the origin); px, py any equal shapes."""
+    """Signed distance to a unit shape (HALF_EXTENTS, centroid at the origin); px, py any equal shapes."""
+    if shape not in HALF_EXTENTS:
+        raise ValueError(f"shape: expected one of {', '.join(HALF_EXTENTS)}, got {shape!r}")
+    half_w, half_h = HALF_EXTENTS[shape]
     if shape == "circle":
-        return np.hypot(px, py) - 0.85
-    if shape == "square":
-        return _box_sdf(px, py, 0.75, 0.75)
-    if shape == "triangle":
-        return polygon_sdf(px, py, _TRIANGLE)
-    raise ValueError(f"shape: expected one of circle, square, triangle, got {shape!r}")
+        return np.hypot(px, py) - half_w
+    return _box_sdf(px, py, half_w, half_h)
 
 
 def coverage(shape: str, radius_px: np.ndarray, angle: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:

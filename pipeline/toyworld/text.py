@@ -1,7 +1,7 @@
 """The toy world's grammar, both ways: segment texts from sampled segments, and storyboards parsed back.
 
 One table of sentence templates drives both directions, so every generated text parses back to the events it
-was generated from. A character's appearance is written only when it first enters ("Pip, a small red triangle,
+was generated from. A character's appearance is written only when it first enters ("Pip, a small red tower,
 slides in from the left."); afterwards the text names it only, which is what makes the benchmark a memory test.
 """
 

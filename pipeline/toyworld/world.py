@@ -17,10 +17,15 @@ import numpy as np
 FPS = 8
 FRAMES_PER_SEGMENT = 24  # 3 s at 8 fps; the first segment has one extra frame (24 n + 1 frames in all)
 
-# Three shapes whose silhouettes differ at the scale of one transformer token (16x16 pixels at patch 4 on a 64x64
-# frame), at two sizes of about 1.2 and 1.8 tokens across: 8 colours x 3 shapes x 2 sizes = 48 looks. (An earlier
-# world had six shapes at 0.8-1.1 tokens; its pretrained model drew their colours but never their shapes.)
-SHAPES = ("circle", "square", "triangle")
+# Three shapes that differ at the scale of one transformer token (16x16 pixels at patch 4 on a 64x64 frame): a round
+# circle, an upright tower and a flat bar, the last two 2.4x longer than wide. Big ones span about 1 x 2.5 tokens, so
+# a model that draws token-sized blocks can still draw them apart. 8 colours x 3 shapes x 2 sizes = 48 looks. (Two
+# earlier worlds had shapes that differed only inside a token, circle/square/triangle at 1.2-1.8 tokens and six
+# shapes at 0.8-1.1; their pretrained models drew the colours but never the shapes.)
+SHAPES = ("circle", "tower", "bar")
+# Half width and half height of each upright unit shape (in radii); render.shape_sdf draws them, feasible keeps them
+# inside the frame and apart.
+HALF_EXTENTS: dict[str, tuple[float, float]] = {"circle": (0.85, 0.85), "tower": (0.5, 1.2), "bar": (1.2, 0.5)}
 # Bright, saturated character colours (luma >= 113), far from the dark backdrops (luma <= 62), so that a pixel's
 # colour tells a character from the background and luma alone outlines it (see metrics._outline).
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -58,7 +63,7 @@ JUMP = 0.18  # jump height
 GROW = 0.5  # peak extra scale of "grow"
 SHRINK = 0.45  # peak scale loss of "shrink"
 MARGIN = 0.02  # characters stay this far inside the frame (except while entering or leaving)
-SEPARATION = 1.15  # characters never come closer than this many times the sum of their radii
+SEPARATION = 1.15  # characters never come closer, along x or y, than this many times the sum of their half extents
 SCENE_CHANGE_PROB = 0.25
 
 
@@ -220,9 +225,17 @@ def radius(appearance: Appearance) -> float:
     return SIZES[appearance.size]
 
 
-def edge_x(side: str, r: float) -> float:
-    """x of a character of radius r just outside the frame on `side`."""
-    return -1.2 * r if side == "left" else 1.0 + 1.2 * r
+def half_extents(appearance: Appearance, scale: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Half width and half height (frame units) of a character's bounding box at `scale` and `angle` (radians)."""
+    hx, hy = (radius(appearance) * h * scale for h in HALF_EXTENTS[appearance.shape])
+    cos, sin = np.abs(np.cos(angle)), np.abs(np.sin(angle))
+    return cos * hx + sin * hy, sin * hx + cos * hy
+
+
+def edge_x(side: str, appearance: Appearance) -> float:
+    """x of a character just outside the frame on `side`."""
+    reach = 1.2 * radius(appearance) * HALF_EXTENTS[appearance.shape][0]
+    return -reach if side == "left" else 1.0 + reach
 
 
 def segment_tracks(cast: dict[str, Appearance], state: StageState, segment: Segment, s: np.ndarray
@@ -239,13 +252,13 @@ def segment_tracks(cast: dict[str, Appearance], state: StageState, segment: Segm
         action = segment.actions.get(name, Action("rest"))
         if action.kind == "enter":
             x_end, y0 = action.target
-            x_start = edge_x(action.direction, radius(cast[name]))
+            x_start = edge_x(action.direction, cast[name])
             tracks[name] = Track(x_start + (x_end - x_start) * ease(s), y0 + zeros, ones, zeros)
             continue
         x0, y0 = state.positions[name]
         x, y, scale, angle = x0 + pan_shift, y0 + zeros, ones, zeros
         if action.kind == "leave":
-            x = x0 + (edge_x(action.direction, radius(cast[name])) - x0) * ease(s)
+            x = x0 + (edge_x(action.direction, cast[name]) - x0) * ease(s)
         elif action.kind == "move":
             dx, dy = DIRECTIONS[action.direction]
             x, y = x + dx * MOVE * ease(s), y + dy * MOVE * ease(s)
@@ -283,19 +296,23 @@ def plan(story: Story) -> list[StageState]:
 def feasible(cast: dict[str, Appearance], state: StageState, segment: Segment) -> bool:
     """Whether everyone stays inside the frame and apart from each other for the whole segment."""
     tracks = segment_tracks(cast, state, segment, np.linspace(0.0, 1.0, 4 * FRAMES_PER_SEGMENT + 1))
-    crossing = {n for n, a in segment.actions.items() if a.kind in ("enter", "leave")}
+    # a character entering or leaving is inside the frame only where it stops or starts
+    inside = {n: -1 if a.kind == "enter" else 0 for n, a in segment.actions.items() if a.kind in ("enter", "leave")}
+    boxes = {name: half_extents(cast[name], t.scale, t.angle) for name, t in tracks.items()}
     for name, t in tracks.items():
-        r = radius(cast[name]) * t.scale
-        if np.any(t.y - r < MARGIN) or np.any(t.y + r > 1.0 - MARGIN):
+        hx, hy = boxes[name]
+        if np.any(t.y - hy < MARGIN) or np.any(t.y + hy > 1.0 - MARGIN):
             return False
-        if name not in crossing and (np.any(t.x - r < MARGIN) or np.any(t.x + r > 1.0 - MARGIN)):
+        x, hx = (t.x, hx) if name not in inside else (t.x[inside[name]], hx[inside[name]])
+        if np.any(x - hx < MARGIN) or np.any(x + hx > 1.0 - MARGIN):
             return False
     names = list(tracks)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             ta, tb = tracks[a], tracks[b]
-            gap = np.hypot(ta.x - tb.x, ta.y - tb.y)
-            need = SEPARATION * (radius(cast[a]) * ta.scale + radius(cast[b]) * tb.scale) + MARGIN
-            if np.any(gap < need):
+            (ax, ay), (bx, by) = boxes[a], boxes[b]
+            apart_x = np.abs(ta.x - tb.x) >= SEPARATION * (ax + bx) + MARGIN
+            apart_y = np.abs(ta.y - tb.y) >= SEPARATION * (ay + by) + MARGIN
+            if not np.all(apart_x | apart_y):
                 return False
     return True
