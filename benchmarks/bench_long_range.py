@@ -104,9 +104,16 @@ def run(command: list[str], log: Path) -> None:
 
 
 def held_out_stories(out: Path, stories: int) -> Path:
-    """OUT/heldout: `stories` 20-segment stories (mp4 + storyboard + truth), generated once."""
+    """OUT/heldout: `stories` 20-segment stories (mp4 + storyboard + truth), generated once, and again when the folder
+    holds another number of stories or stories of an earlier version of the toy world."""
+    from pipeline.toyworld.dataset import load_truth, story_seed
+    from pipeline.toyworld.sampler import sample_story
+
     folder = out / "heldout"
-    if len(list(folder.glob("*.storyboard.json"))) != stories:
+    first = folder / "story_00000.truth.json"
+    current = first.is_file() and (load_truth(first).to_dict()
+                                   == sample_story(story_seed(HELD_OUT_SEED, 0), 20, 20).to_dict())
+    if len(list(folder.glob("*.storyboard.json"))) != stories or not current:
         shutil.rmtree(folder, ignore_errors=True)
         run([sys.executable, "-m", "pipeline.toyworld", "generate", "--out", str(folder), "--stories", str(stories),
              "--segments", "20", "--seed", str(HELD_OUT_SEED)], out / "logs" / "heldout.log")

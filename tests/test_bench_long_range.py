@@ -2,6 +2,7 @@
 a held-out story is given as clean ground truth, so the rendered video's first segment is that segment through the
 VAE, and the scores and table carry both modes."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -56,3 +57,17 @@ def test_first_segments_gate_stops_below_the_threshold(tmp_path, capsys):
     assert f"below the gate: {model}: identity " in err and "< 101%" in err
     assert bench_first_segments.main([*common, "--min-identity", "0"]) == 0
     assert "below the gate" not in capsys.readouterr().err
+
+
+def test_held_out_stories_are_made_again_when_the_world_changed(tmp_path):
+    folder = bench_long_range.held_out_stories(tmp_path, 2)
+    truth = folder / "story_00000.truth.json"
+    made = truth.stat().st_mtime_ns
+    assert bench_long_range.held_out_stories(tmp_path, 2) == folder and truth.stat().st_mtime_ns == made  # reused
+    # the same count of stories, but the first one as an earlier world drew it (another shape for its first character)
+    data = json.loads(truth.read_text())
+    data["cast"][0]["shape"] = "triangle"
+    truth.write_text(json.dumps(data))
+    bench_long_range.held_out_stories(tmp_path, 2)
+    assert json.loads(truth.read_text())["cast"][0]["shape"] != "triangle"
+    assert len(list(folder.glob("*.storyboard.json"))) == 2
