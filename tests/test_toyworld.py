@@ -33,6 +33,7 @@ from pipeline.toyworld.world import (
     Story,
     plan,
     segment_frames,
+    segment_tracks,
 )
 from pipeline.video_io import read_video
 
@@ -159,6 +160,33 @@ def test_unit_shapes_fill_their_half_extents_and_differ_at_token_scale(shape):
     # at the big size, a 64-px frame and 16-px tokens, the long side of a tower or bar spans more than two tokens
     long_side = 2 * max(half_w, half_h) * SIZES["big"] * 64
     assert long_side > 32 if shape != "circle" else 16 < long_side < 32
+
+
+def test_sampled_characters_stay_inside_the_frame_and_apart_as_drawn():
+    """Every character's drawn pixels (render.coverage at 2x resolution, 9 phases a segment; independent of
+    world.feasible's boxes) stay inside the frame, except while it enters or leaves, and never touch another's."""
+    size = 128
+    grid = np.arange(size) + 0.5
+    for seed in range(8):
+        story = sample_story(seed, 20, 20)
+        for segment, state in zip(story.segments, plan(story)):
+            tracks = segment_tracks(story.cast, state, segment, np.linspace(0.0, 1.0, 9))
+            crossing = {n for n, a in segment.actions.items() if a.kind in ("enter", "leave")}
+            masks = {}
+            for name, t in tracks.items():
+                r = SIZES[story.cast[name].size] * size * t.scale
+                dx = grid[None, None, :] - t.x[:, None, None] * size
+                dx, dy = np.broadcast_arrays(dx, grid[None, :, None] - t.y[:, None, None] * size)
+                masks[name] = coverage(story.cast[name].shape, r[:, None, None], t.angle[:, None, None], dx, dy) > 0
+                border = masks[name][:, [0, -1], :].any(axis=(1, 2)) | masks[name][:, :, [0, -1]].any(axis=(1, 2))
+                if name in crossing:
+                    stop = -1 if segment.actions[name].kind == "enter" else 0  # inside where it stops or starts
+                    border = border[[stop]]
+                assert not border.any(), (seed, segment, name)
+            names = list(masks)
+            for i, a in enumerate(names):
+                for b in names[i + 1:]:
+                    assert not np.any(masks[a] & masks[b]), (seed, segment, a, b)
 
 
 def test_pixel_labels_and_blob_statistics_match_plain_loops():
