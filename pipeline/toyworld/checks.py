@@ -282,7 +282,7 @@ def summarize(results: list[VideoResult]) -> dict:
                 part = "intro" if c.introduced_here else "recall"
                 checks[f"identity_{part}"].append(c.identity_ok)
                 checks[f"color_{part}"].append(c.color_ok)
-                if not c.introduced_here:
+                if part == "recall":
                     recall_by_segment.setdefault(seg.index, []).append(c.identity_ok)
                     color_recall_by_segment.setdefault(seg.index, []).append(c.color_ok)
                 if c.consistent is not None:
