@@ -1,0 +1,103 @@
+"""benchmarks/bench_memory.py on the bundled default model (a real toy-world pipeline, no mocks): the counterfactual
+story changes one character and nothing else, and the gain is exactly zero when no path joins the segments."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_memory  # noqa: E402
+
+from pipeline.toyworld.render import render_story  # noqa: E402
+from pipeline.toyworld.sampler import sample_story  # noqa: E402
+from pipeline.toyworld.world import plan, segment_frames  # noqa: E402
+
+
+def story_with_probes(segments: int = 4):
+    """The first sampled story (seeds 0, 1, ...) of `segments` segments with a probed segment."""
+    for seed in range(100):
+        story = sample_story(seed, segments, segments)
+        if bench_memory.probes(story):
+            return story
+    raise AssertionError("no story with a probed segment")
+
+
+def test_swapped_story_changes_one_look_and_its_description():
+    story = story_with_probes(6)
+    name = bench_memory.probes(story)[0]["character"]
+    old, new = story.cast[name], bench_memory.swapped_look(story, name)
+    assert new.shape != old.shape and new.size == old.size
+    assert new.color not in {a.color for a in story.cast.values()}
+    other = bench_memory.swapped_story(story, name)
+    assert other.cast == {**story.cast, name: new}
+    changed = [i for i, (a, b) in enumerate(zip(story.segments, other.segments)) if a.text != b.text]
+    assert len(changed) == 1 and new.describe() in other.segments[changed[0]].text  # the introduction only
+    assert [s.actions for s in other.segments] == [s.actions for s in story.segments]
+    # the renders differ exactly in the character's pixels: nowhere in segments without it on stage
+    a, b = render_story(story), render_story(other)
+    for p in bench_memory.probes(story):
+        if p["character"] == name:
+            mask = bench_memory.character_mask(a, b, p["segment"], 4, 4)
+            assert mask.shape == (6, 16, 16) and 0 < mask.sum() < mask.numel() // 2
+    states = plan(story)
+    for i, segment in enumerate(story.segments):  # segments without it on stage: the same frames
+        if name not in states[i].positions and name not in segment.actions:
+            start, end = segment_frames(i)
+            assert np.array_equal(a[start:end], b[start:end]), i
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from pipeline import TTTVideoPipeline
+
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_gain_is_zero_without_a_path_between_segments_and_not_with_ttt(pipe):
+    story = story_with_probes(4)
+    probe = bench_memory.probes(story)[-1]
+    name, segment = probe["character"], probe["segment"]
+    other = bench_memory.swapped_story(story, name)
+    a, b = render_story(story), render_story(other)
+    mask = bench_memory.character_mask(a, b, segment, 4, 4)
+    memory = bench_memory.MemoryProbe(pipe, [600, 900])
+    true, swapped = memory.encode(story, a), memory.encode(other, b)
+    assert not torch.equal(true[0], swapped[0]) and not torch.equal(true[1], swapped[1])
+
+    with_ttt = memory.gain(true, swapped, segment, mask)
+    assert with_ttt["true"]["character"] != with_ttt["swapped"]["character"]
+
+    transformer = pipe.transformer
+    saved = {k: v.clone() for k, v in transformer.state_dict().items() if ".gate_" in k}
+    assert saved  # the TTT gates
+    try:
+        with torch.no_grad():
+            for key in saved:
+                transformer.get_parameter(key).zero_()
+        transformer.register_to_config(overlap_frames=0)  # no shared frame: segment-local attention only
+        cut = memory.gain(true, swapped, segment, mask)
+    finally:
+        transformer.register_to_config(overlap_frames=1)
+        with torch.no_grad():
+            for key, value in saved.items():
+                transformer.get_parameter(key).copy_(value)
+    for region in bench_memory.REGIONS:
+        assert cut["true"][region] == pytest.approx(cut["swapped"][region], abs=1e-7)
+        assert cut["true"][region] != pytest.approx(with_ttt["true"][region], abs=1e-7)
+
+
+def test_summary_of_known_gains():
+    rows = [{"adjacent": i < 2, "true": {r: [1.0] for r in bench_memory.REGIONS},
+             "swapped": {r: [1.0 + g] for r in bench_memory.REGIONS}} for i, g in enumerate([0.2, 0.4, -0.1])]
+    summary = {(s["group"], s["region"]): s for s in bench_memory.summarize(rows, [700])}
+    assert summary[("all", "segment")]["gain"] == pytest.approx(0.5 / 3)
+    assert summary[("adjacent", "character")]["gain"] == pytest.approx(0.3)
+    assert summary[("adjacent", "character")]["gain_se"] == pytest.approx(0.1)
+    assert summary[("apart", "segment")]["positive"] == 0.0 and summary[("all", "segment")]["probes"] == 3
