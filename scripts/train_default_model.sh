@@ -65,10 +65,10 @@ fi
 if step 7 "TTT-MLP inserted, 3-s stage (story captions)"; then
     python train.py --config configs/toy/ttt-mlp/3s.yaml --overwrite  # FROM=N redoes a stage from its start
 fi
-if step 8 "15-s stage: half the sequences with clean context segments"; then
+if step 8 "15-s stage: segment 1 clean, later segments noisy (clean with probability 0.25)"; then
     python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite
 fi
-if step 9 "60-s stage"; then
+if step 9 "60-s stage: half the sequences at one noise level, half with clean context segments"; then
     python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite
 fi
 if step 10 "install into models/default"; then

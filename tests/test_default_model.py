@@ -76,6 +76,16 @@ def test_toy_curriculum_chains_its_stages():
         assert stage.model.init_from == f"{previous.output_dir}/final"
     assert [c.data.segments for c in configs] == [1, 5, 20]
     assert all(c.model.ttt.ttt_type == "mlp" and c.model.builder == "pretrained" for c in configs)
+    # TTT is the one path between segments (no shared frame: with it, local attention carried every look TTT could
+    # have, docs/results.md), and the 15-s stage always shows segment 1 clean
+    assert all(c.model.ttt.overlap_frames == 0 for c in configs)
+    assert configs[1].train.noise.context == 1.0 and configs[1].train.noise.context_first == 1.0
+    assert 0 < configs[2].train.noise.uniform < 1  # the 60-s stage mixes in the paper's one level per sequence
+
+
+def test_default_model_has_no_shared_frame_between_segments():
+    config = json.loads((DEFAULT_MODEL / "transformer" / "config.json").read_text())
+    assert config["overlap_frames"] == 0 and config["ttt_type"] == "mlp"
 
 
 def test_toy_args_reject_unknown_keys_naming_them():
