@@ -71,8 +71,9 @@ def probes(story) -> list[dict]:
     from pipeline.toyworld.world import plan
 
     states = plan(story)
-    return [{"segment": s, "character": name, "adjacent": name in states[s - 1].positions
-             or any(n == name and a.kind == "enter" for n, a in story.segments[s - 1].actions.items())}
+    # on stage in segment s-1: there at its start, or acting in it (an entrance)
+    return [{"segment": s, "character": name,
+             "adjacent": name in states[s - 1].positions or name in story.segments[s - 1].actions}
             for s, name in probe_segments(story)]
 
 
@@ -135,10 +136,11 @@ class MemoryProbe:
         timesteps[:, -1] = levels
         frame_noisy = torch.zeros(latents.shape[:2], dtype=torch.bool, device=latents.device)
         frame_noisy[:, context:] = True
-        text = [enc[i][:, :n].expand(k, *enc[i][:, :n].shape[1:]) for i in (1, 2, 3) for enc in (true, swapped)]
+        def both(part: int):  # the first n segments' text part of each encoding, k times each: (2k, n, ...)
+            return torch.cat([enc[part][:, :n].expand(k, *enc[part][:, :n].shape[1:]) for enc in (true, swapped)])
         batch = {"latents": latents, "noise": noise, "timesteps": timesteps, "frame_noisy": frame_noisy,
                  "frame_timesteps": torch.where(frame_noisy, levels[:, None], torch.zeros_like(levels)[:, None]),
-                 "text": torch.cat(text[0:2]), "text_mask": torch.cat(text[2:4]), "scene_start": torch.cat(text[4:6])}
+                 "text": both(1), "text_mask": both(2), "scene_start": both(3)}
         with torch.no_grad():
             errors = _weighted_errors(pipe.transformer, pipe.scheduler, batch, elements=True)[0][:, context:]
         region = mask.to(errors.device)[None, :, None].expand_as(errors)  # (2k, T_s, C, h, w)
@@ -157,7 +159,7 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
     from pipeline.toyworld.dataset import load_truth
     from pipeline.toyworld.render import render_story
 
-    config, spatial = pipe.transformer.config, pipe.vae_scale_factor_spatial
+    spatial = pipe.vae_scale_factor_spatial
     frames_per_latent = pipe.vae_scale_factor_temporal
     probe = MemoryProbe(pipe, timesteps, seed)
     rows = []
@@ -166,12 +168,11 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
         chosen = probes(story)
         if not chosen:
             continue
-        size = config.sample_height * spatial
-        true_frames = render_story(story, size)
+        true_frames = render_story(story, probe.size)
         true = probe.encode(story, true_frames)
         for name in dict.fromkeys(p["character"] for p in chosen):
             other = swapped_story(story, name)
-            other_frames = render_story(other, size)
+            other_frames = render_story(other, probe.size)
             swapped = probe.encode(other, other_frames)
             for p in (p for p in chosen if p["character"] == name):
                 mask = character_mask(true_frames, other_frames, p["segment"], frames_per_latent, spatial)
