@@ -55,7 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None,
                    help="the .mp4 to write (checked before generating); default: outputs/<storyboard name>.mp4")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale; <= 1 turns it off")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 turns it off; "
+                   "default: the model's own (its model_index.json's guidance_scale: 2 for the bundled model, 6 for "
+                   "CogVideoX)")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
@@ -83,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         ("--context-parallel", args.context_parallel)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if not math.isfinite(args.guidance) or args.guidance < 0:
+    if args.guidance is not None and (not math.isfinite(args.guidance) or args.guidance < 0):
         raise UsageError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
@@ -97,8 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, path in (("--video", args.video), ("--reference", args.reference)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: file not found: {path}")
-    for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
-        raise UsageError(f"--cache {args.cache}: {problem}")
+    if args.guidance is not None:  # else checked once the model (and its guidance) is loaded
+        for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
+            raise UsageError(f"--cache {args.cache}: {problem}")
     return args
 
 
@@ -143,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             pipe.transformer.enable_context_parallel(mesh)
         except ValueError as e:
             raise InputError(f"--context-parallel {args.context_parallel}: {first_line(e)}") from None
+    if args.guidance is None:
+        args.guidance = pipe.config.guidance_scale
+        for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
+            raise UsageError(f"--cache {args.cache}: {problem} (the model's guidance is {args.guidance:g})")
     if args.steps > pipe.scheduler.config.num_train_timesteps:
         raise UsageError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
                          f"training timesteps), got {args.steps}")
@@ -176,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_latents:
         save_latents(result.latents, latents_path(output), video=output)
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
-          f"({storyboard.num_segments} segments{kept}), generated in {elapsed:.1f} s")
+          f"({storyboard.num_segments} segments{kept}), {args.steps} steps at guidance {args.guidance:g}, generated in "
+          f"{elapsed:.1f} s")
     return 0
 
 

@@ -7,7 +7,8 @@ character it brings in. So this measures the pretrained model itself, the precon
 (benchmarks/bench_long_range.py): a model that cannot draw a character in its introducing segment cannot keep it.
 Each MODEL is an exported pipeline directory (a train.py `final/`, with or without TTT). The held-out stories are the
 long-range benchmark's (seed 1000, made on first use in OUT/heldout); frames are scored as rendered (no mp4 step);
-DPM-solver, 20 steps, guidance 6, seed 1000, as in docs/results.md.
+DPM-solver, 20 steps, each model's own guidance scale (pipeline config; --guidance to set one), seed 1000,
+as in docs/results.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def first_segments(storyboard: dict, k: int) -> dict:
     return {**storyboard, "scenes": scenes}
 
 
-def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float, seed: int) -> dict:
+def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int) -> dict:
     import numpy as np
     import torch
     from tqdm.auto import tqdm
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_long_range",
                    help="where the held-out stories are (or are made): the long-range benchmark's folder")
     p.add_argument("--inference-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance; default: each model's own (its config's guidance_scale)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--min-identity", type=float, metavar="PCT",
                    help="exit with status 3 and say so when a model's identity is below PCT percent (a recipe's gate)")

@@ -65,7 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="use this exported pipeline for VARIANT instead of training it (e.g. "
                    "mlp=outputs/toy/ttt-mlp/60s/final when --steps matches the default recipe)")
     p.add_argument("--inference-steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance; default: each model's own (its model_index.json's guidance_scale)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same noise for every variant)")
     p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
                    "for the reconstruction ceiling (a 60-s video takes ~25 s to encode and decode on one CPU core)")
@@ -173,7 +174,7 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
 def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, videos: Path, mode: str) -> dict:
     """Renders in a child process; returns its timing plus its peak resident memory (bytes)."""
     command = [sys.executable, __file__, "--sample", str(model), str(storyboards), str(videos), mode,
-               "--inference-steps", str(args.inference_steps), "--guidance", str(args.guidance),
+               "--inference-steps", str(args.inference_steps), "--guidance", str(guidance_for(args, model)),
                "--seed", str(args.seed)]
     log = args.out / "logs" / f"sample-{videos.parent.name}-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -190,9 +191,16 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
     return timing
 
 
+def guidance_for(args: argparse.Namespace, model: Path) -> float:
+    """--guidance, or the model's own scale (a pipeline saved before it had one: CogVideoX's 6)."""
+    if args.guidance is not None:
+        return args.guidance
+    return float(json.loads((model / "model_index.json").read_text()).get("guidance_scale", 6.0))
+
+
 def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
     settings = {"model": str(model), "stories": args.stories, "inference_steps": args.inference_steps,
-                "guidance": args.guidance, "seed": args.seed}
+                "guidance": guidance_for(args, model), "seed": args.seed}
     return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 

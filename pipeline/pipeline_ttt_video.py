@@ -88,6 +88,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         scheduler ([`CogVideoXDDIMScheduler`] or [`CogVideoXDPMScheduler`]).
         fps: frame rate of the videos; default: one segment's frames per 3 s, i.e. 4 * latent_frames_per_segment / 3
             (16 for CogVideoX; 8 for a model with 6 latent frames per segment). Stored in the pipeline's config.
+        guidance_scale: the classifier-free guidance scale `__call__` uses when given none: the scale this model was
+            measured to sample best at (6, CogVideoX's, unless its training recipe measured another). Stored in the
+            pipeline's config (model_index.json).
 
     LoRA: diffusers' CogVideoX loader (`load_lora_weights`, `fuse_lora`, `set_adapters`, ...) on the transformer's
     attention; cache hooks: `transformer.enable_cache(...)` (docs/sampling.md).
@@ -104,8 +107,11 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         transformer: CogVideoXTTTTransformer3DModel,
         scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
         fps: float | None = None,
+        guidance_scale: float = 6.0,
     ):
         super().__init__()
+        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale: expected a finite number >= 0, got {guidance_scale!r}")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
         if type(transformer) is CogVideoXTTTTransformer3DModel:
@@ -117,7 +123,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self.vae_scale_factor_temporal = self.vae.config.temporal_compression_ratio
         if fps is None:
             fps = self.frames_per_segment / SEGMENT_SECONDS
-        self.register_to_config(fps=float(fps))
+        self.register_to_config(fps=float(fps), guidance_scale=float(guidance_scale))
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     @property
@@ -133,13 +139,14 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     @classmethod
     def from_cogvideox(cls, base: str | os.PathLike | CogVideoXPipeline, ttt_adapter: str | os.PathLike | None = None,
-                       fps: float | None = None, dtype: torch.dtype | None = None,
+                       fps: float | None = None, dtype: torch.dtype | None = None, guidance_scale: float = 6.0,
                        **ttt_config) -> TTTVideoPipeline:
         """A pipeline from a stock CogVideoX pipeline (object, local directory or hub id) plus TTT layers.
 
         ttt_adapter: a safetensors file written by `CogVideoXTTTTransformer3DModel.save_adapter`; its TTT config (in
         the file's metadata) is used, and any `ttt_config` keyword must agree with it. Without an adapter the TTT
-        weights are freshly initialised from `ttt_config` (gate_init, latent_frames_*, ...).
+        weights are freshly initialised from `ttt_config` (gate_init, latent_frames_*, ...). fps, guidance_scale: the
+        pipeline's config (see the class).
         """
         if ttt_adapter is not None:
             if not os.path.isfile(ttt_adapter):
@@ -156,7 +163,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             base = CogVideoXPipeline.from_pretrained(base, dtype=dtype)
         transformer = CogVideoXTTTTransformer3DModel.from_base(base.transformer, adapter=ttt_adapter, **ttt_config)
         return cls(tokenizer=base.tokenizer, text_encoder=base.text_encoder, vae=base.vae, transformer=transformer,
-                   scheduler=base.scheduler, fps=fps)
+                   scheduler=base.scheduler, fps=fps, guidance_scale=guidance_scale)
 
     # saving, and loading through DiffusionPipeline
 
@@ -343,7 +350,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         negative_prompt: str | list[str] | list[list[str]] | None = None,
         num_videos_per_prompt: int = 1,
         num_inference_steps: int = 50,
-        guidance_scale: float = 6.0,
+        guidance_scale: float | None = None,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
         height: int | None = None,
@@ -378,7 +385,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             num_videos_per_prompt: videos made in one batch (B), each from its own noise; latents, if given, and the
                 output have batch size B.
             num_inference_steps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs: as
-                CogVideoXPipeline (guidance is off for guidance_scale <= 1; the dynamic schedule is CogVideoX's).
+                CogVideoXPipeline (guidance is off for guidance_scale <= 1; the dynamic schedule is CogVideoX's);
+                guidance_scale None: the pipeline's own (`self.config.guidance_scale`).
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -422,6 +430,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self.check_inputs(storyboard, height, width, num_inference_steps, negative_text, output_type, cfg_mode,
                           decode_window, latents, callback_on_step_end_tensor_inputs, strict_text,
                           num_videos_per_prompt)
+        if guidance_scale is None:
+            guidance_scale = self.config.guidance_scale
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None

@@ -298,6 +298,19 @@ def test_rows_to_storyboard_rules():
         storyboard_from_rows([["abcdef", False, ""]], max_text_chars=5)
 
 
+def test_the_guidance_slider_starts_at_the_models_own_scale(tmp_path):
+    import gradio as gr
+    from tiny_ttt_pipeline import tiny_ttt_pipeline
+
+    from pipeline.demo import build_demo
+
+    pipe = tiny_ttt_pipeline()
+    pipe.register_to_config(guidance_scale=2.5)  # as a pipeline saved with guidance_scale 2.5 loads
+    demo = build_demo(pipe, output_dir=tmp_path)
+    sliders = {b.label: b.value for b in demo.blocks.values() if isinstance(b, gr.Slider)}
+    assert sliders["Guidance"] == 2.5
+
+
 def test_summary_counts_segments_seconds_and_scenes():
     rows = [["a", False, ""], ["b", True, ""], ["", False, ""], ["c", True, ""], ["", False, ""]]
     assert storyboard_summary(rows, 21) == "**4 segments · 12 s · 3 scenes** — row 3 without text"

@@ -284,6 +284,25 @@ def test_fps_is_stored_in_the_config():
     assert TTTVideoPipeline(transformer=transformer, **components, fps=8).config.fps == 8.0
 
 
+def test_the_default_guidance_scale_is_the_pipelines_own(tmp_path):
+    """guidance_scale is stored in the config, saved and loaded with it, and used by a call that gives none."""
+    components = tiny_components()
+    transformer = CogVideoXTTTTransformer3DModel.from_base(
+        components.pop("transformer"), latent_frames_first=FRAMES_FIRST, latent_frames_per_segment=FRAMES_PER_SEGMENT)
+    with pytest.raises(ValueError, match="guidance_scale: expected a finite number >= 0, got -1"):
+        TTTVideoPipeline(transformer=transformer, **components, guidance_scale=-1)
+    TTTVideoPipeline(transformer=transformer, **components, guidance_scale=2.5).save_pretrained(tmp_path / "pipe")
+    pipe = TTTVideoPipeline.from_pretrained(tmp_path / "pipe")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.guidance_scale == 2.5
+    storyboard = story(["a red ball rolls", "a blue box"])
+    default = generate(pipe, storyboard, output_type="latent")
+    assert pipe.guidance_scale == 2.5
+    torch.testing.assert_close(default, generate(pipe, storyboard, output_type="latent", guidance_scale=2.5),
+                               rtol=0, atol=0)
+    assert not torch.allclose(default, generate(pipe, storyboard, output_type="latent", guidance_scale=6.0))
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"cfg_mode": "fast"}, ValueError, "cfg_mode must be one of ('batched', 'sequential'), got 'fast'"),
     ({"output_type": "gif"}, ValueError, "output_type must be one of ('np', 'pil', 'pt', 'latent'), got 'gif'"),

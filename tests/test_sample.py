@@ -1,6 +1,8 @@
 """sample.py end to end, as a subprocess, against a tiny TTT pipeline saved with save_pretrained."""
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +55,7 @@ def test_renders_a_storyboard_to_mp4(model_dir, short_story, tmp_path):
                  "--scheduler", "dpm", "--cfg-mode", "sequential", "--seed", 3, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     match = re.fullmatch(rf"wrote {re.escape(str(output))}: 6\.38 s, 17 frames at 2\.66667 fps \(2 segments\), "
-                         r"generated in \d+\.\d s\n", result.stdout)
+                         r"1 steps at guidance 6, generated in \d+\.\d s\n", result.stdout)
     assert match, result.stdout
     frames, fps = read_video(output)
     assert frames.shape == (17, HEIGHT, WIDTH, 3)  # 8 frames per segment x 2 + the first
@@ -102,6 +104,23 @@ def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
         "cache-pab-sequential", "cache-faster-no-guidance"])
 def test_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run(*flags, cwd=tmp_path), 2, message)
+
+
+def test_the_models_own_guidance_is_the_default(model_dir, short_story, tmp_path):
+    """Without --guidance the model's config decides (here 1: guidance off), so a cache that needs guidance is
+    refused once the model is loaded, naming the model's scale; an explicit --guidance wins."""
+    off = tmp_path / "off"
+    shutil.copytree(model_dir, off)
+    index = json.loads((off / "model_index.json").read_text())
+    assert index["guidance_scale"] == 6.0  # saved by a pipeline built without one: CogVideoX's
+    (off / "model_index.json").write_text(json.dumps({**index, "guidance_scale": 1.0}))
+    assert_one_line_error(run("--model", off, "--storyboard", short_story, "--cache", "faster", cwd=tmp_path), 2,
+                          "--cache faster: cache 'faster' approximates the unconditional half of a batched guidance "
+                          "call: it needs guidance > 1 and cfg_mode 'batched' (the model's guidance is 1)")
+    result = run("--model", off, "--storyboard", short_story, "--output", tmp_path / "a.mp4", "--steps", 1,
+                 "--guidance", 3, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 steps at guidance 3," in result.stdout
 
 
 def test_bad_paths(model_dir, short_story, tmp_path):

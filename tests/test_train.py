@@ -550,12 +550,14 @@ def test_checkpoints_validation_and_export(runs, tmp_path):
     for name, value in trained.items():
         assert torch.equal(exported[name], value), name
 
-    # ... and sample.py renders with it
+    # ... and sample.py renders with it, at the config's validation guidance (debug.yaml: 2, not the default 6)
+    assert json.loads((whole / "final" / "model_index.json").read_text())["guidance_scale"] == 2.0
     out = tmp_path / "story.mp4"
     result = subprocess.run([sys.executable, "sample.py", "--model", str(whole / "final"), "--storyboard",
                              "configs/storyboards/debug.json", "--output", str(out), "--steps", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 steps at guidance 2," in result.stdout
     frames, fps = read_video(out)
     assert frames.shape == (25, 32, 32, 3) and fps == 4
 

@@ -76,7 +76,8 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
     """The demo app for a loaded TTTVideoPipeline (see the module docstring), with its queue set up.
 
     max_segments: the most rows a storyboard may have (None: no limit); max_queue: the most generations waiting;
-    output_dir: where results go (default: a new temporary folder); keep_outputs: results kept there.
+    output_dir: where results go (default: a new temporary folder); keep_outputs: results kept there. The guidance
+    slider starts at the pipeline's own scale (its config's guidance_scale).
     """
     renderer = Renderer(pipe, OutputFolders(output_dir, keep_outputs))
     stops = StopSignals()
@@ -127,7 +128,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                 with gr.Accordion("Settings", open=True, elem_id="settings"):
                     steps = gr.Slider(1, MAX_STEPS, value=default_steps, step=1, label="Steps",
                                       info="Denoising steps: more is slower and usually cleaner.")
-                    guidance = gr.Slider(0, 15, value=6.0, step=0.5, label="Guidance",
+                    guidance = gr.Slider(0, 15, value=float(pipe.config.guidance_scale), step=0.5, label="Guidance",
                                          info="How strongly to follow the text (1 or less: no guidance).")
                     dynamic_cfg = gr.Checkbox(False, label="Dynamic guidance (CogVideoX's schedule)")
                     seed = gr.Number(-1, precision=0, label="Seed", elem_id="seed",

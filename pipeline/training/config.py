@@ -193,12 +193,13 @@ class LogConfig:
 @dataclass
 class ValidationConfig:
     """Every `every` steps (0: never), sample each storyboard file listed in `storyboards` to an mp4 under
-    output_dir/validation and log it. cpu_offload: move idle components to the CPU while sampling on a GPU."""
+    output_dir/validation and log it. cpu_offload: move idle components to the CPU while sampling on a GPU.
+    guidance_scale is also the exported pipeline's default (its config's guidance_scale)."""
 
     every: int = _at_least(0, 0)
     storyboards: list[str] = field(default_factory=list)
     num_inference_steps: int = 50
-    guidance_scale: float = 6.0
+    guidance_scale: float = _at_least(6.0, 0.0)
     seed: int = 0
     cpu_offload: bool = True
 
