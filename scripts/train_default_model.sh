@@ -54,7 +54,7 @@ if step 5 "pretraining the transformer on 3-s segments with dense captions (no T
     OMP_NUM_THREADS=2 python train.py --config configs/toy/pretrain-2.yaml --overwrite
     python -m pipeline.toy.model to-base --export outputs/toy/pretrain-2/final --out outputs/toy/base
 fi
-if step 6 "gate: segment 1 of 50 held-out stories, identity >= ${MIN_IDENTITY}%"; then
+if step 6 "gate: segment 1 of 50 held-out stories at the model's guidance (2), identity >= ${MIN_IDENTITY}%"; then
     python benchmarks/bench_first_segments.py outputs/toy/pretrain-2/final --min-identity "$MIN_IDENTITY" || {
         echo "== stopped: the pretrained model does not draw the characters its texts describe (identity in segment 1"
         echo "   below ${MIN_IDENTITY}%; the TTT stages would have nothing to remember). Pretrain longer or change"

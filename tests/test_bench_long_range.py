@@ -71,3 +71,17 @@ def test_held_out_stories_are_made_again_when_the_world_changed(tmp_path):
     bench_long_range.held_out_stories(tmp_path, 2)
     assert json.loads(truth.read_text())["cast"][0]["shape"] != "triangle"
     assert len(list(folder.glob("*.storyboard.json"))) == 2
+
+
+def test_each_model_samples_at_its_own_guidance_unless_told(tmp_path):
+    from argparse import Namespace
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, index in ((old, {"_class_name": "TTTVideoPipeline"}), (new, {"guidance_scale": 2.0})):
+        folder.mkdir()
+        (folder / "model_index.json").write_text(json.dumps(index))
+    mine = Namespace(guidance=None)
+    assert bench_long_range.guidance_for(mine, new) == 2.0
+    assert bench_long_range.guidance_for(mine, old) == 6.0  # saved before pipelines kept one: CogVideoX's
+    assert bench_long_range.guidance_for(Namespace(guidance=4.5), new) == 4.5
+    assert bench_long_range.guidance_for(mine, ROOT / "models" / "default") == 2.0  # the recipe's

@@ -88,6 +88,14 @@ def test_default_model_has_no_shared_frame_between_segments():
     assert config["overlap_frames"] == 0 and config["ttt_type"] == "mlp"
 
 
+def test_default_model_samples_at_the_recipes_guidance():
+    """The recipe's exports carry its measured guidance scale (configs/toy/base.yaml), so sample.py, the demo and the
+    benchmarks use it unless told otherwise; the bundled model is one of those exports."""
+    recipe = load_config(ROOT / "configs" / "toy" / "ttt-mlp" / "60s.yaml").validation.guidance_scale
+    assert recipe == 2.0
+    assert json.loads((DEFAULT_MODEL / "model_index.json").read_text())["guidance_scale"] == recipe
+
+
 def test_toy_args_reject_unknown_keys_naming_them():
     cfg = load_config(ROOT / "configs" / "toy" / "base.yaml", ["model.builder_args.vae.channels=[8]"])
     with pytest.raises(ConfigError, match="model.builder_args.vae.channels"):
