@@ -100,9 +100,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: file not found: {path}")
     if args.guidance is not None:  # else checked once the model (and its guidance) is loaded
-        for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
-            raise UsageError(f"--cache {args.cache}: {problem}")
+        check_cache(args)
     return args
+
+
+def check_cache(args: argparse.Namespace, note: str = "") -> None:
+    for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
+        raise UsageError(f"--cache {args.cache}: {problem}{note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--context-parallel {args.context_parallel}: {first_line(e)}") from None
     if args.guidance is None:
         args.guidance = pipe.config.guidance_scale
-        for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
-            raise UsageError(f"--cache {args.cache}: {problem} (the model's guidance is {args.guidance:g})")
+        check_cache(args, f" (the model's guidance is {args.guidance:g})")
     if args.steps > pipe.scheduler.config.num_train_timesteps:
         raise UsageError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
                          f"training timesteps), got {args.steps}")

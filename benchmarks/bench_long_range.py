@@ -192,10 +192,10 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
 
 
 def guidance_for(args: argparse.Namespace, model: Path) -> float:
-    """--guidance, or the model's own scale (a pipeline saved before it had one: CogVideoX's 6)."""
-    if args.guidance is not None:
-        return args.guidance
-    return float(json.loads((model / "model_index.json").read_text()).get("guidance_scale", 6.0))
+    """--guidance, or the model's own scale."""
+    from pipeline.pipeline_ttt_video import saved_guidance_scale
+
+    return args.guidance if args.guidance is not None else saved_guidance_scale(model)
 
 
 def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:

@@ -64,6 +64,7 @@ from .vae_decode import decode_windows, frame_batches
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 CFG_MODES = ("batched", "sequential")
+DEFAULT_GUIDANCE_SCALE = 6.0  # CogVideoX's; a pipeline's config may keep another (its guidance_scale)
 
 
 @dataclass
@@ -76,6 +77,13 @@ class TTTVideoPipelineOutput(BaseOutput):
     frames: np.ndarray | torch.Tensor | list[list[PIL.Image.Image]]
     fps: float
     latents: torch.Tensor | None = None
+
+
+def saved_guidance_scale(folder: str | os.PathLike) -> float:
+    """The guidance scale a saved pipeline folder keeps (model_index.json), without loading it; a folder saved before
+    pipelines kept one gets the default, as `from_pretrained` gives it."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return float(index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
 class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
@@ -107,7 +115,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         transformer: CogVideoXTTTTransformer3DModel,
         scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
         fps: float | None = None,
-        guidance_scale: float = 6.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     ):
         super().__init__()
         if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
@@ -139,7 +147,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
     @classmethod
     def from_cogvideox(cls, base: str | os.PathLike | CogVideoXPipeline, ttt_adapter: str | os.PathLike | None = None,
-                       fps: float | None = None, dtype: torch.dtype | None = None, guidance_scale: float = 6.0,
+                       fps: float | None = None, dtype: torch.dtype | None = None,
+                       guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                        **ttt_config) -> TTTVideoPipeline:
         """A pipeline from a stock CogVideoX pipeline (object, local directory or hub id) plus TTT layers.
 
