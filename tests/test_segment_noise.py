@@ -136,6 +136,35 @@ def test_modes_draw_per_sample_and_independently_of_the_batch():
     assert independent.any() and context.any() and (levels[~noisy[:, [0, 3, 5]]] == 0).all()
 
 
+def test_levels_are_drawn_from_t_min_to_t_max_in_every_mode():
+    """train.noise.t_min / t_max narrow the noisy levels (uniform, independent and context modes); clean context
+    segments stay at 0; the one-level batch of uniform mode draws them too, in the same generator position."""
+    span = {"t_min": 600, "t_max": 700}
+    kinds = {"uniform": NoiseConfig(**span), "independent": NoiseConfig(uniform=0.0, independent=1.0, **span),
+             "context": NoiseConfig(uniform=0.0, context=1.0, context_first=1.0, context_rate=0.3, **span)}
+    for name, noise in kinds.items():
+        levels = DiffusionCollate(1000, SCALING, noise, FRAMES_PER_SEGMENT)([item(i) for i in range(60)])["timesteps"]
+        noisy = levels[levels > 0]
+        assert ((noisy >= 600) & (noisy < 700)).all(), name
+        assert noisy.unique().numel() > 20, name  # spread over the range, not one value
+        if name == "context":
+            assert (levels == 0).any() and (levels[:, 0] == 0).float().mean() > 0.8
+    narrowed = DiffusionCollate(1000, SCALING, NoiseConfig(t_min=600))([item(i) for i in range(2)])
+    for i in range(2):  # the original collate's draws, with only the level's range changed
+        g = torch.Generator().manual_seed(i)
+        torch.randn(item(i)["latent_mean"].shape, generator=g), torch.randn(item(i)["latent_mean"].shape, generator=g)
+        assert torch.equal(narrowed["timesteps"][i], torch.randint(600, 1000, (), generator=g))
+    assert torch.equal(narrowed["noise"], collate(size=2)["noise"])
+    with pytest.raises(ConfigError, match=r"train.noise.t_max: expected a timestep above t_min \(600\), got 500"):
+        load_config(None, ["train.noise.t_min=600", "train.noise.t_max=500"])
+    with pytest.raises(ConfigError, match=r"train.noise.t_min: expected a timestep >= 0, got -1"):
+        load_config(None, ["train.noise.t_min=-1"])
+    with pytest.raises(ValueError, match=r"train.noise: expected 0 <= t_min < t_max <= the scheduler's 1000"):
+        DiffusionCollate(1000, SCALING, NoiseConfig(t_max=1200))
+    with pytest.raises(ValueError, match=r"t_min 1000, t_max None"):
+        DiffusionCollate(1000, SCALING, NoiseConfig(t_min=1000))
+
+
 def test_noise_config_is_checked(tmp_path):
     cfg = load_config(None, ["train.noise.uniform=0.5", "train.noise.context=0.5", "train.noise.context_first=0.9"])
     assert (cfg.train.noise.context, cfg.train.noise.context_first) == (0.5, 0.9)
@@ -160,14 +189,14 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
                              f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
                              "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
-                             "train.noise.context=0.5"],
+                             "train.noise.context=0.5", "train.noise.t_min=500"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
-                                       "context_rate": 0.5}
+                                       "context_rate": 0.5, "t_min": 500, "t_max": None}
 
 
 def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames():

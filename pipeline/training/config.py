@@ -100,6 +100,8 @@ class NoiseConfig:
     independent: a level per segment. context: a random set of segments is clean (t = 0, its latents as they are,
     no loss), the rest share one level; segment 1 is clean with probability context_first, each later segment with
     probability context_rate, and at least one segment stays noisy. The three probabilities must sum to 1.
+    t_min, t_max: the noisy levels are drawn uniformly from [t_min, t_max) (t_max None: the scheduler's
+    num_train_timesteps), in every mode; the defaults draw exactly what they always did.
     """
 
     uniform: float = 1.0
@@ -107,6 +109,8 @@ class NoiseConfig:
     context: float = 0.0
     context_first: float = 0.5
     context_rate: float = 0.5
+    t_min: int = 0
+    t_max: int | None = None
 
     def __post_init__(self):
         for name in ("uniform", "independent", "context", "context_first", "context_rate"):
@@ -117,6 +121,10 @@ class NoiseConfig:
         if abs(total - 1.0) > 1e-6:
             raise ConfigError("train.noise: uniform + independent + context must sum to 1, got "
                               f"{self.uniform} + {self.independent} + {self.context} = {total:g}")
+        if self.t_min < 0:
+            raise ConfigError(f"train.noise.t_min: expected a timestep >= 0, got {self.t_min!r}")
+        if self.t_max is not None and self.t_max <= self.t_min:
+            raise ConfigError(f"train.noise.t_max: expected a timestep above t_min ({self.t_min}), got {self.t_max!r}")
 
     @property
     def is_uniform(self) -> bool:

@@ -1,10 +1,10 @@
 """The diffusion objective: CogVideoX's v-prediction with its noise schedule and loss weighting.
 
 Per sample: a latent drawn from the VAE posterior (times the VAE's scaling factor), a timestep t uniform in
-[0, num_train_timesteps), noise ε; x_t = add_noise(x_0, ε, t) (scaled-linear betas 0.00085 → 0.012 with zero-SNR
-rescale, CogVideoXDDIMScheduler). The model predicts v; get_velocity(v, x_t, t) = √ᾱ_t x_t − √(1−ᾱ_t) v is its
-x_0 estimate, and the loss is the x_0-space squared error weighted by 1 / (1 − ᾱ_t), which equals the v-space error
-(CogVideoX's training scripts compute it this way, as diffusers' examples/cogvideo do).
+[0, num_train_timesteps) (train.noise can narrow it), noise ε; x_t = add_noise(x_0, ε, t) (scaled-linear betas
+0.00085 → 0.012 with zero-SNR rescale, CogVideoXDDIMScheduler). The model predicts v; get_velocity(v, x_t, t) =
+√ᾱ_t x_t − √(1−ᾱ_t) v is its x_0 estimate, and the loss is the x_0-space squared error weighted by 1 / (1 − ᾱ_t),
+which equals the v-space error (CogVideoX's training scripts compute it this way, as diffusers' examples/cogvideo do).
 
 Per-segment noise levels (`NoiseConfig`, docs/training.md): the batch then carries timesteps (B, n), one level per
 segment, and each latent frame is noised, predicted and weighted at its own segment's level; clean context segments
@@ -43,6 +43,10 @@ class DiffusionCollate:
         if not self.noise.is_uniform and latent_frames_per_segment is None:
             raise ValueError("per-segment noise levels need latent_frames_per_segment (the model's)")
         self.frames_per_segment = latent_frames_per_segment
+        self.t_min, self.t_max = self.noise.t_min, self.noise.t_max or num_train_timesteps
+        if self.t_max > num_train_timesteps or self.t_min >= self.t_max:
+            raise ValueError(f"train.noise: expected 0 <= t_min < t_max <= the scheduler's {num_train_timesteps} "
+                             f"timesteps, got t_min {self.t_min}, t_max {self.noise.t_max}")
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         latents, noise, timesteps, frame_timesteps, frame_noisy = [], [], [], [], []
@@ -52,7 +56,7 @@ class DiffusionCollate:
             sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
             latents.append(sample * self.scaling_factor)
             noise.append(torch.randn(mean.shape, generator=generator))
-            timesteps.append(torch.randint(0, self.num_train_timesteps, (), generator=generator))
+            timesteps.append(torch.randint(self.t_min, self.t_max, (), generator=generator))
             if not self.noise.is_uniform:  # drawn after the uniform draws, which stay what they always were
                 num_segments = item["text"].shape[0]
                 timesteps[-1], clean = self._segment_levels(timesteps[-1], num_segments, generator)
@@ -76,7 +80,7 @@ class DiffusionCollate:
         if u < cfg.uniform:
             return level.expand(n).clone(), clean
         if u < cfg.uniform + cfg.independent:
-            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator), clean
+            return torch.randint(self.t_min, self.t_max, (n,), generator=generator), clean
         draws = torch.rand(n, generator=generator)
         clean = draws < torch.tensor([cfg.context_first] + [cfg.context_rate] * (n - 1))
         if clean.all():  # at least one segment to learn from
