@@ -43,6 +43,7 @@ from safetensors import safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models import CogVideoXTTTTransformer3DModel
+from models.layout import frame_segments
 
 from .atomic import atomic_write_text
 from .code_bundle import BUNDLE_FILE, CLASS_NAME_ENTRY, CODE_FILE, CODE_FILE_TEXT, bundle_text
@@ -84,6 +85,26 @@ def saved_guidance_scale(folder: str | os.PathLike) -> float:
     pipelines kept one gets the default, as `from_pretrained` gives it."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
     return float(index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+
+
+def segment_guidance_scales(guidance_scale: float | Sequence[float], num_segments: int) -> float | list[float]:
+    """A call's guidance_scale checked: a number (every segment) or one number per storyboard segment; each finite
+    and >= 0. ValueError (naming what was given) otherwise."""
+    if isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool):
+        scales, single = [guidance_scale], True
+    elif isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, str):
+        scales, single = list(guidance_scale), False
+        if len(scales) != num_segments:
+            raise ValueError(f"guidance_scale: expected a number or one per segment ({num_segments}), "
+                             f"got {len(scales)} numbers")
+    else:
+        raise ValueError(f"guidance_scale: expected a number or one per segment, got {guidance_scale!r}")
+    for i, scale in enumerate(scales):
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
+                and scale >= 0):
+            where = "" if single else f"[{i}] (segment {i + 1})"
+            raise ValueError(f"guidance_scale{where}: expected a finite number >= 0, got {scale!r}")
+    return float(scales[0]) if single else [float(x) for x in scales]
 
 
 class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
@@ -332,7 +353,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     # properties, as CogVideoXPipeline
 
     @property
-    def guidance_scale(self) -> float:
+    def guidance_scale(self) -> float | torch.Tensor:
+        """The scale in use; with one scale per segment a (1, T, 1, 1, 1) tensor, each latent frame its segment's."""
         return self._guidance_scale
 
     @property
@@ -359,7 +381,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         negative_prompt: str | list[str] | list[list[str]] | None = None,
         num_videos_per_prompt: int = 1,
         num_inference_steps: int = 50,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
         height: int | None = None,
@@ -395,7 +417,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 output have batch size B.
             num_inference_steps, guidance_scale, use_dynamic_cfg, eta, generator, attention_kwargs: as
                 CogVideoXPipeline (guidance is off for guidance_scale <= 1; the dynamic schedule is CogVideoX's);
-                guidance_scale None: the pipeline's own (`self.config.guidance_scale`).
+                guidance_scale None: the pipeline's own (`self.config.guidance_scale`); a list: one scale per
+                storyboard segment, each applied to its segment's frames (say, guidance where a text describes what
+                to draw and little where the model should draw what earlier segments showed; docs/sampling.md).
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -439,8 +463,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self.check_inputs(storyboard, height, width, num_inference_steps, negative_text, output_type, cfg_mode,
                           decode_window, latents, callback_on_step_end_tensor_inputs, strict_text,
                           num_videos_per_prompt)
-        if guidance_scale is None:
-            guidance_scale = self.config.guidance_scale
+        guidance_scale = segment_guidance_scales(
+            self.config.guidance_scale if guidance_scale is None else guidance_scale, storyboard.num_segments)
         self._guidance_scale = guidance_scale
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
@@ -448,7 +472,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
 
         # 2. Default call parameters
         device = self._execution_device
-        do_classifier_free_guidance = guidance_scale > 1.0
+        per_segment = isinstance(guidance_scale, list)
+        do_classifier_free_guidance = max(guidance_scale) > 1.0 if per_segment else guidance_scale > 1.0
         scene_start = torch.tensor([[s.scene_start for s in storyboard.segments]], device=device)  # (1, n)
 
         # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
@@ -500,6 +525,12 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 self.transformer.segment_layout(num_segments, *latent_shape[-2:], device).frame_segment)
             clean = context.latents.to(latents.dtype)
             latents = torch.where(keep_frames, clean, latents)
+
+        if per_segment:  # (1, T, 1, 1, 1): each latent frame its segment's scale (a reference's: 1, it is kept)
+            frame_segment = frame_segments(num_segments, config.latent_frames_first, config.latent_frames_per_segment)
+            scales = torch.tensor([1.0] * num_reference + guidance_scale, device=device)
+            guidance_scale = scales[frame_segment.to(device)].view(1, -1, 1, 1, 1)
+            self._guidance_scale = guidance_scale
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind

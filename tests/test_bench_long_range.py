@@ -44,6 +44,44 @@ def test_recall_mode_keeps_the_ground_truth_first_segment(tmp_path):
     assert len({line.count("|") for line in table.splitlines()}) == 1
 
 
+def test_guidance_named_lowers_only_the_segments_that_only_name_characters():
+    """--guidance-named: the segments whose text introduces a character or opens a scene keep the guidance; the ones
+    that only name characters get their own scale (per segment, the pipeline's guidance_scale list)."""
+    from pipeline.toyworld.dataset import story_seed, storyboard_dict
+    from pipeline.toyworld.sampler import sample_story
+
+    storyboard = storyboard_dict(sample_story(story_seed(bench_long_range.HELD_OUT_SEED, 0), 20, 20))
+    assert bench_long_range.segment_guidance(storyboard, 2.0, None) == 2.0
+    scales = bench_long_range.segment_guidance(storyboard, 2.0, 1.0)
+    texts = [seg["text"] for scene in storyboard["scenes"] for seg in scene["segments"]]
+    scenes = storyboard["scenes"]
+    openings = {sum(len(scene["segments"]) for scene in scenes[:i]) for i in range(len(scenes))}
+    assert len(scales) == len(texts) == 20 and {1.0, 2.0} == set(scales)
+    for i, (text, scale) in enumerate(zip(texts, scales)):
+        describes = i in openings or ", a " in text  # "Tam, a big red bar, comes in from the right."
+        assert scale == (2.0 if describes else 1.0), (i, text, scale)
+
+
+def test_main_with_guidance_named_and_no_ceiling(tmp_path, capsys):
+    """The whole benchmark on one held-out story with the bundled model (2 steps): --ceiling-stories 0 leaves the
+    ceiling row out instead of failing, and --guidance-named is passed to the renderer and kept in the settings
+    (another value renders again)."""
+    common = ["--variants", "mlp", "--modes", "joint", "--stories", "1", "--inference-steps", "2", "--base",
+              str(ROOT / "models" / "default"), "--trained", f"mlp={ROOT / 'models' / 'default'}",
+              "--ceiling-stories", "0", "--out", str(tmp_path)]
+    assert bench_long_range.main([*common, "--guidance-named", "1"]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["variant"] for r in results["rows"]] == ["ground truth (rendered)", "mlp (joint)"]
+    timing = json.loads((tmp_path / "mlp" / "videos" / "timing.json").read_text())
+    assert timing["settings"]["guidance"] == 2.0 and timing["settings"]["guidance_named"] == 1.0
+    named_one, _ = read_video(tmp_path / "mlp" / "videos" / "story_00000.mp4")
+    capsys.readouterr()
+    assert bench_long_range.main([*common, "--guidance-named", "2"]) == 0
+    assert "reusing the videos" not in capsys.readouterr().out
+    named_two, _ = read_video(tmp_path / "mlp" / "videos" / "story_00000.mp4")
+    assert np.abs(named_one.astype(float) - named_two).mean() > 0.5  # the named segments were drawn at another scale
+
+
 def test_first_segments_gate_stops_below_the_threshold(tmp_path, capsys):
     """bench_first_segments --min-identity (the recipe's step 6): status 3 and a line naming the model below the
     gate; 0 when the model is at or above it."""

@@ -303,6 +303,30 @@ def test_the_default_guidance_scale_is_the_pipelines_own(tmp_path):
     assert not torch.allclose(default, generate(pipe, storyboard, output_type="latent", guidance_scale=6.0))
 
 
+def test_guidance_per_segment(pipe):
+    """guidance_scale as one number per segment scales each segment's frames by its own: after one DDIM step (an
+    elementwise update of the first prediction, which no scale changes) each segment equals a whole-video call at
+    its scale; one scale for every segment is the plain call; the list is checked before any work."""
+    storyboard = story(["a red ball rolls", "a blue box", "a green cone"], scene_starts=[2])
+    one_step = {"num_inference_steps": 1, "output_type": "latent"}
+    mixed = generate(pipe, storyboard, guidance_scale=[4.0, 1.0, 2.5], **one_step)
+    segments = [slice(0, FRAMES_FIRST), slice(FRAMES_FIRST, FRAMES_FIRST + FRAMES_PER_SEGMENT),
+                slice(FRAMES_FIRST + FRAMES_PER_SEGMENT, None)]
+    for frames, scale in zip(segments, (4.0, 1.0, 2.5)):
+        whole = generate(pipe, storyboard, guidance_scale=scale, **one_step)
+        torch.testing.assert_close(mixed[:, frames], whole[:, frames], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(mixed, whole)
+    for dynamic in (False, True):
+        torch.testing.assert_close(generate(pipe, storyboard, guidance_scale=[3.0] * 3, use_dynamic_cfg=dynamic),
+                                   generate(pipe, storyboard, guidance_scale=3.0, use_dynamic_cfg=dynamic),
+                                   rtol=1e-5, atol=1e-6)
+    for scale, message in (([2.0, 2.0], r"guidance_scale: expected a number or one per segment \(3\), got 2 numbers"),
+                           ([2.0, -1.0, 2.0], r"guidance_scale\[1\] \(segment 2\): expected a finite number >= 0"),
+                           ("6", "guidance_scale: expected a number or one per segment, got '6'")):
+        with pytest.raises(ValueError, match=message):
+            generate(pipe, storyboard, guidance_scale=scale)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"cfg_mode": "fast"}, ValueError, "cfg_mode must be one of ('batched', 'sequential'), got 'fast'"),
     ({"output_type": "gif"}, ValueError, "output_type must be one of ('np', 'pil', 'pt', 'latent'), got 'gif'"),
