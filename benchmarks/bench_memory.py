@@ -17,6 +17,10 @@ and the training objective's weighted squared error (pipeline.training.loss) is 
 elements ("segment") and over the elements the character covers ("character": where the true and swapped renders of
 segment s differ, 4x4 pixels x 4 frames per latent element). gain = loss(swapped) - loss(true): positive when the
 model draws segment s better with the context that really showed the character, i.e. when it carries the look.
+A third sequence gives the gain its scale: `described`, the true one with segment s's text in the dense register
+(pretraining's captions: it describes every character on stage, so the look is told, not remembered). text gain =
+loss(swapped) - loss(described) is what knowing the look is worth to the model through its text; the memory gain's
+share of it (gain / text gain, over the probes' means) says how much of that the model gets from memory.
 A model with no path between segments gains exactly 0. Segment-local attention with overlap_frames 1 has a short one:
 each block reaches one segment further back through the shared frame, so probes are also split by whether the
 character was on stage in segment s-1 ("adjacent") or not ("apart"). Results: OUT/results.json, a table on stdout.
@@ -115,9 +119,17 @@ class MemoryProbe:
         starts = torch.tensor([[seg.scene_start for seg in board.segments]], device=device)
         return latents, embeds, mask, starts
 
-    def gain(self, true, swapped, segment: int, mask) -> dict:
+    def encode_dense_text(self, story):
+        """(text embeds (1, n, L, D), text mask (1, n, L)) of the story's dense-register captions."""
+        pipe = self.pipe
+        texts = [segment.dense_text for segment in story.segments]
+        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=pipe._execution_device)
+        return embeds, mask
+
+    def gain(self, true, swapped, segment: int, mask, dense=None) -> dict:
         """Loss on `segment` after the true and the swapped context, per timestep and region. true / swapped:
-        `encode` results; mask: `character_mask`. Returns {"true": {region: [per timestep]}, "swapped": ...}."""
+        `encode` results; mask: `character_mask`; dense: `encode_dense_text` of the true story, to add the
+        `described` sequence. Returns {"true": {region: [per timestep]}, "swapped": ..., ["described": ...]}."""
         import torch
 
         from pipeline.training.loss import _weighted_errors
@@ -125,29 +137,34 @@ class MemoryProbe:
         pipe, k = self.pipe, len(self.timesteps)
         context = self.first + self.per * (segment - 1)  # latent frames of segments 1..s-1 (s is 0-based here)
         end = context + self.per
-        seqs = [torch.cat([enc[0][:, :context], true[0][:, context:end]], dim=1) for enc in (true, swapped)]
+        names = ["true", "swapped"]
+        if dense is not None:  # the true sequence with segment s's text (and mask) from the dense register
+            text, text_mask = true[1].clone(), true[2].clone()
+            text[:, segment], text_mask[:, segment] = dense[0][:, segment], dense[1][:, segment]
+            names.append("described")
+        encodings = [true, swapped] + ([(true[0], text, text_mask, true[3])] if dense is not None else [])
+        seqs = [torch.cat([enc[0][:, :context], true[0][:, context:end]], dim=1) for enc in encodings]
         latents = torch.cat([seq.expand(k, -1, -1, -1, -1) for seq in seqs])  # (2k, T, C, h, w)
         generator = torch.Generator().manual_seed(self.seed * 100_003 + segment)
         noise = torch.randn(latents[:1, context:].shape, generator=generator).to(latents)
         noise = torch.cat([torch.zeros_like(latents[:1, :context]), noise], dim=1).expand_as(latents)
-        levels = torch.tensor(self.timesteps * 2, device=latents.device)
+        levels = torch.tensor(self.timesteps * len(names), device=latents.device)
         n = segment + 1
-        timesteps = torch.zeros(2 * k, n, dtype=torch.long, device=latents.device)
+        timesteps = torch.zeros(len(names) * k, n, dtype=torch.long, device=latents.device)
         timesteps[:, -1] = levels
         frame_noisy = torch.zeros(latents.shape[:2], dtype=torch.bool, device=latents.device)
         frame_noisy[:, context:] = True
-        def both(part: int):  # the first n segments' text part of each encoding, k times each: (2k, n, ...)
-            return torch.cat([enc[part][:, :n].expand(k, *enc[part][:, :n].shape[1:]) for enc in (true, swapped)])
+        def each(part: int):  # the first n segments' text part of each encoding, k times each: (len(names) k, n, ...)
+            return torch.cat([enc[part][:, :n].expand(k, *enc[part][:, :n].shape[1:]) for enc in encodings])
         batch = {"latents": latents, "noise": noise, "timesteps": timesteps, "frame_noisy": frame_noisy,
                  "frame_timesteps": torch.where(frame_noisy, levels[:, None], torch.zeros_like(levels)[:, None]),
-                 "text": both(1), "text_mask": both(2), "scene_start": both(3)}
+                 "text": each(1), "text_mask": each(2), "scene_start": each(3)}
         with torch.no_grad():
             errors = _weighted_errors(pipe.transformer, pipe.scheduler, batch, elements=True)[0][:, context:]
-        region = mask.to(errors.device)[None, :, None].expand_as(errors)  # (2k, T_s, C, h, w)
+        region = mask.to(errors.device)[None, :, None].expand_as(errors)  # (len(names) k, T_s, C, h, w)
         losses = {"segment": errors.flatten(1).mean(1),
                   "character": (errors * region).flatten(1).sum(1) / region.flatten(1).sum(1).clamp(min=1)}
-        return {which: {r: losses[r][i * k:(i + 1) * k].tolist() for r in REGIONS}
-                for i, which in enumerate(("true", "swapped"))}
+        return {which: {r: losses[r][i * k:(i + 1) * k].tolist() for r in REGIONS} for i, which in enumerate(names)}
 
 
 def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed: int = 0,
@@ -169,7 +186,7 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
         if not chosen:
             continue
         true_frames = render_story(story, probe.size)
-        true = probe.encode(story, true_frames)
+        true, dense = probe.encode(story, true_frames), probe.encode_dense_text(story)
         for name in dict.fromkeys(p["character"] for p in chosen):
             other = swapped_story(story, name)
             other_frames = render_story(other, probe.size)
@@ -177,13 +194,14 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
             for p in (p for p in chosen if p["character"] == name):
                 mask = character_mask(true_frames, other_frames, p["segment"], frames_per_latent, spatial)
                 rows.append({"story": story_id, **p, "character_elements": int(mask.sum()),
-                             **probe.gain(true, swapped, p["segment"], mask)})
+                             **probe.gain(true, swapped, p["segment"], mask, dense)})
     return rows
 
 
 def summarize(rows: list[dict], timesteps: list[int]) -> list[dict]:
     """Mean loss (true), mean gain, its standard error and the share of probes with a positive gain, per group
-    (all / adjacent / apart), timestep and region."""
+    (all / adjacent / apart), timestep and region; with the described sequence also its mean loss, the mean text gain
+    (swapped - described) and the memory gain's share of it."""
     import math
 
     out = []
@@ -201,17 +219,24 @@ def summarize(rows: list[dict], timesteps: list[int]) -> list[dict]:
                             "loss_true": sum(r["true"][region][i] for r in members) / len(members),
                             "gain": mean, "gain_se": math.sqrt(var / len(gains)),
                             "positive": sum(g > 0 for g in gains) / len(gains)})
+                if all("described" in r for r in members):
+                    described = sum(r["described"][region][i] for r in members) / len(members)
+                    text_gain = sum(r["swapped"][region][i] for r in members) / len(members) - described
+                    out[-1].update(loss_described=described, text_gain=text_gain,
+                                   share=mean / text_gain if text_gain > 0 else float("nan"))
     return out
 
 
 def markdown(summaries: dict[str, list[dict]]) -> str:
-    lines = ["| model | probes | t | region | loss (true context) | gain (swapped - true) | +- s.e. | gain > 0 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | probes | t | region | loss (true context) | gain (swapped - true) | +- s.e. | gain > 0 | "
+             "text gain (swapped - described) | gain / text gain |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for model, rows in summaries.items():
         for r in rows:
+            described = (f"{r['text_gain']:+.5f} | {100 * r['share']:.0f}%" if "text_gain" in r else " | ")
             lines.append(f"| {model} | {r['group']} ({r['probes']}) | {r['timestep']} | {r['region']} | "
                          f"{r['loss_true']:.4f} | {r['gain']:+.5f} | {r['gain_se']:.5f} | "
-                         f"{100 * r['positive']:.0f}% |")
+                         f"{100 * r['positive']:.0f}% | {described} |")
     return "\n".join(lines)
 
 

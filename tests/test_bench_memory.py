@@ -73,7 +73,13 @@ def test_gain_is_zero_without_a_path_between_segments_and_not_with_ttt(pipe):
     assert not torch.equal(true[0], swapped[0]) and not torch.equal(true[1], swapped[1])
 
     with_ttt = memory.gain(true, swapped, segment, mask)
-    assert with_ttt["true"]["character"] != with_ttt["swapped"]["character"]
+    assert with_ttt["true"]["character"] != with_ttt["swapped"]["character"] and "described" not in with_ttt
+    dense = memory.encode_dense_text(story)
+    assert not torch.equal(dense[0][:, segment], true[1][:, segment])  # the dense caption describes the look
+    described = memory.gain(true, swapped, segment, mask, dense)
+    for which in ("true", "swapped"):  # the same sequences, a larger batch
+        assert described[which]["character"] == pytest.approx(with_ttt[which]["character"], rel=1e-4)
+    assert described["described"]["character"] != pytest.approx(described["true"]["character"], rel=1e-4)
 
     transformer = pipe.transformer
     saved = {k: v.clone() for k, v in transformer.state_dict().items() if ".gate_" in k}
@@ -83,7 +89,7 @@ def test_gain_is_zero_without_a_path_between_segments_and_not_with_ttt(pipe):
             for key in saved:
                 transformer.get_parameter(key).zero_()
         transformer.register_to_config(overlap_frames=0)  # no shared frame: segment-local attention only
-        cut = memory.gain(true, swapped, segment, mask)
+        cut = memory.gain(true, swapped, segment, mask, dense)
     finally:
         transformer.register_to_config(overlap_frames=1)
         with torch.no_grad():
@@ -92,6 +98,7 @@ def test_gain_is_zero_without_a_path_between_segments_and_not_with_ttt(pipe):
     for region in bench_memory.REGIONS:
         assert cut["true"][region] == pytest.approx(cut["swapped"][region], abs=1e-7)
         assert cut["true"][region] != pytest.approx(with_ttt["true"][region], abs=1e-7)
+        assert cut["described"][region] != pytest.approx(cut["true"][region], abs=1e-7)  # the text still reaches it
 
 
 def test_summary_of_known_gains():
@@ -102,3 +109,11 @@ def test_summary_of_known_gains():
     assert summary[("adjacent", "character")]["gain"] == pytest.approx(0.3)
     assert summary[("adjacent", "character")]["gain_se"] == pytest.approx(0.1)
     assert summary[("apart", "segment")]["positive"] == 0.0 and summary[("all", "segment")]["probes"] == 3
+    assert "text_gain" not in summary[("all", "segment")]
+    for r, d in zip(rows, (0.5, 0.7, 0.9)):  # described losses: text gains 0.7, 0.7, 0.0 (swapped 1.2, 1.4, 0.9)
+        r["described"] = {region: [d] for region in bench_memory.REGIONS}
+    summary = {(s["group"], s["region"]): s for s in bench_memory.summarize(rows, [700])}
+    assert summary[("all", "character")]["text_gain"] == pytest.approx((0.7 + 0.7 + 0.0) / 3)
+    assert summary[("all", "character")]["share"] == pytest.approx((0.5 / 3) / (1.4 / 3))
+    assert summary[("adjacent", "segment")]["loss_described"] == pytest.approx(0.6)
+    assert "| 36% |" in bench_memory.markdown({"m": bench_memory.summarize(rows, [700])})
