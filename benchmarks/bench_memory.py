@@ -18,9 +18,9 @@ elements ("segment") and over the elements the character covers ("character": wh
 segment s differ, 4x4 pixels x 4 frames per latent element). gain = loss(swapped) - loss(true): positive when the
 model draws segment s better with the context that really showed the character, i.e. when it carries the look.
 A third sequence gives the gain its scale: `described`, the true one with segment s's text in the dense register
-(pretraining's captions: it describes every character on stage, so the look is told, not remembered). text gain =
-loss(swapped) - loss(described) is what knowing the look is worth to the model through its text; the memory gain's
-share of it (gain / text gain, over the probes' means) says how much of that the model gets from memory.
+(pretraining's captions: it describes every character on stage, so the look is also told). text gain =
+loss(swapped) - loss(described) is the whole way from a wrong memory to knowing the look both ways; the memory
+gain's share of it (gain / text gain, over the probes' means) is how much of that way memory alone goes.
 A model with no path between segments gains exactly 0. Segment-local attention with overlap_frames 1 has a short one:
 each block reaches one segment further back through the shared frame, so probes are also split by whether the
 character was on stage in segment s-1 ("adjacent") or not ("apart"). Results: OUT/results.json, a table on stdout.
