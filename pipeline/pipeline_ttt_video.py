@@ -87,24 +87,25 @@ def saved_guidance_scale(folder: str | os.PathLike) -> float:
     return float(index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
+def checked_guidance_scale(scale: Any, where: str = "guidance_scale") -> float:
+    """One guidance scale: a finite number >= 0 (not a bool), as float; ValueError naming `where` otherwise."""
+    if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"{where}: expected a finite number >= 0, got {scale!r}")
+    return float(scale)
+
+
 def segment_guidance_scales(guidance_scale: float | Sequence[float], num_segments: int) -> float | list[float]:
-    """A call's guidance_scale checked: a number (every segment) or one number per storyboard segment; each finite
-    and >= 0. ValueError (naming what was given) otherwise."""
-    if isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool):
-        scales, single = [guidance_scale], True
-    elif isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, str):
-        scales, single = list(guidance_scale), False
-        if len(scales) != num_segments:
+    """A call's guidance_scale checked: a number (every segment) or one number per storyboard segment, each a
+    `checked_guidance_scale`. ValueError (naming what was given) otherwise."""
+    if isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, str):
+        if len(guidance_scale) != num_segments:
             raise ValueError(f"guidance_scale: expected a number or one per segment ({num_segments}), "
-                             f"got {len(scales)} numbers")
-    else:
+                             f"got {len(guidance_scale)} numbers")
+        return [checked_guidance_scale(x, f"guidance_scale[{i}] (segment {i + 1})")
+                for i, x in enumerate(guidance_scale)]
+    if isinstance(guidance_scale, str):
         raise ValueError(f"guidance_scale: expected a number or one per segment, got {guidance_scale!r}")
-    for i, scale in enumerate(scales):
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale)
-                and scale >= 0):
-            where = "" if single else f"[{i}] (segment {i + 1})"
-            raise ValueError(f"guidance_scale{where}: expected a finite number >= 0, got {scale!r}")
-    return float(scales[0]) if single else [float(x) for x in scales]
+    return checked_guidance_scale(guidance_scale)
 
 
 class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
@@ -139,8 +140,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     ):
         super().__init__()
-        if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale: expected a finite number >= 0, got {guidance_scale!r}")
+        guidance_scale = checked_guidance_scale(guidance_scale)
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
         if type(transformer) is CogVideoXTTTTransformer3DModel:
@@ -152,7 +152,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self.vae_scale_factor_temporal = self.vae.config.temporal_compression_ratio
         if fps is None:
             fps = self.frames_per_segment / SEGMENT_SECONDS
-        self.register_to_config(fps=float(fps), guidance_scale=float(guidance_scale))
+        self.register_to_config(fps=float(fps), guidance_scale=guidance_scale)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     @property
