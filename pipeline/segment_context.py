@@ -68,10 +68,12 @@ def segments_in_video(count: int, temporal: int, frames_first: int, frames_per_s
     return num_segments_for_frames((count - 1) // temporal + 1, frames_first, frames_per_segment)
 
 
+@torch.no_grad()
 def encode_video(vae, video_processor, frames: VideoInput, height: int, width: int, frames_first: int,
                  frames_per_segment: int, what: str = "video") -> torch.Tensor:
     """Frames of whole segments → latents (1, T, C, h, w), scaled by the VAE's scaling factor (the mean of the
-    posterior: the same frames always give the same latents).
+    posterior: the same frames always give the same latents). Never differentiated: with autograd on, the VAE's
+    activations for every frame would be kept with the latents (about 3 GB for a 60-s toy video).
 
     frames: (F, H, W, 3) uint8 or float in [0, 1] array, (F, 3, H, W) tensor in [0, 1], or a list of PIL images, with
     F = 4 (T - 1) + 1 for the T latent frames of whole segments; they must be height x width already (a video is kept

@@ -120,6 +120,10 @@ def test_extension_from_frames_encodes_them_with_the_vae(pipe):
     frames = two.frames[0]  # (17, H, W, 3) in [0, 1]
     encoded = encode_video(pipe.vae, pipe.video_processor, frames, HEIGHT, WIDTH, FRAMES_FIRST, FRAMES_PER_SEGMENT)
     assert encoded.shape == two.latents.shape
+    # a fixed encoding: no autograd graph (which would keep the VAE's activations of every frame alive), even when
+    # called outside the pipeline's no-grad call, on a VAE whose weights require grad
+    assert any(p.requires_grad for p in pipe.vae.parameters())
+    assert torch.is_grad_enabled() and encoded.grad_fn is None and not encoded.requires_grad
     extended = generate(pipe, 3, video=frames, output_type="latent")
     assert torch.equal(extended.frames[:, :5], encoded)
     uint8 = generate(pipe, 3, video=(frames * 255).round().astype(np.uint8), output_type="latent")
