@@ -165,6 +165,28 @@ def test_levels_are_drawn_from_t_min_to_t_max_in_every_mode():
         DiffusionCollate(1000, SCALING, NoiseConfig(t_min=1000))
 
 
+def test_context_sequences_can_draw_their_level_from_their_own_range():
+    """train.noise.context_t_min: context-mode sequences draw their noisy level from [context_t_min, t_max) while
+    one-level sequences keep every level; which segments are clean, the latents and the noise do not change."""
+    mixed = {"uniform": 0.5, "context": 0.5, "context_first": 1.0, "context_rate": 0.25}
+    items = [item(i) for i in range(80)]
+    plain = DiffusionCollate(1000, SCALING, NoiseConfig(**mixed), FRAMES_PER_SEGMENT)(items)
+    split = DiffusionCollate(1000, SCALING, NoiseConfig(**mixed, context_t_min=800), FRAMES_PER_SEGMENT)(items)
+    levels, context = split["timesteps"], ~split["frame_noisy"].all(dim=1)  # (a one-level sequence may draw 0)
+    assert context.any() and (~context).any()
+    assert ((levels[context] == 0) | (levels[context] >= 800)).all()
+    assert (levels[context].amax(dim=1) >= 800).all()
+    assert (levels[~context] < 800).any()  # one-level sequences still reach below context_t_min
+    assert torch.equal(levels[~context], plain["timesteps"][~context])
+    assert torch.equal(split["frame_noisy"], plain["frame_noisy"])
+    assert torch.equal(split["noise"], plain["noise"]) and torch.equal(split["latents"], plain["latents"])
+    with pytest.raises(ConfigError, match=r"train.noise.context_t_min: expected a timestep >= 0 and below t_max "
+                                          r"\(700\), got 700"):
+        load_config(None, ["train.noise.t_max=700", "train.noise.context_t_min=700"])
+    with pytest.raises(ValueError, match=r"train.noise.context_t_min: expected 0 <= context_t_min < t_max \(1000\)"):
+        DiffusionCollate(1000, SCALING, NoiseConfig(**mixed, context_t_min=1000), FRAMES_PER_SEGMENT)
+
+
 def test_noise_config_is_checked(tmp_path):
     cfg = load_config(None, ["train.noise.uniform=0.5", "train.noise.context=0.5", "train.noise.context_first=0.9"])
     assert (cfg.train.noise.context, cfg.train.noise.context_first) == (0.5, 0.9)
@@ -196,7 +218,8 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
-                                       "context_rate": 0.5, "t_min": 500, "t_max": None}
+                                       "context_rate": 0.5, "t_min": 500, "t_max": None,
+                                       "context_t_min": None}
 
 
 def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames():

@@ -101,7 +101,9 @@ class NoiseConfig:
     no loss), the rest share one level; segment 1 is clean with probability context_first, each later segment with
     probability context_rate, and at least one segment stays noisy. The three probabilities must sum to 1.
     t_min, t_max: the noisy levels are drawn uniformly from [t_min, t_max) (t_max None: the scheduler's
-    num_train_timesteps), in every mode; the defaults draw exactly what they always did.
+    num_train_timesteps), in every mode; the defaults draw exactly what they always did. context_t_min: context-mode
+    sequences draw their level from [context_t_min, t_max) instead (None: t_min), so the memory signal can sit at
+    high noise while the one-level sequences that joint sampling needs still cover every level.
     """
 
     uniform: float = 1.0
@@ -111,6 +113,7 @@ class NoiseConfig:
     context_rate: float = 0.5
     t_min: int = 0
     t_max: int | None = None
+    context_t_min: int | None = None
 
     def __post_init__(self):
         for name in ("uniform", "independent", "context", "context_first", "context_rate"):
@@ -125,6 +128,10 @@ class NoiseConfig:
             raise ConfigError(f"train.noise.t_min: expected a timestep >= 0, got {self.t_min!r}")
         if self.t_max is not None and self.t_max <= self.t_min:
             raise ConfigError(f"train.noise.t_max: expected a timestep above t_min ({self.t_min}), got {self.t_max!r}")
+        if self.context_t_min is not None and (self.context_t_min < 0 or (self.t_max is not None
+                                                                          and self.t_max <= self.context_t_min)):
+            raise ConfigError(f"train.noise.context_t_min: expected a timestep >= 0 and below t_max "
+                              f"({self.t_max}), got {self.context_t_min!r}")
 
     @property
     def is_uniform(self) -> bool:

@@ -47,6 +47,10 @@ class DiffusionCollate:
         if self.t_max > num_train_timesteps or self.t_min >= self.t_max:
             raise ValueError(f"train.noise: expected 0 <= t_min < t_max <= the scheduler's {num_train_timesteps} "
                              f"timesteps, got t_min {self.t_min}, t_max {self.noise.t_max}")
+        context_t_min = self.noise.context_t_min
+        if context_t_min is not None and not 0 <= context_t_min < self.t_max:
+            raise ValueError(f"train.noise.context_t_min: expected 0 <= context_t_min < t_max ({self.t_max}), "
+                             f"got {context_t_min}")
 
     def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         latents, noise, timesteps, frame_timesteps, frame_noisy = [], [], [], [], []
@@ -82,6 +86,8 @@ class DiffusionCollate:
         if u < cfg.uniform + cfg.independent:
             return torch.randint(self.t_min, self.t_max, (n,), generator=generator), clean
         draws = torch.rand(n, generator=generator)
+        if cfg.context_t_min is not None:  # its own range: one more draw, after those that were always made
+            level = torch.randint(cfg.context_t_min, self.t_max, (), generator=generator)
         clean = draws < torch.tensor([cfg.context_first] + [cfg.context_rate] * (n - 1))
         if clean.all():  # at least one segment to learn from
             clean[torch.randint(0, n, (), generator=generator)] = False
