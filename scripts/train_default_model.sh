@@ -15,8 +15,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # One thread per process: these tensors are small, and on a busy 2-core machine OpenMP's spinning worker threads made
-# every step 5-20x slower than one thread (measured); set OMP_NUM_THREADS=2 on an idle machine if you like.
+# every step 5-20x slower than one thread (measured); set OMP_NUM_THREADS=2 on an idle machine if you like. The TTT
+# stages (steps 7-9) are one process each and run on TTT_THREADS (default 2: 1.5x the steps per minute of one thread
+# on an idle machine, docs/default_model.md); TTT_THREADS=1 if other jobs share the machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+TTT_THREADS="${TTT_THREADS:-2}"
 STORIES="${STORIES:-150}"
 MIN_IDENTITY="${MIN_IDENTITY:-70}"
 CPU_LAUNCH=(accelerate launch --multi_gpu --num_processes 2)  # one process per core; with ACCELERATE_USE_CPU
@@ -62,14 +65,14 @@ if step 6 "gate: segment 1 of 50 held-out stories at the model's guidance (2), i
         exit 3
     }
 fi
-if step 7 "TTT-MLP inserted, 3-s stage (story captions)"; then
-    python train.py --config configs/toy/ttt-mlp/3s.yaml --overwrite  # FROM=N redoes a stage from its start
+if step 7 "TTT-MLP inserted, 3-s stage (story captions)"; then  # FROM=N redoes a stage from its start
+    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt-mlp/3s.yaml --overwrite
 fi
-if step 8 "15-s stage: segment 1 clean, later segments noisy (clean with probability 0.25)"; then
-    python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite
+if step 8 "15-s stage: segment 1 clean, later segments noisy (clean with probability 0.25) at t in [600, 1000)"; then
+    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite
 fi
-if step 9 "60-s stage: half the sequences at one noise level, half with clean context segments"; then
-    python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite
+if step 9 "60-s stage: half at one noise level, half with clean context segments and the rest at [600, 1000)"; then
+    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite
 fi
 if step 10 "install into models/default"; then
     python -m pipeline.toy.model install --export outputs/toy/ttt-mlp/60s/final --out models/default

@@ -81,6 +81,9 @@ def test_toy_curriculum_chains_its_stages():
     assert all(c.model.ttt.overlap_frames == 0 for c in configs)
     assert configs[1].train.noise.context == 1.0 and configs[1].train.noise.context_first == 1.0
     assert 0 < configs[2].train.noise.uniform < 1  # the 60-s stage mixes in the paper's one level per sequence
+    # the memory signal's sequences at high noise (runs E9, F-d in docs/results.md); the one-level ones at every level
+    assert configs[1].train.noise.t_min == 600 and configs[2].train.noise.context_t_min == 600
+    assert configs[2].train.noise.t_min == 0
 
 
 def test_default_model_has_no_shared_frame_between_segments():
