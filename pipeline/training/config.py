@@ -128,10 +128,11 @@ class NoiseConfig:
             raise ConfigError(f"train.noise.t_min: expected a timestep >= 0, got {self.t_min!r}")
         if self.t_max is not None and self.t_max <= self.t_min:
             raise ConfigError(f"train.noise.t_max: expected a timestep above t_min ({self.t_min}), got {self.t_max!r}")
-        if self.context_t_min is not None and (self.context_t_min < 0 or (self.t_max is not None
-                                                                          and self.t_max <= self.context_t_min)):
-            raise ConfigError(f"train.noise.context_t_min: expected a timestep >= 0 and below t_max "
-                              f"({self.t_max}), got {self.context_t_min!r}")
+        if self.context_t_min is not None and self.context_t_min < 0:
+            raise ConfigError(f"train.noise.context_t_min: expected a timestep >= 0, got {self.context_t_min!r}")
+        if self.context_t_min is not None and self.t_max is not None and self.t_max <= self.context_t_min:
+            raise ConfigError(f"train.noise.context_t_min: expected a timestep below t_max ({self.t_max}), "
+                              f"got {self.context_t_min!r}")
 
     @property
     def is_uniform(self) -> bool:
