@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 from fractions import Fraction
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,8 +30,9 @@ from pipeline.data.precompute import main as precompute_main
 from pipeline.data.prepare import prepare_captions, prepare_scenes, whole_segments
 from pipeline.text_encoding import encode_text
 from pipeline.training.components import build_components
-from pipeline.training.config import load_config
+from pipeline.training.config import ConfigError, load_config
 from pipeline.training.loss import DiffusionCollate
+from pipeline.training.setup import build_loader
 from pipeline.video_io import read_video, write_video
 
 
@@ -361,6 +363,60 @@ def test_text_dropout_uses_the_null_embedding(base):
     dropped = [torch.equal(half[(0, seed)]["text"], sample["text"]) for seed in range(200)]
     assert 60 < sum(dropped) < 140  # about half
     assert dropped == [torch.equal(half[(0, seed)]["text"], sample["text"]) for seed in range(200)]  # by seed
+
+
+def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_path):
+    """data.mix_cache / mix_rate: with probability mix_rate a sequence takes all its texts from the other register's
+    cache (its latents still from data.cache), chosen by the sample's seed; text dropout still wins; rate 0 reads
+    exactly what it always did; a mix cache without every video, or a rate without a cache, is refused up front."""
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = with_dense(read_metadata(tmp_path / "dataset"))
+    write_metadata(tmp_path / "dataset", records)
+    root, story, dense = tmp_path / "dataset", tmp_path / "story", tmp_path / "dense"
+    dense_overrides = ["data.caption=dense", f"data.latents_from={story}", f"data.cache={dense}"]
+    for overrides in ([f"data.cache={story}"], dense_overrides):
+        precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", *overrides), torch.float32,
+                   Accelerator(cpu=True))
+    plain = SequenceDataset(root, story, segments=2)
+    always = SequenceDataset(root, story, segments=2, mix_cache=dense, mix_rate=1.0)
+    start = plain.windows[1][1]
+    dense_item = load_file(item_path(dense, records[0]))
+    sample, mixed = plain[(1, 3)], always[(1, 3)]
+    torch.testing.assert_close(mixed["text"], dense_item["text"][start:start + 2].float())
+    assert torch.equal(mixed["text_mask"], dense_item["text_mask"][start:start + 2].bool())
+    assert not torch.allclose(mixed["text"], sample["text"])
+    for key in ("latent_mean", "latent_logvar", "scene_start"):
+        assert torch.equal(mixed[key], sample[key])
+    half = SequenceDataset(root, story, segments=2, mix_cache=dense, mix_rate=0.5, text_dropout=0.2)
+    never = SequenceDataset(root, story, segments=2, text_dropout=0.2)
+    null = load_file(base / "cache" / "null.safetensors")["text"]
+
+    def kind(seed):  # which texts sample (0, seed) of `half` got
+        text = half[(0, seed)]["text"]
+        if torch.equal(text, never[(0, seed)]["text"]):
+            return "null" if torch.allclose(text, null.expand_as(text)) else "story"
+        torch.testing.assert_close(text, always[(0, seed)]["text"])
+        return "dense"
+
+    kinds = [kind(seed) for seed in range(200)]
+    assert 10 < kinds.count("null") < 70 and 50 < kinds.count("dense") < 110  # about 40 and 80 of 200
+    assert kinds == [kind(seed) for seed in range(200)]  # the same by seed
+    model_sizes = SimpleNamespace(config=SimpleNamespace(  # what build_loader reads of a model: the tiny one's sizes
+        max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
+    cfg = config(tmp_path, f"data.root={root}", f"data.cache={story}", f"data.mix_cache={dense}", "data.mix_rate=0.5")
+    loaded = build_loader(cfg, model_sizes, 1000).dataset  # the config reaches the dataset
+    assert (loaded.mix_rate, loaded.mix_cache, len(loaded.mix_items)) == (0.5, dense, 3)
+    dropped = SequenceDataset(root, story, segments=2, mix_cache=dense, mix_rate=1.0, text_dropout=1.0)
+    torch.testing.assert_close(dropped[(0, 5)]["text"], null.expand(2, -1, -1))
+    item_path(dense, records[-1]).unlink()
+    with pytest.raises(DatasetError, match=r"items/video2-.*safetensors: not found in the mix cache; expected the "
+                       r"texts of the video's 4 segments"):
+        SequenceDataset(root, story, segments=2, mix_cache=dense, mix_rate=0.5)
+    with pytest.raises(ConfigError, match=r"^data.mix_cache: expected a precompute cache folder for data.mix_rate "
+                       r"0.3, got none$"):
+        config(tmp_path, "data.mix_rate=0.3")
+    with pytest.raises(ConfigError, match=r"^data.mix_rate: expected a probability in \[0, 1\], got 1.5$"):
+        config(tmp_path, "data.mix_rate=1.5", f"data.mix_cache={dense}")
 
 
 def test_missing_and_corrupt_items_are_skipped_and_counted(base, tmp_path, caplog):

@@ -625,6 +625,8 @@ BAD_INPUTS = [  # (case, overrides (tmp_path, base), error, message with {tmp} f
      "{tmp}/cache/null.safetensors: not found; the precompute did not finish"),
     ("null corrupt", lambda tmp, base: corrupt_cache(tmp, base, "null corrupt"), DatasetError,
      "{tmp}/cache/null.safetensors: unreadable"),
+    ("mix cache", lambda tmp, base: [f"data.mix_cache={tmp / 'dense'}", "data.mix_rate=0.25"], DatasetError,
+     "{tmp}/dense/manifest.json: not found; run `python -m pipeline.data.precompute"),
 ]
 
 

@@ -65,28 +65,40 @@ class SequenceDataset(Dataset):
         seed: () int64, the seed for this sample's latent sample, noise and timestep.
         name: str, where the sample comes from: "<video> segments a-b (cache <item file>)", for error messages.
     With probability `text_dropout` the whole sequence's text becomes the null embedding (the encoded empty text
-    that classifier-free guidance uses for its unconditional branch).
+    that classifier-free guidance uses for its unconditional branch). Otherwise, with probability `mix_rate`, the
+    sequence's texts come from `mix_cache`: another precompute cache of the same videos and text shapes (another
+    caption register); it must hold every video that `cache` holds.
 
     Videos whose cache item is missing or unreadable are skipped and counted in the log (`skipped`).
     """
 
     def __init__(self, root: str | os.PathLike, cache: str | os.PathLike, segments: int, stride: int = 1,
-                 text_dropout: float = 0.0, expected: dict | None = None):
+                 text_dropout: float = 0.0, expected: dict | None = None, mix_cache: str | os.PathLike | None = None,
+                 mix_rate: float = 0.0):
         if segments < 1 or stride < 1:
             raise DatasetError(f"segments and stride must be >= 1, got {segments} and {stride}")
         if not 0.0 <= text_dropout <= 1.0:
             raise DatasetError(f"text_dropout: expected a probability in [0, 1], got {text_dropout}")
+        if not 0.0 <= mix_rate <= 1.0 or (mix_rate > 0 and mix_cache is None):
+            raise DatasetError(f"mix_rate: expected a probability in [0, 1] (above 0 only with a mix_cache), got "
+                               f"{mix_rate}")
         self.cache, self.segments, self.text_dropout = Path(cache), segments, text_dropout
+        self.mix_cache, self.mix_rate = (Path(mix_cache), mix_rate) if mix_rate > 0 else (None, 0.0)
         self.manifest = read_manifest(cache)
         check_manifest(self.manifest, expected or {}, cache)
         self.scaling_factor = float(self.manifest["scaling_factor"])
         self.frames_first = self.manifest["latent_frames_first"]
         self.frames_per_segment = self.manifest["latent_frames_per_segment"]
         self.null_text, self.null_mask = read_null_embedding(cache)
+        if self.mix_cache is not None:
+            # the texts must fit the model as the main cache's do; the caption register is what differs
+            check_manifest(read_manifest(self.mix_cache), {k: v for k, v in (expected or {}).items() if k != "caption"},
+                           self.mix_cache)
 
         self.skipped: dict[str, int] = {"missing": 0, "corrupt": 0, "too_short": 0}
         self.windows: list[tuple[Path, int]] = []  # (cache item, first segment)
         self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
+        self.mix_items: dict[Path, Path] = {}  # cache item -> the mix cache's item of the same video
         records = read_metadata(root)
         for record in records:
             path = item_path(cache, record)
@@ -103,6 +115,8 @@ class SequenceDataset(Dataset):
                 self.skipped["too_short"] += 1
             self.windows.extend((path, start) for start in range(0, num - segments + 1, stride))
             self.videos[path] = record.video
+            if self.mix_cache is not None and num >= segments:
+                self.mix_items[path] = self._check_mix_item(item_path(self.mix_cache, record), num)
         logger.info("dataset: %d sequences of %d segments from %d videos; skipped videos: %s", len(self.windows),
                     segments, len(records), self.skipped)
         if not self.windows:
@@ -120,6 +134,24 @@ class SequenceDataset(Dataset):
             raise DatasetError(f"latent_mean has shape {shape}, expected ({num_segments}, {self.frames_first}, ...)")
         return shape[0]
 
+    def _check_mix_item(self, path: Path, num_segments: int) -> Path:
+        """The mix cache's item for a video of `num_segments` segments: readable, with a text per segment."""
+        if not path.is_file():
+            raise DatasetError(f"{path}: not found in the mix cache; expected the texts of the video's {num_segments} "
+                               "segments (precompute the mix cache for every video)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shape = f.get_slice("text").get_shape()
+                if "text_mask" not in f.keys():
+                    raise DatasetError("tensor 'text_mask' missing")
+        except (OSError, SafetensorError, DatasetError) as e:
+            raise DatasetError(f"{path}: the mix cache's item is unreadable ({e}); expected the texts of the video's "
+                               f"{num_segments} segments (delete it and precompute the mix cache again)") from None
+        if shape[0] != num_segments:
+            raise DatasetError(f"{path}: the mix cache's item has texts for {shape[0]} segments, expected "
+                               f"{num_segments}")
+        return path
+
     def __len__(self) -> int:
         return len(self.windows)
 
@@ -134,9 +166,14 @@ class SequenceDataset(Dataset):
             text_mask = f.get_slice("text_mask")[start:stop].bool()  # (n, L)
             scene_start = f.get_slice("scene_start")[start:stop].bool()  # (n,)
         scene_start[0] = False
-        if random.Random(seed).random() < self.text_dropout:
+        rng = random.Random(seed)
+        if rng.random() < self.text_dropout:
             text = self.null_text.expand_as(text).clone()
             text_mask = self.null_mask.expand_as(text_mask).clone()
+        elif self.mix_cache is not None and rng.random() < self.mix_rate:  # drawn only when mixing: no change if not
+            with safe_open(str(self.mix_items[path]), framework="pt") as f:
+                text = f.get_slice("text")[start:stop].float()
+                text_mask = f.get_slice("text_mask")[start:stop].bool()
         return {"latent_mean": self._join(mean), "latent_logvar": self._join(logvar), "text": text,
                 "text_mask": text_mask, "scene_start": scene_start, "seed": torch.tensor(seed, dtype=torch.int64),
                 "name": f"{self.videos[path]} segments {start}-{stop - 1} (cache {path.name})"}

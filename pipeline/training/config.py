@@ -75,6 +75,9 @@ class DataConfig:
     toy world writes "dense": every segment names its backdrop and describes every character on stage).
     latents_from: another precompute cache of the same videos, VAE and frame shapes (say, another caption
     register's): precompute copies its latents instead of encoding the videos again and embeds only the texts.
+    mix_cache, mix_rate: another precompute cache of the same videos (another caption register, say the dense one);
+    each sequence takes all its texts from it with probability mix_rate (its latents always come from `cache`), so
+    a stage can keep some sequences whose every text describes what is on screen.
     """
 
     root: str = "data/dataset"
@@ -88,8 +91,17 @@ class DataConfig:
     text_dropout: float = 0.1
     caption: str = "text"
     latents_from: str | None = None
+    mix_cache: str | None = None
+    mix_rate: float = 0.0
     num_workers: int = _at_least(2, 0)
     vae_tiling: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.mix_rate <= 1.0:
+            raise ConfigError(f"data.mix_rate: expected a probability in [0, 1], got {self.mix_rate!r}")
+        if self.mix_rate > 0 and not self.mix_cache:
+            raise ConfigError(f"data.mix_cache: expected a precompute cache folder for data.mix_rate {self.mix_rate}, "
+                              "got none")
 
 
 @dataclass

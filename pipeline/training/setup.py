@@ -31,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 def check_inputs(cfg: Config) -> None:
     """Raise ConfigError / DatasetError (one line, naming the key or file and what was expected) for missing model
-    directories, unreadable validation storyboards and a precompute cache whose manifest or null embedding is
-    missing or corrupt; and a parallel.context that does not divide the launched processes (WORLD_SIZE)."""
+    directories, unreadable validation storyboards, a precompute cache whose manifest or null embedding is missing
+    or corrupt, a mix cache without a manifest; and a parallel.context that does not divide the launched processes
+    (WORLD_SIZE)."""
     data_parallel_size(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     model = cfg.model
     if model.builder == "pretrained" and _looks_local(model.pretrained):
@@ -58,6 +59,8 @@ def check_inputs(cfg: Config) -> None:
                 raise ConfigError(f"validation.storyboards[{i}]={source}: {problems}") from None
     read_manifest(cfg.data.cache)
     read_null_embedding(cfg.data.cache)
+    if cfg.data.mix_rate > 0:
+        read_manifest(cfg.data.mix_cache)
 
 
 def _looks_local(source: str) -> bool:
@@ -115,7 +118,8 @@ def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module,
 def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) -> DataLoader:
     """The (unprepared) loader of n-segment sequences from the cache, checked against the model's shapes."""
     dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
-                              cfg.data.text_dropout, expected=expected_manifest(cfg, model))
+                              cfg.data.text_dropout, expected=expected_manifest(cfg, model),
+                              mix_cache=cfg.data.mix_cache, mix_rate=cfg.data.mix_rate)
     return DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
                       collate_fn=DiffusionCollate(num_train_timesteps, dataset.scaling_factor, cfg.train.noise,
                                                    model.config.latent_frames_per_segment),
