@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 # One thread per process: these tensors are small, and on a busy 2-core machine OpenMP's spinning worker threads made
 # every step 5-20x slower than one thread (measured); set OMP_NUM_THREADS=2 on an idle machine if you like. The TTT
 # stages (steps 7-9) are one process each and run on TTT_THREADS (default 2: 1.5x the steps per minute of one thread
-# on an idle machine, docs/default_model.md); TTT_THREADS=1 if other jobs share the machine.
+# on an idle machine, and two one-thread processes were no faster for them, docs/default_model.md); TTT_THREADS=1 if
+# other jobs share the machine.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 TTT_THREADS="${TTT_THREADS:-2}"
 STORIES="${STORIES:-150}"
@@ -50,11 +51,12 @@ if step 4 "precompute latents and text embeddings: story captions, then dense ca
     "${CPU_LAUNCH[@]}" -m pipeline.data.precompute --config configs/toy/pretrain.yaml  # copies the latents
 fi
 if step 5 "pretraining the transformer on 3-s segments with dense captions (no TTT): 2 x 12,000 steps"; then
-    # stage 1 on two processes, then stage 2 (a fresh cosine schedule from stage 1's weights) on one process with
-    # two threads, which measured faster than two processes here (0.125 against 0.151 s a step)
+    # both stages on two one-thread processes, the same batches as one process (stage 2: a fresh cosine schedule from
+    # stage 1's weights); one process on two threads was no faster when the machine was idle and up to twice as slow
+    # when it was not (docs/default_model.md)
     "${CPU_LAUNCH[@]}" train.py --config configs/toy/pretrain.yaml --overwrite train.micro_batch_size=4
     python -m pipeline.toy.model to-base --export outputs/toy/pretrain/final --out outputs/toy/base-1
-    OMP_NUM_THREADS=2 python train.py --config configs/toy/pretrain-2.yaml --overwrite
+    "${CPU_LAUNCH[@]}" train.py --config configs/toy/pretrain-2.yaml --overwrite train.micro_batch_size=4
     python -m pipeline.toy.model to-base --export outputs/toy/pretrain-2/final --out outputs/toy/base
 fi
 if step 6 "gate: segment 1 of 50 held-out stories at the model's guidance (2), identity >= ${MIN_IDENTITY}%"; then
