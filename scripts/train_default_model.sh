@@ -52,8 +52,8 @@ if step 4 "precompute latents and text embeddings: story captions, then dense ca
 fi
 if step 5 "pretraining the transformer on 3-s segments with dense captions (no TTT): 2 x 12,000 steps"; then
     # both stages on two one-thread processes, the same batches as one process (stage 2: a fresh cosine schedule from
-    # stage 1's weights); one process on two threads was no faster when the machine was idle and up to twice as slow
-    # when it was not (docs/default_model.md)
+    # stage 1's weights); one process on two threads was no faster when the machine was idle and up to 1.8 times as
+    # slow when it was not (docs/default_model.md)
     "${CPU_LAUNCH[@]}" train.py --config configs/toy/pretrain.yaml --overwrite train.micro_batch_size=4
     python -m pipeline.toy.model to-base --export outputs/toy/pretrain/final --out outputs/toy/base-1
     "${CPU_LAUNCH[@]}" train.py --config configs/toy/pretrain-2.yaml --overwrite train.micro_batch_size=4
