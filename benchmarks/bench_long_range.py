@@ -4,11 +4,11 @@
 
 Every variant starts from the same pretrained toy CogVideoX (outputs/toy/base, made by scripts/train_default_model.sh
 up to its step 5) and is trained with train.py through the same curriculum, data, seed and step budget
-(configs/toy/ttt-mlp/{3s,15s,60s}.yaml with model.ttt overridden):
+(configs/toy/ttt/{3s,15s,60s}.yaml with model.ttt overridden):
 
     local   ttt_type none,   segment-local attention       (no path between segments but the text)
-    linear  ttt_type linear, segment-local attention + TTT-Linear
-    mlp     ttt_type mlp,    segment-local attention + TTT-MLP (the default model's recipe)
+    linear  ttt_type linear, segment-local attention + TTT-Linear (the default model's recipe)
+    mlp     ttt_type mlp,    segment-local attention + TTT-MLP
     full    ttt_type none,   one attention window over the whole sequence (quadratic)
 
 Each trained variant then renders held-out 20-segment (60-s) toy-world storyboards (generated with a seed the
@@ -45,7 +45,7 @@ VARIANTS = {  # name -> model.ttt overrides
     "full": {"ttt_type": "none", "attention_window": "full"},
 }
 STAGES = ("3s", "15s", "60s")
-STAGE_CONFIG = "configs/toy/ttt-mlp/{stage}.yaml"
+STAGE_CONFIG = "configs/toy/ttt/{stage}.yaml"
 REPORTED_SEGMENTS = (1, 5, 10, 20)  # identity accuracy at these segments (1-based)
 MODES = ("joint", "recall")
 HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_long_range")
     p.add_argument("--trained", action="append", default=[], metavar="VARIANT=DIR",
                    help="use this exported pipeline for VARIANT instead of training it (e.g. "
-                   "mlp=outputs/toy/ttt-mlp/60s/final when --steps matches the default recipe)")
+                   "linear=outputs/toy/ttt/60s/final when --steps matches the default recipe)")
     p.add_argument("--inference-steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance; default: each model's own (its model_index.json's guidance_scale)")

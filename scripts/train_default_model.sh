@@ -5,7 +5,8 @@
 #
 # toy-world dataset -> tiny VAE -> base pipeline (random transformer) -> precompute (story and dense captions) ->
 # pretraining without TTT on 3-s segments with dense captions -> stock "pretrained" CogVideoX -> gate: does it draw
-# the characters its texts describe? -> TTT-MLP curriculum 3 s -> 15 s -> 60 s on story captions -> models/default/.
+# the characters its texts describe? -> TTT-Linear curriculum 3 s -> 15 s -> 60 s on story captions ->
+# models/default/.
 # Every setting is in configs/toy/ (docs/default_model.md explains them). Intermediate results go to outputs/toy/;
 # delete it to start over. STORIES (default 150) sets the number of 20-segment training stories; FROM=N starts at
 # step N (the earlier steps' outputs must be there), e.g. FROM=7 to redo only the TTT curriculum; TO=N stops after
@@ -67,16 +68,16 @@ if step 6 "gate: segment 1 of 50 held-out stories at the model's guidance (2), i
         exit 3
     }
 fi
-if step 7 "TTT-MLP inserted, 3-s stage (story captions)"; then  # FROM=N redoes a stage from its start
-    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt-mlp/3s.yaml --overwrite
+if step 7 "TTT-Linear inserted, 3-s stage (story captions)"; then  # FROM=N redoes a stage from its start
+    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/3s.yaml --overwrite
 fi
 if step 8 "15-s stage: segment 1 clean, later segments noisy (clean with probability 0.25) at t in [600, 1000)"; then
-    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt-mlp/15s.yaml --overwrite
+    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/15s.yaml --overwrite
 fi
 if step 9 "60-s stage: half at one noise level, half with clean context segments and the rest at [600, 1000)"; then
-    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt-mlp/60s.yaml --overwrite
+    OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/60s.yaml --overwrite
 fi
 if step 10 "install into models/default"; then
-    python -m pipeline.toy.model install --export outputs/toy/ttt-mlp/60s/final --out models/default
+    python -m pipeline.toy.model install --export outputs/toy/ttt/60s/final --out models/default
 fi
 echo "== done in $(( (SECONDS - start) / 60 )) min"

@@ -25,14 +25,14 @@ from pipeline.training.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "default"
 TOY_CONFIGS = sorted((ROOT / "configs" / "toy").rglob("*.yaml"))
-STAGES = ("ttt-mlp/3s", "ttt-mlp/15s", "ttt-mlp/60s")
+STAGES = ("ttt/3s", "ttt/15s", "ttt/60s")
 
 
 def test_default_model_renders_two_segments_through_the_real_loader():
     # the pipeline module alone must be enough to load it (what sample.py and app.py import)
     pipe = TTTVideoPipeline.from_pretrained(DEFAULT_MODEL)
     assert isinstance(pipe.text_encoder, PackagedTextEncoder)
-    assert pipe.transformer.config.ttt_type == "mlp"
+    assert pipe.transformer.config.ttt_type == "linear"
     storyboard = {"title": "test", "scenes": [
         {"segments": [{"text": "Scene: a navy backdrop with dots. Pip, a big red circle, slides in from the left."},
                       {"text": "Pip hops."}]}]}
@@ -75,7 +75,7 @@ def test_toy_curriculum_chains_its_stages():
     for previous, stage in zip(configs, configs[1:]):
         assert stage.model.init_from == f"{previous.output_dir}/final"
     assert [c.data.segments for c in configs] == [1, 5, 20]
-    assert all(c.model.ttt.ttt_type == "mlp" and c.model.builder == "pretrained" for c in configs)
+    assert all(c.model.ttt.ttt_type == "linear" and c.model.builder == "pretrained" for c in configs)
     # TTT is the one path between segments (no shared frame: with it, local attention carried every look TTT could
     # have, docs/results.md), and the 15-s stage always shows segment 1 clean
     assert all(c.model.ttt.overlap_frames == 0 for c in configs)
@@ -88,13 +88,13 @@ def test_toy_curriculum_chains_its_stages():
 
 def test_default_model_has_no_shared_frame_between_segments():
     config = json.loads((DEFAULT_MODEL / "transformer" / "config.json").read_text())
-    assert config["overlap_frames"] == 0 and config["ttt_type"] == "mlp"
+    assert config["overlap_frames"] == 0 and config["ttt_type"] == "linear"
 
 
 def test_default_model_samples_at_the_recipes_guidance():
     """The recipe's exports carry its measured guidance scale (configs/toy/base.yaml), so sample.py, the demo and the
     benchmarks use it unless told otherwise; the bundled model is one of those exports."""
-    recipe = load_config(ROOT / "configs" / "toy" / "ttt-mlp" / "60s.yaml").validation.guidance_scale
+    recipe = load_config(ROOT / "configs" / "toy" / "ttt" / "60s.yaml").validation.guidance_scale
     assert recipe == 2.0
     assert json.loads((DEFAULT_MODEL / "model_index.json").read_text())["guidance_scale"] == recipe
 
