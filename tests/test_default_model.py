@@ -86,15 +86,16 @@ def test_toy_curriculum_chains_its_stages():
     assert configs[2].train.noise.t_min == 0
 
 
-def test_default_model_has_no_shared_frame_between_segments():
+def test_default_model_is_the_recipes_layer_without_a_shared_frame():
     config = json.loads((DEFAULT_MODEL / "transformer" / "config.json").read_text())
-    assert config["overlap_frames"] == 0 and config["ttt_type"] == "linear"
+    recipe = load_config(ROOT / "configs" / "toy" / f"{STAGES[-1]}.yaml").model.ttt
+    assert config["overlap_frames"] == 0 and config["ttt_type"] == recipe.ttt_type
 
 
 def test_default_model_samples_at_the_recipes_guidance():
     """The recipe's exports carry its measured guidance scale (configs/toy/base.yaml), so sample.py, the demo and the
     benchmarks use it unless told otherwise; the bundled model is one of those exports."""
-    recipe = load_config(ROOT / "configs" / "toy" / "ttt" / "60s.yaml").validation.guidance_scale
+    recipe = load_config(ROOT / "configs" / "toy" / f"{STAGES[-1]}.yaml").validation.guidance_scale
     assert recipe == 2.0
     assert json.loads((DEFAULT_MODEL / "model_index.json").read_text())["guidance_scale"] == recipe
 
