@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         for _ in range(accumulation):
             batch = next(batches)
             with accelerator.accumulate(model):
-                terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight)
+                terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight,
+                                        cfg.train.mask_weight)
                 loss = terms.per_sample.mean()
                 accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 grad_norm = None
@@ -92,8 +93,10 @@ def main(argv: list[str] | None = None) -> None:
                     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            later = terms.later_segments(batch["text"].shape[1], frames_per_segment) if multi_segment else None
-            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later)
+            n = batch["text"].shape[1]
+            later = terms.later_segments(n, frames_per_segment) if multi_segment else None
+            later_masked = terms.later_masked(n, frames_per_segment) if multi_segment else None
+            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later, later_masked)
         lr_scheduler.step()
         if ema is not None:
             ema.step(trainable)

@@ -247,11 +247,12 @@ def reconstruct(vae_dir: str, storyboards: Path, videos: Path, count: int) -> No
     import torch
     from diffusers import AutoencoderKLCogVideoX
 
+    from pipeline.toyworld.dataset import story_videos
     from pipeline.video_io import read_video, write_video
 
     vae = AutoencoderKLCogVideoX.from_pretrained(vae_dir).eval()
     videos.mkdir(parents=True, exist_ok=True)
-    for path in sorted(storyboards.glob("*.mp4"))[:count]:
+    for path in story_videos(storyboards)[:count]:
         if (videos / path.name).is_file() and (videos / f"{path.stem}.storyboard.json").is_file():
             continue
         frames, fps = read_video(path)

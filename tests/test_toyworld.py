@@ -296,7 +296,8 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
     lines = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
     assert len(lines) == 3
     for line in lines:
-        assert set(line) == {"video", "fps", "segments"} and line["fps"] == FPS
+        assert set(line) == {"video", "fps", "segments", "mask"} and line["fps"] == FPS
+        assert line["mask"] == line["video"].replace(".mp4", ".mask.mp4") and (data / line["mask"]).is_file()
         frames, fps = read_video(data / line["video"])
         n = len(line["segments"])
         assert frames.shape == (24 * n + 1, 64, 64, 3) and fps == FPS
@@ -308,11 +309,12 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
         cuts = [j == 0 and i > 0 for i, scene in enumerate(storyboard["scenes"]) for j in range(len(scene["segments"]))]
         assert cuts == [s["scene_start"] for s in line["segments"]]
 
-    plot, summary_path = tmp_path / "identity.png", tmp_path / "summary.json"
+    plot, summary_path = tmp_path / "identity.png", tmp_path / "summary.json"  # the mask videos are not scored
     assert main(["score", "--videos", str(data), "--plot", str(plot), "--json", str(summary_path)]) == 0
     assert "identity_recall" in capsys.readouterr().out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads(summary_path.read_text())
+    assert summary["videos"] == 3
     for check in CHECKS:
         assert summary[check] is None or summary[check] >= 0.98, (check, summary[check])
 

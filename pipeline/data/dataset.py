@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.utils.data import Dataset, Sampler
 
-from .format import NULL_FILE, DatasetError, check_manifest, item_path, read_manifest, read_metadata
+from .format import METADATA_FILE, NULL_FILE, DatasetError, check_manifest, item_path, read_manifest, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +67,15 @@ class SequenceDataset(Dataset):
     With probability `text_dropout` the whole sequence's text becomes the null embedding (the encoded empty text
     that classifier-free guidance uses for its unconditional branch). Otherwise, with probability `mix_rate`, the
     sequence's texts come from `mix_cache`: another precompute cache of the same videos and text shapes (another
-    caption register); it must hold every video that `cache` holds.
+    caption register); it must hold every video that `cache` holds. With `loss_mask`, items also return loss_mask
+    (T, h, w) float32 in [0, 1], joined like the latents; every video then needs a mask (DatasetError otherwise).
 
     Videos whose cache item is missing or unreadable are skipped and counted in the log (`skipped`).
     """
 
     def __init__(self, root: str | os.PathLike, cache: str | os.PathLike, segments: int, stride: int = 1,
                  text_dropout: float = 0.0, expected: dict | None = None, mix_cache: str | os.PathLike | None = None,
-                 mix_rate: float = 0.0):
+                 mix_rate: float = 0.0, loss_mask: bool = False):
         if segments < 1 or stride < 1:
             raise DatasetError(f"segments and stride must be >= 1, got {segments} and {stride}")
         if not 0.0 <= text_dropout <= 1.0:
@@ -82,7 +83,7 @@ class SequenceDataset(Dataset):
         if not 0.0 <= mix_rate <= 1.0 or (mix_rate > 0 and mix_cache is None):
             raise DatasetError(f"mix_rate: expected a probability in [0, 1] (above 0 only with a mix_cache), got "
                                f"{mix_rate}")
-        self.cache, self.segments, self.text_dropout = Path(cache), segments, text_dropout
+        self.cache, self.segments, self.text_dropout, self.loss_mask = Path(cache), segments, text_dropout, loss_mask
         self.mix_cache, self.mix_rate = (Path(mix_cache), mix_rate) if mix_rate > 0 else (None, 0.0)
         self.manifest = read_manifest(cache)
         check_manifest(self.manifest, expected or {}, cache)
@@ -100,7 +101,11 @@ class SequenceDataset(Dataset):
         self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
         self.mix_items: dict[Path, Path] = {}  # cache item -> the mix cache's item of the same video
         records = read_metadata(root)
-        for record in records:
+        for number, record in enumerate(records, start=1):
+            if loss_mask and not record.mask:
+                raise DatasetError(f"{Path(root) / METADATA_FILE}:{number}: {record.video} has no \"mask\" video; "
+                                   "train.mask_weight > 0 needs one for every video (docs/dataset.md), or set "
+                                   "train.mask_weight=0")
             path = item_path(cache, record)
             if not path.is_file():
                 self.skipped["missing"] += 1
@@ -127,7 +132,8 @@ class SequenceDataset(Dataset):
         with safe_open(str(path), framework="pt") as f:
             shape = f.get_slice("latent_mean").get_shape()
             keys = set(f.keys())
-        missing = {"latent_mean", "latent_logvar", "text", "text_mask", "scene_start"} - keys
+        missing = {"latent_mean", "latent_logvar", "text", "text_mask", "scene_start",
+                   *(("loss_mask",) if self.loss_mask else ())} - keys
         if missing:
             raise DatasetError(f"tensors {sorted(missing)} missing")
         if shape[0] != num_segments or shape[1] != self.frames_first:
@@ -165,6 +171,7 @@ class SequenceDataset(Dataset):
             text = f.get_slice("text")[start:stop].float()  # (n, L, D)
             text_mask = f.get_slice("text_mask")[start:stop].bool()  # (n, L)
             scene_start = f.get_slice("scene_start")[start:stop].bool()  # (n,)
+            mask = f.get_slice("loss_mask")[start:stop].float() if self.loss_mask else None  # (n, F1, h, w)
         scene_start[0] = False
         rng = random.Random(seed)
         if rng.random() < self.text_dropout:
@@ -174,12 +181,15 @@ class SequenceDataset(Dataset):
             with safe_open(str(self.mix_items[path]), framework="pt") as f:
                 text = f.get_slice("text")[start:stop].float()
                 text_mask = f.get_slice("text_mask")[start:stop].bool()
-        return {"latent_mean": self._join(mean), "latent_logvar": self._join(logvar), "text": text,
+        item = {"latent_mean": self._join(mean), "latent_logvar": self._join(logvar), "text": text,
                 "text_mask": text_mask, "scene_start": scene_start, "seed": torch.tensor(seed, dtype=torch.int64),
                 "name": f"{self.videos[path]} segments {start}-{stop - 1} (cache {path.name})"}
+        if mask is not None:
+            item["loss_mask"] = self._join(mask)
+        return item
 
     def _join(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """(n, F1, C, h, w) per-segment encodings → (T, C, h, w): all frames of the first segment, then each later
+        """(n, F1, ...) per-segment encodings → (T, ...): all frames of the first segment, then each later
         segment without its leading single-frame latent (the causal VAE's encoding of the boundary frame, which the
         previous segment's last latent already covers)."""
         skip = self.frames_first - self.frames_per_segment

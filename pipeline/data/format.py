@@ -4,6 +4,9 @@ Dataset format (docs/dataset.md): a folder of videos plus metadata.jsonl, one li
 
     {"video": "clips/a.mp4", "fps": 30, "segments": [{"start": 0.0, "text": "...", "scene_start": true}, ...]}
 
+and optionally "mask": "masks/a.mp4", a video of the same frames whose brightness marks where the loss should look
+hardest (the characters: `train.mask_weight`).
+
 Segments are 3 s each and consecutive (start_{i+1} = start_i + 3). pipeline/data/precompute.py turns every video into
 a cache item (VAE latent distribution and text embedding per segment) under ITEMS_DIR, beside MANIFEST_FILE.
 """
@@ -61,11 +64,14 @@ class SegmentInfo:
 
 @dataclass(frozen=True)
 class VideoRecord:
-    """One line of metadata.jsonl: a video (path relative to the dataset folder), its fps and its segments."""
+    """One line of metadata.jsonl: a video (path relative to the dataset folder), its fps and its segments; mask
+    (optional): a video of the same frame rate and length, white where the loss should weigh more (precompute stores
+    it per latent element as loss_mask, `train.mask_weight` uses it), black elsewhere."""
 
     video: str
     fps: float
     segments: tuple[SegmentInfo, ...]
+    mask: str | None = None
 
     @property
     def key(self) -> str:
@@ -75,19 +81,23 @@ class VideoRecord:
 
     def to_json(self) -> dict:
         segments = [{k: v for k, v in asdict(s).items() if k != "captions" or v} for s in self.segments]
-        return {"video": self.video, "fps": self.fps, "segments": segments}
+        mask = {"mask": self.mask} if self.mask else {}  # absent when unset: older records keep their keys
+        return {"video": self.video, "fps": self.fps, "segments": segments, **mask}
 
 
 def parse_record(data: object, place: str) -> VideoRecord:
     """Validate one metadata entry; `place` (e.g. "metadata.jsonl:3") prefixes every error."""
     if not isinstance(data, dict):
         raise DatasetError(f"{place}: expected a JSON object, got {type(data).__name__}")
-    unknown = sorted(set(data) - {"video", "fps", "segments"})
+    unknown = sorted(set(data) - {"video", "fps", "segments", "mask"})
     if unknown:
-        raise DatasetError(f"{place}: unknown field {unknown[0]!r}; expected video, fps, segments")
-    video, fps, segments = data.get("video"), data.get("fps"), data.get("segments")
+        raise DatasetError(f"{place}: unknown field {unknown[0]!r}; expected video, fps, segments, mask")
+    video, fps, segments, mask = data.get("video"), data.get("fps"), data.get("segments"), data.get("mask")
     if not isinstance(video, str) or not video:
         raise DatasetError(f"{place}: video: expected a path relative to the dataset folder, got {video!r}")
+    if mask is not None and (not isinstance(mask, str) or not mask):
+        raise DatasetError(f"{place}: mask: expected the path of a mask video relative to the dataset folder, got "
+                           f"{mask!r}")
     if isinstance(fps, bool) or not isinstance(fps, (int, float)) or fps <= 0:
         raise DatasetError(f"{place}: fps: expected the source frame rate (a positive number), got {fps!r}")
     if not isinstance(segments, list) or not segments:
@@ -117,7 +127,7 @@ def parse_record(data: object, place: str) -> VideoRecord:
         if "text" in captions:
             raise DatasetError(f"{where}.captions: 'text' is the segment's own text field, not a register name")
         parsed.append(SegmentInfo(float(start), text, scene_start, dict(captions)))
-    return VideoRecord(video, float(fps), tuple(parsed))
+    return VideoRecord(video, float(fps), tuple(parsed), mask)
 
 
 def read_metadata(root: str | os.PathLike) -> list[VideoRecord]:

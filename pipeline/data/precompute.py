@@ -7,10 +7,11 @@ For every video of data.root/metadata.jsonl: decode with PyAV, resample to data.
 cover data.height x data.width and center-crop, then encode each segment separately as 1 + frames_per_segment
 frames (its frames and the first frame of the next segment of the same scene; at a cut or at the end the last frame
 is repeated) into the VAE posterior (mean, logvar), and encode each segment's text with the pipeline's
-`encode_text`. One safetensors file per video under data.cache/items/, written atomically, so an interrupted run
-resumes where it stopped; unreadable videos are skipped and counted (the command then exits non-zero, saying how
-many). data.cache/null.safetensors holds the null
-embedding (the encoded empty text); data.cache/manifest.json records what produced the cache.
+`encode_text`. A record with a mask video also gets its loss_mask: the mask decoded the same way and averaged over
+each latent element's pixels (`pool_mask`). One safetensors file per video under data.cache/items/, written
+atomically, so an interrupted run resumes where it stopped; unreadable videos are skipped and counted (the command
+then exits non-zero, saying how many). data.cache/null.safetensors holds the null embedding (the encoded empty
+text); data.cache/manifest.json records what produced the cache.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -196,8 +198,8 @@ def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae
                   latents_from: Path | None = None) -> dict[str, torch.Tensor]:
     """All tensors of one cache item (shapes in SequenceDataset, per segment S of the video); the latents are
     copied from the cache `latents_from` when it holds the item."""
-    source = item_path(latents_from, record) if latents_from is not None else None
-    if source is not None and source.is_file():
+    source = _latent_item(latents_from, record) if latents_from is not None else None
+    if source is not None:
         kept = load_file(source)
         latent_mean, latent_logvar = kept["latent_mean"].to(dtype), kept["latent_logvar"].to(dtype)
     else:
@@ -212,9 +214,39 @@ def encode_record(cfg: Config, record: VideoRecord, tokenizer, text_encoder, vae
         latent_mean, latent_logvar = torch.stack(means), torch.stack(logvars)
     text, mask = encode_text(tokenizer, text_encoder, captions(record, cfg.data.caption), cfg.data.max_text_length,
                              vae.device)
-    return {"latent_mean": latent_mean, "latent_logvar": latent_logvar,  # (S, F1, C, h, w)
-            "text": text.to(dtype).cpu(), "text_mask": mask.cpu(),  # (S, L, D), (S, L)
-            "scene_start": torch.tensor([s.scene_start for s in record.segments])}  # (S,)
+    tensors = {"latent_mean": latent_mean, "latent_logvar": latent_logvar,  # (S, F1, C, h, w)
+               "text": text.to(dtype).cpu(), "text_mask": mask.cpu(),  # (S, L, D), (S, L)
+               "scene_start": torch.tensor([s.scene_start for s in record.segments])}  # (S,)
+    if record.mask:
+        tensors["loss_mask"] = encode_mask(cfg, record, latent_mean.shape).to(dtype)  # (S, F1, h, w)
+    return tensors
+
+
+def encode_mask(cfg: Config, record: VideoRecord, latent_shape: torch.Size) -> torch.Tensor:
+    """The record's mask video as loss_mask (S, F1, h, w) float32 in [0, 1] for latents of `latent_shape`
+    (S, F1, C, h, w): each segment decoded as its video is (`decode_segments`), then `pool_mask`."""
+    path = Path(cfg.data.root) / record.mask
+    if not path.is_file():
+        raise DatasetError(f"{path}: mask video not found (the \"mask\" field of {record.video}'s metadata line)")
+    segments = [pool_mask(frames, *latent_shape[1:2], *latent_shape[3:])
+                for _, frames in decode_segments(path, record, cfg.data.fps, cfg.data.height, cfg.data.width)]
+    return torch.stack(segments)
+
+
+def pool_mask(frames: np.ndarray, latent_frames: int, height: int, width: int) -> torch.Tensor:
+    """A segment's mask frames (1 + r k, H, W, 3) uint8 → (latent_frames, height, width) float32 in [0, 1]: the mean
+    brightness of the pixels each latent element encodes. The causal VAE's latent frame 0 encodes pixel frame 0 alone
+    and latent frame i >= 1 the r frames r (i - 1) + 1 ... r i (r = temporal compression); each latent position a
+    (H / height) x (W / width) block."""
+    mask = torch.from_numpy(frames).float().mean(dim=-1) / 255.0  # (F, H, W)
+    count, pixel_h, pixel_w = mask.shape
+    ratio, rest = divmod(count - 1, latent_frames - 1) if latent_frames > 1 else (0, count - 1)
+    if rest or pixel_h % height or pixel_w % width:
+        raise DatasetError(f"mask: {count} frames of {pixel_h}x{pixel_w} do not map onto {latent_frames} latent "
+                           f"frames of {height}x{width}")
+    frames_mean = [mask[:1]] + ([mask[1:].unflatten(0, (latent_frames - 1, ratio)).mean(dim=1)] if ratio else [])
+    mask = torch.cat(frames_mean)  # (latent_frames, H, W)
+    return torch.nn.functional.avg_pool2d(mask[:, None], (pixel_h // height, pixel_w // width))[:, 0]
 
 
 LATENT_FIELDS = ("model", "height", "width", "fps", "latent_frames_first", "latent_frames_per_segment",
@@ -234,6 +266,16 @@ def _latent_source(cfg: Config, manifest: dict) -> Path | None:
         raise DatasetError(f"data.latents_from: {source / MANIFEST_FILE} was made with other latents ("
                            + ", ".join(f"{k}={theirs.get(k)!r}, here {manifest[k]!r}" for k in differs) + ")")
     return source
+
+
+def _latent_item(latents_from: Path, record: VideoRecord) -> Path | None:
+    """The item of cache `latents_from` holding this video's latents, if any: the record's own, or that of the same
+    record without its mask (latents do not depend on the mask; a dataset that gained masks keeps its latents)."""
+    for candidate in (record, replace(record, mask=None)):
+        path = item_path(latents_from, candidate)
+        if path.is_file():
+            return path
+    return None
 
 
 def captions(record: VideoRecord, register: str) -> list[str]:

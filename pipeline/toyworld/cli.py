@@ -1,4 +1,4 @@
-"""Command line of the toy world: `python -m pipeline.toyworld {generate,score,corrupt} ...`."""
+"""Command line of the toy world: `python -m pipeline.toyworld {generate,masks,score,corrupt,show} ...`."""
 
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ def _generate(args: argparse.Namespace) -> None:
 
     low, high = (args.segments, args.segments) if args.segments else (args.min_segments, args.max_segments)
     metadata = generate(args.out, args.stories, low, high, seed=args.seed, size=args.size)
-    print(f"wrote {args.stories} stories to {metadata.parent} ({metadata.name}, <id>.mp4, <id>.storyboard.json, "
-          f"<id>.truth.json)")
+    print(f"wrote {args.stories} stories to {metadata.parent} ({metadata.name}, <id>.mp4, <id>.mask.mp4, "
+          "<id>.storyboard.json, <id>.truth.json)")
+
+
+def _masks(args: argparse.Namespace) -> None:
+    from .dataset import add_masks
+
+    metadata = add_masks(args.data)
+    print(f"wrote <id>.mask.mp4 for every story in {metadata.parent} and their \"mask\" fields into {metadata.name}")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -136,7 +143,7 @@ def _show_video(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.toyworld",
-                                     description="Synthetic storyboard world: generate, score, corrupt, show.")
+                                     description="Synthetic storyboard world: generate, masks, score, corrupt, show.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="sample and render stories into a dataset folder")
@@ -148,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--size", type=int, default=64, help="frame height and width in pixels (even)")
     g.set_defaults(run=_generate)
+
+    m = sub.add_parser("masks", help="add character-mask videos to a folder that 'generate' made without them")
+    m.add_argument("--data", required=True, help="folder made by 'generate'")
+    m.set_defaults(run=_masks)
 
     s = sub.add_parser("score", help="score videos against their storyboards")
     s.add_argument("--videos", required=True, help="folder of .mp4 files")

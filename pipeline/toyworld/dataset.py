@@ -4,6 +4,7 @@ Layout of a generated folder (one story per id, `story_00000` ...)::
 
     DIR/metadata.jsonl                  one line per video, the project's training metadata format
     DIR/<id>.mp4                        24 n + 1 frames at 8 fps, H.264 yuv420p
+    DIR/<id>.mask.mp4                   the same frames' character masks (white: a character), the record's "mask"
     DIR/<id>.storyboard.json            the storyboard ({"title", "scenes": [{"segments": [{"text"}]}]})
     DIR/<id>.truth.json                 the sampled story (cast, backdrops, actions), enough to re-render it
 """
@@ -12,19 +13,23 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
+import av
 import numpy as np
 from tqdm import tqdm
 
 from ..atomic import atomic_write_text
-from ..data.format import SegmentInfo, VideoRecord, write_metadata
+from ..data.format import SegmentInfo, VideoRecord, read_metadata, write_metadata
 from ..storyboard import Segment, Storyboard
 from ..video_io import read_video, write_video
 from .checks import VideoResult, score_video
-from .render import render_story
+from .render import render_story, render_story_mask
 from .sampler import sample_story
 from .world import FPS, FRAMES_PER_SEGMENT, Story
+
+MASK_SUFFIX = ".mask.mp4"
 
 
 def story_storyboard(story: Story) -> Storyboard:
@@ -38,15 +43,15 @@ def storyboard_dict(story: Story) -> dict:
     return story_storyboard(story).to_dict()
 
 
-def story_record(story: Story, video: str) -> VideoRecord:
+def story_record(story: Story, video: str, mask: str | None = None) -> VideoRecord:
     """The story's record of metadata.jsonl (pipeline/data/: starts exactly 3 s apart; text in the story register,
     captions["dense"] in the dense one, for pretraining with data.caption=dense): segment i starts at 3 i s,
     the frame 24 i that its motion starts from (the previous segment's last frame, shared), and precompute encodes
-    frames 24 i ... 24 (i + 1) for it."""
+    frames 24 i ... 24 (i + 1) for it. mask: the video of its character masks (`render_story_mask`), if any."""
     return VideoRecord(video, FPS, tuple(
         SegmentInfo(FRAMES_PER_SEGMENT * i / FPS, seg.text, i > 0 and seg.scene_start,
                     {"dense": seg.dense_text} if seg.dense_text else {})
-        for i, seg in enumerate(story.segments)))
+        for i, seg in enumerate(story.segments)), mask)
 
 
 def metadata_line(story: Story, video: str) -> dict:
@@ -60,11 +65,39 @@ def story_seed(seed: int, index: int) -> int:
 
 
 def write_story(out: Path, story_id: str, story: Story, frames: np.ndarray) -> VideoRecord:
-    """Writes one story's video, storyboard and ground truth into `out`; returns its metadata record."""
+    """Writes one story's video, character masks, storyboard and ground truth into `out`; returns its metadata
+    record."""
     write_video(frames, out / f"{story_id}.mp4", fps=FPS)
+    mask = write_mask(out, story_id, story, frames.shape[1])
     story_storyboard(story).save(out / f"{story_id}.storyboard.json")
     atomic_write_text(out / f"{story_id}.truth.json", json.dumps(story.to_dict()) + "\n")
-    return story_record(story, f"{story_id}.mp4")
+    return story_record(story, f"{story_id}.mp4", mask)
+
+
+def write_mask(out: Path, story_id: str, story: Story, size: int) -> str:
+    """Writes <story_id>.mask.mp4 (the character masks, grey as RGB) into `out`; returns its name."""
+    name = f"{story_id}{MASK_SUFFIX}"
+    write_video(np.repeat(render_story_mask(story, size)[..., None], 3, axis=-1), out / name, fps=FPS)
+    return name
+
+
+def add_masks(folder: str | os.PathLike, progress: bool = True) -> Path:
+    """Gives a dataset folder made by `generate` before it wrote masks its <id>.mask.mp4 files (rendered from
+    <id>.truth.json at the videos' size) and rewrites its metadata.jsonl with their "mask" fields (a new cache item
+    per video: precompute again, with data.latents_from naming the old cache to keep its latents)."""
+    folder = Path(folder)
+    records = read_metadata(folder)
+    updated = []
+    for record in tqdm(records, desc="masks", unit="story", disable=not progress):
+        story_id = Path(record.video).name.removesuffix(".mp4")
+        truth = folder / f"{story_id}.truth.json"
+        if not truth.is_file():
+            raise FileNotFoundError(f"{truth}: not found; masks are rendered from a story's ground truth, which "
+                                    "'generate' writes beside its video")
+        with av.open(os.fspath(folder / record.video)) as container:
+            size = container.streams.video[0].height
+        updated.append(replace(record, mask=write_mask(folder, story_id, load_truth(truth), size)))
+    return write_metadata(folder, updated)
 
 
 def generate(out: str | os.PathLike, stories: int, min_segments: int = 1, max_segments: int = 21, seed: int = 0,
@@ -95,11 +128,16 @@ def find_storyboard(video: Path, storyboards: Path | None = None) -> Path:
     raise FileNotFoundError(f"{video}: no storyboard found; expected one of {', '.join(map(str, candidates))}")
 
 
+def story_videos(folder: str | os.PathLike) -> list[Path]:
+    """The story videos of a folder, sorted: its .mp4 files but the character masks (<id>.mask.mp4)."""
+    return sorted(p for p in Path(folder).glob("*.mp4") if not p.name.endswith(MASK_SUFFIX))
+
+
 def score_folder(videos: str | os.PathLike, storyboards: str | os.PathLike | None = None,
                  progress: bool = True) -> list[tuple[Path, VideoResult]]:
-    """Scores every .mp4 in folder `videos` against its storyboard (see `find_storyboard`)."""
+    """Scores every story video in folder `videos` (`story_videos`) against its storyboard (see `find_storyboard`)."""
     videos = Path(videos)
-    paths = sorted(videos.glob("*.mp4"))
+    paths = story_videos(videos)
     if not paths:
         raise FileNotFoundError(f"{videos}: no .mp4 files to score")
     results = []

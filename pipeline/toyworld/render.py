@@ -90,36 +90,43 @@ def render_segment(story: Story, index: int, state: StageState, size: int = 64,
     appearances / the scene's backdrop (used to build corrupted videos that the metrics must catch).
     """
     segment = story.segments[index]
-    s = segment_phases(index)
-    tracks = segment_tracks(story.cast, state, segment, s)
-    camera = state.camera + segment.pan * PAN * ease(s)  # (F,)
+    camera = state.camera + segment.pan * PAN * ease(segment_phases(index))  # (F,)
     frames = backdrop_frames(backdrop or story.backdrops[segment.scene], camera, size, size)
-    looks = looks or {}
-    for name in story.cast:  # a fixed drawing order
+    for look, (y0, y1, x0, x1), alpha in _layers(story, index, state, size, looks or {}):
+        color = np.asarray(COLORS[look.color], dtype=np.float64)
+        region = frames[:, y0:y1, x0:x1]
+        region += alpha[..., None] * (color - region)
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def _layers(story: Story, index: int, state: StageState, size: int, looks: dict[str, Appearance]):
+    """Yields (look, (y0, y1, x0, x1), alpha (F, y1 - y0, x1 - x0) coverage) per character on stage in segment
+    `index`, in the fixed drawing order (the story's cast order)."""
+    segment = story.segments[index]
+    tracks = segment_tracks(story.cast, state, segment, segment_phases(index))
+    for name in story.cast:
         if name not in tracks:
             continue
         look = looks.get(name, story.cast[name])
         t = tracks[name]
-        _draw(frames, look, t.x * size, t.y * size, SIZES[look.size] * size * t.scale, t.angle)
-    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+        layer = _coverage_box(look, t.x * size, t.y * size, SIZES[look.size] * size * t.scale, t.angle, size)
+        if layer is not None:
+            yield look, *layer
 
 
-def _draw(frames: np.ndarray, look: Appearance, cx: np.ndarray, cy: np.ndarray, r: np.ndarray,
-          angle: np.ndarray) -> None:
-    """Composites one character into frames (F, H, W, 3) in place; cx, cy, r (pixels), angle: (F,)."""
-    _, height, width, _ = frames.shape
+def _coverage_box(look: Appearance, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, angle: np.ndarray, size: int
+                  ) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """One character's box (y0, y1, x0, x1) in a size x size frame and its coverage (F, y1 - y0, x1 - x0) there;
+    cx, cy, r (pixels), angle: (F,). None when the box lies outside the frame."""
     reach = 1.5 * r + 1.0  # every unit shape lies within 1.5 of its centroid, plus a pixel of anti-aliasing
-    x0, x1 = int(max(np.floor(np.min(cx - reach)), 0)), int(min(np.ceil(np.max(cx + reach)), width))
-    y0, y1 = int(max(np.floor(np.min(cy - reach)), 0)), int(min(np.ceil(np.max(cy + reach)), height))
+    x0, x1 = int(max(np.floor(np.min(cx - reach)), 0)), int(min(np.ceil(np.max(cx + reach)), size))
+    y0, y1 = int(max(np.floor(np.min(cy - reach)), 0)), int(min(np.ceil(np.max(cy + reach)), size))
     if x0 >= x1 or y0 >= y1:
-        return
+        return None
     dx = (np.arange(x0, x1) + 0.5)[None, None, :] - cx[:, None, None]  # (F, 1, w)
     dy = (np.arange(y0, y1) + 0.5)[None, :, None] - cy[:, None, None]  # (F, h, 1)
     dx, dy = np.broadcast_arrays(dx, dy)
-    alpha = coverage(look.shape, r[:, None, None], angle[:, None, None], dx, dy)[..., None]
-    color = np.asarray(COLORS[look.color], dtype=np.float64)
-    region = frames[:, y0:y1, x0:x1]
-    region += alpha * (color - region)
+    return (y0, y1, x0, x1), coverage(look.shape, r[:, None, None], angle[:, None, None], dx, dy)
 
 
 def render_story(story: Story, size: int = 64, looks: list[dict[str, Appearance]] | None = None,
@@ -137,3 +144,19 @@ def render_story(story: Story, size: int = 64, looks: list[dict[str, Appearance]
                        backdrops[seg.scene] if backdrops else None)
         for i, seg in enumerate(story.segments)
     ])
+
+
+def render_story_mask(story: Story, size: int = 64) -> np.ndarray:
+    """Where the characters are in every frame of `render_story(story, size)`: uint8 (24 n + 1, size, size), 255
+    where a character covers the whole pixel, 0 on the backdrop (the largest coverage of any character, anti-aliased
+    edges in between). The toy world's loss masks (data format: a metadata line's "mask" video)."""
+    if size < 16 or size % 2:
+        raise ValueError(f"size: expected an even frame size of at least 16 pixels, got {size}")
+    states = plan(story)
+    masks = []
+    for i in range(len(story.segments)):
+        mask = np.zeros((len(segment_phases(i)), size, size))
+        for _, (y0, y1, x0, x1), alpha in _layers(story, i, states[i], size, {}):
+            np.maximum(mask[:, y0:y1, x0:x1], alpha, out=mask[:, y0:y1, x0:x1])
+        masks.append(mask)
+    return np.rint(np.concatenate(masks) * 255).astype(np.uint8)

@@ -33,7 +33,8 @@ class MetricLogger:
         device = accelerator.device
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm: torch.Tensor | None = None
-        self.later = torch.zeros(2, device=device)  # loss sum and frame count on segments 2..n (multi-segment runs)
+        # on segments 2..n (multi-segment runs): loss sum and frame count, then the loss mask's error sum and weight
+        self.later = torch.zeros(4, device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.items: dict[int, list[str]] = {}  # step -> the batch items seen since the last check (host only)
         self.steps, self.last_time = 0, time.perf_counter()
@@ -42,13 +43,17 @@ class MetricLogger:
         self.bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process)
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, items: list[str],
-               accumulation: int, later: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               accumulation: int, later: tuple[torch.Tensor, torch.Tensor] | None = None,
+               later_masked: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """One micro-batch of optimizer step `step` (1-based): its mean loss, the clipped-before norm on the
-        synchronising micro-batch, the names of its items (for the non-finite stop), and (sum, count) of its loss on
-        the noisy frames of segments 2..n (`LossTerms.later_segments`)."""
+        synchronising micro-batch, the names of its items (for the non-finite stop), (sum, count) of its loss on
+        the noisy frames of segments 2..n (`LossTerms.later_segments`) and (sum, weight) of its mask-weighted error
+        there (`LossTerms.later_masked`)."""
         self.loss_sum += loss.detach() / accumulation
         if later is not None:
-            self.later += torch.stack([later[0].detach().float(), later[1].float()])
+            self.later[:2] += torch.stack([later[0].detach().float(), later[1].float()])
+        if later_masked is not None:
+            self.later[2:] += torch.stack([later_masked[0].detach().float(), later_masked[1].detach().float()])
         if grad_norm is not None:
             self.grad_norm = grad_norm
         self.items.setdefault(step, []).extend(items)
@@ -80,7 +85,8 @@ class MetricLogger:
     def maybe_log(self, step: int, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
                   ) -> dict | None:
         """On logging steps: the mean loss and step time since the last log, the learning rates, the gradient
-        norm, the loss on segments 2..n (loss/later_segments, multi-segment runs) and the mean |tanh(gate)| of the
+        norm, the loss on segments 2..n (loss/later_segments, multi-segment runs; loss/later_masked, its
+        mask-weighted mean, with loss masks) and the mean |tanh(gate)| of the
         TTT gates on video tokens (ttt_gate/video), to the trackers, metrics.jsonl and the bar."""
         if not self.should_log(step):
             return None
@@ -92,6 +98,8 @@ class MetricLogger:
         later = self.accelerator.reduce(self.later, reduction="sum")
         if later[1] > 0:
             logs["loss/later_segments"] = (later[0] / later[1]).item()
+        if later[3] > 0:
+            logs["loss/later_masked"] = (later[2] / later[3]).item()
         gate = video_gate_magnitude(model) if model is not None else None
         if gate is not None:
             logs["ttt_gate/video"] = gate

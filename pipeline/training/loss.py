@@ -29,7 +29,8 @@ class DiffusionCollate:
 
     The batch holds latents (B, T, C, h, w) = (mean + exp(logvar / 2) ε') x scaling_factor, noise (B, T, C, h, w),
     timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n), and names (B strings, where
-    each sample comes from, for error messages). Drawing from per-sample seeds
+    each sample comes from, for error messages), and loss_mask (B, T, h, w) when the items carry one (a dataset with
+    masks and train.mask_weight > 0). Drawing from per-sample seeds
     makes a sample's noise independent of the batch it lands in, the process that loads it and the device.
     With a `NoiseConfig` other than uniform only (which needs the model's latent_frames_per_segment), timesteps are
     (B, n), one level per segment, and the batch adds frame_timesteps (B, T) and frame_noisy (B, T) bool (False on
@@ -71,6 +72,8 @@ class DiffusionCollate:
         batch = default_collate([{k: item[k] for k in ("text", "text_mask", "scene_start")} for item in items])
         batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps),
                      names=[str(item.get("name", "?")) for item in items])
+        if "loss_mask" in items[0]:
+            batch["loss_mask"] = torch.stack([item["loss_mask"] for item in items])
         if not self.noise.is_uniform:
             batch.update(frame_timesteps=torch.stack(frame_timesteps), frame_noisy=torch.stack(frame_noisy))
         return batch
@@ -98,38 +101,69 @@ class DiffusionCollate:
 @dataclass
 class LossTerms:
     """What one batch's loss is made of: per_sample (B,) float32 (what is optimised), per_frame (B, T) the weighted
-    squared error per latent frame (0 on clean context frames), noisy (B, T) bool (False on clean context frames)."""
+    squared error per latent frame (0 on clean context frames), noisy (B, T) bool (False on clean context frames);
+    with a loss mask in the batch, masked_frame (B, T) the mask-weighted sum of the weighted squared errors per frame
+    and mask_frame (B, T) the mask's sum over the frame's elements (both 0 on clean context frames)."""
 
     per_sample: torch.Tensor
     per_frame: torch.Tensor
     noisy: torch.Tensor
+    masked_frame: torch.Tensor | None = None
+    mask_frame: torch.Tensor | None = None
 
     def later_segments(self, num_segments: int, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) of the per-frame loss over the noisy frames of segments 2..n: in the toy world's story
         captions those are where a character is named without its look, so only memory can lower it."""
+        later = self._later(num_segments, frames_per_segment)
+        return (self.per_frame * later).sum(), later.sum()
+
+    def later_masked(self, num_segments: int, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sum, weight) of the mask-weighted error over the noisy frames of segments 2..n (in the toy world: the
+        characters' error where only memory can tell their looks); None without a loss mask."""
+        if self.masked_frame is None:
+            return None
+        later = self._later(num_segments, frames_per_segment)
+        return (self.masked_frame * later).sum(), (self.mask_frame * later).sum()
+
+    def _later(self, num_segments: int, frames_per_segment: int) -> torch.Tensor:
         first = self.per_frame.shape[1] - (num_segments - 1) * frames_per_segment
         later = self.noisy.clone()
         later[:, :first] = False
-        return (self.per_frame * later).sum(), later.sum()
+        return later
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
-                   hard_fraction: float = 0.0, hard_weight: float = 0.0) -> torch.Tensor:
+                   hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0) -> torch.Tensor:
     """Per-sample weighted loss (B,) float32 for a `DiffusionCollate` batch (see the module docstring)."""
-    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight).per_sample
+    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight, mask_weight).per_sample
 
 
 def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
-                    hard_fraction: float = 0.0, hard_weight: float = 0.0) -> LossTerms:
+                    hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0) -> LossTerms:
     """`diffusion_loss` with its parts (`LossTerms`).
 
     hard_fraction, hard_weight (train.hard_fraction / train.hard_weight): each sample's loss gains hard_weight times
     the mean of its largest hard_fraction of weighted squared errors (over its noisy frames' latent elements). In the
     toy world the backdrop is most of every frame and easy; the characters are few elements with large errors, and
     this term makes them count (the VAE's worst-pixel term, docs/default_model.md). 0 (default): the plain loss.
+
+    mask_weight (train.mask_weight): with batch["loss_mask"] (B, T, h, w), each sample's loss gains mask_weight times
+    the mask-weighted mean of its weighted squared errors over its noisy frames (every channel of a latent position
+    weighted by the mask there; a sample whose noisy frames have no mask gains 0). Where the mask marks the toy world's
+    characters, a few percent of a frame, their error then counts mask_weight times as much as the whole frame's.
     """
     hard = hard_fraction > 0 and hard_weight > 0
-    errors, noisy, per_frame, per_sample = _weighted_errors(model, scheduler, batch, elements=hard)
+    masked = "loss_mask" in batch
+    if mask_weight > 0 and not masked:
+        raise ValueError("train.mask_weight > 0 needs the batch's loss_mask (a dataset with mask videos)")
+    errors, noisy, per_frame, per_sample = _weighted_errors(model, scheduler, batch, elements=hard or masked)
+    masked_frame = mask_frame = None
+    if masked:
+        mask = batch["loss_mask"].float() * noisy[:, :, None, None]  # (B, T, h, w), 0 on clean frames
+        masked_frame = (errors * mask[:, :, None]).sum(dim=(2, 3, 4))  # (B, T)
+        mask_frame = mask.sum(dim=(2, 3)) * errors.shape[2]  # every channel of a position
+        if mask_weight > 0:
+            per_sample = per_sample + mask_weight * masked_frame.sum(dim=1) / mask_frame.sum(dim=1).clamp(min=1e-8)
     if hard:
         flat = torch.where(noisy[:, :, None, None, None], errors, torch.zeros((), device=errors.device)).flatten(1)
         per_element = errors[0].numel() // errors.shape[1]
@@ -137,7 +171,7 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
         top = flat.topk(int(k.max()), dim=1).values  # (B, k_max), descending
         take = torch.arange(top.shape[1], device=top.device)[None] < k[:, None]
         per_sample = per_sample + hard_weight * (top * take).sum(dim=1) / k
-    return LossTerms(per_sample, per_frame, noisy)
+    return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame)
 
 
 def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],

@@ -119,7 +119,8 @@ def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) 
     """The (unprepared) loader of n-segment sequences from the cache, checked against the model's shapes."""
     dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
                               cfg.data.text_dropout, expected=expected_manifest(cfg, model),
-                              mix_cache=cfg.data.mix_cache, mix_rate=cfg.data.mix_rate)
+                              mix_cache=cfg.data.mix_cache, mix_rate=cfg.data.mix_rate,
+                              loss_mask=cfg.train.mask_weight > 0)
     return DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
                       collate_fn=DiffusionCollate(num_train_timesteps, dataset.scaling_factor, cfg.train.noise,
                                                    model.config.latent_frames_per_segment),
