@@ -228,7 +228,8 @@ def encode_mask(cfg: Config, record: VideoRecord, latent_shape: torch.Size) -> t
     path = Path(cfg.data.root) / record.mask
     if not path.is_file():
         raise DatasetError(f"{path}: mask video not found (the \"mask\" field of {record.video}'s metadata line)")
-    segments = [pool_mask(frames, *latent_shape[1:2], *latent_shape[3:])
+    _, latent_frames, _, height, width = latent_shape
+    segments = [pool_mask(frames, latent_frames, height, width)
                 for _, frames in decode_segments(path, record, cfg.data.fps, cfg.data.height, cfg.data.width)]
     return torch.stack(segments)
 
