@@ -239,6 +239,31 @@ def test_the_mask_term_is_the_mask_weighted_mean_error_over_noisy_frames(noise):
     torch.testing.assert_close(weight.double(), later.sum(), rtol=1e-6, atol=0)
 
 
+def test_mask_dilate_grows_the_mask_by_its_neighbourhoods_largest_value():
+    """train.mask_dilate=d: every latent position takes the mask's largest value within d positions (in the same
+    frame) before the term weighs the errors; written out with plain loops in float64."""
+    batch = masked_batch(seed=1)
+    scheduler = make_scheduler("ddim")
+    prediction = torch.randn(batch["latents"].shape)
+    plain = diffusion_terms(Recorder(prediction.clone()), scheduler, batch, mask_weight=1.0)
+    for d in (1, 2):
+        grown = torch.zeros(batch["loss_mask"].shape, dtype=torch.float64)
+        mask = batch["loss_mask"].double()
+        B, T, h, w = mask.shape
+        for b, f, y, x in np.ndindex(B, T, h, w):
+            grown[b, f, y, x] = mask[b, f, max(0, y - d):y + d + 1, max(0, x - d):x + d + 1].max()
+        assert (grown > mask).any()  # the test's mask has room to grow
+        by_hand = dict(batch, loss_mask=grown.float())
+        expected = diffusion_terms(Recorder(prediction.clone()), scheduler, by_hand, mask_weight=1.0)
+        dilated = diffusion_terms(Recorder(prediction.clone()), scheduler, batch, mask_weight=1.0, mask_dilate=d)
+        torch.testing.assert_close(dilated.per_sample, expected.per_sample, rtol=1e-6, atol=0)
+        torch.testing.assert_close(dilated.mask_frame, expected.mask_frame, rtol=1e-6, atol=0)
+        assert not torch.allclose(dilated.per_sample, plain.per_sample)
+    with pytest.raises(ConfigError, match=r"train.mask_dilate: expected a whole number of latent positions >= 0, "
+                       r"got -1"):
+        load_config(None, ["train.mask_dilate=-1"])
+
+
 def test_the_mask_term_is_zero_without_mask_and_needs_a_mask():
     batch = masked_batch()
     batch["loss_mask"][0] = 0.0  # sample 0 shows nothing the mask marks
@@ -269,6 +294,13 @@ def test_train_py_trains_with_masks_and_logs_the_later_masked_loss(base, tmp_pat
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs] == [1, 2]
     assert all(math.isfinite(log["loss/later_masked"]) and math.isfinite(log["loss/later_segments"]) for log in logs)
+    # train.mask_dilate reaches the loss: the same first step with the grown mask logs another masked loss
+    result = subprocess.run([*common, "train.steps=1", "train.mask_dilate=1", f"output_dir={tmp_path / 'grown'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grown = json.loads((tmp_path / "grown" / "metrics.jsonl").read_text().splitlines()[0])
+    assert grown["loss/later_segments"] == logs[0]["loss/later_segments"]
+    assert grown["loss/later_masked"] != logs[0]["loss/later_masked"]
     result = subprocess.run([*common, f"data.root={base / 'dataset'}", f"data.cache={base / 'cache'}",
                              f"output_dir={tmp_path / 'run2'}"], cwd=ROOT, capture_output=True, text=True,
                             timeout=600)

@@ -159,8 +159,8 @@ class TrainConfig:
     trainable: "full", "ttt" (TTT layers, gates, scene embedding), "ttt+attn" (+ attention q/k/v/o and qk-norms) or
     "lora" (TTT + LoRA of rank lora_rank on attn1's to_q, to_k, to_v, to_out.0). noise: per-segment noise levels
     (`NoiseConfig`). hard_fraction, hard_weight: the loss's term on each sample's largest errors; mask_weight: its
-    term on the elements the dataset's loss masks cover (pipeline.training.loss.diffusion_terms); 0: the plain
-    objective.
+    term on the elements the dataset's loss masks cover, grown by mask_dilate latent positions first
+    (pipeline.training.loss.diffusion_terms); 0: the plain objective.
     """
 
     steps: int = _at_least(5000, 1)
@@ -177,6 +177,7 @@ class TrainConfig:
     hard_fraction: float = 0.0
     hard_weight: float = 0.0
     mask_weight: float = 0.0
+    mask_dilate: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.hard_fraction <= 1.0:
@@ -185,6 +186,9 @@ class TrainConfig:
             raise ConfigError(f"train.hard_weight: expected a weight >= 0, got {self.hard_weight!r}")
         if self.mask_weight < 0:
             raise ConfigError(f"train.mask_weight: expected a weight >= 0, got {self.mask_weight!r}")
+        if self.mask_dilate < 0:
+            raise ConfigError(f"train.mask_dilate: expected a whole number of latent positions >= 0, "
+                              f"got {self.mask_dilate!r}")
 
 
 @dataclass

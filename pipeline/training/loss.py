@@ -133,13 +133,15 @@ class LossTerms:
 
 
 def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
-                   hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0) -> torch.Tensor:
+                   hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
+                   mask_dilate: int = 0) -> torch.Tensor:
     """Per-sample weighted loss (B,) float32 for a `DiffusionCollate` batch (see the module docstring)."""
-    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight, mask_weight).per_sample
+    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight, mask_weight, mask_dilate).per_sample
 
 
 def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
-                    hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0) -> LossTerms:
+                    hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
+                    mask_dilate: int = 0) -> LossTerms:
     """`diffusion_loss` with its parts (`LossTerms`).
 
     hard_fraction, hard_weight (train.hard_fraction / train.hard_weight): each sample's loss gains hard_weight times
@@ -151,6 +153,9 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     the mask-weighted mean of its weighted squared errors over its noisy frames (every channel of a latent position
     weighted by the mask there; a sample whose noisy frames have no mask gains 0). Where the mask marks the toy world's
     characters, a few percent of a frame, their error then counts mask_weight times as much as the whole frame's.
+    mask_dilate (train.mask_dilate): first grow the mask by that many latent positions in each spatial direction (each
+    position takes the largest value within that distance in the frame): the ring of backdrop around a subject then
+    counts too, so drawing it too large costs as drawing it wrong does. Masks and logged terms use the grown mask.
     """
     hard = hard_fraction > 0 and hard_weight > 0
     masked = "loss_mask" in batch
@@ -159,7 +164,11 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     errors, noisy, per_frame, per_sample = _weighted_errors(model, scheduler, batch, elements=hard or masked)
     masked_frame = mask_frame = None
     if masked:
-        mask = batch["loss_mask"].float() * noisy[:, :, None, None]  # (B, T, h, w), 0 on clean frames
+        mask = batch["loss_mask"].float()  # (B, T, h, w)
+        if mask_dilate > 0:
+            size = 2 * mask_dilate + 1
+            mask = torch.nn.functional.max_pool2d(mask.flatten(0, 1), size, stride=1, padding=mask_dilate).view_as(mask)
+        mask = mask * noisy[:, :, None, None]  # 0 on clean frames
         masked_frame = (errors * mask[:, :, None]).sum(dim=(2, 3, 4))  # (B, T)
         mask_frame = mask.sum(dim=(2, 3)) * errors.shape[2]  # every channel of a position
         if mask_weight > 0:
