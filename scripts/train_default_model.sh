@@ -71,7 +71,9 @@ fi
 if step 7 "TTT-Linear inserted, 3-s stage (story captions)"; then  # FROM=N redoes a stage from its start
     OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/3s.yaml --overwrite
 fi
-if step 8 "15-s stage: segment 1 clean, later segments noisy (clean with probability 0.25) at t in [600, 1000)"; then
+# steps 8-9 weight the characters' error by the mask videos of step 1 (train.mask_weight); a dataset made before
+# they existed: python -m pipeline.toyworld masks --data outputs/toy/dataset, then FROM=4
+if step 8 "15-s stage: segment 1 clean, the rest noisy (clean with prob. 0.25) at t in [600, 1000), characters x2"; then
     OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/15s.yaml --overwrite
 fi
 if step 9 "60-s stage: half at one noise level, half with clean context segments and the rest at [600, 1000)"; then

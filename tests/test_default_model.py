@@ -84,6 +84,11 @@ def test_toy_curriculum_chains_its_stages():
     # the memory signal's sequences at high noise (runs E9, F-d in docs/results.md); the one-level ones at every level
     assert configs[1].train.noise.t_min == 600 and configs[2].train.noise.context_t_min == 600
     assert configs[2].train.noise.t_min == 0
+    # the characters' error (and a ring around them) weighted in the multi-segment stages only: in the 3-s stage too
+    # it cost the introductions (docs/results.md); on the dataset of step 1, whose stories come with mask videos
+    assert configs[0].train.mask_weight == 0 and configs[1].train.mask_weight == configs[2].train.mask_weight > 0
+    assert configs[1].train.mask_dilate == configs[2].train.mask_dilate > 0
+    assert f"pipeline.toyworld generate --out {configs[1].data.root} " in script
 
 
 def test_default_model_is_the_recipes_layer_without_a_shared_frame():
