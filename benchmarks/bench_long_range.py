@@ -71,6 +71,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="guidance for the segments whose text only names characters (no introduction, no scene "
                    "opening): what the model draws there comes from memory, which strong guidance overrides; "
                    "default: the same as the other segments")
+    p.add_argument("--memory-guidance", type=float, default=0.0, metavar="M",
+                   help="the pipeline's memory_guidance_scale: M x (the prediction minus the same without TTT) added, "
+                   "which pushes a segment toward what TTT carries (default 0: off; where: --memory-segments)")
+    p.add_argument("--memory-segments", choices=("all", "named"), default="all",
+                   help="where --memory-guidance applies: every segment, or only those whose text only names "
+                   "characters (no introduction, no scene opening; 0 elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (the same noise for every variant)")
     p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
                    "for the reconstruction ceiling (a 60-s video takes ~25 s to encode and decode on one CPU core; "
@@ -96,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.trained = dict(item.split("=", 1) for item in args.trained)
     if args.stories < 1 or args.inference_steps < 1:
         p.error("--stories and --inference-steps must be at least 1")
+    if not args.memory_guidance >= 0:
+        p.error(f"--memory-guidance: expected a number >= 0, got {args.memory_guidance}")
     return args
 
 
@@ -159,10 +167,12 @@ def segment_guidance(storyboard: dict, guidance: float, guidance_named: float | 
 
 
 def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
-                 mode: str = "joint", guidance_named: float | None = None) -> None:
+                 mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
+                 memory_segments: str = "all") -> None:
     """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
-    guidance_named: see `segment_guidance`."""
+    guidance_named: see `segment_guidance`; memory_guidance: the pipeline's memory_guidance_scale, on every segment
+    or (memory_segments "named") only on those that only name characters."""
     import torch
 
     from pipeline import TTTVideoPipeline
@@ -180,8 +190,11 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
             truth, _ = read_video(path.with_name(f"{story_id}.mp4"))
             given = truth[: pipe.num_frames(1)]  # (F_1, H, W, 3) uint8: segment 1
         started = time.perf_counter()
-        scales = segment_guidance(json.loads(path.read_text()), guidance, guidance_named)
+        storyboard = json.loads(path.read_text())
+        scales = segment_guidance(storyboard, guidance, guidance_named)
+        memory = memory_guidance if memory_segments == "all" else segment_guidance(storyboard, 0.0, memory_guidance)
         frames = pipe(path, num_inference_steps=steps, guidance_scale=scales, video=given,
+                      memory_guidance_scale=memory,
                       generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
@@ -197,6 +210,8 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
                "--seed", str(args.seed)]
     if args.guidance_named is not None:
         command += ["--guidance-named", str(args.guidance_named)]
+    if args.memory_guidance:
+        command += ["--memory-guidance", str(args.memory_guidance), "--memory-segments", args.memory_segments]
     log = args.out / "logs" / f"sample-{videos.parent.name}-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -224,6 +239,9 @@ def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
                 "guidance": guidance_for(args, model), "seed": args.seed}
     if args.guidance_named is not None:  # absent otherwise: earlier runs' renders stay valid
         settings["guidance_named"] = args.guidance_named
+    if args.memory_guidance:  # likewise
+        settings["memory_guidance"] = args.memory_guidance
+        settings["memory_segments"] = args.memory_segments
     return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 
@@ -314,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         model, storyboards, videos, mode = args.sample
         sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode,
-                     args.guidance_named)
+                     args.guidance_named, args.memory_guidance, args.memory_segments)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",

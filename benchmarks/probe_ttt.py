@@ -14,9 +14,11 @@ loop). Hooks capture, per block and on video tokens:
 
 A probed segment is one after segment 1 with exactly one character on stage that was on stage in an earlier segment:
 its text names the character without describing its look, so within the segment only memory can say it. Each feature
-is averaged over the segment's video tokens; a multinomial logistic regression (standardised features, L2, LBFGS)
-is fit on the segments of the first 70% of stories and tested on the rest, for the character's colour (8 classes)
-and shape (3). Chance = the majority class's frequency on the test split. A model without TTT gets the input rows only.
+is averaged over the segment's video tokens (`--pool segment`), or weighted by how much of each token's 16 x 16 pixels
+the character covers in the ground truth (`--pool character`: the character's own tokens, not the backdrop's); a
+multinomial logistic regression (standardised features, L2, LBFGS) is fit on the segments of the first 70% of stories
+and tested on the rest, for the character's colour (8 classes) and shape (3). Chance = the majority class's frequency
+on the test split. A model without TTT gets the input rows only.
 Results: OUT/results.json and a Markdown table on stdout.
 """
 
@@ -128,13 +130,28 @@ class FeatureCapture:
         self.close()
 
 
-def segment_means(tokens, layout):
-    """(B, T*hw, W) canonical video tokens → (B, n, W), the mean over each segment's own latent frames."""
+def segment_means(tokens, layout, token_weights=None):
+    """(B, T*hw, W) canonical video tokens → (B, n, W), the mean over each segment's own latent frames; with
+    token_weights (T*hw,) >= 0 the weighted mean (a segment whose weights are all 0 gives zeros)."""
     import torch
 
     segment_of_token = layout.frame_segment.repeat_interleave(layout.tokens_per_frame).to(tokens.device)
     onehot = torch.nn.functional.one_hot(segment_of_token, layout.num_segments).to(tokens.dtype)  # (T*hw, n)
-    return torch.einsum("btw,tn->bnw", tokens, onehot / onehot.sum(0))
+    if token_weights is not None:
+        onehot = onehot * token_weights.to(onehot)[:, None]
+    return torch.einsum("btw,tn->bnw", tokens, onehot / onehot.sum(0).clamp_min(1e-12))
+
+
+def character_token_weights(story, layout, size: int):
+    """(T*hw,) float32: the share of each video token's pixels that a character covers in the story's ground truth
+    (`render_story_mask` at `size` pixels, pooled onto the latent frames as the loss masks are, then onto the token
+    grid), in canonical token order (frame, row, column)."""
+    from pipeline.data.precompute import pool_mask
+    from pipeline.toyworld.render import render_story_mask
+
+    mask = render_story_mask(story, size)[..., None]  # (F, H, W, 1)
+    side = int(round(layout.tokens_per_frame ** 0.5))
+    return pool_mask(mask, layout.num_frames, side, side).reshape(-1)
 
 
 def story_inputs(pipe, video_path: Path, storyboard_path: Path, timestep: int, seed: int, context: bool = False):
@@ -170,7 +187,7 @@ def story_inputs(pipe, video_path: Path, storyboard_path: Path, timestep: int, s
 
 
 def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int = 0, progress: bool = True,
-            keep_inputs: bool = False, context: bool = False):
+            keep_inputs: bool = False, context: bool = False, pool: str = "segment"):
     """Probe features of the given stories in `folder` (<id>.mp4, .storyboard.json, .truth.json).
 
     Returns (samples, raw): samples, one dict per probed segment (story, segment, character, color, shape and
@@ -182,6 +199,7 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
     from pipeline.toyworld.dataset import load_truth
 
     transformer = pipe.transformer
+    scale = pipe.vae_scale_factor_spatial
     samples, raw = [], {}
     with FeatureCapture(transformer, keep_inputs) as capture, torch.no_grad():
         for story_id in tqdm(story_ids, desc="stories", unit="story", disable=not progress):
@@ -195,11 +213,14 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
             _, frames, _, height, width = inputs["hidden_states"].shape
             layout = transformer.segment_layout(inputs["encoder_hidden_states"].shape[1], height, width,
                                                 inputs["hidden_states"].device)
-            means = {key: segment_means(value, layout)[0].float().cpu() for key, value in capture.features.items()}
+            weights = None if pool == "segment" else character_token_weights(story, layout, width * scale)
+            means = {key: segment_means(value, layout, weights)[0].float().cpu()
+                     for key, value in capture.features.items()}
             for segment, name in probed:
                 samples.append({"story": story_id, "segment": segment, "character": name, **labels(story, name),
                                 "features": {key: m[segment] for key, m in means.items()}})
             raw = {"story": story_id, "inputs": inputs, "layout": layout, "features": dict(capture.features),
+                   "token_weights": weights,
                    "ttt_inputs": dict(capture.inputs), "means": means, "probed": probed}
     return samples, raw
 
@@ -285,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every story)")
     p.add_argument("--context", action="store_true", help="segment 1 given clean (recall mode's setting): with a "
                    "high --timestep the later segments' own inputs hold little of the looks")
+    p.add_argument("--pool", choices=("segment", "character"), default="segment",
+                   help="average each feature over the segment's video tokens, or over the character's own (weighted "
+                   "by how much of each token the character covers)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="L2 on the probe's weights")
     p.add_argument("--steps", type=int, default=300, help="LBFGS iterations per probe")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "probe_ttt",
@@ -311,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.timestep >= pipe.scheduler.config.num_train_timesteps:
         p.error(f"--timestep must be below {pipe.scheduler.config.num_train_timesteps}")
     story_ids = sorted(path.name[: -len(".storyboard.json")] for path in folder.glob("*.storyboard.json"))
-    samples, _ = extract(pipe, folder, story_ids, args.timestep, args.seed, context=args.context)
+    samples, _ = extract(pipe, folder, story_ids, args.timestep, args.seed, context=args.context, pool=args.pool)
     n_train = min(len(story_ids) - 1, max(1, round(TRAIN_FRACTION * len(story_ids))))
     rows, info = probe(samples, set(story_ids[:n_train]), args.weight_decay, args.steps)
     if not rows:

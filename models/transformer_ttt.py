@@ -8,10 +8,12 @@ stock CogVideoX.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -55,6 +57,7 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         super().__init__(dim, num_attention_heads, attention_head_dim, time_embed_dim, **block_kwargs)
         self.ttt = ttt_layer  # None: local attention only (the baseline without TTT)
         self.gate_init, self.checkpoint_ttt, self.full_attention = gate_init, checkpoint_ttt, full_attention
+        self.ttt_skipped = False  # set by CogVideoXTTTTransformer3DModel.ttt_skipped(): the block runs without TTT
         if ttt_layer is not None:
             self.gate_forward_text = nn.Parameter(torch.full((dim,), float(gate_init)))
             self.gate_forward_video = nn.Parameter(torch.full((dim,), float(gate_init)))
@@ -99,7 +102,7 @@ class CogVideoXTTTBlock(CogVideoXBlock):
             x = torch.cat([attn_text.reshape(batch, n_text, width), layout.from_windows(attn_video)], dim=1)
 
         # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
-        if self.ttt is not None:
+        if self.ttt is not None and not self.ttt_skipped:
             x = self._gated_ttt(x, layout.forward, token_mask, self.gate_forward_text, self.gate_forward_video)
             x = self._gated_ttt(x, layout.reverse, token_mask, self.gate_reverse_text, self.gate_reverse_video)
 
@@ -382,6 +385,24 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
     def num_latent_frames(self, num_segments: int) -> int:
         """Latent frames of n segments: latent_frames_first + (n - 1) * latent_frames_per_segment."""
         return num_latent_frames(num_segments, self.config.latent_frames_first, self.config.latent_frames_per_segment)
+
+    @property
+    def has_ttt(self) -> bool:
+        """True when the blocks have TTT layers (False for the local-attention baseline, ttt_type "none")."""
+        return any(block.ttt is not None for block in self.transformer_blocks)
+
+    @contextlib.contextmanager
+    def ttt_skipped(self) -> Iterator[None]:
+        """Inside it, every block skips its TTT layers: the prediction of segment-local attention alone, without what
+        TTT carries between segments (memory guidance's extra branch, pipeline_ttt_video.py). Restored on exit."""
+        blocks = [block for block in self.transformer_blocks if block.ttt is not None]
+        for block in blocks:
+            block.ttt_skipped = True
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.ttt_skipped = False
 
     def segment_layout(self, num_segments: int, height: int, width: int, device: torch.device) -> SegmentLayout:
         """The (cached) layout for n segments on a latent grid of height x width."""

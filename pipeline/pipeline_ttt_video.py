@@ -94,18 +94,18 @@ def checked_guidance_scale(scale: Any, where: str = "guidance_scale") -> float:
     return float(scale)
 
 
-def segment_guidance_scales(guidance_scale: float | Sequence[float], num_segments: int) -> float | list[float]:
-    """A call's guidance_scale checked: a number (every segment) or one number per storyboard segment, each a
-    `checked_guidance_scale`. ValueError (naming what was given) otherwise."""
+def segment_guidance_scales(guidance_scale: float | Sequence[float], num_segments: int,
+                            name: str = "guidance_scale") -> float | list[float]:
+    """A call's guidance_scale (or another per-segment scale, `name`) checked: a number (every segment) or one number
+    per storyboard segment, each a `checked_guidance_scale`. ValueError (naming what was given) otherwise."""
     if isinstance(guidance_scale, Sequence) and not isinstance(guidance_scale, str):
         if len(guidance_scale) != num_segments:
-            raise ValueError(f"guidance_scale: expected a number or one per segment ({num_segments}), "
+            raise ValueError(f"{name}: expected a number or one per segment ({num_segments}), "
                              f"got {len(guidance_scale)} numbers")
-        return [checked_guidance_scale(x, f"guidance_scale[{i}] (segment {i + 1})")
-                for i, x in enumerate(guidance_scale)]
+        return [checked_guidance_scale(x, f"{name}[{i}] (segment {i + 1})") for i, x in enumerate(guidance_scale)]
     if isinstance(guidance_scale, str):
-        raise ValueError(f"guidance_scale: expected a number or one per segment, got {guidance_scale!r}")
-    return checked_guidance_scale(guidance_scale)
+        raise ValueError(f"{name}: expected a number or one per segment, got {guidance_scale!r}")
+    return checked_guidance_scale(guidance_scale, name)
 
 
 class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
@@ -382,6 +382,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         num_videos_per_prompt: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float | Sequence[float] | None = None,
+        memory_guidance_scale: float | Sequence[float] = 0.0,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
         height: int | None = None,
@@ -420,6 +421,11 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 guidance_scale None: the pipeline's own (`self.config.guidance_scale`); a list: one scale per
                 storyboard segment, each applied to its segment's frames (say, guidance where a text describes what
                 to draw and little where the model should draw what earlier segments showed; docs/sampling.md).
+            memory_guidance_scale: m > 0 adds m * (conditional prediction - the same without the TTT layers) to the
+                guided prediction: it pushes each segment further toward what TTT carries from the rest of the video
+                (the look of a character that the text only names). One more transformer pass per step, without
+                TTT. A number or one per storyboard segment, like guidance_scale; 0 (the default) is off. Needs a
+                transformer with TTT layers. docs/sampling.md, "Memory guidance".
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -466,6 +472,16 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale = segment_guidance_scales(
             self.config.guidance_scale if guidance_scale is None else guidance_scale, storyboard.num_segments)
         self._guidance_scale = guidance_scale
+        memory_scale = segment_guidance_scales(memory_guidance_scale, storyboard.num_segments,
+                                               "memory_guidance_scale")
+        memory_per_segment = isinstance(memory_scale, list)
+        do_memory_guidance = max(memory_scale) > 0 if memory_per_segment else memory_scale > 0
+        if do_memory_guidance and not getattr(self.transformer, "has_ttt", False):
+            raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
+        if do_memory_guidance and self.transformer.is_cache_enabled:
+            raise ValueError("memory_guidance_scale: not combined with cache hooks (transformer.enable_cache), "
+                             "whose state is kept per guidance branch, not for the pass without TTT; disable the "
+                             "cache or pass 0")
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -531,6 +547,10 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             scales = torch.tensor([1.0] * num_reference + guidance_scale, device=device)
             guidance_scale = scales[frame_segment.to(device)].view(1, -1, 1, 1, 1)
             self._guidance_scale = guidance_scale
+        if memory_per_segment:  # the same per frame; a reference's segments: 0
+            frame_segment = frame_segments(num_segments, config.latent_frames_first, config.latent_frames_per_segment)
+            memory_scale = torch.tensor([0.0] * num_reference + memory_scale, device=device)
+            memory_scale = memory_scale[frame_segment.to(device)].view(1, -1, 1, 1, 1)
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind
@@ -549,9 +569,16 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                     # wave on purpose: github.com/zai-org/CogVideo/issues/267)
                     progress = (num_inference_steps - timestep_values[i]) / num_inference_steps
                     self._guidance_scale = 1 + guidance_scale * ((1 - math.cos(math.pi * progress**5.0)) / 2)
+                noise_pred_text = noise_pred[1] if do_classifier_free_guidance else noise_pred
                 if do_classifier_free_guidance:
-                    noise_pred_uncond, noise_pred_text = noise_pred
+                    noise_pred_uncond = noise_pred[0]
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                if do_memory_guidance:  # the conditional branch again, without TTT
+                    with self.transformer.ttt_skipped():
+                        noise_pred_local = self._predict(latents, t, prompt_embeds, prompt_mask, None, None,
+                                                         scene_start, cfg_mode, attention_kwargs, context,
+                                                         cache_context="cond_without_ttt")
+                    noise_pred = noise_pred + memory_scale * (noise_pred_text - noise_pred_local)
 
                 if is_dpm:
                     latents, old_pred_original_sample = self.scheduler.step(
@@ -600,11 +627,12 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
     def _predict(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
                  negative_prompt_embeds: torch.Tensor | None, negative_mask: torch.Tensor | None,
                  scene_start: torch.Tensor, cfg_mode: str, attention_kwargs: dict | None,
-                 segment_context: SegmentContext | None = None):
+                 segment_context: SegmentContext | None = None, cache_context: str = "cond"):
         """The transformer's prediction (B, T, C, h, w) in float32; with guidance a pair (unconditional, conditional).
 
         latents (B, T, C, h, w); prompt/negative embeds (B, n, L, D) and masks (B, n, L); scene_start (B, n);
-        segment_context: kept segments get timestep 0 (a (B, n) timestep), else every segment gets t.
+        segment_context: kept segments get timestep 0 (a (B, n) timestep), else every segment gets t;
+        cache_context: the cache hooks' name for the conditional branch when it runs alone.
         """
 
         def timestep(batch: int) -> torch.Tensor:
@@ -619,7 +647,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             return out.float()
 
         if negative_prompt_embeds is None:
-            return run(latents, prompt_embeds, prompt_mask, scene_start, "cond")
+            return run(latents, prompt_embeds, prompt_mask, scene_start, cache_context)
         if cfg_mode == "sequential":
             return (run(latents, negative_prompt_embeds, negative_mask, scene_start, "uncond"),
                     run(latents, prompt_embeds, prompt_mask, scene_start, "cond"))

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -42,6 +43,39 @@ def test_recall_mode_keeps_the_ground_truth_first_segment(tmp_path):
     assert "| mlp (recall) |" in table and "identity at intro" in table and "colour after intro" in table
     # every line of the table has as many cells as its head
     assert len({line.count("|") for line in table.splitlines()}) == 1
+
+
+def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys):
+    """--memory-guidance: passed to the pipeline (a 2-segment story renders otherwise), kept in the renders'
+    settings (so a run at another scale renders again) and checked."""
+    heldout = tmp_path / "heldout"
+    generate(heldout, stories=3, min_segments=2, max_segments=2, seed=bench_long_range.HELD_OUT_SEED, progress=False)
+    for other in ("story_00000", "story_00001"):  # story 2 is the one whose segment 2 only names its character
+        for path in heldout.glob(f"{other}*"):
+            path.unlink()
+    model = str(ROOT / "models" / "default")
+    storyboard = json.loads((heldout / "story_00002.storyboard.json").read_text())
+    named = bench_long_range.segment_guidance(storyboard, 0.0, 2.0)
+    assert named == [0.0, 2.0], named  # segment 1 opens the scene; segment 2 only names
+    outputs = {}
+    for m, where in ((0.0, "all"), (2.0, "all"), (2.0, "named")):
+        bench_long_range.sample_child(model, heldout, tmp_path / f"{m}{where}", steps=2, guidance=2.0, seed=0,
+                                      memory_guidance=m, memory_segments=where)
+        outputs[m, where], _ = read_video(tmp_path / f"{m}{where}" / "story_00002.mp4")
+    assert np.abs(outputs[0.0, "all"].astype(float) - outputs[2.0, "all"]).mean() > 0.5
+    assert np.abs(outputs[2.0, "named"].astype(float) - outputs[2.0, "all"]).mean() > 0.5
+    common = ["--variants", "linear", "--trained", f"linear={model}"]
+    args = bench_long_range.parse_args([*common, "--memory-guidance", "1.5"])
+    settings = bench_long_range.sampling_settings(args, Path(model), "recall")
+    assert settings["memory_guidance"] == 1.5 and settings["memory_segments"] == "all"
+    args = bench_long_range.parse_args([*common, "--memory-guidance", "1.5", "--memory-segments", "named"])
+    assert bench_long_range.sampling_settings(args, Path(model), "joint")["memory_segments"] == "named"
+    plain = bench_long_range.sampling_settings(bench_long_range.parse_args(common), Path(model), "recall")
+    assert "memory_guidance" not in plain  # earlier runs' renders stay valid
+    with pytest.raises(SystemExit) as error:
+        bench_long_range.parse_args([*common, "--memory-guidance", "-1"])
+    assert error.value.code == 2
+    assert "--memory-guidance: expected a number >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_guidance_named_lowers_only_the_segments_that_only_name_characters():

@@ -5,6 +5,7 @@ per later segment, so n segments make 8 n + 1 frames. The pipeline's default fps
 here 8/3 fps, so every segment plays for exactly 3 s (CogVideoX: 48 frames, 16 fps).
 """
 
+import copy
 from fractions import Fraction
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, FirstBlockCacheConfig
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, TEXT_LEN, WIDTH, tiny_components
 
 from models import CogVideoXTTTTransformer3DModel
@@ -325,6 +326,82 @@ def test_guidance_per_segment(pipe):
                            ("6", "guidance_scale: expected a number or one per segment, got '6'")):
         with pytest.raises(ValueError, match=message):
             generate(pipe, storyboard, guidance_scale=scale)
+
+
+def local_attention_copy(pipe: TTTVideoPipeline) -> TTTVideoPipeline:
+    """The same pipeline with every block's TTT layer removed (ttt None: local attention only), by hand."""
+    transformer = copy.deepcopy(pipe.transformer)
+    for block in transformer.transformer_blocks:
+        block.ttt = None
+    local = TTTVideoPipeline(transformer=transformer, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                             tokenizer=pipe.tokenizer, scheduler=pipe.scheduler)
+    local.set_progress_bar_config(disable=True)
+    return local
+
+
+def test_ttt_skipped_is_local_attention_and_restores(pipe):
+    """Inside `ttt_skipped()` the transformer computes what it computes with its TTT layers removed; on leaving
+    (also by an exception) the TTT layers run again."""
+    transformer, local = pipe.transformer, local_attention_copy(pipe).transformer
+    generator = torch.Generator().manual_seed(3)
+    frames = FRAMES_FIRST + FRAMES_PER_SEGMENT
+    inputs = {"hidden_states": torch.randn(1, frames, LATENT_CHANNELS, HEIGHT // 8, WIDTH // 8, generator=generator),
+              "encoder_hidden_states": torch.randn(1, 2, TEXT_LEN, transformer.config.text_embed_dim,
+                                                   generator=generator),
+              "timestep": torch.tensor([500]), "return_dict": False}
+    with torch.no_grad():
+        with_ttt = transformer(**inputs)[0]
+        with transformer.ttt_skipped():
+            skipped = transformer(**inputs)[0]
+        without_ttt = local(**inputs)[0]
+        torch.testing.assert_close(skipped, without_ttt, rtol=0, atol=0)
+        assert (with_ttt - skipped).abs().max() > 1e-4  # the gates are open: TTT changes the prediction
+        with pytest.raises(RuntimeError, match="inside"), transformer.ttt_skipped():
+            raise RuntimeError("inside")
+        torch.testing.assert_close(transformer(**inputs)[0], with_ttt, rtol=0, atol=0)
+    assert transformer.has_ttt and not local.has_ttt
+
+
+def test_memory_guidance_adds_the_ttt_difference(pipe):
+    """memory_guidance_scale m adds m x (conditional prediction - the same without TTT) to the guided prediction.
+    After one DDIM step (affine in the prediction, the same noise) the latents are those of the guided call plus m x
+    (the unguided call's - the TTT-less copy's unguided call's); per segment, each segment's frames follow its own
+    m; m = 0 is the plain call exactly."""
+    storyboard = story(["a red ball rolls", "a blue box", "a green cone"], scene_starts=[2])
+    one_step = {"num_inference_steps": 1, "output_type": "latent"}
+    guided = generate(pipe, storyboard, guidance_scale=3.0, **one_step)
+    conditional = generate(pipe, storyboard, guidance_scale=1.0, **one_step)
+    local = generate(local_attention_copy(pipe), storyboard, guidance_scale=1.0, **one_step)
+    assert (conditional - local).abs().max() > 1e-4
+    for m in (0.5, 2.0):
+        expected = guided + m * (conditional - local)
+        torch.testing.assert_close(generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=m,
+                                            **one_step), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(generate(pipe, storyboard, guidance_scale=1.0, memory_guidance_scale=2.0, **one_step),
+                               conditional + 2.0 * (conditional - local), rtol=1e-4, atol=1e-5)
+    assert torch.equal(generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=0.0, **one_step), guided)
+    mixed = generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=[2.0, 0.0, 0.5], **one_step)
+    segments = [slice(0, FRAMES_FIRST), slice(FRAMES_FIRST, FRAMES_FIRST + FRAMES_PER_SEGMENT),
+                slice(FRAMES_FIRST + FRAMES_PER_SEGMENT, None)]
+    for frames, m in zip(segments, (2.0, 0.0, 0.5)):
+        expected = guided + m * (conditional - local)
+        torch.testing.assert_close(mixed[:, frames], expected[:, frames], rtol=1e-4, atol=1e-5)
+    assert pipe.transformer.has_ttt and not any(block.ttt_skipped for block in pipe.transformer.transformer_blocks)
+
+
+def test_memory_guidance_errors(pipe):
+    storyboard = story(["a red ball rolls", "a blue box"])
+    for scale, message in ((-1.0, "memory_guidance_scale: expected a finite number >= 0, got -1.0"),
+                           ([1.0], r"memory_guidance_scale: expected a number or one per segment \(2\), got 1"),
+                           ([1.0, float("nan")], r"memory_guidance_scale\[1\] \(segment 2\): expected a finite")):
+        with pytest.raises(ValueError, match=message):
+            generate(pipe, storyboard, memory_guidance_scale=scale)
+    with pytest.raises(ValueError, match="memory_guidance_scale: this transformer has no TTT layers"):
+        generate(local_attention_copy(pipe), storyboard, memory_guidance_scale=1.0)
+    cached = make_pipeline()
+    cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    with pytest.raises(ValueError, match="memory_guidance_scale: not combined with cache hooks"):
+        generate(cached, storyboard, memory_guidance_scale=1.0)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

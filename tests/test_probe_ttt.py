@@ -90,3 +90,44 @@ def test_context_inputs_give_segment_one_clean(tmp_path):
     config, scale = pipe.transformer.config, pipe.vae_scale_factor_spatial
     latents = pipe.encode_video(read_video(video)[0], config.sample_height * scale, config.sample_width * scale, "v")
     torch.testing.assert_close(given["hidden_states"][:, :first], latents[:, :first], atol=1e-6, rtol=0)
+
+
+def test_character_pooling_weights_each_token_by_the_characters_share_of_its_pixels(tmp_path):
+    """--pool character: a token's weight is the mean mask value over the pixels it encodes (its 16 x 16 block of the
+    pixel frames its latent frame stands for), in the transformer's token order; the pooled feature is the weighted
+    mean of the segment's tokens. Checked against plain loops over the rendered mask."""
+    import numpy as np
+
+    from pipeline import TTTVideoPipeline
+    from pipeline.toyworld.dataset import load_truth
+    from pipeline.toyworld.render import render_story_mask
+
+    folder = tmp_path / "heldout"
+    generate(folder, stories=1, min_segments=3, max_segments=3, seed=HELD_OUT_SEED, progress=False)
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    samples, raw = probe_ttt.extract(pipe, folder, ["story_00000"], timestep=500, seed=0, progress=False,
+                                     pool="character")
+    layout, weights = raw["layout"], raw["token_weights"]
+    story = load_truth(folder / "story_00000.truth.json")
+    mask = render_story_mask(story, 64).astype(np.float64) / 255.0  # (1 + 24 n, 64, 64)
+    side, pixels = 4, 16  # tokens per row; pixels per token side
+    expected = np.zeros((layout.num_frames, side, side))
+    for frame in range(layout.num_frames):
+        first, last = (0, 0) if frame == 0 else (4 * (frame - 1) + 1, 4 * frame)
+        for row in range(side):
+            for col in range(side):
+                block = mask[first:last + 1, row * pixels:(row + 1) * pixels, col * pixels:(col + 1) * pixels]
+                expected[frame, row, col] = block.mean()
+    assert weights.shape == (layout.num_frames * layout.tokens_per_frame,)
+    np.testing.assert_allclose(weights.numpy(), expected.reshape(-1), atol=1e-6)
+    assert 0 < (weights > 0).float().mean() < 0.5  # the characters cover some tokens, not most
+
+    width = raw["features"][(2, "ttt")].shape[-1]
+    tokens = raw["features"][(2, "ttt")][0].double()
+    for s in samples:
+        frames = (layout.frame_segment == s["segment"]).nonzero().flatten()
+        w = torch.from_numpy(expected[frames.numpy()].reshape(-1))
+        x = tokens.reshape(layout.num_frames, layout.tokens_per_frame, width)[frames].reshape(-1, width)
+        torch.testing.assert_close(s["features"][(2, "ttt")].double(), (w[:, None] * x).sum(0) / w.sum(),
+                                   atol=1e-5, rtol=1e-4)
+    assert samples, "the story has no probed segment"
