@@ -15,7 +15,8 @@ loop). Hooks capture, per block and on video tokens:
 A probed segment is one after segment 1 with exactly one character on stage that was on stage in an earlier segment:
 its text names the character without describing its look, so within the segment only memory can say it. Each feature
 is averaged over the segment's video tokens (`--pool segment`), or weighted by how much of each token's 16 x 16 pixels
-the character covers in the ground truth (`--pool character`: the character's own tokens, not the backdrop's); a
+the character covers in the ground truth (`--pool character`: the character's own tokens, not the backdrop's), or
+kept as the 3 x 3 tokens around the token the character covers most in each frame (`--pool grid`); a
 multinomial logistic regression (standardised features, L2, LBFGS) is fit on the segments of the first 70% of stories
 and tested on the rest, for the character's colour (8 classes) and shape (3). Chance = the majority class's frequency
 on the test split. A model without TTT gets the input rows only.
@@ -142,6 +143,32 @@ def segment_means(tokens, layout, token_weights=None):
     return torch.einsum("btw,tn->bnw", tokens, onehot / onehot.sum(0).clamp_min(1e-12))
 
 
+def segment_grids(tokens, layout, token_weights, radius: int = 1):
+    """(B, T*hw, W) canonical video tokens → (B, n, (2r + 1)^2 * W): per segment, in each latent frame the
+    (2r + 1) x (2r + 1) tokens around the token the character covers most (zeros beyond the frame's edge), averaged
+    over the segment's frames in which the character covers any token, flattened in (row, column, channel) order.
+    Keeps where the character's extent lies relative to its centre, which a mean over tokens loses."""
+    import torch
+
+    batch, _, width = tokens.shape
+    side = int(round(layout.tokens_per_frame ** 0.5))
+    grid = tokens.reshape(batch, layout.num_frames, side, side, width)
+    padded = torch.nn.functional.pad(grid, (0, 0, radius, radius, radius, radius))
+    weights = token_weights.reshape(layout.num_frames, side * side)
+    size = 2 * radius + 1
+    out = torch.zeros(batch, layout.num_segments, size * size * width, dtype=tokens.dtype, device=tokens.device)
+    counts = torch.zeros(layout.num_segments)
+    for frame in range(layout.num_frames):
+        if weights[frame].max() <= 0:
+            continue
+        row, col = divmod(int(weights[frame].argmax()), side)
+        window = padded[:, frame, row:row + size, col:col + size]  # (B, size, size, W)
+        segment = int(layout.frame_segment[frame])
+        out[:, segment] += window.reshape(batch, -1)
+        counts[segment] += 1
+    return out / counts.clamp_min(1).to(out)[None, :, None]
+
+
 def character_token_weights(story, layout, size: int):
     """(T*hw,) float32: the share of each video token's pixels that a character covers in the story's ground truth
     (`render_story_mask` at `size` pixels, pooled onto the latent frames as the loss masks are, then onto the token
@@ -214,8 +241,8 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
             layout = transformer.segment_layout(inputs["encoder_hidden_states"].shape[1], height, width,
                                                 inputs["hidden_states"].device)
             weights = None if pool == "segment" else character_token_weights(story, layout, width * scale)
-            means = {key: segment_means(value, layout, weights)[0].float().cpu()
-                     for key, value in capture.features.items()}
+            pooled = segment_grids if pool == "grid" else segment_means
+            means = {key: pooled(value, layout, weights)[0].float().cpu() for key, value in capture.features.items()}
             for segment, name in probed:
                 samples.append({"story": story_id, "segment": segment, "character": name, **labels(story, name),
                                 "features": {key: m[segment] for key, m in means.items()}})
@@ -306,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every story)")
     p.add_argument("--context", action="store_true", help="segment 1 given clean (recall mode's setting): with a "
                    "high --timestep the later segments' own inputs hold little of the looks")
-    p.add_argument("--pool", choices=("segment", "character"), default="segment",
-                   help="average each feature over the segment's video tokens, or over the character's own (weighted "
-                   "by how much of each token the character covers)")
+    p.add_argument("--pool", choices=("segment", "character", "grid"), default="segment",
+                   help="average each feature over the segment's video tokens, over the character's own (weighted "
+                   "by how much of each token the character covers), or keep the 3 x 3 tokens around the "
+                   "character's centre (averaged over frames; 9 times the features)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="L2 on the probe's weights")
     p.add_argument("--steps", type=int, default=300, help="LBFGS iterations per probe")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "probe_ttt",
