@@ -143,25 +143,26 @@ def segment_means(tokens, layout, token_weights=None):
     return torch.einsum("btw,tn->bnw", tokens, onehot / onehot.sum(0).clamp_min(1e-12))
 
 
-def segment_grids(tokens, layout, token_weights, radius: int = 1):
-    """(B, T*hw, W) canonical video tokens → (B, n, (2r + 1)^2 * W): per segment, in each latent frame the
+def segment_grids(tokens, layout, token_weights, grid: tuple[int, int], radius: int = 1):
+    """(B, T*hw, W) canonical video tokens on a grid of (rows, columns) tokens per frame → (B, n, (2r + 1)^2 * W):
+    per segment, in each latent frame the
     (2r + 1) x (2r + 1) tokens around the token the character covers most (zeros beyond the frame's edge), averaged
     over the segment's frames in which the character covers any token, flattened in (row, column, channel) order.
     Keeps where the character's extent lies relative to its centre, which a mean over tokens loses."""
     import torch
 
     batch, _, width = tokens.shape
-    side = int(round(layout.tokens_per_frame ** 0.5))
-    grid = tokens.reshape(batch, layout.num_frames, side, side, width)
-    padded = torch.nn.functional.pad(grid, (0, 0, radius, radius, radius, radius))
-    weights = token_weights.reshape(layout.num_frames, side * side)
+    rows, cols = grid
+    frames = tokens.reshape(batch, layout.num_frames, rows, cols, width)
+    padded = torch.nn.functional.pad(frames, (0, 0, radius, radius, radius, radius))
+    weights = token_weights.reshape(layout.num_frames, rows * cols)
     size = 2 * radius + 1
     out = torch.zeros(batch, layout.num_segments, size * size * width, dtype=tokens.dtype, device=tokens.device)
     counts = torch.zeros(layout.num_segments)
     for frame in range(layout.num_frames):
         if weights[frame].max() <= 0:
             continue
-        row, col = divmod(int(weights[frame].argmax()), side)
+        row, col = divmod(int(weights[frame].argmax()), cols)
         window = padded[:, frame, row:row + size, col:col + size]  # (B, size, size, W)
         segment = int(layout.frame_segment[frame])
         out[:, segment] += window.reshape(batch, -1)
@@ -169,7 +170,7 @@ def segment_grids(tokens, layout, token_weights, radius: int = 1):
     return out / counts.clamp_min(1).to(out)[None, :, None]
 
 
-def character_token_weights(story, layout, size: int):
+def character_token_weights(story, layout, grid: tuple[int, int], size: int):
     """(T*hw,) float32: the share of each video token's pixels that a character covers in the story's ground truth
     (`render_story_mask` at `size` pixels, pooled onto the latent frames as the loss masks are, then onto the token
     grid), in canonical token order (frame, row, column)."""
@@ -177,8 +178,7 @@ def character_token_weights(story, layout, size: int):
     from pipeline.toyworld.render import render_story_mask
 
     mask = render_story_mask(story, size)[..., None]  # (F, H, W, 1)
-    side = int(round(layout.tokens_per_frame ** 0.5))
-    return pool_mask(mask, layout.num_frames, side, side).reshape(-1)
+    return pool_mask(mask, layout.num_frames, *grid).reshape(-1)
 
 
 def story_inputs(pipe, video_path: Path, storyboard_path: Path, timestep: int, seed: int, context: bool = False):
@@ -226,7 +226,7 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
     from pipeline.toyworld.dataset import load_truth
 
     transformer = pipe.transformer
-    scale = pipe.vae_scale_factor_spatial
+    scale, patch = pipe.vae_scale_factor_spatial, transformer.config.patch_size
     samples, raw = [], {}
     with FeatureCapture(transformer, keep_inputs) as capture, torch.no_grad():
         for story_id in tqdm(story_ids, desc="stories", unit="story", disable=not progress):
@@ -240,9 +240,11 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
             _, frames, _, height, width = inputs["hidden_states"].shape
             layout = transformer.segment_layout(inputs["encoder_hidden_states"].shape[1], height, width,
                                                 inputs["hidden_states"].device)
-            weights = None if pool == "segment" else character_token_weights(story, layout, width * scale)
-            pooled = segment_grids if pool == "grid" else segment_means
-            means = {key: pooled(value, layout, weights)[0].float().cpu() for key, value in capture.features.items()}
+            grid = (height // patch, width // patch)  # tokens per frame: rows, columns
+            weights = None if pool == "segment" else character_token_weights(story, layout, grid, width * scale)
+            means = {key: (segment_grids(value, layout, weights, grid) if pool == "grid"
+                           else segment_means(value, layout, weights))[0].float().cpu()
+                     for key, value in capture.features.items()}
             for segment, name in probed:
                 samples.append({"story": story_id, "segment": segment, "character": name, **labels(story, name),
                                 "features": {key: m[segment] for key, m in means.items()}})

@@ -542,15 +542,16 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             clean = context.latents.to(latents.dtype)
             latents = torch.where(keep_frames, clean, latents)
 
-        if per_segment:  # (1, T, 1, 1, 1): each latent frame its segment's scale (a reference's: 1, it is kept)
+        def per_frame(scales: list[float], reference_scale: float) -> torch.Tensor:
+            """(1, T, 1, 1, 1): each latent frame its segment's scale (a reference's segments: reference_scale)."""
             frame_segment = frame_segments(num_segments, config.latent_frames_first, config.latent_frames_per_segment)
-            scales = torch.tensor([1.0] * num_reference + guidance_scale, device=device)
-            guidance_scale = scales[frame_segment.to(device)].view(1, -1, 1, 1, 1)
-            self._guidance_scale = guidance_scale
-        if memory_per_segment:  # the same per frame; a reference's segments: 0
-            frame_segment = frame_segments(num_segments, config.latent_frames_first, config.latent_frames_per_segment)
-            memory_scale = torch.tensor([0.0] * num_reference + memory_scale, device=device)
-            memory_scale = memory_scale[frame_segment.to(device)].view(1, -1, 1, 1, 1)
+            return torch.tensor([reference_scale] * num_reference + scales, device=device)[
+                frame_segment.to(device)].view(1, -1, 1, 1, 1)
+
+        if per_segment:  # a reference is kept: 1 (its prediction as it is), 0 (no memory push)
+            guidance_scale = self._guidance_scale = per_frame(guidance_scale, 1.0)
+        if memory_per_segment:
+            memory_scale = per_frame(memory_scale, 0.0)
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind

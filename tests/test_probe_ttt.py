@@ -135,33 +135,36 @@ def test_character_pooling_weights_each_token_by_the_characters_share_of_its_pix
 
 def test_grid_pooling_keeps_the_tokens_around_the_characters_centre():
     """--pool grid: per frame the 3 x 3 tokens around the most covered token (zeros past the edge), averaged over the
-    segment's frames that show the character; checked against plain loops on random tokens and weights."""
+    segment's frames that show the character; checked against plain loops on random tokens and weights, on a grid
+    that is not square (3 rows of 5 tokens), so rows and columns cannot be swapped unnoticed."""
     generator = torch.Generator().manual_seed(0)
+    rows, cols, per_frame = 3, 5, 15
 
-    class Layout:  # the three fields segment_grids reads, for 3 segments of 2 frames of a 4 x 4 token grid
-        num_frames, tokens_per_frame, num_segments = 6, 16, 3
+    class Layout:  # what segment_grids reads: 3 segments of 2 latent frames each
+        num_frames, num_segments = 6, 3
         frame_segment = torch.tensor([0, 0, 1, 1, 2, 2])
 
     width = 5
-    tokens = torch.randn(1, 6 * 16, width, generator=generator, dtype=torch.float64)
-    weights = torch.rand(6 * 16, generator=generator, dtype=torch.float64)
-    weights = weights * (torch.rand(6 * 16, generator=generator) > 0.7)
-    weights[4 * 16:5 * 16] = 0  # frame 4 shows no character: segment 2 averages frame 5 alone
-    weights[0 * 16 + 0] = 5.0  # frame 0's centre in the corner: the window runs off the grid
-    got = probe_ttt.segment_grids(tokens, Layout, weights)
+    tokens = torch.randn(1, 6 * per_frame, width, generator=generator, dtype=torch.float64)
+    weights = torch.rand(6 * per_frame, generator=generator, dtype=torch.float64)
+    weights = weights * (torch.rand(6 * per_frame, generator=generator) > 0.7)
+    weights[4 * per_frame:5 * per_frame] = 0  # frame 4 shows no character: segment 2 averages frame 5 alone
+    weights[0 * per_frame + 0] = 5.0  # frame 0's centre in the corner: the window runs off the grid
+    weights[1 * per_frame + 9] = 5.0  # frame 1's centre at row 1, column 4: the right edge
+    got = probe_ttt.segment_grids(tokens, Layout, weights, (rows, cols))
     assert got.shape == (1, 3, 9 * width)
-    grid = tokens[0].reshape(6, 4, 4, width)
+    grid = tokens[0].reshape(6, rows, cols, width)
     for segment, frames in enumerate(([0, 1], [2, 3], [4, 5])):
         windows = []
         for frame in frames:
-            w = weights[frame * 16:(frame + 1) * 16]
+            w = weights[frame * per_frame:(frame + 1) * per_frame]
             if w.max() <= 0:
                 continue
-            row, col = divmod(int(w.argmax()), 4)
+            row, col = divmod(int(w.argmax()), cols)
             window = torch.zeros(3, 3, width, dtype=torch.float64)
             for dr in (-1, 0, 1):
                 for dc in (-1, 0, 1):
-                    if 0 <= row + dr < 4 and 0 <= col + dc < 4:
+                    if 0 <= row + dr < rows and 0 <= col + dc < cols:
                         window[dr + 1, dc + 1] = grid[frame, row + dr, col + dc]
             windows.append(window.reshape(-1))
         torch.testing.assert_close(got[0, segment], torch.stack(windows).mean(0), rtol=0, atol=1e-12)
