@@ -2,6 +2,7 @@
 context against the same segment with a counterfactual context in which one character looks different.
 
     python benchmarks/bench_memory.py NAME=MODEL [NAME=MODEL ...] [--stories 20] [--timesteps 500,800,950]
+        [--swap look|shape|colour]
 
 For each held-out 20-segment toy-world story (the long-range benchmark's: seed 1000, made on first use in
 OUT/heldout) and each probed segment s (probe_ttt.probe_segments: a segment after the first with exactly one character
@@ -10,7 +11,9 @@ are built from the toy world's own renders (numpy frames, no video codec), encod
 
     true      segments 1..s of the story
     swapped   segments 1..s-1 of the story rendered with that character in another look (another colour and shape,
-              same size; its introduction's text describes the new look), then segment s of the true story
+              same size; its introduction's text describes the new look), then segment s of the true story;
+              --swap shape / colour changes only that part, to see which part of the look memory carries and at
+              which noise levels knowing it lowers the loss
 
 Segments 1..s-1 enter clean (timestep 0), segment s noised at each timestep with the same noise in both sequences,
 and the training objective's weighted squared error (pipeline.training.loss) is read on segment s: over all its latent
@@ -45,21 +48,29 @@ REGIONS = ("segment", "character")
 
 # the counterfactual story
 
-def swapped_look(story, name: str):
-    """Another look for `name`: the next shape, and the first colour after its own that no one in the cast wears."""
+SWAPS = ("look", "shape", "colour")  # what the counterfactual changes: both parts, or one
+
+
+def swapped_look(story, name: str, swap: str = "look"):
+    """Another look for `name`: the next shape and the first colour after its own that no one in the cast wears
+    (swap "look"), or only one of the two ("shape", "colour"); the size stays."""
     from pipeline.toyworld.world import COLORS, SHAPES
 
+    if swap not in SWAPS:
+        raise ValueError(f"swap: expected one of {', '.join(SWAPS)}, got {swap!r}")
     look = story.cast[name]
     taken = {a.color for a in story.cast.values()}
     colors = list(COLORS)
     start = colors.index(look.color)
     color = next(c for c in colors[start + 1:] + colors[:start] if c not in taken)
-    return replace(look, shape=SHAPES[(SHAPES.index(look.shape) + 1) % len(SHAPES)], color=color)
+    shape = SHAPES[(SHAPES.index(look.shape) + 1) % len(SHAPES)]
+    return replace(look, shape=look.shape if swap == "colour" else shape,
+                   color=look.color if swap == "shape" else color)
 
 
-def swapped_story(story, name: str):
+def swapped_story(story, name: str, swap: str = "look"):
     """The story with `name` in `swapped_look`: cast and texts (both registers) describe the new look."""
-    old, new = story.cast[name], swapped_look(story, name)
+    old, new = story.cast[name], swapped_look(story, name, swap)
     cast = {n: (new if n == name else a) for n, a in story.cast.items()}
 
     def retell(text: str) -> str:
@@ -168,9 +179,9 @@ class MemoryProbe:
 
 
 def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed: int = 0,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, swap: str = "look") -> list[dict]:
     """One row per probed segment of the given stories in `folder` (<id>.truth.json): story, segment, character,
-    adjacent, and the losses of `MemoryProbe.gain`."""
+    adjacent, and the losses of `MemoryProbe.gain`; the counterfactual changes what `swap` names."""
     from tqdm.auto import tqdm
 
     from pipeline.toyworld.dataset import load_truth
@@ -188,7 +199,7 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
         true_frames = render_story(story, probe.size)
         true, dense = probe.encode(story, true_frames), probe.encode_dense_text(story)
         for name in dict.fromkeys(p["character"] for p in chosen):
-            other = swapped_story(story, name)
+            other = swapped_story(story, name, swap)
             other_frames = render_story(other, probe.size)
             swapped = probe.encode(other, other_frames)
             for p in (p for p in chosen if p["character"] == name):
@@ -256,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stories", type=int, default=20, help="held-out 20-segment stories")
     p.add_argument("--timesteps", type=parse_timesteps, default=[500, 800, 950], help="noise levels of segment s")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--swap", choices=SWAPS, default="look",
+                   help="what the counterfactual look changes: colour and shape (look), or only one of them")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_memory",
                    help="results.json goes here; the held-out stories are made in OUT/heldout")
     args = p.parse_args(argv)
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = TTTVideoPipeline.from_pretrained(path)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         pipe.set_progress_bar_config(disable=True)
-        rows = measure(pipe, folder, story_ids, args.timesteps, args.seed)
+        rows = measure(pipe, folder, story_ids, args.timesteps, args.seed, swap=args.swap)
         summaries[name] = summarize(rows, args.timesteps)
         results["models"][name] = {"path": path, "ttt_type": pipe.transformer.config.ttt_type,
                                    "summary": summaries[name], "rows": rows}

@@ -214,7 +214,7 @@ def story_inputs(pipe, video_path: Path, storyboard_path: Path, timestep: int, s
 
 
 def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int = 0, progress: bool = True,
-            keep_inputs: bool = False, context: bool = False, pool: str = "segment"):
+            keep_inputs: bool = False, context: bool = False, pool: str = "segment", radius: int = 1):
     """Probe features of the given stories in `folder` (<id>.mp4, .storyboard.json, .truth.json).
 
     Returns (samples, raw): samples, one dict per probed segment (story, segment, character, color, shape and
@@ -242,7 +242,7 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
                                                 inputs["hidden_states"].device)
             grid = (height // patch, width // patch)  # tokens per frame: rows, columns
             weights = None if pool == "segment" else character_token_weights(story, layout, grid, width * scale)
-            means = {key: (segment_grids(value, layout, weights, grid) if pool == "grid"
+            means = {key: (segment_grids(value, layout, weights, grid, radius) if pool == "grid"
                            else segment_means(value, layout, weights))[0].float().cpu()
                      for key, value in capture.features.items()}
             for segment, name in probed:
@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="average each feature over the segment's video tokens, over the character's own (weighted "
                    "by how much of each token the character covers), or keep the 3 x 3 tokens around the "
                    "character's centre (averaged over frames; 9 times the features)")
+    p.add_argument("--radius", type=int, default=1, help="--pool grid: the (2 r + 1) x (2 r + 1) tokens around the "
+                   "character's centre (0: that token alone, whether one token's features hold the shape)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="L2 on the probe's weights")
     p.add_argument("--steps", type=int, default=300, help="LBFGS iterations per probe")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "probe_ttt",
@@ -351,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--stories must be at least 2 (a train and a test split)")
     if not 0 <= args.timestep < 1000:
         p.error("--timestep must be in [0, 1000)")
+    if args.radius < 0:
+        p.error("--radius must be at least 0")
 
     import torch
     from bench_long_range import held_out_stories
@@ -365,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.timestep >= pipe.scheduler.config.num_train_timesteps:
         p.error(f"--timestep must be below {pipe.scheduler.config.num_train_timesteps}")
     story_ids = sorted(path.name[: -len(".storyboard.json")] for path in folder.glob("*.storyboard.json"))
-    samples, _ = extract(pipe, folder, story_ids, args.timestep, args.seed, context=args.context, pool=args.pool)
+    samples, _ = extract(pipe, folder, story_ids, args.timestep, args.seed, context=args.context, pool=args.pool,
+                         radius=args.radius)
     n_train = min(len(story_ids) - 1, max(1, round(TRAIN_FRACTION * len(story_ids))))
     rows, info = probe(samples, set(story_ids[:n_train]), args.weight_decay, args.steps)
     if not rows:

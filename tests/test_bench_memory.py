@@ -52,6 +52,22 @@ def test_swapped_story_changes_one_look_and_its_description():
         assert np.array_equal(a[start:end], b[start:end]), i
 
 
+def test_swap_shape_or_colour_changes_only_that_part():
+    story = story_with_probes(6)
+    name = bench_memory.probes(story)[0]["character"]
+    old, both = story.cast[name], bench_memory.swapped_look(story, name)
+    shape, colour = (bench_memory.swapped_look(story, name, swap) for swap in ("shape", "colour"))
+    assert (shape.shape, shape.color, shape.size) == (both.shape, old.color, old.size)
+    assert (colour.shape, colour.color, colour.size) == (old.shape, both.color, old.size)
+    other = bench_memory.swapped_story(story, name, "shape")
+    assert other.cast[name] == shape and any(shape.describe() in s.text for s in other.segments)
+    # only the outline differs: fewer changed pixels than with the colour changed too
+    a, b, c = render_story(story), render_story(other), render_story(bench_memory.swapped_story(story, name))
+    assert 0 < (a != b).any(-1).sum() < (a != c).any(-1).sum()
+    with pytest.raises(ValueError, match="swap: expected one of look, shape, colour, got 'size'"):
+        bench_memory.swapped_look(story, name, "size")
+
+
 @pytest.fixture(scope="module")
 def pipe():
     from pipeline import TTTVideoPipeline

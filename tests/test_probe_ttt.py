@@ -132,6 +132,16 @@ def test_character_pooling_weights_each_token_by_the_characters_share_of_its_pix
                                    atol=1e-5, rtol=1e-4)
     assert samples, "the story has no probed segment"
 
+    # --pool grid --radius r reaches the pooling: (2 r + 1)^2 tokens' features per segment, the same forward pass
+    for radius in (0, 1):
+        grids, _ = probe_ttt.extract(pipe, folder, ["story_00000"], timestep=500, seed=0, progress=False,
+                                     pool="grid", radius=radius)
+        expected = probe_ttt.segment_grids(raw["features"][(2, "ttt")], layout, weights,
+                                           (layout.tokens_per_frame // side, side), radius)[0].float()
+        assert grids[0]["features"][(2, "ttt")].shape == ((2 * radius + 1) ** 2 * width,)
+        for s in grids:
+            torch.testing.assert_close(s["features"][(2, "ttt")], expected[s["segment"]])
+
 
 def test_grid_pooling_keeps_the_tokens_around_the_characters_centre():
     """--pool grid: per frame the 3 x 3 tokens around the most covered token (zeros past the edge), averaged over the
@@ -168,3 +178,14 @@ def test_grid_pooling_keeps_the_tokens_around_the_characters_centre():
                         window[dr + 1, dc + 1] = grid[frame, row + dr, col + dc]
             windows.append(window.reshape(-1))
         torch.testing.assert_close(got[0, segment], torch.stack(windows).mean(0), rtol=0, atol=1e-12)
+    # --radius 0: the most covered token alone, averaged over the same frames
+    centre = probe_ttt.segment_grids(tokens, Layout, weights, (rows, cols), radius=0)
+    assert centre.shape == (1, 3, width)
+    for segment, frames in enumerate(([0, 1], [2, 3], [4, 5])):
+        picked = []
+        for frame in frames:
+            w = weights[frame * per_frame:(frame + 1) * per_frame]
+            if w.max() > 0:
+                row, col = divmod(int(w.argmax()), cols)
+                picked.append(grid[frame, row, col])
+        torch.testing.assert_close(centre[0, segment], torch.stack(picked).mean(0), rtol=0, atol=1e-12)
