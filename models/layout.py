@@ -20,6 +20,8 @@ import torch
 from diffusers.models.embeddings import get_3d_rotary_pos_embed
 from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
+TTT_ROPES = ("global", "spatial", "none")  # where the TTT RoPE puts a video token (segment_layout)
+
 
 def num_latent_frames(num_segments: int, frames_first: int, frames_per_segment: int) -> int:
     """T = first + (n - 1) * per_segment latent frames (13 + 12 (n - 1) for CogVideoX)."""
@@ -181,13 +183,19 @@ def segment_layout(
     ttt_head_dim: int | None,
     device: str = "cpu",
     full_attention: bool = False,
+    ttt_rope: str = "global",
 ) -> SegmentLayout:
     """The layout of one shape (cached).
 
     grid: (h, w) of the patch grid; base_grid: (h, w) of the model's sample size in patches (window RoPE crops
     the same way diffusers' CogVideoXPipeline does); attention_head_dim: None for models without RoPE;
-    ttt_head_dim: None when no TTT RoPE is needed; full_attention: also build the all-frames attention RoPE.
+    ttt_head_dim: None when no TTT RoPE is needed; full_attention: also build the all-frames attention RoPE;
+    ttt_rope: "global" (the TTT RoPE at each token's global frame, row and column) or "spatial" (row and column
+    only: every frame at temporal position 0, so a key and a query meet at their spatial offset however far apart
+    in time they are) or "none" (no TTT RoPE: keys and queries meet by content alone).
     """
+    if ttt_rope not in TTT_ROPES:
+        raise ValueError(f"ttt_rope must be one of {TTT_ROPES}, got {ttt_rope!r}")
     hw = grid[0] * grid[1]
     num_frames = num_latent_frames(num_segments, frames_first, frames_per_segment)
     frames, valid = _window_frame_table(num_segments, frames_first, frames_per_segment, overlap_frames)
@@ -216,12 +224,15 @@ def segment_layout(
     forward, reverse = _ttt_orders(num_segments, text_len, hw, segments)
 
     n_text = num_segments * text_len
-    ttt_rope = None
-    if ttt_head_dim is not None:
-        # global frame positions: one table over all T frames, uncropped grid; text tokens get none
-        cos, sin = _rope_3d(ttt_head_dim, grid, num_frames, ((0, 0), grid))
-        ttt_rope = (torch.cat([torch.ones(n_text, ttt_head_dim), cos]),
-                    torch.cat([torch.zeros(n_text, ttt_head_dim), sin]))
+    ttt_table = None
+    if ttt_head_dim is not None and ttt_rope != "none":
+        # frame, row and column of every video token on the uncropped grid; text tokens get none
+        if ttt_rope == "global":
+            cos, sin = _rope_3d(ttt_head_dim, grid, num_frames, ((0, 0), grid))
+        else:  # frame 0's table for every frame: the temporal part of the rotation is the identity
+            cos, sin = (t.repeat(num_frames, 1) for t in _rope_3d(ttt_head_dim, grid, 1, ((0, 0), grid)))
+        ttt_table = (torch.cat([torch.ones(n_text, ttt_head_dim), cos]),
+                     torch.cat([torch.zeros(n_text, ttt_head_dim), sin]))
 
     def dev(t):
         return None if t is None else t.to(device)
@@ -230,7 +241,7 @@ def segment_layout(
         return None if pair is None else tuple(t.to(device) for t in pair)
 
     def token_order(index: torch.Tensor) -> TokenOrder:
-        rope = None if ttt_rope is None else (ttt_rope[0][index], ttt_rope[1][index])
+        rope = None if ttt_table is None else (ttt_table[0][index], ttt_table[1][index])
         return TokenOrder(dev(index), dev(torch.argsort(index)), dev_pair(rope), n_text)
 
     return SegmentLayout(

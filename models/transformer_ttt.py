@@ -31,14 +31,14 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.atomic import atomic_path
 
 from .context_parallel import ContextParallel, check_heads
-from .layout import SegmentLayout, TokenOrder, num_latent_frames, segment_layout
+from .layout import TTT_ROPES, SegmentLayout, TokenOrder, num_latent_frames, segment_layout
 from .segment_conditioning import ada_layer_norm, gated, layer_norm_zero, time_embedding
 from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
 # the arguments TTT adds to CogVideoX's; their types and defaults are the model's signature (`ttt_config_fields`)
 TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
                    "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
-                   "overlap_frames", "checkpoint_ttt", "attention_window")
+                   "overlap_frames", "checkpoint_ttt", "attention_window", "ttt_rope")
 TRAINABLE_MODES = ("full", "ttt", "ttt+attn", "lora")  # set_trainable's modes
 ATTENTION_WINDOWS = ("segment", "full")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
@@ -143,6 +143,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         latent_frames_first, latent_frames_per_segment: 13 and 12 for CogVideoX (1 + 48 frames, then 48 per 3 s).
         overlap_frames: 1 puts the last frame of segment i-1 in segment i's attention window (averaged), 0 does not.
         checkpoint_ttt: activation checkpointing around each TTT call inside a block.
+        ttt_rope: "global" (the design's: each video token's frame, row and column), "spatial" (row and column only)
+            or "none" (keys and queries meet by content alone); docs/results.md, "What memory carries of a look".
     Baselines for the long-range benchmark: ttt_type="none" (segment-local attention only) and
     attention_window="full" (one attention window over every text and frame: quadratic in length).
     """
@@ -193,6 +195,7 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         overlap_frames: int = 1,
         checkpoint_ttt: bool = False,
         attention_window: str = "segment",
+        ttt_rope: str = "global",
     ):
         if patch_size_t is not None:
             raise ValueError(
@@ -202,6 +205,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
             raise ValueError(f"ttt_type must be one of {(*TTT_TYPES, 'none')}, got {ttt_type!r}")
         if attention_window not in ATTENTION_WINDOWS:
             raise ValueError(f"attention_window must be one of {ATTENTION_WINDOWS}, got {attention_window!r}")
+        if ttt_rope not in TTT_ROPES:
+            raise ValueError(f"ttt_rope must be one of {TTT_ROPES}, got {ttt_rope!r}")
         if overlap_frames not in (0, 1):
             raise ValueError(f"overlap_frames must be 0 or 1, got {overlap_frames}")
         if latent_frames_first < 1 or latent_frames_per_segment < 1:
@@ -412,7 +417,7 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
             (height // p, width // p), (c.sample_height // p, c.sample_width // p),
             c.attention_head_dim if c.use_rotary_positional_embeddings else None,
             None if c.ttt_type == "none" else (c.ttt_head_dim or c.attention_head_dim), str(device),
-            c.attention_window == "full",
+            c.attention_window == "full", c.ttt_rope,
         )
 
     @apply_lora_scale("attention_kwargs")

@@ -1,6 +1,7 @@
 """The TTT-augmented CogVideoX against stock diffusers CogVideoX (docs/design.md, "One transformer block with TTT")."""
 
 import copy
+import tempfile
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_layout_maps(overlap):
     torch.testing.assert_close(layout.from_windows(layout.to_windows(x)), x)
 
 
-def rope_at(frame: int, y: int, x: int, head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_at_global(frame: int, y: int, x: int, head_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos, sin) each (head_dim,) of one video token: diffusers' 1-D RoPE at its global frame, row and column, on
     D/4, 3D/8 and 3D/8 channels (the split of get_3d_rotary_pos_embed)."""
     parts = [get_1d_rotary_pos_embed(dim, torch.tensor([float(pos)]), use_real=True)
@@ -124,11 +125,14 @@ def rope_at(frame: int, y: int, x: int, head_dim: int = 16) -> tuple[torch.Tenso
     return torch.cat([cos[0] for cos, _ in parts]), torch.cat([sin[0] for _, sin in parts])
 
 
-def test_ttt_rope_is_global_frames_in_forward_and_reverse_order():
+@pytest.mark.parametrize("ttt_rope", ["global", "spatial"])
+def test_ttt_rope_is_global_frames_in_forward_and_reverse_order(ttt_rope):
     """Every token of the TTT orders gets the RoPE of its global latent frame (not its place in a window or in the
-    order), text tokens none; frames written out: 3 segments of 3, 2, 2 latent frames on a 2 x 3 grid."""
+    order), text tokens none; frames written out: 3 segments of 3, 2, 2 latent frames on a 2 x 3 grid. "spatial"
+    keeps the row and column and puts every frame at temporal position 0."""
     text_len, (h, w) = 2, (2, 3)
-    layout = segment_layout(3, 3, 2, 1, text_len, (h, w), (h, w), None, 16)
+    layout = segment_layout(3, 3, 2, 1, text_len, (h, w), (h, w), None, 16, ttt_rope=ttt_rope)
+    rope_at = (lambda frame, y, x: rope_at_global(0, y, x)) if ttt_rope == "spatial" else rope_at_global
     forward = [[0, 1, 2], [3, 4], [5, 6]]  # the frames of segments 1, 2, 3
     reverse = [[6, 5], [4, 3], [2, 1, 0]]  # segments 3, 2, 1, frames reversed
     text = (torch.ones(16), torch.zeros(16))  # the identity rotation
@@ -138,6 +142,24 @@ def test_ttt_rope_is_global_frames_in_forward_and_reverse_order():
                 for row in [text] * text_len + [rope_at(f, y, x) for f in frames for y in range(h) for x in range(w)]]
         torch.testing.assert_close(cos, torch.stack([c for c, _ in rows]))
         torch.testing.assert_close(sin, torch.stack([s for _, s in rows]))
+
+
+def test_ttt_rope_none_and_the_model_config_reach_the_layout(base):
+    """ttt_rope="none" leaves TTT without a RoPE table; the model's config picks the table, survives save/load, and an
+    unknown value is refused by name."""
+    assert segment_layout(3, 3, 2, 1, 2, (2, 2), (2, 2), None, 16, ttt_rope="none").forward.rope is None
+    model = ttt_model(base, ttt_rope="spatial")
+    cos, _ = model.segment_layout(3, 4, 4, "cpu").forward.rope
+    text_len = model.config.max_text_seq_length
+    hw = (4 // model.config.patch_size) ** 2
+    first, later = cos[text_len:text_len + hw], cos[-hw:]  # segment 1's first frame, the last segment's last frame
+    torch.testing.assert_close(first, later)  # frame 0's rotation everywhere
+    assert not torch.equal(ttt_model(base).segment_layout(3, 4, 4, "cpu").forward.rope[0][-hw:], first)
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        assert CogVideoXTTTTransformer3DModel.from_pretrained(d).config.ttt_rope == "spatial"
+    with pytest.raises(ValueError, match="ttt_rope must be one of"):
+        ttt_model(base, ttt_rope="time")
 
 
 @pytest.mark.parametrize("overlap, frame_values", [
