@@ -126,7 +126,7 @@ def rope_at_global(frame: int, y: int, x: int, head_dim: int = 16) -> tuple[torc
 
 
 @pytest.mark.parametrize("ttt_rope", ["global", "spatial"])
-def test_ttt_rope_is_global_frames_in_forward_and_reverse_order(ttt_rope):
+def test_ttt_rope_tables_in_forward_and_reverse_order(ttt_rope):
     """Every token of the TTT orders gets the RoPE of its global latent frame (not its place in a window or in the
     order), text tokens none; frames written out: 3 segments of 3, 2, 2 latent frames on a 2 x 3 grid. "spatial"
     keeps the row and column and puts every frame at temporal position 0."""
