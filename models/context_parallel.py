@@ -144,6 +144,10 @@ class ShardLayout:
     def window_frames_count(self) -> int:
         return self.window_frames.shape[1]
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.full.grid
+
     def _shift(self, x: torch.Tensor, to_next: bool) -> torch.Tensor:
         """x (B, hw, W) to rank r + 1 (to_next) or r - 1, around a ring; returns what arrived (B, hw, W).
 

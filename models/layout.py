@@ -78,6 +78,7 @@ class SegmentLayout:
         full_rope: (cos, sin) each (T * hw, D_attn) over all frames, for the full-attention baseline, or None.
         frame_segment: (T,) long, the segment each latent frame belongs to (an overlap frame: its own segment, the
             earlier one); per-segment time embeddings are applied through it.
+        grid: (h, w) of the patch grid (tokens_per_frame = h * w; the TTT input's spatial convolution).
     """
 
     num_segments: int
@@ -95,6 +96,7 @@ class SegmentLayout:
     reverse: TokenOrder
     full_rope: tuple[torch.Tensor, torch.Tensor] | None
     frame_segment: torch.Tensor
+    grid: tuple[int, int]
 
     @property
     def window_frames_count(self) -> int:
@@ -251,5 +253,5 @@ def segment_layout(
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
         window_rope=dev_pair(window_rope),
         forward=token_order(forward), reverse=token_order(reverse), full_rope=dev_pair(full_rope),
-        frame_segment=dev(frame_segments(num_segments, frames_first, frames_per_segment)),
+        frame_segment=dev(frame_segments(num_segments, frames_first, frames_per_segment)), grid=tuple(grid),
     )

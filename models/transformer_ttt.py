@@ -33,12 +33,13 @@ from pipeline.atomic import atomic_path
 from .context_parallel import ContextParallel, check_heads
 from .layout import TTT_ROPES, SegmentLayout, TokenOrder, num_latent_frames, segment_layout
 from .segment_conditioning import ada_layer_norm, gated, layer_norm_zero, time_embedding
-from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
+from .ttt_layer import TTT_TYPES, TTTLayer, check_conv, check_rope_head_dim
 
 # the arguments TTT adds to CogVideoX's; their types and defaults are the model's signature (`ttt_config_fields`)
 TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
                    "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
-                   "overlap_frames", "checkpoint_ttt", "attention_window", "ttt_rope")
+                   "overlap_frames", "checkpoint_ttt", "attention_window", "ttt_rope",
+                   "ttt_conv")
 TRAINABLE_MODES = ("full", "ttt", "ttt+attn", "lora")  # set_trainable's modes
 ATTENTION_WINDOWS = ("segment", "full")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
@@ -103,8 +104,10 @@ class CogVideoXTTTBlock(CogVideoXBlock):
 
         # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
         if self.ttt is not None and not self.ttt_skipped:
-            x = self._gated_ttt(x, layout.forward, token_mask, self.gate_forward_text, self.gate_forward_video)
-            x = self._gated_ttt(x, layout.reverse, token_mask, self.gate_reverse_text, self.gate_reverse_video)
+            x = self._gated_ttt(x, layout.forward, layout.grid, token_mask, self.gate_forward_text,
+                                self.gate_forward_video)
+            x = self._gated_ttt(x, layout.reverse, layout.grid, token_mask, self.gate_reverse_text,
+                                self.gate_reverse_video)
 
         hidden_states = hidden_states + gated(gate_msa, x[:, n_text:])
         encoder_hidden_states = encoder_hidden_states + gated(enc_gate_msa, x[:, :n_text])
@@ -117,15 +120,18 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         encoder_hidden_states = encoder_hidden_states + gated(enc_gate_ff, ff_output[:, :n_text])
         return hidden_states, encoder_hidden_states
 
-    def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, token_mask: torch.Tensor | None,
+    def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, layout_grid: tuple[int, int],
+                   token_mask: torch.Tensor | None,
                    gate_text: torch.Tensor, gate_video: torch.Tensor) -> torch.Tensor:
-        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N).
+        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N);
+        layout_grid: (h, w) of a frame (the TTT layer's optional spatial convolution, `TTTLayer.neighbours`).
         Under context parallelism x is the rank's part and `order.exchange` spreads the scan over the ranks."""
         mask = None if token_mask is None else order.gather(token_mask)
+        inputs = order.gather(self.ttt.neighbours(x, order.num_text, layout_grid))
         if self.checkpoint_ttt and torch.is_grad_enabled():
-            y = checkpoint(self.ttt, order.gather(x), mask, order.rope, use_reentrant=False, exchange=order.exchange)
+            y = checkpoint(self.ttt, inputs, mask, order.rope, use_reentrant=False, exchange=order.exchange)
         else:
-            y = self.ttt(order.gather(x), mask, order.rope, exchange=order.exchange)
+            y = self.ttt(inputs, mask, order.rope, exchange=order.exchange)
         y = order.scatter(y)
         n_text = order.num_text
         return torch.cat([x[:, :n_text] + torch.tanh(gate_text) * y[:, :n_text],
@@ -145,6 +151,8 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         checkpoint_ttt: activation checkpointing around each TTT call inside a block.
         ttt_rope: "global" (the design's: each video token's frame, row and column), "spatial" (row and column only)
             or "none" (keys and queries meet by content alone); docs/results.md, "What memory carries of a look".
+        ttt_conv: 0 (the design's), or an odd k: TTT's input is x + a zero-initialised depthwise k x k convolution
+            of each frame's video tokens, so its keys, values and queries see a token's neighbours.
     Baselines for the long-range benchmark: ttt_type="none" (segment-local attention only) and
     attention_window="full" (one attention window over every text and frame: quadratic in length).
     """
@@ -196,6 +204,7 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         checkpoint_ttt: bool = False,
         attention_window: str = "segment",
         ttt_rope: str = "global",
+        ttt_conv: int = 0,
     ):
         if patch_size_t is not None:
             raise ValueError(
@@ -237,12 +246,13 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         head_dim = ttt_head_dim or attention_head_dim
         if ttt_type != "none":
             check_rope_head_dim(head_dim)
+        check_conv(ttt_conv)
         self.transformer_blocks = nn.ModuleList([
             CogVideoXTTTBlock(
                 inner_dim, num_attention_heads, attention_head_dim, time_embed_dim,
                 ttt_layer=None if ttt_type == "none" else TTTLayer(
                     inner_dim, heads, head_dim, ttt_type, ttt_mini_batch_size, ttt_base_lr, ttt_backend,
-                    ttt_checkpoint_group),
+                    ttt_checkpoint_group, ttt_conv),
                 gate_init=gate_init, checkpoint_ttt=checkpoint_ttt, full_attention=attention_window == "full",
                 dropout=dropout, activation_fn=activation_fn,
                 attention_bias=attention_bias, norm_elementwise_affine=norm_elementwise_affine, norm_eps=norm_eps,

@@ -1,6 +1,7 @@
 """The TTT layer: projections, per-head norms, RoPE and the learned inner learning rate around the TTT op.
 
-Design: docs/design.md, "The TTT layer". x (B, L, width) → wq/wk/wv → heads → L2-normalised q, k → 3-D RoPE
+Design: docs/design.md, "The TTT layer". x (B, L, width) → [optional: video tokens + a depthwise spatial convolution
+of their frame, `neighbours`] → wq/wk/wv → heads → L2-normalised q, k → 3-D RoPE
 (given as tables; identity on text) → target v' = LN_h(v - k) + k → eta = base_lr * sigmoid(x . w_h + b_h) /
 (head_dim * m), 0 on masked tokens → TTT op → post-LayerNorm → wo.
 """
@@ -30,14 +31,18 @@ class TTTLayer(nn.Module):
         base_lr: inner learning rate scale (default 0.1 for MLP, 1.0 for Linear).
         backend: the op backend, "auto" | "torch" | "triton" | "naive".
         checkpoint_group: mini-batches per activation checkpoint inside the op.
+        conv: 0, or an odd kernel size k: the layer's input is first x + a depthwise k x k convolution of each frame's
+            video tokens (`neighbours`), zero-initialised, so that a key, value and query see the token's neighbours
+            on the grid; 0 (the design's) reads and writes token by token.
     """
 
     def __init__(self, width: int, num_heads: int, head_dim: int, ttt_type: str = "mlp",
                  mini_batch_size: int | None = None, base_lr: float | None = None, backend: str = "auto",
-                 checkpoint_group: int = 4):
+                 checkpoint_group: int = 4, conv: int = 0):
         super().__init__()
         if ttt_type not in TTT_TYPES:
             raise ValueError(f"ttt_type must be one of {TTT_TYPES}, got {ttt_type!r}")
+        check_conv(conv)
         self.ttt_type, self.num_heads, self.head_dim = ttt_type, num_heads, head_dim
         self.mini_batch_size = mini_batch_size or DEFAULT_MINI_BATCH[ttt_type]
         self.base_lr = DEFAULT_BASE_LR[ttt_type] if base_lr is None else base_lr
@@ -59,6 +64,7 @@ class TTTLayer(nn.Module):
             self.w = nn.Parameter(torch.empty(num_heads, head_dim, head_dim))
             self.b = nn.Parameter(torch.zeros(num_heads, head_dim))
         self.post_norm = nn.LayerNorm(inner, eps=1e-6)
+        self.conv = nn.Conv2d(width, width, conv, padding=conv // 2, groups=width) if conv else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -74,6 +80,22 @@ class TTTLayer(nn.Module):
             nn.init.normal_(lin.weight, std=0.02)
             nn.init.zeros_(lin.bias)
         self.post_norm.reset_parameters()
+        if self.conv is not None:  # zero: the layer starts as the token-by-token one
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+
+    def neighbours(self, x: torch.Tensor, num_text: int, grid: tuple[int, int]) -> torch.Tensor:
+        """x (B, N, W) in canonical order (num_text text tokens, then whole frames of grid (h, w) in raster order) ->
+        the same with every video token + the depthwise convolution of its frame; text as it is. Identity when the
+        layer has no convolution."""
+        if self.conv is None:
+            return x
+        b, _, width = x.shape
+        h, w = grid
+        video = x[:, num_text:]
+        frames = video.reshape(-1, h, w, width).permute(0, 3, 1, 2)  # (B*T, W, h, w)
+        mixed = self.conv(frames).permute(0, 2, 3, 1).reshape(b, -1, width)
+        return torch.cat([x[:, :num_text], video + mixed], dim=1)
 
     @property
     def inner_weights(self) -> tuple[torch.Tensor, ...]:
@@ -143,6 +165,11 @@ class TTTLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"ttt_type={self.ttt_type}, heads={self.num_heads}x{self.head_dim}, "
                 f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, backend={self.backend!r}")
+
+
+def check_conv(conv: int) -> None:
+    if not isinstance(conv, int) or isinstance(conv, bool) or conv < 0 or (conv and conv % 2 == 0):
+        raise ValueError(f"ttt_conv must be 0 (none) or an odd kernel size (1, 3, 5, ...), got {conv!r}")
 
 
 def check_rope_head_dim(head_dim: int) -> None:

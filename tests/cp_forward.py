@@ -31,7 +31,7 @@ from models.context_parallel import split_segments  # noqa: E402
 CASES = {  # name: (segments, model config, gradient checkpointing); "per-segment" cases: timestep (B, n)
     "mlp-2-segments": (2, dict(ttt_type="mlp"), False),
     "mlp-3-segments-per-segment-timesteps": (3, dict(ttt_type="mlp"), False),
-    "linear-3-segments-uneven-checkpointed": (3, dict(ttt_type="linear", checkpoint_ttt=True), True),
+    "linear-3-segments-uneven-checkpointed-conv": (3, dict(ttt_type="linear", checkpoint_ttt=True, ttt_conv=3), True),
     "mlp-3-segments-no-overlap": (3, dict(ttt_type="mlp", overlap_frames=0), False),
     "mlp-5-segments": (5, dict(ttt_type="mlp", ttt_mini_batch_size=7), False),
 }
@@ -47,6 +47,8 @@ def build(config: dict) -> CogVideoXTTTTransformer3DModel:
         for block in model.transformer_blocks:
             for p in block.ttt.inner_weights:
                 p.normal_(std=0.3)
+            if block.ttt.conv is not None:  # each frame's convolution stays on the rank that holds the frame
+                block.ttt.conv.weight.normal_(std=0.3)
     model.set_trainable("full")
     return model.train()
 

@@ -31,8 +31,8 @@ def torchrun(script: str, *args: str, processes: int = 2) -> subprocess.Complete
 def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
     """tests/cp_forward.py: fp32 output, input gradients and every parameter gradient within 1e-5 of one process;
     2 segments on 2 ranks, 3 on 2 with one noise level per segment (each rank's levels cut from the (B, n) timestep),
-    3 on 2 (uneven, with checkpointing), no overlap frame, 5 segments and a mini-batch (7) that does not divide the
-    ranks' chunks."""
+    3 on 2 (uneven, with checkpointing and the TTT input's spatial convolution), no overlap frame, 5 segments and a
+    mini-batch (7) that does not divide the ranks' chunks."""
     result = torchrun("tests/cp_forward.py")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("cp ok")]
@@ -43,9 +43,9 @@ def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
 def test_a_dp_2_by_cp_2_mesh_on_4_ranks():
     """Two data-parallel groups of two context-parallel ranks, each group its own inputs (3 segments, 2 + 1): the
     collectives stay inside each cp group (ranks 2 and 3 are cp ranks 0 and 1 of theirs)."""
-    result = torchrun("tests/cp_forward.py", "linear-3-segments-uneven-checkpointed", processes=4)
+    result = torchrun("tests/cp_forward.py", "linear-3-segments-uneven-checkpointed-conv", processes=4)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "cp ok: linear-3-segments-uneven-checkpointed on dp x cp = 2 x 2" in result.stdout
+    assert "cp ok: linear-3-segments-uneven-checkpointed-conv on dp x cp = 2 x 2" in result.stdout
 
 
 def test_composes_with_fsdp2_per_block_wrapping():

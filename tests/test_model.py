@@ -162,6 +162,36 @@ def test_ttt_rope_none_and_the_model_config_reach_the_layout(base):
         ttt_model(base, ttt_rope="time")
 
 
+def test_ttt_conv_starts_as_the_model_without_it_and_is_an_added_weight(base, tmp_path):
+    """ttt_conv=3 (TTTLayer.neighbours, checked token by token in test_ttt_layer.py): with the same TTT weights and
+    its zero init the model's output equals the model without it; once the convolution is not zero it changes the
+    output; it is one of the added weights (trained by mode "ttt", saved in the adapter), the config survives
+    save/load and an even size is refused by name."""
+    plain = ttt_model(base, gate_init=0.5)
+    model = ttt_model(base, gate_init=0.5, ttt_conv=3)
+    missing, unexpected = model.load_state_dict(plain.state_dict(), strict=False)
+    blocks = range(len(model.transformer_blocks))
+    assert not unexpected and sorted(missing) == sorted(
+        f"transformer_blocks.{i}.ttt.conv.{p}" for i in blocks for p in ("weight", "bias"))
+    latents, text, t = inputs(3)
+    with torch.no_grad():
+        expected = plain(latents, text, t).sample
+        torch.testing.assert_close(model(latents, text, t).sample, expected, atol=0, rtol=0)
+        for block in model.transformer_blocks:
+            block.ttt.conv.weight.normal_(std=0.3)
+        assert (model(latents, text, t).sample - expected).abs().max() > 1e-3
+    assert "transformer_blocks.0.ttt.conv.weight" in model.set_trainable("ttt")
+    model.save_adapter(tmp_path / "conv.safetensors")
+    rebuilt = ttt_model(base, gate_init=0.5, ttt_conv=3)
+    rebuilt.load_adapter(tmp_path / "conv.safetensors")
+    torch.testing.assert_close(rebuilt.transformer_blocks[1].ttt.conv.weight,
+                               model.transformer_blocks[1].ttt.conv.weight, atol=0, rtol=0)
+    model.save_pretrained(tmp_path / "ttt")
+    assert CogVideoXTTTTransformer3DModel.from_pretrained(tmp_path / "ttt").config.ttt_conv == 3
+    with pytest.raises(ValueError, match="ttt_conv must be 0"):
+        ttt_model(base, ttt_conv=4)
+
+
 @pytest.mark.parametrize("overlap, frame_values", [
     # value 100 * sample + 10 * window + slot + 1 (sample 0 here); windows hold frames [0, 1, 2], [2, 3, 4], [4, 5, 6]
     (1, [1, 2, (3 + 11) / 2, 12, (13 + 21) / 2, 22, 23]),
@@ -246,7 +276,7 @@ def test_bf16_close_to_fp32(base):
 
 @pytest.mark.parametrize("mode", ["ttt", "ttt+attn", "full", "lora"])
 def test_gradients_reach_exactly_the_trained_parameters(base, mode):
-    model = ttt_model(base, gate_init=0.5)
+    model = ttt_model(base, gate_init=0.5, ttt_conv=3 if mode == "ttt" else 0)  # a zero convolution gets gradients
     if mode == "lora":
         model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                      init_lora_weights=False))

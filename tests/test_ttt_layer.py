@@ -126,3 +126,35 @@ def test_inner_lr_follows_the_design():
 def test_bad_type_is_a_clear_error():
     with pytest.raises(ValueError, match="ttt_type must be one of"):
         TTTLayer(8, 1, 16, ttt_type="conv")
+
+
+def test_conv_adds_each_frames_neighbours_to_its_video_tokens():
+    """conv=3: every video token of x (text first, then whole frames in raster order) + the depthwise 3 x 3
+    convolution of its frame with zero padding, written out token by token in float64; text tokens as they are. A
+    new layer's convolution is zero (the layer reads token by token, as without it); sizes must be odd."""
+    torch.manual_seed(0)
+    module = TTTLayer(width=4, num_heads=1, head_dim=16, conv=3).double()
+    num_text, (h, w), frames = 3, (3, 4), 2
+    x = torch.randn(2, num_text + frames * h * w, 4, dtype=torch.float64)
+    assert torch.equal(module.neighbours(x, num_text, (h, w)), x)
+    with torch.no_grad():
+        module.conv.weight.normal_()
+        module.conv.bias.normal_()
+    weight, bias = module.conv.weight[:, 0], module.conv.bias  # (W, 3, 3), (W,)
+    expected = x.clone()
+    video = x[:, num_text:].reshape(2, frames, h, w, 4)
+    for b in range(2):
+        for f in range(frames):
+            for y in range(h):
+                for c in range(w):
+                    token = num_text + (f * h + y) * w + c
+                    expected[b, token] += bias
+                    for dy in (-1, 0, 1):
+                        for dx in (-1, 0, 1):
+                            if 0 <= y + dy < h and 0 <= c + dx < w:
+                                expected[b, token] += weight[:, dy + 1, dx + 1] * video[b, f, y + dy, c + dx]
+    torch.testing.assert_close(module.neighbours(x, num_text, (h, w)), expected, atol=1e-12, rtol=0)
+    assert torch.equal(TTTLayer(width=4, num_heads=1, head_dim=16).neighbours(x, num_text, (h, w)), x)
+    for bad in (2, -1):
+        with pytest.raises(ValueError, match="ttt_conv must be 0"):
+            TTTLayer(width=4, num_heads=1, head_dim=16, conv=bad)
