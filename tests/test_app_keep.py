@@ -7,7 +7,7 @@ from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT
 from tiny_ttt_pipeline import tiny_ttt_pipeline
 
 from pipeline.demo.editor import kept_rows
-from pipeline.demo.worker import OutputFolders, Renderer, Settings, keep_arguments
+from pipeline.demo.worker import OutputFolders, Renderer, Settings, SettingsError, keep_arguments
 from pipeline.segment_context import load_latents
 from pipeline.storyboard import Segment, Storyboard
 
@@ -63,3 +63,19 @@ def test_bad_keep_marks_are_clear_errors(renderer, tmp_path):
     assert keep_arguments([], None, renderer.pipe, 2) == {}
     with pytest.raises(ValueError, match="row 1 is marked keep, but the last video is gone"):
         keep_arguments([0], tmp_path / "video.mp4", renderer.pipe, 2)
+
+
+def test_default_settings_sample_at_the_pipelines_own_guidance(tmp_path):
+    """Settings() leaves guidance to the pipeline (its config's guidance_scale, 2 here, as for the bundled model): the
+    same latents as asking for 2, not CogVideoX's 6; a cache that needs guidance is refused against that scale."""
+    pipe = tiny_ttt_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(guidance_scale=2.0)
+    renderer = Renderer(pipe, OutputFolders(tmp_path))
+    chosen = {None: Settings(steps=2, seed=1), **{g: Settings(steps=2, seed=1, guidance=g) for g in (2.0, 6.0)}}
+    latents = {g: load_latents(renderer.render(story(2), settings).latents)[0] for g, settings in chosen.items()}
+    torch.testing.assert_close(latents[None], latents[2.0], atol=0, rtol=0)
+    assert (latents[None] - latents[6.0]).abs().max() > 1e-4
+    pipe.register_to_config(guidance_scale=1.0)
+    with pytest.raises(SettingsError, match="cache: cache 'faster'"):
+        renderer.render(story(1), Settings(steps=1, cache="faster"))

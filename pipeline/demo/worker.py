@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,11 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    """How to sample: seed -1 draws a random one (the one used is reported with the result)."""
+    """How to sample: seed -1 draws a random one (the one used is reported with the result); guidance None: the
+    pipeline's own scale (its config's guidance_scale, as the page's slider starts)."""
 
     steps: int = 50
-    guidance: float = 6.0
+    guidance: float | None = None
     dynamic_cfg: bool = False
     seed: int = -1
     sampler: str = "ddim"
@@ -69,7 +70,7 @@ class Settings:
         problems = []
         if not is_whole(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             problems.append(f"steps: expected a whole number from 1 to {MAX_STEPS}, got {self.steps!r}")
-        if not isinstance(self.guidance, (int, float)) or not 0 <= self.guidance <= 30:
+        if self.guidance is not None and (not isinstance(self.guidance, (int, float)) or not 0 <= self.guidance <= 30):
             problems.append(f"guidance: expected a number from 0 to 30, got {self.guidance!r}")
         if not is_whole(self.seed) or not -1 <= self.seed <= MAX_SEED:
             problems.append(f"seed: expected -1 (random) or a whole number from 0 to {MAX_SEED}, got {self.seed!r}")
@@ -81,8 +82,8 @@ class Settings:
             problems += [f"cache: {p}" for p in cache_problems(self.cache, self.guidance, "batched")]
         if problems:
             raise SettingsError(problems)
-        return Settings(int(self.steps), float(self.guidance), bool(self.dynamic_cfg), int(self.seed), self.sampler,
-                        self.cache)
+        guidance = None if self.guidance is None else float(self.guidance)
+        return Settings(int(self.steps), guidance, bool(self.dynamic_cfg), int(self.seed), self.sampler, self.cache)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,8 @@ class Renderer:
         keep: 0-based segments to keep from `previous` (an earlier result's video.mp4): their latents are kept exactly
         and only the other segments, and any beyond the previous video, are generated (`keep_arguments`).
         """
+        if settings.guidance is None:  # the pipeline's own, checked against the cache like a chosen one
+            settings = replace(settings, guidance=float(self.pipe.config.guidance_scale)).checked()
         context = keep_arguments(keep or [], previous, self.pipe, storyboard.num_segments)
         seed = settings.seed if settings.seed >= 0 else random.SystemRandom().randrange(MAX_SEED + 1)
         config = self.pipe.transformer.config
