@@ -59,6 +59,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "default: the model's own (its model_index.json's guidance_scale: 2 for the bundled model, 6 for "
                    "CogVideoX)")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
+    p.add_argument("--memory-guidance", type=memory_scales, default=0.0, metavar="M[,M...]",
+                   help="memory guidance (docs/sampling.md): push each segment toward what the TTT layers carry from "
+                   "the rest of the video; one number, or one per storyboard segment (e.g. 0,2,2); default 0: off")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
@@ -101,7 +104,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise UsageError(f"{flag}: file not found: {path}")
     if args.guidance is not None:  # else checked once the model (and its guidance) is loaded
         check_cache(args)
+    if args.cache != "none" and memory_on(args.memory_guidance):
+        raise UsageError(f"--memory-guidance cannot be combined with --cache {args.cache} (the cache keeps state per "
+                         "guidance branch, not for memory guidance's extra pass)")
     return args
+
+
+def memory_scales(text: str) -> float | list[float]:
+    """--memory-guidance: "M" (every segment) or "M1,M2,..." (one per segment), each a finite number >= 0."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"every scale must be a finite number >= 0, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def memory_on(scale: float | list[float]) -> bool:
+    return max(scale if isinstance(scale, list) else [scale]) > 0
 
 
 def check_cache(args: argparse.Namespace, note: str = "") -> None:
@@ -113,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     # 1. flags and storyboard (cheap checks before any model is loaded)
     args = parse_args(argv)
     storyboard = load_storyboard(args.storyboard, max_segments=args.max_segments)
+    if isinstance(args.memory_guidance, list) and len(args.memory_guidance) != storyboard.num_segments:
+        raise UsageError(f"--memory-guidance: expected one number or one per storyboard segment "
+                         f"({storyboard.num_segments}), got {len(args.memory_guidance)} numbers")
     args.model = args.model or default_model(DEFAULT_MODEL)
     check_model_path(args.model)
     if args.ttt_adapter is not None and not args.ttt_adapter.is_file():
@@ -153,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance is None:
         args.guidance = pipe.config.guidance_scale
         check_cache(args, f" (the model's guidance is {args.guidance:g})")
+    if memory_on(args.memory_guidance) and not pipe.transformer.has_ttt:
+        raise InputError(f"--memory-guidance: --model {args.model} has no TTT layers to guide by")
     if args.steps > pipe.scheduler.config.num_train_timesteps:
         raise UsageError(f"--steps must be at most {pipe.scheduler.config.num_train_timesteps} (the scheduler's "
                          f"training timesteps), got {args.steps}")
@@ -173,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result = pipe(storyboard, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
                   cfg_mode=args.cfg_mode, max_segments=args.max_segments, strict_text=args.strict_text,
-                  output_type="np", **context)
+                  memory_guidance_scale=args.memory_guidance, output_type="np", **context)
     elapsed = time.perf_counter() - start
     if mesh is not None:
         torch.distributed.destroy_process_group()
@@ -186,9 +212,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_latents:
         save_latents(result.latents, latents_path(output), video=output)
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
-          f"({storyboard.num_segments} segments{kept}), {args.steps} steps at guidance {args.guidance:g}, generated in "
+          f"({storyboard.num_segments} segments{kept}), {args.steps} steps at guidance {args.guidance:g}"
+          f"{memory_note(args.memory_guidance)}, generated in "
           f"{elapsed:.1f} s")
     return 0
+
+
+def memory_note(scale: float | list[float]) -> str:
+    if not memory_on(scale):
+        return ""
+    return f", memory guidance {','.join(f'{m:g}' for m in scale) if isinstance(scale, list) else f'{scale:g}'}"
 
 
 def context_arguments(args: argparse.Namespace, pipe, num_segments: int) -> tuple[dict, str]:

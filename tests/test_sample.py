@@ -99,9 +99,13 @@ def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
     (["--cache", "fastest"], "argument --cache: invalid choice: 'fastest'"),
     (["--cache", "pab", "--cfg-mode", "sequential"], "--cache pab: cache 'pab' keeps one attention output per layer"),
     (["--cache", "faster", "--guidance", "1"], "--cache faster: cache 'faster' approximates the unconditional half"),
+    (["--memory-guidance", "-1"], "argument --memory-guidance: every scale must be a finite number >= 0, got '-1'"),
+    (["--memory-guidance", "0,x"], "argument --memory-guidance: expected a number or comma-separated numbers, got "
+                                   "'0,x'"),
+    (["--memory-guidance", "2", "--cache", "pab"], "--memory-guidance cannot be combined with --cache pab"),
 ], ids=["steps-zero", "steps-text", "max-segments", "steps-fraction", "guidance", "guidance-nan", "guidance-inf",
         "seed-negative", "seed-too-big", "cfg-mode", "scheduler", "dtype", "unknown", "cache",
-        "cache-pab-sequential", "cache-faster-no-guidance"])
+        "cache-pab-sequential", "cache-faster-no-guidance", "memory-negative", "memory-text", "memory-cache"])
 def test_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run(*flags, cwd=tmp_path), 2, message)
 
@@ -121,6 +125,24 @@ def test_the_models_own_guidance_is_the_default(model_dir, short_story, tmp_path
                  "--guidance", 3, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "1 steps at guidance 3," in result.stdout
+
+
+def test_memory_guidance_per_segment_changes_the_guided_segment(model_dir, short_story, tmp_path):
+    """--memory-guidance 0,4 on two segments reaches the pipeline (segment 2's frames change; segment 1's may too,
+    as the TTT scans read segment 2) and the summary names the scales; a list of the wrong length is refused before
+    the model is loaded."""
+    videos = {}
+    for flags in ([], ["--memory-guidance", "0,4"]):
+        out = tmp_path / f"m{len(flags)}.mp4"
+        result = run("--model", model_dir, "--storyboard", short_story, "--output", out, "--steps", 2, *flags,
+                     cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ("memory guidance 0,4" in result.stdout) == bool(flags)
+        videos[len(flags)] = read_video(out)[0].astype(int)
+    assert abs(videos[2][-8:] - videos[0][-8:]).max() > 0  # segment 2 is pushed along what TTT adds
+    assert_one_line_error(run("--model", model_dir, "--storyboard", short_story, "--memory-guidance", "1,2,3",
+                              cwd=tmp_path), 2, "--memory-guidance: expected one number or one per storyboard "
+                                                "segment (2), got 3 numbers")
 
 
 def test_bad_paths(model_dir, short_story, tmp_path):
