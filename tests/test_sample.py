@@ -143,6 +143,13 @@ def test_memory_guidance_per_segment_changes_the_guided_segment(model_dir, short
     assert_one_line_error(run("--model", model_dir, "--storyboard", short_story, "--memory-guidance", "1,2,3",
                               cwd=tmp_path), 2, "--memory-guidance: expected one number or one per storyboard "
                                                 "segment (2), got 3 numbers")
+    components = tiny_components()
+    local = CogVideoXTTTTransformer3DModel.from_base(components.pop("transformer"), ttt_type="none",
+                                                     latent_frames_first=FRAMES_FIRST,
+                                                     latent_frames_per_segment=FRAMES_PER_SEGMENT)
+    TTTVideoPipeline(transformer=local, **components).save_pretrained(tmp_path / "local")
+    assert_one_line_error(run("--model", tmp_path / "local", "--storyboard", short_story, "--memory-guidance", "2",
+                              cwd=tmp_path), 1, "has no TTT layers to guide by")
 
 
 def test_bad_paths(model_dir, short_story, tmp_path):
