@@ -144,10 +144,6 @@ class ShardLayout:
     def window_frames_count(self) -> int:
         return self.window_frames.shape[1]
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.full.grid
-
     def _shift(self, x: torch.Tensor, to_next: bool) -> torch.Tensor:
         """x (B, hw, W) to rank r + 1 (to_next) or r - 1, around a ring; returns what arrived (B, hw, W).
 
@@ -269,7 +265,7 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
     def token_order(whole: TokenOrder, index: torch.Tensor, start: int, reverse: bool) -> TokenOrder:
         rope = None if whole.rope is None else tuple(t[start:start + lengths[rank]] for t in whole.rope)
         return TokenOrder(index.to(device), torch.argsort(index).to(device), rope, len(mine) * lt,
-                          HeadExchange(tuple(lengths), reverse, group, rank, world))
+                          HeadExchange(tuple(lengths), reverse, group, rank, world), whole.grid)
 
     mask = layout.window_attn_mask
     return ShardLayout(

@@ -44,6 +44,7 @@ class TokenOrder:
     rope: (cos, sin) each (N, D_ttt) in this order, identity (cos 1, sin 0) on text, or None (model without TTT).
     exchange: None, or under context parallelism (N is then one rank's tokens) what moves the TTT op's inputs to
     every token of the sequence and back (`TTTLayer.forward`'s exchange).
+    grid: (h, w) of a frame's tokens (the video tokens are whole frames in raster order; `TTTLayer.neighbours`).
     """
 
     index: torch.Tensor
@@ -51,6 +52,7 @@ class TokenOrder:
     rope: tuple[torch.Tensor, torch.Tensor] | None
     num_text: int
     exchange: object | None = None  # context parallelism: the TTT layer's all-to-alls (models/context_parallel.py)
+    grid: tuple[int, int] | None = None
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Canonical (B, N, ...) → this order."""
@@ -78,7 +80,6 @@ class SegmentLayout:
         full_rope: (cos, sin) each (T * hw, D_attn) over all frames, for the full-attention baseline, or None.
         frame_segment: (T,) long, the segment each latent frame belongs to (an overlap frame: its own segment, the
             earlier one); per-segment time embeddings are applied through it.
-        grid: (h, w) of the patch grid (tokens_per_frame = h * w; the TTT input's spatial convolution).
     """
 
     num_segments: int
@@ -96,7 +97,6 @@ class SegmentLayout:
     reverse: TokenOrder
     full_rope: tuple[torch.Tensor, torch.Tensor] | None
     frame_segment: torch.Tensor
-    grid: tuple[int, int]
 
     @property
     def window_frames_count(self) -> int:
@@ -244,7 +244,7 @@ def segment_layout(
 
     def token_order(index: torch.Tensor) -> TokenOrder:
         rope = None if ttt_table is None else (ttt_table[0][index], ttt_table[1][index])
-        return TokenOrder(dev(index), dev(torch.argsort(index)), dev_pair(rope), n_text)
+        return TokenOrder(dev(index), dev(torch.argsort(index)), dev_pair(rope), n_text, grid=tuple(grid))
 
     return SegmentLayout(
         num_segments=num_segments, text_len=text_len, tokens_per_frame=hw, num_frames=num_frames,
@@ -253,5 +253,5 @@ def segment_layout(
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
         window_rope=dev_pair(window_rope),
         forward=token_order(forward), reverse=token_order(reverse), full_rope=dev_pair(full_rope),
-        frame_segment=dev(frame_segments(num_segments, frames_first, frames_per_segment)), grid=tuple(grid),
+        frame_segment=dev(frame_segments(num_segments, frames_first, frames_per_segment)),
     )

@@ -104,10 +104,8 @@ class CogVideoXTTTBlock(CogVideoXBlock):
 
         # 2. gated TTT over the interleaved sequence, forward then reverse (the same TTT module)
         if self.ttt is not None and not self.ttt_skipped:
-            x = self._gated_ttt(x, layout.forward, layout.grid, token_mask, self.gate_forward_text,
-                                self.gate_forward_video)
-            x = self._gated_ttt(x, layout.reverse, layout.grid, token_mask, self.gate_reverse_text,
-                                self.gate_reverse_video)
+            x = self._gated_ttt(x, layout.forward, token_mask, self.gate_forward_text, self.gate_forward_video)
+            x = self._gated_ttt(x, layout.reverse, token_mask, self.gate_reverse_text, self.gate_reverse_video)
 
         hidden_states = hidden_states + gated(gate_msa, x[:, n_text:])
         encoder_hidden_states = encoder_hidden_states + gated(enc_gate_msa, x[:, :n_text])
@@ -120,14 +118,12 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         encoder_hidden_states = encoder_hidden_states + gated(enc_gate_ff, ff_output[:, :n_text])
         return hidden_states, encoder_hidden_states
 
-    def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, layout_grid: tuple[int, int],
-                   token_mask: torch.Tensor | None,
+    def _gated_ttt(self, x: torch.Tensor, order: TokenOrder, token_mask: torch.Tensor | None,
                    gate_text: torch.Tensor, gate_video: torch.Tensor) -> torch.Tensor:
-        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N);
-        layout_grid: (h, w) of a frame (the TTT layer's optional spatial convolution, `TTTLayer.neighbours`).
+        """x + tanh(gate) * TTT(x in `order`), back in canonical order. x: (B, N, W) canonical; token_mask (B, N).
         Under context parallelism x is the rank's part and `order.exchange` spreads the scan over the ranks."""
         mask = None if token_mask is None else order.gather(token_mask)
-        inputs = order.gather(self.ttt.neighbours(x, order.num_text, layout_grid))
+        inputs = order.gather(self.ttt.neighbours(x, order.num_text, order.grid))
         if self.checkpoint_ttt and torch.is_grad_enabled():
             y = checkpoint(self.ttt, inputs, mask, order.rope, use_reentrant=False, exchange=order.exchange)
         else:
