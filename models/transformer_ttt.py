@@ -33,13 +33,12 @@ from pipeline.atomic import atomic_path
 from .context_parallel import ContextParallel, check_heads
 from .layout import TTT_ROPES, SegmentLayout, TokenOrder, num_latent_frames, segment_layout
 from .segment_conditioning import ada_layer_norm, gated, layer_norm_zero, time_embedding
-from .ttt_layer import TTT_TYPES, TTTLayer, check_conv, check_rope_head_dim
+from .ttt_layer import TTT_TYPES, TTTLayer, check_rope_head_dim
 
 # the arguments TTT adds to CogVideoX's; their types and defaults are the model's signature (`ttt_config_fields`)
 TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_size", "ttt_base_lr", "ttt_backend",
                    "ttt_checkpoint_group", "gate_init", "latent_frames_first", "latent_frames_per_segment",
-                   "overlap_frames", "checkpoint_ttt", "attention_window", "ttt_rope",
-                   "ttt_conv")
+                   "overlap_frames", "checkpoint_ttt", "attention_window", "ttt_rope", "ttt_conv")
 TRAINABLE_MODES = ("full", "ttt", "ttt+attn", "lora")  # set_trainable's modes
 ATTENTION_WINDOWS = ("segment", "full")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
@@ -242,7 +241,6 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         head_dim = ttt_head_dim or attention_head_dim
         if ttt_type != "none":
             check_rope_head_dim(head_dim)
-        check_conv(ttt_conv)
         self.transformer_blocks = nn.ModuleList([
             CogVideoXTTTBlock(
                 inner_dim, num_attention_heads, attention_head_dim, time_embed_dim,

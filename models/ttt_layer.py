@@ -42,7 +42,8 @@ class TTTLayer(nn.Module):
         super().__init__()
         if ttt_type not in TTT_TYPES:
             raise ValueError(f"ttt_type must be one of {TTT_TYPES}, got {ttt_type!r}")
-        check_conv(conv)
+        if not isinstance(conv, int) or isinstance(conv, bool) or conv < 0 or (conv and conv % 2 == 0):
+            raise ValueError(f"ttt_conv must be 0 (none) or an odd kernel size (1, 3, 5, ...), got {conv!r}")
         self.ttt_type, self.num_heads, self.head_dim = ttt_type, num_heads, head_dim
         self.mini_batch_size = mini_batch_size or DEFAULT_MINI_BATCH[ttt_type]
         self.base_lr = DEFAULT_BASE_LR[ttt_type] if base_lr is None else base_lr
@@ -165,11 +166,6 @@ class TTTLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"ttt_type={self.ttt_type}, heads={self.num_heads}x{self.head_dim}, "
                 f"mini_batch_size={self.mini_batch_size}, base_lr={self.base_lr}, backend={self.backend!r}")
-
-
-def check_conv(conv: int) -> None:
-    if not isinstance(conv, int) or isinstance(conv, bool) or conv < 0 or (conv and conv % 2 == 0):
-        raise ValueError(f"ttt_conv must be 0 (none) or an odd kernel size (1, 3, 5, ...), got {conv!r}")
 
 
 def check_rope_head_dim(head_dim: int) -> None:
