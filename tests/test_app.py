@@ -43,9 +43,9 @@ def client(tmp_path_factory):
 
 
 def generate(client, rows, seed: int = -1, steps: int = 2, sampler: str = "ddim", title: str = "",
-             negative_text: str = "", guidance: float = 6.0):
+             negative_text: str = "", guidance: float = 6.0, cache: str = "none", memory: float = 0.0):
     """preview (png path), video (mp4 path), downloads (paths), status (markdown) of one /generate call."""
-    return client.predict(table(*rows), title, negative_text, steps, guidance, False, seed, sampler,
+    return client.predict(table(*rows), title, negative_text, steps, guidance, False, seed, sampler, cache, memory,
                           api_name="/generate")
 
 
@@ -111,6 +111,8 @@ def test_a_fixed_seed_repeats_the_video_and_the_settings_matter(client):
     pytest.param(TWO_ROWS, {"steps": 2.5}, r"steps: expected a whole number from 1 to 200", id="fractional-steps"),
     pytest.param(TWO_ROWS, {"seed": -5}, r"seed: expected -1 \(random\) or a whole number", id="negative-seed"),
     pytest.param(TWO_ROWS, {"sampler": "euler"}, r"'euler' .* is not in the list of choices", id="unknown-sampler"),
+    pytest.param(TWO_ROWS, {"memory": 2.0, "cache": "first-block"},
+                 r"memory_guidance: not combined with cache 'first-block'", id="memory-guidance-with-cache"),
 ])
 def test_bad_input_is_reported_readably(client, rows, settings, message):
     from gradio_client.exceptions import AppError
@@ -309,6 +311,25 @@ def test_the_guidance_slider_starts_at_the_models_own_scale(tmp_path):
     demo = build_demo(pipe, output_dir=tmp_path)
     sliders = {b.label: b.value for b in demo.blocks.values() if isinstance(b, gr.Slider)}
     assert sliders["Guidance"] == 2.5
+
+
+def test_the_memory_guidance_slider_shows_only_for_a_model_with_ttt(tmp_path):
+    import gradio as gr
+    from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, tiny_components
+    from tiny_ttt_pipeline import tiny_ttt_pipeline
+
+    from models import CogVideoXTTTTransformer3DModel
+    from pipeline.demo import build_demo
+    from pipeline.pipeline_ttt_video import TTTVideoPipeline
+
+    components = tiny_components()
+    components["transformer"] = CogVideoXTTTTransformer3DModel.from_base(
+        components["transformer"], ttt_type="none", latent_frames_first=FRAMES_FIRST,
+        latent_frames_per_segment=FRAMES_PER_SEGMENT)
+    for pipe, shown in ((tiny_ttt_pipeline(), True), (TTTVideoPipeline(**components), False)):
+        demo = build_demo(pipe, output_dir=tmp_path)
+        memory = [b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "Memory guidance"]
+        assert len(memory) == 1 and memory[0].value == 0 and memory[0].visible is shown
 
 
 def test_summary_counts_segments_seconds_and_scenes():

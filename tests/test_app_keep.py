@@ -3,7 +3,7 @@ the end) are generated anew (pipeline/demo/worker.py `keep_arguments`, editor.py
 
 import pytest
 import torch
-from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, tiny_components
 from tiny_ttt_pipeline import tiny_ttt_pipeline
 
 from pipeline.demo.editor import kept_rows
@@ -79,3 +79,28 @@ def test_default_settings_sample_at_the_pipelines_own_guidance(tmp_path):
     pipe.register_to_config(guidance_scale=1.0)
     with pytest.raises(SettingsError, match="cache: cache 'faster'"):
         renderer.render(story(1), Settings(steps=1, cache="faster"))
+
+
+def test_memory_guidance_setting_reaches_the_pipeline_and_is_checked(renderer, tmp_path):
+    """Settings.memory_guidance is the pipeline's memory_guidance_scale: 0 is the plain run, > 0 another video; with a
+    cache or on a model without TTT layers it is a settings error naming the field."""
+    plain = load_latents(renderer.render(story(2), SETTINGS).latents)[0]
+    off = load_latents(renderer.render(story(2), Settings(steps=2, seed=1, memory_guidance=0)).latents)[0]
+    guided = load_latents(renderer.render(story(2), Settings(steps=2, seed=1, memory_guidance=3)).latents)[0]
+    torch.testing.assert_close(off, plain, atol=0, rtol=0)
+    assert (guided - plain).abs().max() > 1e-4
+    with pytest.raises(SettingsError, match=r"memory_guidance: not combined with cache 'first-block'"):
+        Settings(memory_guidance=2, cache="first-block").checked()
+    with pytest.raises(SettingsError, match=r"memory_guidance: expected a number from 0 \(off\) to 20, got -1"):
+        Settings(memory_guidance=-1).checked()
+    from models import CogVideoXTTTTransformer3DModel
+    from pipeline.pipeline_ttt_video import TTTVideoPipeline
+
+    components = tiny_components()
+    components["transformer"] = CogVideoXTTTTransformer3DModel.from_base(
+        components["transformer"], ttt_type="none", latent_frames_first=FRAMES_FIRST,
+        latent_frames_per_segment=FRAMES_PER_SEGMENT)
+    no_ttt = Renderer(TTTVideoPipeline(**components), OutputFolders(tmp_path))
+    assert renderer.has_ttt and not no_ttt.has_ttt
+    with pytest.raises(SettingsError, match="memory_guidance: this model has no TTT layers"):
+        no_ttt.render(story(1), Settings(steps=1, memory_guidance=1))

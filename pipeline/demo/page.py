@@ -49,6 +49,7 @@ from .editor import (
 )
 from .worker import (
     KEEP_OUTPUTS,
+    MAX_MEMORY_GUIDANCE,
     MAX_STEPS,
     LastVideos,
     OutputFolders,
@@ -138,6 +139,10 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                     cache = gr.Radio(list(CACHES), value="none", label="Cache", elem_id="cache",
                                      info="Reuse work across steps (diffusers' cache hooks): faster, slightly "
                                           "different; see docs/sampling.md.")
+                    memory = gr.Slider(0, MAX_MEMORY_GUIDANCE, value=0, step=0.5, label="Memory guidance",
+                                       visible=renderer.has_ttt, elem_id="memory-guidance",
+                                       info="Push each segment toward what the TTT layers remember of earlier ones "
+                                            "(0: off; one more pass per step; not with a cache).")
             with gr.Column(scale=2):
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -152,11 +157,12 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
         selected = gr.State(None)  # index of the last row clicked in the table
 
         def run(rows, title_text, negative_text, steps_value, guidance_value, dynamic, seed_value, sampler_name,
-                cache_name, request: gr.Request, progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker)
+                cache_name, memory_value, request: gr.Request,
+                progress=gr.Progress()):  # noqa: B008 (gradio finds the tracker)
             try:
                 storyboard = storyboard_from_rows(rows, title_text, negative_text, max_segments)
-                settings = Settings(steps_value, guidance_value, dynamic, seed_value, sampler_name,
-                                    cache_name).checked()
+                settings = renderer.resolved(Settings(steps_value, guidance_value, dynamic, seed_value, sampler_name,
+                                                      cache_name, memory_value))
             except StoryboardError as e:
                 yield from _report("Check the storyboard", e.problems)
             except SettingsError as e:
@@ -221,7 +227,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
             return evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
 
         editor = [table, title, negative]
-        settings_inputs = [steps, guidance, dynamic_cfg, seed, sampler, cache]
+        settings_inputs = [steps, guidance, dynamic_cfg, seed, sampler, cache, memory]
         generate.click(run, editor + settings_inputs, [preview, video, files, status], api_name="generate",
                        concurrency_limit=1, concurrency_id="model", show_progress="full", show_progress_on=[video])
         stop.click(request_stop, None, status, api_name="stop", queue=False)

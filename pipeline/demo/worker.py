@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_STEPS = 200
 MAX_SEED = 2**32 - 1
+MAX_MEMORY_GUIDANCE = 20.0
 PREVIEW_HEIGHT = 96  # pixels per preview frame
 PREVIEW_COLUMNS = 7  # preview frames per row (21 segments = 3 rows)
 PREVIEWS_PER_RUN = 10  # previews over a run, whatever the step count
@@ -56,7 +57,8 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     """How to sample: seed -1 draws a random one (the one used is reported with the result); guidance None: the
-    pipeline's own scale (its config's guidance_scale, as the page's slider starts)."""
+    pipeline's own scale (its config's guidance_scale, as the page's slider starts); memory_guidance > 0: the
+    pipeline's memory_guidance_scale on every segment (needs TTT layers and no cache hooks; docs/sampling.md)."""
 
     steps: int = 50
     guidance: float | None = None
@@ -64,6 +66,7 @@ class Settings:
     seed: int = -1
     sampler: str = "ddim"
     cache: str = "none"
+    memory_guidance: float = 0.0
 
     def checked(self) -> Settings:
         """The settings with whole numbers as ints; raises SettingsError naming each bad field."""
@@ -80,10 +83,18 @@ class Settings:
             problems.append(f"cache: expected one of {', '.join(CACHES)}, got {self.cache!r}")
         elif isinstance(self.guidance, (int, float)):
             problems += [f"cache: {p}" for p in cache_problems(self.cache, self.guidance, "batched")]
+        if (not isinstance(self.memory_guidance, (int, float)) or isinstance(self.memory_guidance, bool)
+                or not 0 <= self.memory_guidance <= MAX_MEMORY_GUIDANCE):
+            problems.append(f"memory_guidance: expected a number from 0 (off) to {MAX_MEMORY_GUIDANCE:g}, got "
+                            f"{self.memory_guidance!r}")
+        elif self.memory_guidance > 0 and self.cache in CACHES and self.cache != "none":
+            problems.append(f"memory_guidance: not combined with cache {self.cache!r} (the cache keeps state per "
+                            "guidance branch, not for memory guidance's extra pass); set one of them to off")
         if problems:
             raise SettingsError(problems)
         guidance = None if self.guidance is None else float(self.guidance)
-        return Settings(int(self.steps), guidance, bool(self.dynamic_cfg), int(self.seed), self.sampler, self.cache)
+        return Settings(int(self.steps), guidance, bool(self.dynamic_cfg), int(self.seed), self.sampler, self.cache,
+                        float(self.memory_guidance))
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,21 @@ class Renderer:
     def default_sampler(self) -> str:
         return scheduler_name(self.pipe.scheduler)
 
+    @property
+    def has_ttt(self) -> bool:
+        """Whether the model has TTT layers (memory guidance needs them)."""
+        return bool(getattr(self.pipe.transformer, "has_ttt", False))
+
+    def resolved(self, settings: Settings) -> Settings:
+        """Checked settings for this model: guidance None becomes the pipeline's own scale (checked against the cache
+        like a chosen one), and memory guidance is refused for a model without TTT layers. Raises SettingsError."""
+        if settings.guidance is None:
+            settings = replace(settings, guidance=float(self.pipe.config.guidance_scale))
+        settings = settings.checked()
+        if settings.memory_guidance > 0 and not self.has_ttt:
+            raise SettingsError(["memory_guidance: this model has no TTT layers to guide by; set it to 0"])
+        return settings
+
     def render(self, storyboard: Storyboard, settings: Settings,
                on_step: Callable[[int, np.ndarray | None], None] | None = None,
                stop: threading.Event | None = None, keep: list[int] | None = None,
@@ -191,8 +217,7 @@ class Renderer:
         keep: 0-based segments to keep from `previous` (an earlier result's video.mp4): their latents are kept exactly
         and only the other segments, and any beyond the previous video, are generated (`keep_arguments`).
         """
-        if settings.guidance is None:  # the pipeline's own, checked against the cache like a chosen one
-            settings = replace(settings, guidance=float(self.pipe.config.guidance_scale)).checked()
+        settings = self.resolved(settings)
         context = keep_arguments(keep or [], previous, self.pipe, storyboard.num_segments)
         seed = settings.seed if settings.seed >= 0 else random.SystemRandom().randrange(MAX_SEED + 1)
         config = self.pipe.transformer.config
@@ -216,6 +241,7 @@ class Renderer:
             set_cache(self.pipe, settings.cache)
             output = self.pipe(storyboard=storyboard, num_inference_steps=settings.steps,
                                guidance_scale=settings.guidance, use_dynamic_cfg=settings.dynamic_cfg,
+                               memory_guidance_scale=settings.memory_guidance,
                                generator=torch.Generator("cpu").manual_seed(seed), output_type="np", max_segments=None,
                                strict_text=True,  # in the editor, shortening the row beats a silent cut
                                callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
