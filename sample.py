@@ -102,11 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, path in (("--video", args.video), ("--reference", args.reference)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: file not found: {path}")
-    if args.guidance is not None:  # else checked once the model (and its guidance) is loaded
-        check_cache(args)
-    if args.cache != "none" and memory_on(args.memory_guidance):
-        raise UsageError(f"--memory-guidance cannot be combined with --cache {args.cache} (the cache keeps state per "
-                         "guidance branch, not for memory guidance's extra pass)")
+    check_cache(args)  # without --guidance, again once the model (and its guidance) is loaded
     return args
 
 
@@ -126,7 +122,7 @@ def memory_on(scale: float | list[float]) -> bool:
 
 
 def check_cache(args: argparse.Namespace, note: str = "") -> None:
-    for problem in cache_problems(args.cache, args.guidance, args.cfg_mode):
+    for problem in cache_problems(args.cache, args.guidance, args.cfg_mode, memory_on(args.memory_guidance)):
         raise UsageError(f"--cache {args.cache}: {problem}{note}")
 
 

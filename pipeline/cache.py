@@ -57,14 +57,25 @@ def cache_config(name: str, pipe) -> Any | None:
     return None
 
 
-def cache_problems(name: str, guidance_scale: float, cfg_mode: str) -> list[str]:
-    """Why preset `name` cannot run with these call settings (empty when it can).
+# the presets whose hooks keep one state per cache context (the pipeline names each transformer call: "cond_uncond",
+# "cond", "uncond", "cond_without_ttt"); the others keep one state for every call
+PER_CONTEXT = ("first-block", "taylorseer")
+
+
+def cache_problems(name: str, guidance_scale: float | None, cfg_mode: str, memory_guidance: bool = False) -> list[str]:
+    """Why preset `name` cannot run with these call settings (empty when it can); guidance_scale None: not known yet
+    (the model's own, before it is loaded), so only the rules that do not depend on it are checked.
 
     FasterCache approximates the unconditional half of ONE batched guidance call, so it needs guidance with
     cfg_mode "batched". Pyramid Attention Broadcast keeps one cached attention output per layer, not one per guidance
-    branch: with cfg_mode "sequential" the conditional call would reuse the unconditional call's attention.
+    branch: with cfg_mode "sequential" the conditional call would reuse the unconditional call's attention. Memory
+    guidance adds a call of its own (the conditional branch without TTT): only the PER_CONTEXT presets keep its state
+    apart from the others'.
     """
-    if name == "faster" and (guidance_scale <= 1 or cfg_mode != "batched"):
+    if memory_guidance and name != "none" and name not in PER_CONTEXT:
+        return [f"cache '{name}' keeps one state for every transformer call, and memory guidance's pass without TTT is "
+                f"a call of its own: use {' or '.join(PER_CONTEXT)} (or no cache) with memory guidance"]
+    if name == "faster" and ((guidance_scale is not None and guidance_scale <= 1) or cfg_mode != "batched"):
         return ["cache 'faster' approximates the unconditional half of a batched guidance call: it needs guidance > 1 "
                 "and cfg_mode 'batched'"]
     if name == "pab" and cfg_mode == "sequential":

@@ -32,7 +32,9 @@ from diffusers import (
     CogVideoXDPMScheduler,
     CogVideoXPipeline,
     DiffusionPipeline,
+    FirstBlockCacheConfig,
     ModelMixin,  # noqa: F401  (looked up in this module when loading; see __init__)
+    TaylorSeerCacheConfig,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.loaders import CogVideoXLoraLoaderMixin
@@ -425,7 +427,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 guided prediction: it pushes each segment further toward what TTT carries from the rest of the video
                 (the look of a character that the text only names). One more transformer pass per step, without
                 TTT. A number or one per storyboard segment, like guidance_scale; 0 (the default) is off. Needs a
-                transformer with TTT layers. docs/sampling.md, "Memory guidance".
+                transformer with TTT layers; of diffusers' cache hooks, only FirstBlockCache and TaylorSeer (whose state
+                is kept per call, "cond_without_ttt" for this one). docs/sampling.md, "Memory guidance".
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -478,10 +481,11 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         do_memory_guidance = max(memory_scale) > 0 if memory_per_segment else memory_scale > 0
         if do_memory_guidance and not getattr(self.transformer, "has_ttt", False):
             raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
-        if do_memory_guidance and self.transformer.is_cache_enabled:
-            raise ValueError("memory_guidance_scale: not combined with cache hooks (transformer.enable_cache), "
-                             "whose state is kept per guidance branch, not for the pass without TTT; disable the "
-                             "cache or pass 0")
+        if do_memory_guidance and self.transformer.is_cache_enabled and not isinstance(
+                self.transformer._cache_config, (FirstBlockCacheConfig, TaylorSeerCacheConfig)):
+            raise ValueError(f"memory_guidance_scale: not combined with {type(self.transformer._cache_config).__name__}"
+                             ", whose hooks keep one state for every transformer call, not one for the pass without "
+                             "TTT; use FirstBlockCacheConfig or TaylorSeerCacheConfig, disable the cache, or pass 0")
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False

@@ -111,8 +111,8 @@ def test_a_fixed_seed_repeats_the_video_and_the_settings_matter(client):
     pytest.param(TWO_ROWS, {"steps": 2.5}, r"steps: expected a whole number from 1 to 200", id="fractional-steps"),
     pytest.param(TWO_ROWS, {"seed": -5}, r"seed: expected -1 \(random\) or a whole number", id="negative-seed"),
     pytest.param(TWO_ROWS, {"sampler": "euler"}, r"'euler' .* is not in the list of choices", id="unknown-sampler"),
-    pytest.param(TWO_ROWS, {"memory": 2.0, "cache": "first-block"},
-                 r"memory_guidance: not combined with cache 'first-block'", id="memory-guidance-with-cache"),
+    pytest.param(TWO_ROWS, {"memory": 2.0, "cache": "pab"},
+                 r"cache: cache 'pab' keeps one state for every transformer call", id="memory-guidance-with-pab"),
 ])
 def test_bad_input_is_reported_readably(client, rows, settings, message):
     from gradio_client.exceptions import AppError

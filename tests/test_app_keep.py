@@ -83,14 +83,14 @@ def test_default_settings_sample_at_the_pipelines_own_guidance(tmp_path):
 
 def test_memory_guidance_setting_reaches_the_pipeline_and_is_checked(renderer, tmp_path):
     """Settings.memory_guidance is the pipeline's memory_guidance_scale: 0 is the plain run, > 0 another video; with a
-    cache or on a model without TTT layers it is a settings error naming the field."""
+    cache that keeps one state for every call, or on a model without TTT layers, it is a settings error."""
     plain = load_latents(renderer.render(story(2), SETTINGS).latents)[0]
     off = load_latents(renderer.render(story(2), Settings(steps=2, seed=1, memory_guidance=0)).latents)[0]
     guided = load_latents(renderer.render(story(2), Settings(steps=2, seed=1, memory_guidance=3)).latents)[0]
     torch.testing.assert_close(off, plain, atol=0, rtol=0)
     assert (guided - plain).abs().max() > 1e-4
-    with pytest.raises(SettingsError, match=r"memory_guidance: not combined with cache 'first-block'"):
-        Settings(memory_guidance=2, cache="first-block").checked()
+    with pytest.raises(SettingsError, match=r"cache: cache 'faster' keeps one state for every transformer call"):
+        Settings(memory_guidance=2, cache="faster").checked()
     with pytest.raises(SettingsError, match=r"memory_guidance: expected a number from 0 \(off\) to 20, got -1"):
         Settings(memory_guidance=-1).checked()
     from models import CogVideoXTTTTransformer3DModel

@@ -72,12 +72,47 @@ def test_sequential_guidance_with_first_block_cache(pipe, uncached):
     assert relative_error(sequential, uncached[0]) < TOLERANCE["first-block"]
 
 
+@pytest.mark.parametrize("name", ["first-block", "taylorseer"])
+def test_memory_guidance_with_a_per_context_cache(pipe, name):
+    """Memory guidance's pass without TTT is a call of its own ("cond_without_ttt"): FirstBlockCache and TaylorSeer
+    keep its state apart from the guided call's, skip work in both and stay within their tolerance of the uncached
+    memory-guided run; the hooks that keep one state for every call are refused before any step."""
+    memory = {"memory_guidance_scale": 2.0}
+    reference, full_calls = run_counting(pipe, **memory)
+    assert relative_error(reference, run_counting(pipe)[0]) > 1e-3  # memory guidance changes the run
+    if name == "first-block":
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
+    else:
+        set_cache(pipe, name)
+    try:
+        latents, calls = run_counting(pipe, **memory)
+        again, _ = run_counting(pipe, **memory)
+    finally:
+        set_cache(pipe, "none")
+    assert calls < full_calls, f"{name} skipped nothing"
+    assert relative_error(latents, reference) < TOLERANCE[name]
+    assert torch.equal(latents, again)
+    for refused in ("pab", "faster"):
+        set_cache(pipe, refused)
+        try:
+            with pytest.raises(ValueError, match="memory_guidance_scale: not combined with"):
+                run_counting(pipe, **memory)
+        finally:
+            set_cache(pipe, "none")
+
+
 def test_cache_settings_that_cannot_combine_are_named():
     assert cache_problems("faster", 6.0, "batched") == []
     assert "guidance" in cache_problems("faster", 1.0, "batched")[0]
     assert "batched" in cache_problems("faster", 6.0, "sequential")[0]
     assert "batched" in cache_problems("pab", 6.0, "sequential")[0]
     assert cache_problems("first-block", 1.0, "sequential") == []
+    assert cache_problems("faster", None, "batched") == []  # the model's guidance, not known yet
+    assert "batched" in cache_problems("faster", None, "sequential")[0]
+    for name in ("first-block", "taylorseer", "none"):
+        assert cache_problems(name, 6.0, "batched", memory_guidance=True) == []
+    for name in ("pab", "faster"):
+        assert "memory guidance's pass without TTT" in cache_problems(name, 6.0, "batched", memory_guidance=True)[0]
     with pytest.raises(ValueError, match="expected one of"):
         cache_config("fastest", None)
 
@@ -90,3 +125,6 @@ def test_demo_settings_check_the_cache():
         Settings(cache="fastest").checked()
     with pytest.raises(SettingsError, match="cache: cache 'faster' approximates"):
         Settings(guidance=1.0, cache="faster").checked()
+    assert Settings(cache="taylorseer", memory_guidance=2).checked().memory_guidance == 2.0
+    with pytest.raises(SettingsError, match="cache: cache 'pab' keeps one state for every transformer call"):
+        Settings(cache="pab", memory_guidance=2).checked()

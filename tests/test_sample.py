@@ -102,7 +102,8 @@ def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
     (["--memory-guidance", "-1"], "argument --memory-guidance: every scale must be a finite number >= 0, got '-1'"),
     (["--memory-guidance", "0,x"], "argument --memory-guidance: expected a number or comma-separated numbers, got "
                                    "'0,x'"),
-    (["--memory-guidance", "2", "--cache", "pab"], "--memory-guidance cannot be combined with --cache pab"),
+    (["--memory-guidance", "2", "--cache", "pab"], "--cache pab: cache 'pab' keeps one state for every transformer "
+                                                   "call, and memory guidance's pass without TTT is a call of its own"),
 ], ids=["steps-zero", "steps-text", "max-segments", "steps-fraction", "guidance", "guidance-nan", "guidance-inf",
         "seed-negative", "seed-too-big", "cfg-mode", "scheduler", "dtype", "unknown", "cache",
         "cache-pab-sequential", "cache-faster-no-guidance", "memory-negative", "memory-text", "memory-cache"])

@@ -142,7 +142,8 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                     memory = gr.Slider(0, MAX_MEMORY_GUIDANCE, value=0, step=0.5, label="Memory guidance",
                                        visible=renderer.has_ttt, elem_id="memory-guidance",
                                        info="Push each segment toward what the TTT layers remember of earlier ones "
-                                            "(0: off; one more pass per step; not with a cache).")
+                                            "(0: off; one more pass per step; of the caches, only "
+                                            "first-block and taylorseer combine with it).")
             with gr.Column(scale=2):
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")

@@ -58,7 +58,8 @@ class SettingsError(ValueError):
 class Settings:
     """How to sample: seed -1 draws a random one (the one used is reported with the result); guidance None: the
     pipeline's own scale (its config's guidance_scale, as the page's slider starts); memory_guidance > 0: the
-    pipeline's memory_guidance_scale on every segment (needs TTT layers and no cache hooks; docs/sampling.md)."""
+    pipeline's memory_guidance_scale on every segment (needs TTT layers; of the caches, only those that keep a state
+    per call: docs/sampling.md)."""
 
     steps: int = 50
     guidance: float | None = None
@@ -81,15 +82,15 @@ class Settings:
             problems.append(f"sampler: expected one of {', '.join(SCHEDULERS)}, got {self.sampler!r}")
         if self.cache not in CACHES:
             problems.append(f"cache: expected one of {', '.join(CACHES)}, got {self.cache!r}")
-        elif isinstance(self.guidance, (int, float)):
-            problems += [f"cache: {p}" for p in cache_problems(self.cache, self.guidance, "batched")]
-        if (not isinstance(self.memory_guidance, (int, float)) or isinstance(self.memory_guidance, bool)
-                or not 0 <= self.memory_guidance <= MAX_MEMORY_GUIDANCE):
+        memory_ok = (isinstance(self.memory_guidance, (int, float)) and not isinstance(self.memory_guidance, bool)
+                     and 0 <= self.memory_guidance <= MAX_MEMORY_GUIDANCE)
+        if not memory_ok:
             problems.append(f"memory_guidance: expected a number from 0 (off) to {MAX_MEMORY_GUIDANCE:g}, got "
                             f"{self.memory_guidance!r}")
-        elif self.memory_guidance > 0 and self.cache in CACHES and self.cache != "none":
-            problems.append(f"memory_guidance: not combined with cache {self.cache!r} (the cache keeps state per "
-                            "guidance branch, not for memory guidance's extra pass); set one of them to off")
+        if self.cache in CACHES:  # guidance None (the pipeline's own): checked again once Renderer.resolved knows it
+            guidance = self.guidance if isinstance(self.guidance, (int, float)) else None
+            memory = memory_ok and self.memory_guidance > 0
+            problems += [f"cache: {p}" for p in cache_problems(self.cache, guidance, "batched", memory)]
         if problems:
             raise SettingsError(problems)
         guidance = None if self.guidance is None else float(self.guidance)
