@@ -13,11 +13,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, FirstBlockCacheConfig
+from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, LATENT_CHANNELS, TEXT_LEN, WIDTH, tiny_components
 
 from models import CogVideoXTTTTransformer3DModel
 from pipeline import Segment, Storyboard, StoryboardError, TTTVideoPipeline, load_storyboard
+from pipeline.cache import set_cache
 from pipeline.vae_decode import decode_windows
 from pipeline.video_io import read_video, to_uint8_frames, write_video
 
@@ -398,9 +399,9 @@ def test_memory_guidance_errors(pipe):
             generate(pipe, storyboard, memory_guidance_scale=scale)
     with pytest.raises(ValueError, match="memory_guidance_scale: this transformer has no TTT layers"):
         generate(local_attention_copy(pipe), storyboard, memory_guidance_scale=1.0)
-    cached = make_pipeline()
-    cached.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.5))
-    with pytest.raises(ValueError, match="memory_guidance_scale: not combined with cache hooks"):
+    cached = make_pipeline()  # hooks with one state for every call (those with one per call: test_cache_hooks.py)
+    set_cache(cached, "pab")
+    with pytest.raises(ValueError, match="memory_guidance_scale: not combined with PyramidAttentionBroadcastConfig"):
         generate(cached, storyboard, memory_guidance_scale=1.0)
 
 
