@@ -16,7 +16,9 @@ A probed segment is one after segment 1 with exactly one character on stage that
 its text names the character without describing its look, so within the segment only memory can say it. Each feature
 is averaged over the segment's video tokens (`--pool segment`), or weighted by how much of each token's 16 x 16 pixels
 the character covers in the ground truth (`--pool character`: the character's own tokens, not the backdrop's), or
-kept as the 3 x 3 tokens around the token the character covers most in each frame (`--pool grid`); a
+kept as the 3 x 3 tokens around the token the character covers most in each frame (`--pool grid`), or, on the
+segment's text tokens instead of its video tokens, averaged over the text's real (unpadded) tokens (`--pool text`: what
+the TTT layer adds to the text that names the character; the text gate instead of the video gate); a
 multinomial logistic regression (standardised features, L2, LBFGS) is fit on the segments of the first 70% of stories
 and tested on the rest, for the character's colour (8 classes) and shape (3). Chance = the majority class's frequency
 on the test split. A model without TTT gets the input rows only.
@@ -84,6 +86,7 @@ class FeatureCapture:
 
     def __init__(self, transformer, keep_inputs: bool = False):
         self.features: dict[tuple[int, str], object] = {}
+        self.text_features: dict[tuple[int, str], object] = {}  # the same on the text tokens (B, n*Lt, W)
         self.inputs: dict[tuple[int, str], object] = {}
         self.keep_inputs = keep_inputs
         self._handles, self._wrapped = [], []
@@ -99,6 +102,7 @@ class FeatureCapture:
     def _input_hook(self, index: int):
         def hook(module, args):
             self.features[(index, "input")] = args[0].detach()
+            self.text_features[(index, "input")] = args[1].detach()
         return hook
 
     def _wrap(self, index: int, block, original, slot: dict):
@@ -109,11 +113,14 @@ class FeatureCapture:
             y = slot.pop("y")
             y = y[0] if isinstance(y, tuple) else y
             kind = "ttt_fwd" if gate_video is block.gate_forward_video else "ttt_rev"
-            self.features[(index, kind)] = (torch.tanh(gate_video) * order.scatter(y)[:, order.num_text:]).detach()
+            y = order.scatter(y)
+            self.features[(index, kind)] = (torch.tanh(gate_video) * y[:, order.num_text:]).detach()
+            self.text_features[(index, kind)] = (torch.tanh(gate_text) * y[:, :order.num_text]).detach()
             if self.keep_inputs:
                 self.inputs[(index, kind)] = x.detach()
             if kind == "ttt_rev":
-                self.features[(index, "ttt")] = self.features[(index, "ttt_fwd")] + self.features[(index, "ttt_rev")]
+                for features in (self.features, self.text_features):
+                    features[(index, "ttt")] = features[(index, "ttt_fwd")] + features[(index, "ttt_rev")]
             return out
         return gated_ttt
 
@@ -141,6 +148,15 @@ def segment_means(tokens, layout, token_weights=None):
     if token_weights is not None:
         onehot = onehot * token_weights.to(onehot)[:, None]
     return torch.einsum("btw,tn->bnw", tokens, onehot / onehot.sum(0).clamp_min(1e-12))
+
+
+def text_means(tokens, text_mask):
+    """(B, n*Lt, W) text tokens of n segments → (B, n, W), each segment's mean over its real tokens (text_mask (B, n,
+    Lt) true; a segment without any gives zeros)."""
+    batch, num_segments, length = text_mask.shape
+    weights = text_mask.to(tokens.dtype)
+    weights = weights / weights.sum(-1, keepdim=True).clamp_min(1)
+    return (tokens.reshape(batch, num_segments, length, -1) * weights[..., None]).sum(2)
 
 
 def segment_grids(tokens, layout, token_weights, grid: tuple[int, int], radius: int = 1):
@@ -235,20 +251,27 @@ def extract(pipe, folder: Path, story_ids: list[str], timestep: int, seed: int =
             inputs = story_inputs(pipe, folder / f"{story_id}.mp4", folder / f"{story_id}.storyboard.json",
                                   timestep, seed, context)
             capture.features.clear()
+            capture.text_features.clear()
             capture.inputs.clear()
             transformer(**inputs, return_dict=False)
             _, frames, _, height, width = inputs["hidden_states"].shape
             layout = transformer.segment_layout(inputs["encoder_hidden_states"].shape[1], height, width,
                                                 inputs["hidden_states"].device)
             grid = (height // patch, width // patch)  # tokens per frame: rows, columns
-            weights = None if pool == "segment" else character_token_weights(story, layout, grid, width * scale)
-            means = {key: (segment_grids(value, layout, weights, grid, radius) if pool == "grid"
-                           else segment_means(value, layout, weights))[0].float().cpu()
-                     for key, value in capture.features.items()}
+            weights = None if pool in ("segment", "text") else character_token_weights(story, layout, grid,
+                                                                                         width * scale)
+            if pool == "text":
+                means = {key: text_means(value, inputs["encoder_attention_mask"])[0].float().cpu()
+                         for key, value in capture.text_features.items()}
+            else:
+                means = {key: (segment_grids(value, layout, weights, grid, radius) if pool == "grid"
+                               else segment_means(value, layout, weights))[0].float().cpu()
+                         for key, value in capture.features.items()}
             for segment, name in probed:
                 samples.append({"story": story_id, "segment": segment, "character": name, **labels(story, name),
                                 "features": {key: m[segment] for key, m in means.items()}})
             raw = {"story": story_id, "inputs": inputs, "layout": layout, "features": dict(capture.features),
+                   "text_features": dict(capture.text_features),
                    "token_weights": weights,
                    "ttt_inputs": dict(capture.inputs), "means": means, "probed": probed}
     return samples, raw
@@ -335,10 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (the same for every story)")
     p.add_argument("--context", action="store_true", help="segment 1 given clean (recall mode's setting): with a "
                    "high --timestep the later segments' own inputs hold little of the looks")
-    p.add_argument("--pool", choices=("segment", "character", "grid"), default="segment",
+    p.add_argument("--pool", choices=("segment", "character", "grid", "text"), default="segment",
                    help="average each feature over the segment's video tokens, over the character's own (weighted "
                    "by how much of each token the character covers), or keep the 3 x 3 tokens around the "
-                   "character's centre (averaged over frames; 9 times the features)")
+                   "character's centre (averaged over frames; 9 times the features), or average over the segment's "
+                   "text tokens (what TTT adds to the text that names the character)")
     p.add_argument("--radius", type=int, default=1, help="--pool grid: the (2 r + 1) x (2 r + 1) tokens around the "
                    "character's centre (0: that token alone, whether one token's features hold the shape)")
     p.add_argument("--weight-decay", type=float, default=1e-2, help="L2 on the probe's weights")

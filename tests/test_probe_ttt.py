@@ -61,6 +61,42 @@ def test_capture_matches_a_recomputation_of_the_ttt_path(tmp_path):
     torch.testing.assert_close(raw["means"][(1, "input")][segment], tokens[frames].mean((0, 1)), atol=1e-5, rtol=0)
 
 
+def test_text_pooling_probes_what_ttt_adds_to_each_segments_text(tmp_path):
+    """--pool text: the TTT contribution on the text tokens (text gate, recomputed by hand from the pass's input) and
+    each segment's mean over its real text tokens, padding left out."""
+    from pipeline import TTTVideoPipeline
+
+    folder = tmp_path / "heldout"
+    generate(folder, stories=2, min_segments=4, max_segments=4, seed=HELD_OUT_SEED, progress=False)
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    transformer = pipe.transformer
+    ids = ["story_00000", "story_00001"]
+    samples, raw = probe_ttt.extract(pipe, folder, ids, timestep=500, seed=0, progress=False, keep_inputs=True,
+                                     pool="text")
+    inputs, layout = raw["inputs"], raw["layout"]
+    text_mask = inputs["encoder_attention_mask"].bool()  # (1, n, Lt)
+    n_text, width = text_mask.numel(), transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    token_mask = torch.cat([text_mask.reshape(1, -1),
+                            torch.ones(1, layout.num_frames * layout.tokens_per_frame, dtype=torch.bool)], dim=1)
+    assert samples and all(v.shape == (width,) for s in samples for v in s["features"].values())
+    with torch.no_grad():
+        block = transformer.transformer_blocks[1]
+        x = raw["ttt_inputs"][(1, "ttt_fwd")]
+        order = layout.forward
+        y = order.scatter(block.ttt(order.gather(x), order.gather(token_mask), order.rope))
+        expected = torch.tanh(block.gate_forward_text) * y[:, :n_text]
+    torch.testing.assert_close(raw["text_features"][(1, "ttt_fwd")], expected, atol=1e-5, rtol=0)
+    assert expected.abs().max() > 1e-4
+    segment = 2
+    tokens = raw["text_features"][(1, "ttt")][0].reshape(layout.num_segments, -1, width)[segment]
+    real = text_mask[0, segment]
+    assert 0 < real.sum() < real.numel()  # some padding to leave out
+    torch.testing.assert_close(raw["means"][(1, "ttt")][segment], tokens[real].mean(0), atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw["means"][(1, "input")][segment],
+                               raw["text_features"][(1, "input")][0].reshape(layout.num_segments, -1, width)[
+                                   segment][real].mean(0), atol=1e-5, rtol=0)
+
+
 def test_probe_fits_separable_features():
     generator = torch.Generator().manual_seed(0)
     classes, per_class, dim = 8, 10, 16
