@@ -2,7 +2,7 @@
 context against the same segment with a counterfactual context in which one character looks different.
 
     python benchmarks/bench_memory.py NAME=MODEL [NAME=MODEL ...] [--stories 20] [--timesteps 500,800,950]
-        [--swap look|shape|colour]
+        [--swap look|shape|colour] [--caption text|unshaped]
 
 For each held-out 20-segment toy-world story (the long-range benchmark's: seed 1000, made on first use in
 OUT/heldout) and each probed segment s (probe_ttt.probe_segments: a segment after the first with exactly one character
@@ -24,6 +24,8 @@ A third sequence gives the gain its scale: `described`, the true one with segmen
 (pretraining's captions: it describes every character on stage, so the look is also told). text gain =
 loss(swapped) - loss(described) is the whole way from a wrong memory to knowing the look both ways; the memory
 gain's share of it (gain / text gain, over the probes' means) is how much of that way memory alone goes.
+--caption unshaped gives every segment its text in that register (the story text with the size and colour of
+everyone on stage: what a model trained on it expects), so that only the shape is left for memory to carry.
 A model with no path between segments gains exactly 0. Segment-local attention with overlap_frames 1 has a short one:
 each block reaches one segment further back through the shared frame, so probes are also split by whether the
 character was on stage in segment s-1 ("adjacent") or not ("apart"). Results: OUT/results.json, a table on stdout.
@@ -49,6 +51,7 @@ REGIONS = ("segment", "character")
 # the counterfactual story
 
 SWAPS = ("look", "shape", "colour")  # what the counterfactual changes: both parts, or one
+CAPTIONS = ("text", "unshaped")  # the register of every segment's text (the described sequence's segment s: dense)
 
 
 def swapped_look(story, name: str, swap: str = "look"):
@@ -111,8 +114,10 @@ def character_mask(true_frames, swapped_frames, segment: int, frames_per_latent:
 class MemoryProbe:
     """Encodes stories with a pipeline's VAE and text encoder and measures the gain of one probed segment."""
 
-    def __init__(self, pipe, timesteps: list[int], seed: int = 0):
-        self.pipe, self.timesteps, self.seed = pipe, list(timesteps), seed
+    def __init__(self, pipe, timesteps: list[int], seed: int = 0, caption: str = "text"):
+        if caption not in CAPTIONS:
+            raise ValueError(f"caption: expected one of {', '.join(CAPTIONS)}, got {caption!r}")
+        self.pipe, self.timesteps, self.seed, self.caption = pipe, list(timesteps), seed, caption
         config = pipe.transformer.config
         self.first, self.per = config.latent_frames_first, config.latent_frames_per_segment
         self.size = config.sample_height * pipe.vae_scale_factor_spatial
@@ -121,12 +126,13 @@ class MemoryProbe:
         """(latents (1, T, C, h, w), text embeds (1, n, L, D), text mask (1, n, L), scene starts (1, n))."""
         import torch
 
-        from pipeline.toyworld.dataset import story_storyboard
+        from pipeline.toyworld.dataset import story_captions, story_storyboard
 
         pipe, device = self.pipe, self.pipe._execution_device
         board = story_storyboard(story)
+        texts = board.texts if self.caption == "text" else [c[self.caption] for c in story_captions(story)]
         latents = pipe.encode_video(frames, self.size, self.size, story.title).to(device, pipe.transformer.dtype)
-        embeds, mask, _, _ = pipe.encode_prompt(board.texts, do_classifier_free_guidance=False, device=device)
+        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device)
         starts = torch.tensor([[seg.scene_start for seg in board.segments]], device=device)
         return latents, embeds, mask, starts
 
@@ -179,9 +185,10 @@ class MemoryProbe:
 
 
 def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed: int = 0,
-            progress: bool = True, swap: str = "look") -> list[dict]:
+            progress: bool = True, swap: str = "look", caption: str = "text") -> list[dict]:
     """One row per probed segment of the given stories in `folder` (<id>.truth.json): story, segment, character,
-    adjacent, and the losses of `MemoryProbe.gain`; the counterfactual changes what `swap` names."""
+    adjacent, and the losses of `MemoryProbe.gain`; the counterfactual changes what `swap` names; the texts are in
+    register `caption`."""
     from tqdm.auto import tqdm
 
     from pipeline.toyworld.dataset import load_truth
@@ -189,7 +196,7 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
 
     spatial = pipe.vae_scale_factor_spatial
     frames_per_latent = pipe.vae_scale_factor_temporal
-    probe = MemoryProbe(pipe, timesteps, seed)
+    probe = MemoryProbe(pipe, timesteps, seed, caption)
     rows = []
     for story_id in tqdm(story_ids, desc="stories", unit="story", disable=not progress):
         story = load_truth(folder / f"{story_id}.truth.json")
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--swap", choices=SWAPS, default="look",
                    help="what the counterfactual look changes: colour and shape (look), or only one of them")
+    p.add_argument("--caption", choices=CAPTIONS, default="text",
+                   help="the register of the segments' texts: story (text), or unshaped (size and colour told)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_memory",
                    help="results.json goes here; the held-out stories are made in OUT/heldout")
     args = p.parse_args(argv)
@@ -297,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = TTTVideoPipeline.from_pretrained(path)
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         pipe.set_progress_bar_config(disable=True)
-        rows = measure(pipe, folder, story_ids, args.timesteps, args.seed, swap=args.swap)
+        rows = measure(pipe, folder, story_ids, args.timesteps, args.seed, swap=args.swap, caption=args.caption)
         summaries[name] = summarize(rows, args.timesteps)
         results["models"][name] = {"path": path, "ttt_type": pipe.transformer.config.ttt_type,
                                    "summary": summaries[name], "rows": rows}

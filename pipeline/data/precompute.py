@@ -23,6 +23,7 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
 import av
@@ -271,11 +272,17 @@ def _latent_source(cfg: Config, manifest: dict) -> Path | None:
 
 def _latent_item(latents_from: Path, record: VideoRecord) -> Path | None:
     """The item of cache `latents_from` holding this video's latents, if any: the record's own, or that of the same
-    record without its mask (latents do not depend on the mask; a dataset that gained masks keeps its latents)."""
-    for candidate in (record, replace(record, mask=None)):
-        path = item_path(latents_from, candidate)
-        if path.is_file():
-            return path
+    record without its mask or without some of its caption registers (latents depend on neither: a dataset whose
+    metadata gained masks or a register keeps its latents)."""
+    registers = sorted({name for s in record.segments for name in s.captions})
+    for count in range(len(registers), -1, -1):
+        for kept in combinations(registers, count):
+            segments = tuple(replace(s, captions={k: v for k, v in s.captions.items() if k in kept})
+                             for s in record.segments)
+            for candidate in (replace(record, segments=segments), replace(record, segments=segments, mask=None)):
+                path = item_path(latents_from, candidate)
+                if path.is_file():
+                    return path
     return None
 
 

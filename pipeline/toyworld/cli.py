@@ -1,4 +1,4 @@
-"""Command line of the toy world: `python -m pipeline.toyworld {generate,masks,score,corrupt,show} ...`."""
+"""Command line of the toy world: `python -m pipeline.toyworld {generate,masks,captions,score,corrupt,show} ...`."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def _masks(args: argparse.Namespace) -> None:
 
     metadata = add_masks(args.data)
     print(f"wrote <id>.mask.mp4 for every story in {metadata.parent} and their \"mask\" fields into {metadata.name}")
+
+
+def _captions(args: argparse.Namespace) -> None:
+    from .dataset import relabel
+
+    metadata = relabel(args.data)
+    print(f"rewrote {metadata} with every caption register, from the stories' <id>.truth.json")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -142,8 +149,9 @@ def _show_video(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.toyworld",
-                                     description="Synthetic storyboard world: generate, masks, score, corrupt, show.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.toyworld",
+        description="Synthetic storyboard world: generate, masks, captions, score, corrupt, show.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="sample and render stories into a dataset folder")
@@ -159,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("masks", help="add character-mask videos to a folder that 'generate' made without them")
     m.add_argument("--data", required=True, help="folder made by 'generate'")
     m.set_defaults(run=_masks)
+
+    r = sub.add_parser("captions", help="rewrite a folder's metadata.jsonl with every caption register of today "
+                       "(a folder generated before a register existed)")
+    r.add_argument("--data", required=True, help="folder made by 'generate'")
+    r.set_defaults(run=_captions)
 
     s = sub.add_parser("score", help="score videos against their storyboards")
     s.add_argument("--videos", required=True, help="folder of .mp4 files")

@@ -27,7 +27,8 @@ from ..video_io import read_video, write_video
 from .checks import VideoResult, score_video
 from .render import render_story, render_story_mask
 from .sampler import sample_story
-from .world import FPS, FRAMES_PER_SEGMENT, Story
+from .text import unshaped_segment_text
+from .world import FPS, FRAMES_PER_SEGMENT, Story, plan
 
 MASK_SUFFIX = ".mask.mp4"
 
@@ -45,13 +46,25 @@ def storyboard_dict(story: Story) -> dict:
 
 def story_record(story: Story, video: str, mask: str | None = None) -> VideoRecord:
     """The story's record of metadata.jsonl (pipeline/data/: starts exactly 3 s apart; text in the story register,
-    captions["dense"] in the dense one, for pretraining with data.caption=dense): segment i starts at 3 i s,
-    the frame 24 i that its motion starts from (the previous segment's last frame, shared), and precompute encodes
-    frames 24 i ... 24 (i + 1) for it. mask: the video of its character masks (`render_story_mask`), if any."""
+    captions["dense"] in the dense one, for pretraining with data.caption=dense, and captions["unshaped"], the story
+    text with the size and colour of everyone on stage: an experiment's register, `unshaped_segment_text`): segment i
+    starts at 3 i s, the frame 24 i that its motion starts from (the previous segment's last frame, shared), and
+    precompute encodes frames 24 i ... 24 (i + 1) for it. mask: the video of its character masks
+    (`render_story_mask`), if any."""
     return VideoRecord(video, FPS, tuple(
-        SegmentInfo(FRAMES_PER_SEGMENT * i / FPS, seg.text, i > 0 and seg.scene_start,
-                    {"dense": seg.dense_text} if seg.dense_text else {})
-        for i, seg in enumerate(story.segments)), mask)
+        SegmentInfo(FRAMES_PER_SEGMENT * i / FPS, seg.text, i > 0 and seg.scene_start, captions)
+        for i, (seg, captions) in enumerate(zip(story.segments, story_captions(story)))), mask)
+
+
+def story_captions(story: Story) -> list[dict[str, str]]:
+    """Every segment's captions beyond the story text: "dense" (from the ground truth, when it has one) and
+    "unshaped" (made here from the cast and who is on stage)."""
+    captions = []
+    for seg, state in zip(story.segments, plan(story)):
+        entering = [n for n, a in seg.actions.items() if a.kind == "enter" and n not in state.positions]
+        captions.append({**({"dense": seg.dense_text} if seg.dense_text else {}),
+                         "unshaped": unshaped_segment_text(seg, story.cast, [*state.positions, *entering], seg.text)})
+    return captions
 
 
 def metadata_line(story: Story, video: str) -> dict:
@@ -97,6 +110,21 @@ def add_masks(folder: str | os.PathLike, progress: bool = True) -> Path:
         with av.open(os.fspath(folder / record.video)) as container:
             size = container.streams.video[0].height
         updated.append(replace(record, mask=write_mask(folder, story_id, load_truth(truth), size)))
+    return write_metadata(folder, updated)
+
+
+def relabel(folder: str | os.PathLike) -> Path:
+    """Rewrites a dataset folder's metadata.jsonl with every caption register that `story_record` writes today,
+    made from each story's <id>.truth.json (a folder generated before a register existed; precompute a cache of
+    the new register with data.latents_from naming the old cache to keep its latents)."""
+    folder = Path(folder)
+    updated = []
+    for record in read_metadata(folder):
+        truth = folder / f"{Path(record.video).name.removesuffix('.mp4')}.truth.json"
+        if not truth.is_file():
+            raise FileNotFoundError(f"{truth}: not found; captions are written from a story's ground truth, which "
+                                    "'generate' writes beside its video")
+        updated.append(story_record(load_truth(truth), record.video, record.mask))
     return write_metadata(folder, updated)
 
 

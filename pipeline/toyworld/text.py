@@ -106,6 +106,17 @@ def dense_segment_text(segment: Segment, cast: dict[str, Appearance], backdrop: 
     return " ".join(sentences + ([events] if events else []))
 
 
+def unshaped_segment_text(segment: Segment, cast: dict[str, Appearance], on_stage: list[str], story_text: str) -> str:
+    """The unshaped caption of a segment (an experiment's register: it leaves only the shape for memory to carry):
+    the story text, then the size and colour of every character on stage that the story text does not describe
+    here, never its shape ("On stage: Pip, small and red."). Uses no randomness."""
+    told = [name for name in on_stage if f"{name}, {cast[name].describe()}" not in story_text]
+    if not told:
+        return story_text
+    sentence = "On stage: " + "; ".join(f"{name}, {cast[name].size} and {cast[name].color}" for name in told) + "."
+    return f"{story_text} {sentence}" if story_text else sentence
+
+
 @dataclass
 class ScriptSegment:
     """A segment as read back from its text.
