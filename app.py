@@ -24,6 +24,7 @@ from pipeline.loading import (
     check_model_path,
     default_model,
     first_line,
+    fit_cpu_threads,
     load_pipeline,
     resolve_device,
 )
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if device.type == "cpu" and (threads := fit_cpu_threads()):
+        print(f"app.py: other jobs keep cores busy; sampling on {threads} thread(s) (OMP_NUM_THREADS chooses)",
+              file=sys.stderr)
     demo = build_demo(pipe, max_segments=args.max_segments, max_queue=args.max_queue, output_dir=args.output_dir,
                       default_steps=args.steps)
 

@@ -34,6 +34,7 @@ from pipeline.loading import (
     check_model_path,
     default_model,
     first_line,
+    fit_cpu_threads,
     load_pipeline,
     resolve_device,
 )
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)
+    if device.type == "cpu" and (threads := fit_cpu_threads()):
+        print(f"sample.py: other jobs keep cores busy; sampling on {threads} thread(s) (OMP_NUM_THREADS chooses)",
+              file=sys.stderr)
     set_cache(pipe, args.cache)
 
     # 3. clean context: the segments of --video to keep, or a --reference clip

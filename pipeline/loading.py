@@ -135,6 +135,31 @@ def resolve_device(device: str | None, dtype: str = "auto", offload: bool = Fals
     return resolved, getattr(torch, name)
 
 
+def cpu_threads(cores: int, load: float, current: int) -> int:
+    """Threads for sampling on the CPU: torch's own count (`current`, one per core) less one for every core that other
+    jobs keep busy (the load average, rounded), at least 1. Each of the many small operations of a denoising step
+    waits for all of its threads, so a thread that shares its core with another job stalls the step: on 2 cores
+    beside one busy training process, `python sample.py` took 448 s with 2 threads and 51 s with 1
+    (docs/performance.md)."""
+    return max(1, min(current, cores - round(load)))
+
+
+def fit_cpu_threads() -> int | None:
+    """Sets torch's thread count by `cpu_threads` from this machine's free cores, unless OMP_NUM_THREADS chose it;
+    returns the new count where it lowered it, else None."""
+    import torch
+
+    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    current = torch.get_num_threads()
+    threads = cpu_threads(cores, os.getloadavg()[0], current)
+    if threads >= current:
+        return None
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load_pipeline(model: str, adapter: Path | None, dtype):
     """A TTTVideoPipeline from a saved TTT-Video folder (plus an optional adapter), or from a stock CogVideoX
     pipeline and a TTT adapter; InputError / UsageError in one line otherwise."""

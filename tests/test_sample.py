@@ -289,3 +289,38 @@ def test_gpu_flags_without_a_gpu(model_dir, short_story, tmp_path):
                           "--device cuda: no CUDA device is available")
     assert_one_line_error(run("--model", model_dir, "--storyboard", short_story, "--offload", cwd=tmp_path), 2,
                           "--offload moves models between the CPU and a GPU; it needs a CUDA --device")
+
+
+@pytest.mark.parametrize("cores, load, current, expected", [
+    (2, 0.2, 2, 2),  # free cores: torch's own count
+    (2, 1.0, 2, 1),  # one busy core: one thread (2 threads took 448 s against 51 s there)
+    (2, 3.4, 2, 1),  # never fewer than one
+    (16, 4.4, 8, 8),  # torch's count is never raised
+    (16, 10.6, 8, 5),
+])
+def test_cpu_threads_leave_the_busy_cores(cores, load, current, expected):
+    from pipeline.loading import cpu_threads
+
+    assert cpu_threads(cores, load, current) == expected
+
+
+def test_fit_cpu_threads_lowers_torchs_count_unless_omp_num_threads_chose_it(monkeypatch):
+    """The load average is the world's; it is set here so that the outcome does not depend on this machine's."""
+    import os
+
+    from pipeline.loading import fit_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+        assert fit_cpu_threads() is None and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
+        assert fit_cpu_threads() is None and torch.get_num_threads() == 2
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+        assert fit_cpu_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
