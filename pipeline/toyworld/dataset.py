@@ -63,7 +63,7 @@ def story_captions(story: Story) -> list[dict[str, str]]:
     for seg, state in zip(story.segments, plan(story)):
         entering = [n for n, a in seg.actions.items() if a.kind == "enter" and n not in state.positions]
         captions.append({**({"dense": seg.dense_text} if seg.dense_text else {}),
-                         "unshaped": unshaped_segment_text(seg, story.cast, [*state.positions, *entering], seg.text)})
+                         "unshaped": unshaped_segment_text(story.cast, [*state.positions, *entering], seg.text)})
     return captions
 
 

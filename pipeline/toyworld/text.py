@@ -106,7 +106,7 @@ def dense_segment_text(segment: Segment, cast: dict[str, Appearance], backdrop: 
     return " ".join(sentences + ([events] if events else []))
 
 
-def unshaped_segment_text(segment: Segment, cast: dict[str, Appearance], on_stage: list[str], story_text: str) -> str:
+def unshaped_segment_text(cast: dict[str, Appearance], on_stage: list[str], story_text: str) -> str:
     """The unshaped caption of a segment (an experiment's register: it leaves only the shape for memory to carry):
     the story text, then the size and colour of every character on stage that the story text does not describe
     here, never its shape ("On stage: Pip, small and red."). Uses no randomness."""
