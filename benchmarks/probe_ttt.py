@@ -48,15 +48,14 @@ TRAIN_FRACTION = 0.7
 def probe_segments(story) -> list[tuple[int, str]]:
     """(segment index, character) for every segment after the first with exactly one character on stage that was on
     stage in an earlier segment (so the segment's text does not describe its look). story: a toy-world `Story`."""
-    from pipeline.toyworld.world import plan
+    from pipeline.toyworld.world import on_stage, plan
 
     seen, out = set(), []
     for i, (state, segment) in enumerate(zip(plan(story), story.segments)):
-        on_stage = list(state.positions) + [n for n, a in segment.actions.items()
-                                            if a.kind == "enter" and n not in state.positions]
-        if i > 0 and len(on_stage) == 1 and on_stage[0] in seen:
-            out.append((i, on_stage[0]))
-        seen.update(on_stage)
+        names = on_stage(state, segment)
+        if i > 0 and len(names) == 1 and names[0] in seen:
+            out.append((i, names[0]))
+        seen.update(names)
     return out
 
 

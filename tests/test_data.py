@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -203,15 +204,22 @@ def test_precompute_embeds_the_register_the_config_names(base, tmp_path):
     SequenceDataset(tmp_path / "dataset", tmp_path / "cache", segments=2, expected={"caption": "dense"})
 
 
-def test_a_second_register_copies_the_latents_of_the_first_cache(base, tmp_path):
-    """data.latents_from: the dense cache takes its latents from the story cache (the videos are not read again:
-    they are gone here) and embeds its own texts; a source made with other latents is refused, naming the field."""
+def dense_dataset_with_story_cache(base, tmp_path) -> tuple[list[VideoRecord], Path]:
+    """A copy of the dataset in tmp_path/dataset with a "dense" caption on every segment, and its story-register
+    cache precomputed in tmp_path/story: (its records, the cache)."""
     shutil.copytree(base / "dataset", tmp_path / "dataset")
     records = with_dense(read_metadata(tmp_path / "dataset"))
     write_metadata(tmp_path / "dataset", records)
     story = tmp_path / "story"
     precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", f"data.cache={story}"), torch.float32,
                Accelerator(cpu=True))
+    return records, story
+
+
+def test_a_second_register_copies_the_latents_of_the_first_cache(base, tmp_path):
+    """data.latents_from: the dense cache takes its latents from the story cache (the videos are not read again:
+    they are gone here) and embeds its own texts; a source made with other latents is refused, naming the field."""
+    records, story = dense_dataset_with_story_cache(base, tmp_path)
     for r in records:
         (tmp_path / "dataset" / r.video).unlink()
     cfg = config(tmp_path, f"model.pretrained={base / 'pipeline'}", "data.caption=dense", f"data.latents_from={story}")
@@ -235,12 +243,7 @@ def test_a_second_register_copies_the_latents_of_the_first_cache(base, tmp_path)
 def test_a_dataset_that_gained_a_register_keeps_the_latents_of_the_cache_made_before(base, tmp_path):
     """A register added to the metadata changes every record's key, but data.latents_from still finds the items
     made before it (the same record with fewer registers): the videos are not read again (they are gone here)."""
-    shutil.copytree(base / "dataset", tmp_path / "dataset")
-    records = with_dense(read_metadata(tmp_path / "dataset"))
-    write_metadata(tmp_path / "dataset", records)
-    story = tmp_path / "story"
-    precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", f"data.cache={story}"), torch.float32,
-               Accelerator(cpu=True))
+    records, story = dense_dataset_with_story_cache(base, tmp_path)
     grown = [dataclasses.replace(r, segments=tuple(
         dataclasses.replace(s, captions={**s.captions, "extra": f"extra {i}"}) for i, s in enumerate(r.segments)))
         for r in records]

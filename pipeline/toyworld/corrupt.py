@@ -26,6 +26,7 @@ from .world import (
     Backdrop,
     Story,
     feasible,
+    on_stage,
     plan,
 )
 
@@ -72,8 +73,7 @@ def detected(result: VideoResult, check: str | None, targets: list[tuple[int, st
 
 def _on_stage(story: Story) -> list[list[str]]:
     """Everyone seen in each segment: present at its start, then entering."""
-    return [list(state.positions) + [n for n, a in seg.actions.items() if a.kind == "enter" and n not in
-                                     state.positions] for state, seg in zip(plan(story), story.segments)]
+    return [on_stage(state, seg) for state, seg in zip(plan(story), story.segments)]
 
 
 def corrupt(story: Story, kind: str, rng: np.random.Generator) -> Corruption | None:

@@ -28,7 +28,7 @@ from .checks import VideoResult, score_video
 from .render import render_story, render_story_mask
 from .sampler import sample_story
 from .text import unshaped_segment_text
-from .world import FPS, FRAMES_PER_SEGMENT, Story, plan
+from .world import FPS, FRAMES_PER_SEGMENT, Story, on_stage, plan
 
 MASK_SUFFIX = ".mask.mp4"
 
@@ -61,9 +61,8 @@ def story_captions(story: Story) -> list[dict[str, str]]:
     "unshaped" (made here from the cast and who is on stage)."""
     captions = []
     for seg, state in zip(story.segments, plan(story)):
-        entering = [n for n, a in seg.actions.items() if a.kind == "enter" and n not in state.positions]
         captions.append({**({"dense": seg.dense_text} if seg.dense_text else {}),
-                         "unshaped": unshaped_segment_text(story.cast, [*state.positions, *entering], seg.text)})
+                         "unshaped": unshaped_segment_text(story.cast, on_stage(state, seg), seg.text)})
     return captions
 
 
@@ -102,14 +101,11 @@ def add_masks(folder: str | os.PathLike, progress: bool = True) -> Path:
     records = read_metadata(folder)
     updated = []
     for record in tqdm(records, desc="masks", unit="story", disable=not progress):
-        story_id = Path(record.video).name.removesuffix(".mp4")
-        truth = folder / f"{story_id}.truth.json"
-        if not truth.is_file():
-            raise FileNotFoundError(f"{truth}: not found; masks are rendered from a story's ground truth, which "
-                                    "'generate' writes beside its video")
+        story = record_truth(folder, record, "masks are rendered")
         with av.open(os.fspath(folder / record.video)) as container:
             size = container.streams.video[0].height
-        updated.append(replace(record, mask=write_mask(folder, story_id, load_truth(truth), size)))
+        story_id = Path(record.video).name.removesuffix(".mp4")
+        updated.append(replace(record, mask=write_mask(folder, story_id, story, size)))
     return write_metadata(folder, updated)
 
 
@@ -120,12 +116,18 @@ def relabel(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     updated = []
     for record in read_metadata(folder):
-        truth = folder / f"{Path(record.video).name.removesuffix('.mp4')}.truth.json"
-        if not truth.is_file():
-            raise FileNotFoundError(f"{truth}: not found; captions are written from a story's ground truth, which "
-                                    "'generate' writes beside its video")
-        updated.append(story_record(load_truth(truth), record.video, record.mask))
+        updated.append(story_record(record_truth(folder, record, "captions are written"), record.video, record.mask))
     return write_metadata(folder, updated)
+
+
+def record_truth(folder: Path, record: VideoRecord, use: str) -> Story:
+    """The story of a metadata record, from the <id>.truth.json beside its video; FileNotFoundError naming the file
+    and what needed it (`use`, e.g. "masks are rendered") where there is none."""
+    truth = folder / f"{Path(record.video).name.removesuffix('.mp4')}.truth.json"
+    if not truth.is_file():
+        raise FileNotFoundError(f"{truth}: not found; {use} from a story's ground truth, which 'generate' writes "
+                                "beside its video")
+    return load_truth(truth)
 
 
 def generate(out: str | os.PathLike, stories: int, min_segments: int = 1, max_segments: int = 21, seed: int = 0,

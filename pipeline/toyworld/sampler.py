@@ -22,6 +22,7 @@ from .world import (
     Story,
     advance,
     feasible,
+    on_stage,
 )
 
 
@@ -52,9 +53,8 @@ def sample_story(seed: int, min_segments: int = 1, max_segments: int = 21) -> St
             state = StageState({})
         segment = _sample_segment(rng, cast, state, int(scene_of[i]), scene_start, set(introduced))
         segment.text = segment_text(segment, cast, backdrops[segment.scene], set(introduced), rng)
-        entering = [n for n, a in segment.actions.items() if a.kind == "enter" and n not in state.positions]
-        segment.dense_text = dense_segment_text(segment, cast, backdrops[segment.scene],
-                                                [*state.positions, *entering], segment.text)
+        segment.dense_text = dense_segment_text(segment, cast, backdrops[segment.scene], on_stage(state, segment),
+                                                segment.text)
         introduced += [n for n, a in segment.actions.items() if a.kind == "enter" and n not in introduced]
         segments.append(segment)
         state = advance(cast, state, segment)

@@ -282,6 +282,12 @@ def advance(cast: dict[str, Appearance], state: StageState, segment: Segment) ->
     return StageState(positions, state.camera + segment.pan * PAN)
 
 
+def on_stage(state: StageState, segment: Segment) -> list[str]:
+    """Everyone seen during `segment` that starts from `state`: those present at its start, then those entering."""
+    entering = [n for n, a in segment.actions.items() if a.kind == "enter" and n not in state.positions]
+    return [*state.positions, *entering]
+
+
 def plan(story: Story) -> list[StageState]:
     """The stage at the start of every segment (a new scene starts with an empty stage)."""
     states, state = [], StageState({})
