@@ -137,11 +137,42 @@ def resolve_device(device: str | None, dtype: str = "auto", offload: bool = Fals
 
 def cpu_threads(cores: int, load: float, current: int) -> int:
     """Threads for sampling on the CPU: torch's own count (`current`, one per core) less one for every core that other
-    jobs keep busy (the load average, rounded), at least 1. Each of the many small operations of a denoising step
-    waits for all of its threads, so a thread that shares its core with another job stalls the step: on 2 cores
-    beside one busy training process, `python sample.py` took 448 s with 2 threads and 51 s with 1
-    (docs/performance.md)."""
+    jobs keep busy (`load`, rounded), at least 1. Each of the many small operations of a denoising step waits for all
+    of its threads, so a thread that shares its core with another job stalls the step: on 2 cores beside one busy
+    training process, `python sample.py` took 448 s with 2 threads and 51 s with 1 (docs/performance.md)."""
     return max(1, min(current, cores - round(load)))
+
+
+def busy_cores(before: str, after: str) -> float:
+    """How many cores were busy between two readings of /proc/stat: the share of the machine's CPU time (its first
+    line, "cpu user nice system idle iowait irq softirq steal ...") not spent idle or waiting for I/O, times the
+    number of cores (its "cpuN" lines). Guest time is already inside user and nice, so only the first eight count."""
+    def times(stat: str) -> tuple[list[int], int]:
+        lines = stat.splitlines()
+        fields = lines[0].split()
+        if fields[0] != "cpu" or len(fields) < 9:
+            raise ValueError(f"/proc/stat: expected a first line 'cpu <8 or more times>', got {lines[0]!r}")
+        cores = sum(1 for line in lines[1:] if line.startswith("cpu") and line[3:4].isdigit())
+        return [int(f) for f in fields[1:9]], cores
+
+    (t0, cores), (t1, _) = times(before), times(after)
+    delta = [b - a for a, b in zip(t0, t1)]
+    total = sum(delta)
+    return 0.0 if total <= 0 else cores * (total - delta[3] - delta[4]) / total
+
+
+def current_load(interval: float = 0.3, stat: str | os.PathLike = "/proc/stat") -> float | None:
+    """Cores other jobs keep busy now: `busy_cores` over `interval` seconds while this process sleeps, or where
+    /proc/stat is missing the 1-minute load average (which lags: just after a job ends it still counts it), or None."""
+    import time
+
+    stat = Path(stat)
+    try:
+        before = stat.read_text()
+        time.sleep(interval)
+        return busy_cores(before, stat.read_text())
+    except (OSError, ValueError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def fit_cpu_threads() -> int | None:
@@ -149,11 +180,11 @@ def fit_cpu_threads() -> int | None:
     returns the new count where it lowered it, else None."""
     import torch
 
-    if "OMP_NUM_THREADS" in os.environ or not hasattr(os, "getloadavg"):
+    if "OMP_NUM_THREADS" in os.environ or (load := current_load()) is None:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     current = torch.get_num_threads()
-    threads = cpu_threads(cores, os.getloadavg()[0], current)
+    threads = cpu_threads(cores, load, current)
     if threads >= current:
         return None
     torch.set_num_threads(threads)

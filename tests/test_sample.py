@@ -1,10 +1,12 @@
 """sample.py end to end, as a subprocess, against a tiny TTT pipeline saved with save_pretrained."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -305,22 +307,56 @@ def test_cpu_threads_leave_the_busy_cores(cores, load, current, expected):
 
 
 def test_fit_cpu_threads_lowers_torchs_count_unless_omp_num_threads_chose_it(monkeypatch):
-    """The load average is the world's; it is set here so that the outcome does not depend on this machine's."""
+    """The busy cores are the world's; they are set here so that the outcome does not depend on this machine's."""
     import os
 
-    from pipeline.loading import fit_cpu_threads
+    import pipeline.loading as loading
 
     before = torch.get_num_threads()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     try:
         torch.set_num_threads(2)
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
-        assert fit_cpu_threads() is None and torch.get_num_threads() == 2
+        monkeypatch.setattr(loading, "current_load", lambda: 1.0)
+        assert loading.fit_cpu_threads() is None and torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS")
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.3, 0.3))
-        assert fit_cpu_threads() is None and torch.get_num_threads() == 2
-        monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
-        assert fit_cpu_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(loading, "current_load", lambda: 0.3)
+        assert loading.fit_cpu_threads() is None and torch.get_num_threads() == 2
+        monkeypatch.setattr(loading, "current_load", lambda: None)  # nothing to read: torch's count
+        assert loading.fit_cpu_threads() is None and torch.get_num_threads() == 2
+        monkeypatch.setattr(loading, "current_load", lambda: 1.2)
+        assert loading.fit_cpu_threads() == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+STAT = "cpu  {} 0 {} {} {} 0 0 0 7 7\ncpu0 0 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\nintr 5\n"
+
+
+def test_busy_cores_counts_the_time_not_idle_nor_waiting_for_io():
+    from pipeline.loading import busy_cores
+
+    # 100 ticks pass on each of 2 cores: user 60 + system 40 busy, idle 80, iowait 20 -> half the time: one core
+    assert busy_cores(STAT.format(10, 5, 100, 3), STAT.format(70, 45, 180, 23)) == pytest.approx(1.0)
+    assert busy_cores(STAT.format(10, 5, 100, 3), STAT.format(10, 5, 300, 3)) == 0.0  # idle
+    assert busy_cores(STAT.format(10, 5, 100, 3), STAT.format(10, 5, 100, 3)) == 0.0  # no time passed
+    with pytest.raises(ValueError, match="/proc/stat: expected a first line"):
+        busy_cores("intr 5\n", STAT.format(1, 1, 1, 1))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_current_load_sees_a_busy_core_now_and_falls_back_to_the_load_average(monkeypatch, tmp_path):
+    """A child process that spins keeps one core busy while current_load sleeps: it counts it at once, where the
+    1-minute load average would take a minute to."""
+    spin = "import time\nend = time.time() + 5\nwhile time.time() < end: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)
+        from pipeline.loading import current_load
+
+        assert current_load(interval=1.0) >= 0.7
+    finally:
+        spinner.kill()
+        spinner.wait()
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+    assert current_load(interval=0.0, stat=tmp_path / "missing") == 3.5
