@@ -236,14 +236,14 @@ def test_an_uploaded_alias_bomb_is_refused_fast_with_little_memory(tmp_path):
     path = tmp_path / "bomb.yaml"
     path.write_text(alias_bomb(4, 600, "x" * 1000))  # 13 kB; without the limits, 130 billion characters
     tracemalloc.start()
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine's other jobs do not count (wall time failed under load)
     try:
         with pytest.raises(gr.Error, match="its YAML aliases expand it past"):
             _load_into_editor(path, MAX_SEGMENTS, check_rows=True)
     finally:
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    assert time.perf_counter() - start < 2 and peak < 4 * 2**20
+    assert time.process_time() - start < 2 and peak < 4 * 2**20
 
 
 @pytest.mark.parametrize("segments, message", [
