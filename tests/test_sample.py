@@ -308,8 +308,6 @@ def test_cpu_threads_leave_the_busy_cores(cores, load, current, expected):
 
 def test_fit_cpu_threads_lowers_torchs_count_unless_omp_num_threads_chose_it(monkeypatch):
     """The busy cores are the world's; they are set here so that the outcome does not depend on this machine's."""
-    import os
-
     import pipeline.loading as loading
 
     before = torch.get_num_threads()
@@ -348,12 +346,12 @@ def test_busy_cores_counts_the_time_not_idle_nor_waiting_for_io():
 def test_current_load_sees_a_busy_core_now_and_falls_back_to_the_load_average(monkeypatch, tmp_path):
     """A child process that spins keeps one core busy while current_load sleeps: it counts it at once, where the
     1-minute load average would take a minute to."""
+    from pipeline.loading import current_load
+
     spin = "import time\nend = time.time() + 5\nwhile time.time() < end: pass"
     spinner = subprocess.Popen([sys.executable, "-c", spin])
     try:
         time.sleep(0.5)
-        from pipeline.loading import current_load
-
         assert current_load(interval=1.0) >= 0.7
     finally:
         spinner.kill()
