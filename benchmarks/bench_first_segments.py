@@ -25,6 +25,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 REPORTED = ("background", "presence", "color", "shape", "size", "identity")
 
 
+def standard_error(rate: float, count: int) -> float:
+    """The binomial standard error of a rate measured on `count` characters (each right or wrong on its own)."""
+    return (rate * (1.0 - rate) / count) ** 0.5 if count else float("nan")
+
+
 def first_segments(storyboard: dict, k: int) -> dict:
     """The storyboard cut after its first k segments (scenes kept as they are)."""
     scenes, left = [], k
@@ -80,13 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     folder = held_out_stories(args.out, args.stories)
     storyboards = [first_segments(json.loads(path.read_text()), args.segments)
                    for path in sorted(folder.glob("*.storyboard.json"))]
-    print(f"| model | {' | '.join(REPORTED)} |\n|---|{'---|' * len(REPORTED)}")
+    print(f"| model | {' | '.join(REPORTED)} | identity's standard error | characters |\n"
+          f"|---|{'---|' * (len(REPORTED) + 2)}")
     below = []
     for model in args.models:
         summary = evaluate(model, storyboards, args.inference_steps, args.guidance, args.seed)
-        print(f"| {model} | " + " | ".join(f"{100 * summary[k]:.0f}" for k in REPORTED) + " |", flush=True)
+        count = summary["counts"]["identity"]  # the characters introduced in the segments scored
+        error = 100 * standard_error(summary["identity"], count)
+        print(f"| {model} | " + " | ".join(f"{100 * summary[k]:.0f}" for k in REPORTED) + f" | {error:.1f} | {count} |",
+              flush=True)
         if args.min_identity is not None and 100 * summary["identity"] < args.min_identity:
-            below.append(f"{model}: identity {100 * summary['identity']:.1f}% < {args.min_identity:g}%")
+            below.append(f"{model}: identity {100 * summary['identity']:.1f}% (standard error {error:.1f} over "
+                         f"{count} characters) < {args.min_identity:g}%")
     for line in below:
         print(f"bench_first_segments: below the gate: {line} (the model does not draw the characters its texts "
               "describe; see docs/default_model.md)", file=sys.stderr)

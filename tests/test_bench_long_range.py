@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_long_range  # noqa: E402
 
 from pipeline.toyworld.dataset import generate  # noqa: E402
+from pipeline.toyworld.text import parse_storyboard  # noqa: E402
 from pipeline.video_io import read_video  # noqa: E402
 
 
@@ -125,10 +126,25 @@ def test_first_segments_gate_stops_below_the_threshold(tmp_path, capsys):
     common = [model, "--stories", "1", "--inference-steps", "2", "--out", str(tmp_path)]
     assert bench_first_segments.main([*common, "--min-identity", "101"]) == 3  # no model reaches 101%
     out, err = capsys.readouterr()
-    assert f"| {model} |" in out
-    assert f"below the gate: {model}: identity " in err and "< 101%" in err
+    row = next(line for line in out.splitlines() if line.startswith(f"| {model} |"))
+    identity, error, count = (float(cell) for cell in row.strip("|").split("|")[-3:])
+    storyboard = json.loads(next((tmp_path / "heldout").glob("*.storyboard.json")).read_text())
+    introduced = len(parse_storyboard(storyboard).segments[0].intros)  # segment 1 brings in everyone it shows
+    assert count == introduced >= 1
+    rate = identity / 100
+    assert error == pytest.approx(100 * (rate * (1 - rate) / count) ** 0.5, abs=0.6)  # the table rounds the rate
+    assert f"below the gate: {model}: identity " in err and f"over {introduced} characters) < 101%" in err
     assert bench_first_segments.main([*common, "--min-identity", "0"]) == 0
     assert "below the gate" not in capsys.readouterr().err
+
+
+def test_the_gate_reports_its_binomial_standard_error():
+    """60% over 50 characters is 6.9 points either way (what one gate reading can tell apart); none without any."""
+    import bench_first_segments
+
+    assert bench_first_segments.standard_error(0.6, 50) == pytest.approx(0.069282, abs=1e-6)
+    assert bench_first_segments.standard_error(1.0, 50) == 0.0
+    assert bench_first_segments.standard_error(0.5, 0) != bench_first_segments.standard_error(0.5, 0)  # nan
 
 
 def test_held_out_stories_are_made_again_when_the_world_changed(tmp_path):
