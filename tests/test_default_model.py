@@ -195,6 +195,14 @@ def test_vae_training_runs_calibrates_and_saves(tmp_path):
     vae = AutoencoderKLCogVideoX.from_pretrained(tmp_path / "vae")
     assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
     assert vae.config.latent_channels == 4 and list(vae.config.block_out_channels) == [4, 4, 8]
+    # the recipe's VAE_SEED (seed=N for step 2) trains another VAE from the same data; the same seed the same one
+    weights = {k: v.clone() for k, v in vae.state_dict().items()}
+    for seed, same in ((0, True), (1, False)):
+        folder = tmp_path / f"vae-seed{seed}"
+        train_vae(load_config(ROOT / "configs" / "toy" / "base.yaml",
+                              [*overrides, f"model.builder_args.vae_dir={folder}", f"seed={seed}"]))
+        again = AutoencoderKLCogVideoX.from_pretrained(folder).state_dict()
+        assert all(torch.allclose(again[k], weights[k], atol=1e-6) for k in weights) == same
 
     bad = load_config(ROOT / "configs" / "toy" / "base.yaml",
                       [*overrides, "model.builder_args.vae_training.clip_frames=5"])
