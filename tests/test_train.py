@@ -600,6 +600,10 @@ def corrupt_cache(tmp_path, base, what):
     shutil.copytree(base / "cache", cache)
     if what == "manifest":
         (cache / "manifest.json").write_text('{"version": 1, "height": ')
+    elif what == "other vae":  # as though another VAE had encoded it
+        manifest = json.loads((cache / "manifest.json").read_text())
+        manifest["scaling_factor"] *= 2
+        (cache / "manifest.json").write_text(json.dumps(manifest))
     elif what == "null missing":
         (cache / "null.safetensors").unlink()
     else:
@@ -621,6 +625,8 @@ BAD_INPUTS = [  # (case, overrides (tmp_path, base), error, message with {tmp} f
      ConfigError, "validation.storyboards[0]={tmp}/story.json: file not found; expected a storyboard file"),
     ("manifest", lambda tmp, base: corrupt_cache(tmp, base, "manifest"), DatasetError,
      "{tmp}/cache/manifest.json: not valid JSON"),
+    ("other vae", lambda tmp, base: corrupt_cache(tmp, base, "other vae"), ConfigError,
+     "data.cache={tmp}/cache: its latents were encoded by a VAE with scaling_factor"),
     ("null missing", lambda tmp, base: corrupt_cache(tmp, base, "null missing"), DatasetError,
      "{tmp}/cache/null.safetensors: not found; the precompute did not finish"),
     ("null corrupt", lambda tmp, base: corrupt_cache(tmp, base, "null corrupt"), DatasetError,

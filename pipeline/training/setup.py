@@ -7,7 +7,9 @@ hours) into a run.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -57,10 +59,34 @@ def check_inputs(cfg: Config) -> None:
             except StoryboardError as e:
                 problems = str(e).replace("\n", "; ")
                 raise ConfigError(f"validation.storyboards[{i}]={source}: {problems}") from None
-    read_manifest(cfg.data.cache)
-    read_null_embedding(cfg.data.cache)
+    caches = [("data.cache", cfg.data.cache)]
     if cfg.data.mix_rate > 0:
-        read_manifest(cfg.data.mix_cache)
+        caches.append(("data.mix_cache", cfg.data.mix_cache))
+    manifests = [(key, cache, read_manifest(cache)) for key, cache in caches]
+    read_null_embedding(cfg.data.cache)
+    if model.builder == "pretrained" and _looks_local(model.pretrained):
+        for key, cache, manifest in manifests:
+            check_cache_vae(key, cache, manifest, model.pretrained)
+
+
+def check_cache_vae(key: str, cache: str, manifest: dict, pretrained: str) -> None:
+    """The cache's latents must come from the VAE that the run's export will carry (model.pretrained's): a cache
+    encoded by another VAE trains the transformer on latents that the exported pipeline then decodes with the wrong
+    decoder. The VAEs are told apart by their scaling factor (set from each trained VAE's own latent spread), which
+    the precompute records in the manifest; a local model.pretrained only (a hub id's VAE would need a download)."""
+    path = Path(pretrained) / "vae" / "config.json"
+    if "scaling_factor" not in manifest or not path.is_file():
+        return
+    try:
+        theirs = json.loads(path.read_text()).get("scaling_factor")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return  # the model loading that follows names the broken file
+    ours = manifest["scaling_factor"]
+    if isinstance(theirs, (int, float)) and not math.isclose(float(theirs), float(ours), rel_tol=1e-6):
+        raise ConfigError(f"{key}={cache}: its latents were encoded by a VAE with scaling_factor {ours} (its "
+                          f"manifest), but model.pretrained={pretrained} has a VAE with scaling_factor {theirs}, so "
+                          "the export would decode them with another VAE; precompute the cache with this "
+                          "model.pretrained, or set model.pretrained to the pipeline the cache was made with")
 
 
 def _looks_local(source: str) -> bool:
