@@ -666,3 +666,14 @@ def test_bad_config_is_one_line_not_a_traceback():
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(
         "train.py: error: unknown config key 'optim.lrr'; known keys under 'optim': lr, ttt_lr")
+
+
+def test_a_broken_vae_config_in_model_pretrained_is_one_line(tmp_path):
+    from pipeline.training.setup import check_cache_vae
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{broken")
+    with pytest.raises(ConfigError, match=rf"^model.pretrained={tmp_path}: {tmp_path}/vae/config.json is not a JSON "
+                                          r"object \(.*\); expected the VAE's config") as e:
+        check_cache_vae("data.cache", "cache", {"scaling_factor": 1.0}, str(tmp_path))
+    assert "\n" not in str(e.value)

@@ -79,8 +79,9 @@ def check_cache_vae(key: str, cache: str, manifest: dict, pretrained: str) -> No
         return
     try:
         theirs = json.loads(path.read_text()).get("scaling_factor")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return  # the model loading that follows names the broken file
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"model.pretrained={pretrained}: {path} is not a JSON object ({e}); expected the VAE's "
+                          "config (save_pretrained's config.json)") from None
     ours = manifest["scaling_factor"]
     if isinstance(theirs, (int, float)) and not math.isclose(float(theirs), float(ours), rel_tol=1e-6):
         raise ConfigError(f"{key}={cache}: its latents were encoded by a VAE with scaling_factor {ours} (its "
