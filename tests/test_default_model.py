@@ -89,6 +89,16 @@ def test_toy_curriculum_chains_its_stages():
     assert configs[0].train.mask_weight == 0 and configs[1].train.mask_weight == configs[2].train.mask_weight > 0
     assert configs[1].train.mask_dilate == configs[2].train.mask_dilate > 0
     assert f"pipeline.toyworld generate --out {configs[1].data.root} " in script
+    # the 3-s stage trains on pretraining's dense captions; the longer stages on the story register that users write,
+    # with a share of sequences whose texts all come from the dense cache (on story captions alone they eroded the
+    # drawing, docs/results.md); every cache holds the latents of the story cache, which step 4 encodes
+    story = load_config(ROOT / "configs" / "toy" / "base.yaml").data
+    assert (configs[0].data.caption, configs[0].data.cache) == (pretrain.data.caption, pretrain.data.cache)
+    assert configs[0].data.latents_from == story.cache and configs[0].data.mix_rate == 0
+    for stage in configs[1:]:
+        assert (stage.data.caption, stage.data.cache, stage.data.latents_from) == ("text", story.cache, None)
+        assert stage.data.mix_cache == pretrain.data.cache and 0 < stage.data.mix_rate < 1
+    assert f"data.caption=text data.cache={story.cache} data.latents_from=null" in script
 
 
 def test_default_model_is_the_recipes_layer_without_a_shared_frame():
