@@ -24,11 +24,9 @@ from diffusers.hooks import FasterCacheConfig
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 from diffusers.utils import apply_lora_scale
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-from pipeline.atomic import atomic_path
 
 from .context_parallel import ContextParallel, check_heads
 from .layout import TTT_ROPES, SegmentLayout, TokenOrder, num_latent_frames, segment_layout
@@ -365,11 +363,21 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         return {k: self.config[k] for k in TTT_CONFIG_KEYS}
 
     def save_adapter(self, path: str | os.PathLike) -> None:
-        """Write the added weights (safetensors) with the TTT config in the metadata; atomic (temp + rename)."""
+        """Write the added weights (safetensors) with the TTT config in the metadata; atomic: the bytes go to a
+        temporary name in the same folder, then a rename (models/ stays below pipeline/, whose atomic.py does this
+        for the rest of the project)."""
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters()
                    if n in set(self.added_parameter_names())}
-        with atomic_path(path) as tmp:
-            save_file(tensors, tmp, metadata={"ttt_config": json.dumps(self.ttt_config())})
+        data = save(tensors, metadata={"ttt_config": json.dumps(self.ttt_config())})
+        path = os.fspath(path)
+        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as file:
+                file.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def load_adapter(self, path: str | os.PathLike) -> None:
         """Read the added weights written by `save_adapter`; every added weight must be present and fit."""

@@ -264,6 +264,20 @@ def test_adapter_mismatch_is_a_clear_error(base, tmp_path):
         ttt_model(base, ttt_type="mlp").load_adapter(tmp_path / "linear.safetensors")
 
 
+def test_an_adapter_save_killed_before_its_rename_keeps_the_old_file(base, tmp_path, monkeypatch):
+    path = tmp_path / "ttt.safetensors"
+    ttt_model(base, ttt_type="linear").save_adapter(path)
+    before = path.read_bytes()
+
+    def killed(*args):  # stands in for a kill between the write and the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ttt_model(base, ttt_type="linear", gate_init=0.7).save_adapter(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ttt.safetensors"]
+
+
 def test_bf16_close_to_fp32(base):
     model = ttt_model(base, gate_init=0.5)
     latents, text, t = inputs(3)
