@@ -76,7 +76,7 @@ if step 7 "TTT-Linear inserted, 3-s stage (dense captions)"; then  # FROM=N redo
 fi
 # steps 8-9 weight the characters' error by the mask videos of step 1 (train.mask_weight); a dataset made before
 # they existed: python -m pipeline.toyworld masks --data outputs/toy/dataset, then FROM=4
-if step 8 "15-s stage, 2,000 steps: segment 1 clean, the rest noisy at [600, 1000), characters x2, a quarter on dense texts"; then
+if step 8 "15-s stage, 3,000 steps: segment 1 clean, the rest noisy at [600, 1000), characters x2, a quarter on dense texts"; then
     OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/15s.yaml --overwrite
 fi
 if step 9 "60-s stage: half at one noise level, half with clean context segments and the rest at [600, 1000)"; then
