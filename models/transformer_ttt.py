@@ -370,7 +370,9 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
                    if n in set(self.added_parameter_names())}
         data = save(tensors, metadata={"ttt_config": json.dumps(self.ttt_config())})
         path = os.fspath(path)
-        tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as file:
                 file.write(data)

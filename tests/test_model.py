@@ -265,7 +265,7 @@ def test_adapter_mismatch_is_a_clear_error(base, tmp_path):
 
 
 def test_an_adapter_save_killed_before_its_rename_keeps_the_old_file(base, tmp_path, monkeypatch):
-    path = tmp_path / "ttt.safetensors"
+    path = tmp_path / "new" / "folder" / "ttt.safetensors"  # made as it is written
     ttt_model(base, ttt_type="linear").save_adapter(path)
     before = path.read_bytes()
 
@@ -275,7 +275,7 @@ def test_an_adapter_save_killed_before_its_rename_keeps_the_old_file(base, tmp_p
     monkeypatch.setattr("os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         ttt_model(base, ttt_type="linear", gate_init=0.7).save_adapter(path)
-    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ttt.safetensors"]
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == ["ttt.safetensors"]
 
 
 def test_bf16_close_to_fp32(base):
