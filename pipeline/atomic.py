@@ -64,7 +64,7 @@ def build_dir_atomically(out: str | os.PathLike, fill) -> Path:
 
 def _replace_dir(tmp: Path, out: Path) -> Path:
     """Put the finished folder `tmp` (a sibling of `out`) in place of `out`, removing the old one after the swap."""
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    _make_readable(tmp)
     old = None
     if out.exists():
         old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
@@ -73,3 +73,17 @@ def _replace_dir(tmp: Path, out: Path) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return out
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a new folder the modes of ordinary ones: folders 0o755, files readable by all (their other bits kept).
+    mkdtemp makes the folder private, and safetensors (0.8) writes every file 0o600 whatever the umask, which would
+    leave an exported model readable only by the user who trained it."""
+    os.chmod(folder, 0o755)
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o755)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o644)

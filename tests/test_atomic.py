@@ -34,6 +34,24 @@ def test_save_replaces_the_whole_folder_and_a_failed_save_leaves_the_old_one(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders behind
 
 
+def test_a_saved_model_folder_is_readable_by_all(tmp_path):
+    """diffusers' save_pretrained writes its weights through safetensors, which (0.8) makes them 0o600 whatever the
+    umask; the folder that replaces `out` has ordinary modes, so another user can load the model."""
+    from tiny import tiny_vae
+
+    out = save_pretrained_atomically(tiny_vae(), tmp_path / "vae")
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert modes == {"config.json": "0o644", "diffusion_pytorch_model.safetensors": "0o644"}
+    src = tmp_path / "private"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "w.bin").write_bytes(b"w")
+    (src / "sub" / "w.bin").chmod(0o600)
+    (src / "sub").chmod(0o700)
+    copy = copy_dir_atomically(src, tmp_path / "copy")
+    assert oct((copy / "sub").stat().st_mode & 0o777) == "0o755"
+    assert oct((copy / "sub" / "w.bin").stat().st_mode & 0o777) == "0o644"
+
+
 def test_copy_and_text_write(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
