@@ -80,10 +80,10 @@ def _make_readable(folder: Path) -> None:
     mkdtemp makes the folder private, and safetensors (0.8) writes every file 0o600 whatever the umask, which would
     leave an exported model readable only by the user who trained it."""
     os.chmod(folder, 0o755)
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):  # a link is left alone: what it points to may lie outside the folder
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o755)
+            if not os.path.islink(path := os.path.join(root, name)):
+                os.chmod(path, 0o755)
         for name in files:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
+            if not os.path.islink(path := os.path.join(root, name)):
                 os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o644)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.atomic import atomic_path, atomic_write_text, copy_dir_atomically, save_pretrained_atomically
+from pipeline.atomic import (
+    atomic_path,
+    atomic_write_text,
+    build_dir_atomically,
+    copy_dir_atomically,
+    save_pretrained_atomically,
+)
 
 
 class _Saver:
@@ -50,6 +56,15 @@ def test_a_saved_model_folder_is_readable_by_all(tmp_path):
     copy = copy_dir_atomically(src, tmp_path / "copy")
     assert oct((copy / "sub").stat().st_mode & 0o777) == "0o755"
     assert oct((copy / "sub" / "w.bin").stat().st_mode & 0o777) == "0o644"
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    (outside / "secret").write_bytes(b"s")
+    (outside / "secret").chmod(0o600)
+    linked = build_dir_atomically(tmp_path / "linked", lambda tmp: ((tmp / "d").symlink_to(outside),
+                                                                     (tmp / "f").symlink_to(outside / "secret")))
+    assert (linked / "f").read_bytes() == b"s"
+    assert oct(outside.stat().st_mode & 0o777) == "0o700"  # a link's target outside the folder keeps its mode
+    assert oct((outside / "secret").stat().st_mode & 0o777) == "0o600"
 
 
 def test_copy_and_text_write(tmp_path):
