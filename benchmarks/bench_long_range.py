@@ -14,7 +14,8 @@ up to its step 5) and is trained with train.py through the same curriculum, data
 Each trained variant then renders held-out 20-segment (60-s) toy-world storyboards (generated with a seed the
 training data never used) in two modes: joint (every segment generated from noise, as `python sample.py` does) and
 recall (segment 1 given as clean ground truth, the VAE encoding of the held-out video's first segment, and the other
-19 generated with it as context: whether a look shown once is carried to segment 20 isolates memory from drawing).
+19 generated with it as context: whether a look shown once is carried to segment 20 isolates memory from drawing;
+segment 1, given, is not scored).
 Rendering runs in a child process, whose peak resident memory is read from the kernel (wait4), and the
 videos are scored with the toy world's metrics (pipeline/toyworld/tracking.py and checks.py). Rows for the held-out
 ground-truth videos and their VAE reconstructions (what a perfect transformer could reach through this VAE) and the
@@ -282,11 +283,13 @@ def reconstruct(vae_dir: str, storyboards: Path, videos: Path, count: int) -> No
         shutil.copyfile(path.with_name(path.stem + ".storyboard.json"), videos / f"{path.stem}.storyboard.json")
 
 
-def score(videos: Path) -> dict:
+def score(videos: Path, given: int = 0) -> dict:
+    """The toy world's summary of a folder of videos; given: leading segments that were given, not generated (recall
+    mode's segment 1), which no check counts."""
     from pipeline.toyworld import summarize
     from pipeline.toyworld.dataset import score_folder
 
-    return summarize([r for _, r in score_folder(videos, progress=False)])
+    return summarize([r for _, r in score_folder(videos, progress=False)], given=given)
 
 
 def row(name: str, summary: dict, timing: dict | None) -> dict:
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  reusing the videos in {videos} (same model and settings; --resample to redo them)",
                       flush=True)
             name = f"{variant} ({mode})"
-            summaries[name] = score(videos)
+            summaries[name] = score(videos, given=1 if mode == "recall" else 0)
             rows.append(row(name, summaries[name], timing))
             print(f"  {mode}: identity at intro {100 * summaries[name]['identity_intro']:.1f}%, after intro "
                   f"{100 * summaries[name]['identity_recall']:.1f}%; colour at intro "

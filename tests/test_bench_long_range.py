@@ -116,6 +116,12 @@ def test_main_with_guidance_named_and_no_ceiling(tmp_path, capsys):
     assert "reusing the videos" not in capsys.readouterr().out
     named_two, _ = read_video(tmp_path / "mlp" / "videos" / "story_00000.mp4")
     assert np.abs(named_one.astype(float) - named_two).mean() > 0.5  # the named segments were drawn at another scale
+    # recall mode: segment 1 is the given ground truth, so no check counts it
+    assert bench_long_range.main([*common[:3], "recall", *common[4:]]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    recall = results["summaries"]["mlp (recall)"]
+    assert recall["given"] == 1 and recall["segments"] == 19  # of the held-out story's 20
+    assert math.isnan(results["rows"][-1]["identity@1"])
 
 
 def test_first_segments_gate_stops_below_the_threshold(tmp_path, capsys):

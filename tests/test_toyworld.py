@@ -1,8 +1,10 @@
 """The synthetic storyboard world: sampling, grammar, rendering, and the metrics that read videos back."""
 
 import json
+import math
 import os
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -302,6 +304,32 @@ def test_a_wrong_backdrop_counts_against_background_recall_only_after_the_scene_
     assert summary["background_recall"] < 1.0
 
 
+def test_given_segments_are_not_scored():
+    """Recall mode gives segment 1: counting it would score the ground truth as if the model had drawn it."""
+    palette = list(COLORS)
+    shifted = {c: palette[(i + 1) % len(palette)] for i, c in enumerate(palette)}  # distinct colours stay distinct
+    truths, wrong_later = [], []
+    for seed in range(12):
+        story = sample_story(seed, 3, 6)
+        truths.append(_score(story, render_story(story)))
+        # segment 1 as written; every character in every later segment in another colour
+        looks = [{}] + [{n: replace(story.cast[n], color=shifted[story.cast[n].color]) for n in story.cast}
+                        for _ in story.segments[1:]]
+        wrong_later.append(_score(story, render_story(story, looks=looks)))
+    first_intros = sum(c.introduced_here for r in truths for c in r.segments[0].characters)
+    all_, given = summarize(wrong_later), summarize(wrong_later, given=1)
+    assert given["given"] == 1 and given["counts"]["identity_intro"] == all_["counts"]["identity_intro"] - first_intros
+    assert given["counts"]["identity_intro"] > 5 and first_intros > 5
+    assert given["counts"]["background"] == all_["counts"]["background"] - len(truths)
+    # characters of segment 1 still count after their introduction, and its scene counts as seen
+    assert given["counts"]["identity_recall"] == all_["counts"]["identity_recall"] > 0
+    assert given["counts"]["background_recall"] == all_["counts"]["background_recall"]
+    assert given["color_intro"] < 0.05 < 0.3 < all_["color_intro"]  # only segment 1's introductions were right
+    assert math.isnan(given["identity_by_segment"][0]) and all_["identity_by_segment"][0] > 0.9
+    truth = summarize(truths, given=1)
+    assert truth["identity_intro"] > 0.95 and truth["background"] > 0.98
+
+
 def test_memoryless_baseline_scores_near_chance_after_introductions():
     results = []
     for seed in range(40):
@@ -356,6 +384,9 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
     assert summary["videos"] == 3
     for check in CHECKS:
         assert summary[check] is None or summary[check] >= 0.98, (check, summary[check])
+    assert main(["score", "--videos", str(data), "--given", "1", "--json", str(summary_path)]) == 0
+    given = json.loads(summary_path.read_text())
+    assert given["given"] == 1 and given["segments"] == summary["segments"] - 3  # each video's first segment
 
     broken = tmp_path / "broken"
     assert main(["corrupt", "--data", str(data), "--out", str(broken), "--kind", "background"]) == 0

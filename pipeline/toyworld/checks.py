@@ -59,7 +59,7 @@ CHANCE = {
     "shape": 1.0 / len(SHAPES),
     "size": 1.0 / len(SIZES),
 }
-"""What a model drawing a uniformly random look in every segment scores per check (1/96 for a whole look)."""
+"""What a model drawing a uniformly random look in every segment scores per check (1/48 for a whole look)."""
 
 
 @dataclass
@@ -247,8 +247,12 @@ def _mark_consistency(script: Script, results: list[SegmentResult]) -> None:
                 c.consistent = c.observed is not None and c.observed == first_look[c.name]
 
 
-def summarize(results: list[VideoResult]) -> dict:
+def summarize(results: list[VideoResult], given: int = 0) -> dict:
     """Accuracy of every check over videos, identity curves by segment index, and chance levels.
+
+    given: how many leading segments of every video were given rather than generated (recall mode gives segment
+    1 as ground truth). They are not scored, so that no check counts them; a character introduced there counts
+    after its introduction in the later segments, and a scene they start counts as seen.
 
     identity: colour, shape and size as introduced, over every (segment, character on stage); identity_intro: the
     same in the segment that introduces the character (drawing what the text says); identity_recall: the same over
@@ -267,10 +271,12 @@ def summarize(results: list[VideoResult]) -> dict:
     for video in results:
         scenes_seen = set()
         for seg in video.segments:
+            seen, scenes_seen = seg.scene in scenes_seen, scenes_seen | {seg.scene}
+            if seg.index < given:
+                continue
             checks["background"].append(seg.background_ok)
-            if seg.scene in scenes_seen:
+            if seen:
                 checks["background_recall"].append(seg.background_ok)
-            scenes_seen.add(seg.scene)
             for c in seg.characters:
                 checks["presence"].append(c.present)
                 checks["color"].append(c.color_ok)
@@ -290,6 +296,7 @@ def summarize(results: list[VideoResult]) -> dict:
     summary = {k: (float(np.mean(v)) if v else float("nan")) for k, v in checks.items()}
     summary["counts"] = {k: len(v) for k, v in checks.items()}
     summary["videos"] = len(results)
+    summary["given"] = given
     summary["segments"] = len(checks["background"])
     n = max(by_segment) + 1 if by_segment else 0
     for key, table in (("identity", by_segment), ("identity_recall", recall_by_segment),

@@ -42,7 +42,7 @@ def _score(args: argparse.Namespace) -> None:
     from .report import format_table, plot_identity
 
     results = score_folder(args.videos, args.storyboards)
-    summary = summarize([r for _, r in results])
+    summary = summarize([r for _, r in results], given=args.given)
     print(format_table(summary))
     _report_detection(results)
     if args.plot:
@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", help="write identity accuracy by segment to this PNG")
     s.add_argument("--label", default="videos", help="legend label in the plot")
     s.add_argument("--json", help="write the summary (all numbers) to this JSON file")
+    s.add_argument("--given", type=int, default=0, help="leading segments of every video that were given, not "
+                   "generated (1 for videos sampled with a clean first segment): no check counts them")
     s.set_defaults(run=_score)
 
     c = sub.add_parser("corrupt", help="re-render a generated folder with a deliberate error or as a baseline")
