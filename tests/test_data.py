@@ -377,6 +377,35 @@ def test_sequences_join_segments(base):
     assert ds[index]["scene_start"].tolist() == [False, True]
 
 
+def test_sequences_whose_caption_matches_appear_repeat_times_per_epoch(base):
+    """data.repeat_pattern / repeat_times: a window with a segment whose caption (the cache's register) matches
+    appears repeat_times times; the others once; no match at all, or a bad pattern, is refused up front."""
+    root, cache = base / "dataset", base / "cache"
+    plain = SequenceDataset(root, cache, segments=1)
+    records = {item_path(cache, r): r for r in read_metadata(root)}
+    red = [(item, start) for item, start in plain.windows if "red" in records[item].segments[start].text]
+    assert len(plain) == 9 and len(red) == 2  # "a red square slides to the right" in videos 1 and 3
+    thrice = SequenceDataset(root, cache, segments=1, repeat_pattern=r"\bred\b", repeat_times=3)
+    assert len(thrice) == 9 + 2 * 2 and thrice.repeated == 2
+    assert sorted(thrice.windows) == sorted(plain.windows + red + red)
+    pairs = SequenceDataset(root, cache, segments=2, repeat_pattern="red", repeat_times=2)
+    assert len(pairs) == 6 + 3  # windows of 2 that hold a red segment: (1-2) of video 1, (2-3), (3-4) of video 3
+    assert len(SequenceDataset(root, cache, segments=1, repeat_pattern="red", repeat_times=1)) == 9
+    with pytest.raises(DatasetError, match=r"^data.repeat_pattern: no sequence's 'text' caption matches 'purple'"):
+        SequenceDataset(root, cache, segments=1, repeat_pattern="purple", repeat_times=2)
+    model_sizes = SimpleNamespace(config=SimpleNamespace(
+        max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
+    cfg = config(base, "data.segments=1", "data.repeat_pattern=red", "data.repeat_times=3")
+    assert len(build_loader(cfg, model_sizes, 1000).dataset) == 13  # the config reaches the dataset
+    with pytest.raises(ConfigError, match=r"^data.repeat_pattern: expected a regular expression for "
+                       r"data.repeat_times 2, got none$"):
+        config(base, "data.repeat_times=2")
+    with pytest.raises(ConfigError, match=r"^data.repeat_pattern: not a regular expression .*: '\(red'$"):
+        config(base, "data.repeat_pattern=(red", "data.repeat_times=2")
+    with pytest.raises(ConfigError, match=r"data.repeat_times"):
+        config(base, "data.repeat_times=0")
+
+
 def test_text_dropout_uses_the_null_embedding(base):
     null = load_file(base / "cache" / "null.safetensors")
     always = SequenceDataset(base / "dataset", base / "cache", segments=2, text_dropout=1.0)

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,7 +76,8 @@ class SequenceDataset(Dataset):
 
     def __init__(self, root: str | os.PathLike, cache: str | os.PathLike, segments: int, stride: int = 1,
                  text_dropout: float = 0.0, expected: dict | None = None, mix_cache: str | os.PathLike | None = None,
-                 mix_rate: float = 0.0, loss_mask: bool = False):
+                 mix_rate: float = 0.0, loss_mask: bool = False, repeat_pattern: str | None = None,
+                 repeat_times: int = 1):
         if segments < 1 or stride < 1:
             raise DatasetError(f"segments and stride must be >= 1, got {segments} and {stride}")
         if not 0.0 <= text_dropout <= 1.0:
@@ -100,6 +102,9 @@ class SequenceDataset(Dataset):
         self.windows: list[tuple[Path, int]] = []  # (cache item, first segment)
         self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
         self.mix_items: dict[Path, Path] = {}  # cache item -> the mix cache's item of the same video
+        repeat = re.compile(repeat_pattern) if repeat_pattern and repeat_times > 1 else None
+        register = self.manifest.get("caption", "text")
+        self.repeated = 0  # windows that appear repeat_times times
         records = read_metadata(root)
         for number, record in enumerate(records, start=1):
             if loss_mask and not record.mask:
@@ -118,12 +123,23 @@ class SequenceDataset(Dataset):
                 continue
             if num < segments:
                 self.skipped["too_short"] += 1
-            self.windows.extend((path, start) for start in range(0, num - segments + 1, stride))
+            for start in range(0, num - segments + 1, stride):
+                times = repeat_times if repeat and any(
+                    repeat.search(record.segments[i].caption(register) or "") for i in range(start, start + segments)) \
+                    else 1
+                self.windows.extend([(path, start)] * times)
+                self.repeated += times > 1
             self.videos[path] = record.video
             if self.mix_cache is not None and num >= segments:
                 self.mix_items[path] = self._check_mix_item(item_path(self.mix_cache, record), num)
         logger.info("dataset: %d sequences of %d segments from %d videos; skipped videos: %s", len(self.windows),
                     segments, len(records), self.skipped)
+        if repeat is not None:
+            if not self.repeated:
+                raise DatasetError(f"data.repeat_pattern: no sequence's {register!r} caption matches "
+                                   f"{repeat_pattern!r} in {cache}")
+            logger.info("dataset: %d sequences match %r and appear %d times each", self.repeated, repeat_pattern,
+                        repeat_times)
         if not self.windows:
             raise DatasetError(f"{cache}: no sequence of {segments} segments found (videos: {len(records)}, "
                                f"skipped: {self.skipped})")

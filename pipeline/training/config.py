@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class DataConfig:
     mix_cache, mix_rate: another precompute cache of the same videos (another caption register, say the dense one);
     each sequence takes all its texts from it with probability mix_rate (its latents always come from `cache`), so
     a stage can keep some sequences whose every text describes what is on screen.
+    repeat_pattern, repeat_times: sequences with a segment whose caption (in the cache's register) matches the
+    regular expression repeat_pattern appear repeat_times times in every epoch instead of once, so that a rare kind
+    of clip (the toy world's segments with two characters on stage: "; ") is seen more often.
     """
 
     root: str = "data/dataset"
@@ -93,6 +97,8 @@ class DataConfig:
     latents_from: str | None = None
     mix_cache: str | None = None
     mix_rate: float = 0.0
+    repeat_pattern: str | None = None
+    repeat_times: int = _at_least(1, 1)
     num_workers: int = _at_least(2, 0)
     vae_tiling: bool = True
 
@@ -102,6 +108,15 @@ class DataConfig:
         if self.mix_rate > 0 and not self.mix_cache:
             raise ConfigError(f"data.mix_cache: expected a precompute cache folder for data.mix_rate {self.mix_rate}, "
                               "got none")
+        if self.repeat_times > 1 and not self.repeat_pattern:
+            raise ConfigError(f"data.repeat_pattern: expected a regular expression for data.repeat_times "
+                              f"{self.repeat_times}, got none")
+        if self.repeat_pattern is not None:
+            try:
+                re.compile(self.repeat_pattern)
+            except re.error as e:
+                raise ConfigError(f"data.repeat_pattern: not a regular expression ({e}): {self.repeat_pattern!r}") \
+                    from None
 
 
 @dataclass

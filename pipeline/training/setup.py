@@ -147,7 +147,8 @@ def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) 
     dataset = SequenceDataset(cfg.data.root, cfg.data.cache, cfg.data.segments, cfg.data.stride,
                               cfg.data.text_dropout, expected=expected_manifest(cfg, model),
                               mix_cache=cfg.data.mix_cache, mix_rate=cfg.data.mix_rate,
-                              loss_mask=cfg.train.mask_weight > 0)
+                              loss_mask=cfg.train.mask_weight > 0, repeat_pattern=cfg.data.repeat_pattern,
+                              repeat_times=cfg.data.repeat_times)
     return DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
                       collate_fn=DiffusionCollate(num_train_timesteps, dataset.scaling_factor, cfg.train.noise,
                                                    model.config.latent_frames_per_segment),
