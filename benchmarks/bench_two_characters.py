@@ -1,0 +1,155 @@
+"""Can a model draw a character that comes in while another is on stage? Held-out toy stories cut after such a segment.
+
+    python benchmarks/bench_two_characters.py MODEL [MODEL ...] [--stories 200] [--within 6] [--register dense]
+
+For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
+segment among its first --within that brings in a character beside one already on stage; the story up to that segment
+is sampled in joint mode and that segment is scored: the newcomer and the others on stage, each on screen, colour,
+shape, size and identity, and whether all of them are right. In the dense register (the default) every text names the
+backdrop and describes everyone on stage, so nothing needs memory: this measures drawing two characters at once,
+which the toy world's introductions inside a scene need (docs/results.md, "Recall mode scored the segment it was
+given"); the story register is what users write. DPM-solver, 20 steps, each model's own guidance, seed 1000, as
+bench_first_segments.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_first_segments import first_segments, standard_error  # noqa: E402
+
+REGISTERS = ("dense", "story")
+CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
+
+
+@dataclass
+class Case:
+    """One story cut after its first segment with a newcomer beside another character (index `segment`)."""
+
+    story_id: str
+    segment: int
+    storyboard: dict  # the story register, cut: what is scored
+    texts: list[str]  # the texts sampled, one per segment of the cut storyboard
+
+
+def newcomer_segment(storyboard: dict, within: int) -> int | None:
+    """The index of the first segment among the first `within` that introduces a character while another is on
+    stage (None if there is none)."""
+    from pipeline.toyworld.text import parse_storyboard
+
+    for seg in parse_storyboard(storyboard).segments[:within]:
+        if seg.intros and len(seg.on_stage()) > len(seg.intros):
+            return seg.index
+    return None
+
+
+def cases(folder: Path, within: int, register: str) -> list[Case]:
+    from pipeline.toyworld.dataset import load_truth
+
+    found = []
+    for path in sorted(folder.glob("*.storyboard.json")):
+        story_id = path.name[: -len(".storyboard.json")]
+        storyboard = json.loads(path.read_text())
+        segment = newcomer_segment(storyboard, within)
+        if segment is None:
+            continue
+        cut = first_segments(storyboard, segment + 1)
+        if register == "dense":
+            truth = load_truth(folder / f"{story_id}.truth.json")
+            texts = [seg.dense_text for seg in truth.segments[: segment + 1]]
+        else:
+            texts = [s["text"] for scene in cut["scenes"] for s in scene["segments"]]
+        found.append(Case(story_id, segment, cut, texts))
+    return found
+
+
+def with_texts(storyboard: dict, texts: list[str]) -> dict:
+    """The storyboard with its segments' texts replaced, in order."""
+    given = iter(texts)
+    return {**storyboard, "scenes": [{**scene, "segments": [{**s, "text": next(given)} for s in scene["segments"]]}
+                                     for scene in storyboard["scenes"]]}
+
+
+def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, seed: int) -> dict:
+    """Rates (0-1) over the cases: newcomer_<check>, other_<check> (every other character on stage), both (everyone
+    on stage right), and the counts."""
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from pipeline import TTTVideoPipeline
+    from pipeline.toyworld import score_video
+
+    pipe = TTTVideoPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    newcomers, others, both = [], [], []
+    for case in tqdm(found, desc=Path(model).parent.name or model, unit="story"):
+        frames = pipe(with_texts(case.storyboard, case.texts), num_inference_steps=steps, guidance_scale=guidance,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+        characters = score_video(frames, case.storyboard).segments[case.segment].characters
+        for c in characters:
+            (newcomers if c.introduced_here else others).append([getattr(c, k) for k in CHECKS])
+        both.append(all(c.identity_ok for c in characters))
+    rates = {f"newcomer_{k}": float(np.mean([r[i] for r in newcomers])) for i, k in enumerate(CHECKS)}
+    rates.update({f"other_{k}": float(np.mean([r[i] for r in others])) for i, k in enumerate(CHECKS)})
+    return {**rates, "both": float(np.mean(both)), "segments": len(both), "newcomers": len(newcomers),
+            "others": len(others)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("models", nargs="+", help="exported pipeline directories")
+    p.add_argument("--stories", type=int, default=200, help="held-out stories to search (default 200)")
+    p.add_argument("--within", type=int, default=6, help="look for the segment among each story's first N (default 6)")
+    p.add_argument("--register", choices=REGISTERS, default="dense",
+                   help="texts to sample from: dense (everyone on stage described) or story (what users write)")
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_two_characters",
+                   help="where the held-out stories are (or are made)")
+    p.add_argument("--inference-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance; default: each model's own (its config's guidance_scale)")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--json", type=Path, help="also write every model's rates to this JSON file")
+    args = p.parse_args(argv)
+    if args.stories < 1 or args.within < 2:
+        p.error("--stories must be at least 1 and --within at least 2 (segment 1 never has a newcomer beside another)")
+    for model in args.models:
+        if not (Path(model) / "model_index.json").is_file():
+            p.error(f"{model}: no exported pipeline (model_index.json) there")
+
+    from bench_long_range import held_out_stories
+
+    found = cases(held_out_stories(args.out, args.stories), args.within, args.register)
+    if not found:
+        print(f"bench_two_characters: none of {args.stories} stories brings in a character beside another within "
+              f"its first {args.within} segments; ask for more --stories", file=sys.stderr)
+        return 1
+    print(f"{len(found)} of {args.stories} stories have a newcomer beside another character within their first "
+          f"{args.within} segments ({args.register} texts); percent:\n")
+    print("| model | newcomer on screen | colour | shape | size | identity | the others on screen | their identity "
+          "| all right | its standard error | segments |\n|" + "---|" * 11)
+    results = {}
+    for model in args.models:
+        r = results[model] = evaluate(model, found, args.inference_steps, args.guidance, args.seed)
+        cells = [r[f"newcomer_{k}"] for k in CHECKS] + [r["other_present"], r["other_identity_ok"], r["both"]]
+        print(f"| {model} | " + " | ".join(f"{100 * v:.1f}" for v in cells)
+              + f" | {100 * standard_error(r['both'], r['segments']):.1f} | {r['segments']} |", flush=True)
+    if args.json:
+        from pipeline.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                 "results": results}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

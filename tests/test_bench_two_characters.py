@@ -1,0 +1,64 @@
+"""benchmarks/bench_two_characters.py: which segment each held-out story is cut after, the texts sampled in each
+register, and the whole benchmark on the bundled default model (2 denoising steps)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_two_characters  # noqa: E402
+
+from pipeline.toyworld.dataset import generate, load_truth, storyboard_dict  # noqa: E402
+from pipeline.toyworld.sampler import sample_story  # noqa: E402
+from pipeline.toyworld.text import parse_storyboard  # noqa: E402
+
+
+def test_the_cut_is_the_first_newcomer_beside_another_character():
+    seen = 0
+    for seed in range(40):
+        storyboard = storyboard_dict(sample_story(seed, 8, 8))
+        segments = parse_storyboard(storyboard).segments
+        beside = [s.index for s in segments if s.intros and len(s.on_stage()) > len(s.intros)]
+        found = bench_two_characters.newcomer_segment(storyboard, 8)
+        assert found == (beside[0] if beside else None), seed
+        if found is not None:
+            seen += 1
+            assert found > 0 and bench_two_characters.newcomer_segment(storyboard, found) is None  # not earlier
+    assert 5 < seen < 40  # some stories have one in 8 segments, some do not
+
+
+def test_dense_cases_sample_every_segments_dense_text_and_are_scored_in_the_story_register(tmp_path):
+    generate(tmp_path, stories=6, min_segments=8, max_segments=8, seed=3, progress=False)
+    dense, story = (bench_two_characters.cases(tmp_path, 8, register) for register in ("dense", "story"))
+    assert dense and [c.story_id for c in dense] == [c.story_id for c in story]
+    for d, s in zip(dense, story):
+        truth = load_truth(tmp_path / f"{d.story_id}.truth.json")
+        assert d.storyboard == s.storyboard and len(parse_storyboard(d.storyboard).segments) == d.segment + 1
+        assert d.texts == [seg.dense_text for seg in truth.segments[: d.segment + 1]]
+        assert s.texts == [seg.text for seg in truth.segments[: d.segment + 1]] != d.texts
+        sampled = bench_two_characters.with_texts(d.storyboard, d.texts)
+        assert [x["text"] for scene in sampled["scenes"] for x in scene["segments"]] == d.texts
+
+
+def test_main_on_the_bundled_model(tmp_path, capsys):
+    model = str(ROOT / "models" / "default")
+    out = tmp_path / "results.json"
+    assert bench_two_characters.main([model, "--stories", "4", "--within", "20", "--inference-steps", "2",
+                                      "--out", str(tmp_path), "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())["results"][model]
+    cases = bench_two_characters.cases(tmp_path / "heldout", 20, "dense")
+    assert result["segments"] == len(cases) >= 1 and result["newcomers"] == len(cases)  # one newcomer a segment
+    assert result["others"] >= len(cases)
+    for key in ("newcomer_present", "newcomer_identity_ok", "other_present", "both"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["both"] <= result["newcomer_identity_ok"]  # all right needs the newcomer right
+    row = next(line for line in stdout.splitlines() if line.startswith(f"| {model} |"))
+    assert row.count("|") == stdout.splitlines()[2].count("|") and row.rstrip().endswith(f"| {len(cases)} |")
+    with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--within", "1"])
+    assert error.value.code == 2 and "--within at least 2" in capsys.readouterr().err
