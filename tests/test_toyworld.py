@@ -328,6 +328,8 @@ def test_given_segments_are_not_scored():
     assert math.isnan(given["identity_by_segment"][0]) and all_["identity_by_segment"][0] > 0.9
     truth = summarize(truths, given=1)
     assert truth["identity_intro"] > 0.95 and truth["background"] > 0.98
+    with pytest.raises(ValueError, match=r"^given: expected a number of segments >= 0, got -1$"):
+        summarize(truths, given=-1)
 
 
 def test_memoryless_baseline_scores_near_chance_after_introductions():
@@ -387,6 +389,8 @@ def test_cli_generates_a_dataset_and_scores_its_mp4s(tmp_path, capsys):
     assert main(["score", "--videos", str(data), "--given", "1", "--json", str(summary_path)]) == 0
     given = json.loads(summary_path.read_text())
     assert given["given"] == 1 and given["segments"] == summary["segments"] - 3  # each video's first segment
+    assert main(["score", "--videos", str(data), "--given", "-1"]) == 2
+    assert "error: --given: expected a number of segments >= 0, got -1" in capsys.readouterr().err
 
     broken = tmp_path / "broken"
     assert main(["corrupt", "--data", str(data), "--out", str(broken), "--kind", "background"]) == 0

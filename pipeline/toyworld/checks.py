@@ -262,6 +262,8 @@ def summarize(results: list[VideoResult], given: int = 0) -> dict:
     color_recall: the colour alone, where introduced and after (memory of the one attribute a weak model may draw
     well; a character not drawn counts as wrong).
     """
+    if given < 0:
+        raise ValueError(f"given: expected a number of segments >= 0, got {given}")
     checks = {k: [] for k in ("background", "background_recall", "presence", "color", "color_intro", "color_recall",
                               "shape", "size", "identity", "identity_intro", "identity_recall", "motion",
                               "consistency")}

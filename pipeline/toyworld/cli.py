@@ -206,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "given", 0) < 0:  # before any video is read
+        print(f"error: --given: expected a number of segments >= 0, got {args.given}", file=sys.stderr)
+        return 2
     if getattr(args, "segments", None) is not None and args.segments < 1:
         print("error: --segments: expected at least 1", file=sys.stderr)
         return 2
