@@ -42,43 +42,58 @@ def first_segments(storyboard: dict, k: int) -> dict:
     return {**storyboard, "scenes": scenes}
 
 
-def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int) -> dict:
+def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int):
+    """Each storyboard sampled by the exported pipeline `model` in joint mode, in order: uint8 (F, H, W, 3) frames."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from pipeline import TTTVideoPipeline
-    from pipeline.toyworld import score_video, summarize
 
     pipe = TTTVideoPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    results = []
     for storyboard in tqdm(storyboards, desc=Path(model).parent.name or model, unit="story"):
         frames = pipe(storyboard, num_inference_steps=steps, guidance_scale=guidance,
                       generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
-        results.append(score_video((np.clip(frames, 0, 1) * 255).round().astype(np.uint8), storyboard))
-    return summarize(results)
+        yield (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int) -> dict:
+    from pipeline.toyworld import score_video, summarize
+
+    frames = rendered(model, storyboards, steps, guidance, seed)
+    return summarize([score_video(video, storyboard) for video, storyboard in zip(frames, storyboards)])
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The models to sample and how (shared by the benchmarks that sample held-out toy stories in joint mode)."""
     p.add_argument("models", nargs="+", help="exported pipeline directories")
-    p.add_argument("--segments", type=int, default=1, help="first K segments of each story (default 1)")
-    p.add_argument("--stories", type=int, default=50)
-    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_long_range",
-                   help="where the held-out stories are (or are made): the long-range benchmark's folder")
     p.add_argument("--inference-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance; default: each model's own (its config's guidance_scale)")
     p.add_argument("--seed", type=int, default=1000)
+
+
+def check_models(p: argparse.ArgumentParser, models: list[str]) -> None:
+    """A usage error naming the first of `models` that is not an exported pipeline, before anything is sampled."""
+    for model in models:
+        if not (Path(model) / "model_index.json").is_file():
+            p.error(f"{model}: no exported pipeline (model_index.json) there")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
+    p.add_argument("--segments", type=int, default=1, help="first K segments of each story (default 1)")
+    p.add_argument("--stories", type=int, default=50)
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_long_range",
+                   help="where the held-out stories are (or are made): the long-range benchmark's folder")
     p.add_argument("--min-identity", type=float, metavar="PCT",
                    help="exit with status 3 and say so when a model's identity is below PCT percent (a recipe's gate)")
     args = p.parse_args(argv)
     if args.segments < 1 or args.stories < 1:
         p.error("--segments and --stories must be at least 1")
-    for model in args.models:
-        if not (Path(model) / "model_index.json").is_file():
-            p.error(f"{model}: no exported pipeline (model_index.json) there")
+    check_models(p, args.models)
 
     from bench_long_range import held_out_stories
 

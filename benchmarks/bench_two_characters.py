@@ -24,7 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_first_segments import first_segments, standard_error  # noqa: E402
+from bench_first_segments import (  # noqa: E402
+    add_model_arguments,
+    check_models,
+    first_segments,
+    rendered,
+    standard_error,
+)
 
 REGISTERS = ("dense", "story")
 CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
@@ -82,19 +88,12 @@ def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, 
     """Rates (0-1) over the cases: newcomer_<check>, other_<check> (every other character on stage), both (everyone
     on stage right), and the counts."""
     import numpy as np
-    import torch
-    from tqdm.auto import tqdm
 
-    from pipeline import TTTVideoPipeline
     from pipeline.toyworld import score_video
 
-    pipe = TTTVideoPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
     newcomers, others, both = [], [], []
-    for case in tqdm(found, desc=Path(model).parent.name or model, unit="story"):
-        frames = pipe(with_texts(case.storyboard, case.texts), num_inference_steps=steps, guidance_scale=guidance,
-                      generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
-        frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    sampled = [with_texts(case.storyboard, case.texts) for case in found]
+    for case, frames in zip(found, rendered(model, sampled, steps, guidance, seed)):
         characters = score_video(frames, case.storyboard).segments[case.segment].characters
         for c in characters:
             (newcomers if c.introduced_here else others).append([getattr(c, k) for k in CHECKS])
@@ -107,24 +106,18 @@ def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("models", nargs="+", help="exported pipeline directories")
+    add_model_arguments(p)
     p.add_argument("--stories", type=int, default=200, help="held-out stories to search (default 200)")
     p.add_argument("--within", type=int, default=6, help="look for the segment among each story's first N (default 6)")
     p.add_argument("--register", choices=REGISTERS, default="dense",
                    help="texts to sample from: dense (everyone on stage described) or story (what users write)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_two_characters",
                    help="where the held-out stories are (or are made)")
-    p.add_argument("--inference-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance; default: each model's own (its config's guidance_scale)")
-    p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--json", type=Path, help="also write every model's rates to this JSON file")
     args = p.parse_args(argv)
     if args.stories < 1 or args.within < 2:
         p.error("--stories must be at least 1 and --within at least 2 (segment 1 never has a newcomer beside another)")
-    for model in args.models:
-        if not (Path(model) / "model_index.json").is_file():
-            p.error(f"{model}: no exported pipeline (model_index.json) there")
+    check_models(p, args.models)
 
     from bench_long_range import held_out_stories
 
