@@ -142,6 +142,10 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
     ):
         super().__init__()
+        if not isinstance(transformer, CogVideoXTTTTransformer3DModel):
+            # what from_pretrained on a stock CogVideoX folder (or hub id) gives: its transformer has no segments
+            raise TypeError(f"transformer: expected a CogVideoXTTTTransformer3DModel, got {type(transformer).__name__}"
+                            "; for a stock CogVideoX pipeline use TTTVideoPipeline.from_cogvideox(path)")
         guidance_scale = checked_guidance_scale(guidance_scale)
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)

@@ -201,6 +201,13 @@ def test_save_pretrained_from_pretrained_round_trip(pipe, tmp_path):
     torch.testing.assert_close(generate(loaded, storyboard, output_type="pt"), expected, rtol=0, atol=0)
 
 
+def test_from_pretrained_on_a_stock_cogvideox_folder_names_from_cogvideox(tmp_path):
+    CogVideoXPipeline(**tiny_components()).save_pretrained(tmp_path / "cogvideox")
+    with pytest.raises(TypeError, match=r"^transformer: expected a CogVideoXTTTTransformer3DModel, got "
+                                        r"CogVideoXTransformer3DModel; .*TTTVideoPipeline\.from_cogvideox"):
+        TTTVideoPipeline.from_pretrained(tmp_path / "cogvideox")
+
+
 def test_from_cogvideox_with_an_adapter(tmp_path):
     trained = make_pipeline(gate_init=0.3, seed=1, scene_embedding=True)
     trained.transformer.save_adapter(tmp_path / "ttt.safetensors")
