@@ -1,6 +1,7 @@
 """Can a model draw a character that comes in while another is on stage? Held-out toy stories cut after such a segment.
 
     python benchmarks/bench_two_characters.py MODEL [MODEL ...] [--stories 200] [--within 6] [--register dense]
+        [--folder DIR]
 
 For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
 segment among its first --within that brings in a character beside one already on stage; the story up to that segment
@@ -9,7 +10,8 @@ shape, size and identity, and whether all of them are right. In the dense regist
 backdrop and describes everyone on stage, so nothing needs memory: this measures drawing two characters at once,
 which the toy world's introductions inside a scene need (docs/results.md, "Recall mode scored the segment it was
 given"); the story register is what users write. DPM-solver, 20 steps, each model's own guidance, seed 1000, as
-bench_first_segments.py.
+bench_first_segments.py. --folder DIR searches a dataset folder's stories instead, such as the training set's: the
+gap between the two is what a model learnt by heart.
 """
 
 from __future__ import annotations
@@ -114,20 +116,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_two_characters",
                    help="where the held-out stories are (or are made)")
     p.add_argument("--json", type=Path, help="also write every model's rates to this JSON file")
+    p.add_argument("--folder", type=Path,
+                   help="search every story of this toy-world dataset folder instead of the held-out ones (the "
+                        "training set's: how much of what the model draws there it learnt by heart); --stories is "
+                        "then unused")
     args = p.parse_args(argv)
     if args.stories < 1 or args.within < 2:
         p.error("--stories must be at least 1 and --within at least 2 (segment 1 never has a newcomer beside another)")
+    if args.folder is not None and not list(args.folder.glob("*.storyboard.json")):
+        p.error(f"--folder: {args.folder} holds no <id>.storyboard.json; expected a folder written by "
+                "`python -m pipeline.toyworld generate`")
     check_models(p, args.models)
 
     from bench_long_range import held_out_stories
 
-    found = cases(held_out_stories(args.out, args.stories), args.within, args.register)
+    folder = args.folder if args.folder is not None else held_out_stories(args.out, args.stories)
+    searched = len(list(folder.glob("*.storyboard.json")))
+    found = cases(folder, args.within, args.register)
     if not found:
-        print(f"bench_two_characters: none of {args.stories} stories brings in a character beside another within "
+        print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "
               f"its first {args.within} segments; ask for more --stories", file=sys.stderr)
         return 1
-    print(f"{len(found)} of {args.stories} stories have a newcomer beside another character within their first "
-          f"{args.within} segments ({args.register} texts); percent:\n")
+    print(f"{len(found)} of {searched} stories ({folder}) have a newcomer beside another character within their "
+          f"first {args.within} segments ({args.register} texts); percent:\n")
     print("| model | newcomer on screen | colour | shape | size | identity | the others on screen | their identity "
           "| all right | its standard error | segments |\n|" + "---|" * 11)
     results = {}

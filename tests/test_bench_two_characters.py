@@ -62,3 +62,20 @@ def test_main_on_the_bundled_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--within", "1"])
     assert error.value.code == 2 and "--within at least 2" in capsys.readouterr().err
+
+
+def test_folder_searches_a_dataset_folders_stories(tmp_path, capsys):
+    model = str(ROOT / "models" / "default")
+    data = tmp_path / "train"
+    generate(data, stories=3, min_segments=8, max_segments=8, seed=5, progress=False)
+    found = bench_two_characters.cases(data, 8, "dense")
+    assert found  # seed 5's three stories bring a newcomer beside another within 8 segments
+    out = tmp_path / "results.json"
+    assert bench_two_characters.main([model, "--folder", str(data), "--within", "8", "--inference-steps", "2",
+                                      "--out", str(tmp_path / "out"), "--json", str(out)]) == 0
+    assert not (tmp_path / "out" / "heldout").exists()  # no held-out stories were made
+    assert json.loads(out.read_text())["results"][model]["segments"] == len(found)
+    assert f"{len(found)} of 3 stories ({data})" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--folder", str(tmp_path / "out")])
+    assert error.value.code == 2 and "--folder: " in capsys.readouterr().err
