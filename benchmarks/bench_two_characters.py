@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     found = cases(folder, args.within, args.register)
     if not found:
         print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "
-              f"its first {args.within} segments; ask for more --stories", file=sys.stderr)
+              f"its first {args.within} segments; ask for more --stories"
+              + (" (held-out ones, without --folder)" if args.folder is not None else ""), file=sys.stderr)
         return 1
     print(f"{len(found)} of {searched} stories ({folder}) have a newcomer beside another character within their "
           f"first {args.within} segments ({args.register} texts); percent:\n")
