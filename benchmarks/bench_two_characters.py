@@ -123,20 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.stories < 1 or args.within < 2:
         p.error("--stories must be at least 1 and --within at least 2 (segment 1 never has a newcomer beside another)")
-    if args.folder is not None and not list(args.folder.glob("*.storyboard.json")):
-        p.error(f"--folder: {args.folder} holds no <id>.storyboard.json; expected a folder written by "
-                "`python -m pipeline.toyworld generate`")
     check_models(p, args.models)
 
     from bench_long_range import held_out_stories
 
     folder = args.folder if args.folder is not None else held_out_stories(args.out, args.stories)
     searched = len(list(folder.glob("*.storyboard.json")))
+    if not searched:  # only a --folder can be empty: the held-out folder is made with --stories >= 1
+        p.error(f"--folder: {folder} holds no <id>.storyboard.json; expected a folder written by "
+                "`python -m pipeline.toyworld generate`")
     found = cases(folder, args.within, args.register)
     if not found:
         print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "
-              f"its first {args.within} segments; ask for more --stories"
-              + (" (held-out ones, without --folder)" if args.folder is not None else ""), file=sys.stderr)
+              f"its first {args.within} segments; ask for a larger --within"
+              + (" or more --stories" if args.folder is None else ""), file=sys.stderr)
         return 1
     print(f"{len(found)} of {searched} stories ({folder}) have a newcomer beside another character within their "
           f"first {args.within} segments ({args.register} texts); percent:\n")
