@@ -36,6 +36,7 @@ from pipeline.training.setup import (
     build_accelerator,
     build_loader,
     build_model,
+    build_replay_loader,
     check_inputs,
     describe_batch,
     flat_config,
@@ -57,10 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     model, sampler_scheduler, mesh = build_model(cfg, accelerator)  # mesh: (dp, cp), None without cp
     noise_scheduler = training_scheduler(sampler_scheduler)
     loader = build_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
+    replay_loader = build_replay_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
     optimizer = build_optimizer(model, cfg.optim)
     lr_scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     loader = prepare_loader(accelerator, loader, mesh)  # sharded over dp: a cp group reads the same batches
+    if replay_loader is not None:
+        replay_loader = prepare_loader(accelerator, replay_loader, mesh)
     trainable = [p for p in model.parameters() if p.requires_grad]
     ema = EMAModel(trainable, decay=cfg.train.ema_decay) if cfg.train.ema else None  # on the model's device
     checkpointer = Checkpointer(accelerator, cfg, model, optimizer, lr_scheduler, ema)
@@ -77,12 +81,15 @@ def main(argv: list[str] | None = None) -> None:
                 cfg.train.trainable, cfg.train.steps, describe_batch(cfg, accelerator))
 
     # 3. loop
-    multi_segment = cfg.data.segments > 1
     frames_per_segment = accelerator.unwrap_model(model).config.latent_frames_per_segment
-    batches = batch_stream(loader, start=step * accumulation)
+    every = cfg.data.replay.every  # step s (1-based) replays single segments when s % every == 0
+    replayed = step // every if every else 0
+    batches = batch_stream(loader, start=(step - replayed) * accumulation)
+    replays = batch_stream(replay_loader, start=replayed * accumulation) if replay_loader is not None else None
     while step < stop_at:
+        replay = replays is not None and (step + 1) % every == 0
         for _ in range(accumulation):
-            batch = next(batches)
+            batch = next(replays if replay else batches)
             with accelerator.accumulate(model):
                 terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight,
                                         cfg.train.mask_weight, cfg.train.mask_dilate)
@@ -94,14 +101,14 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             n = batch["text"].shape[1]
-            later = terms.later_segments(n, frames_per_segment) if multi_segment else None
-            later_masked = terms.later_masked(n, frames_per_segment) if multi_segment else None
-            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later, later_masked)
+            later = terms.later_segments(n, frames_per_segment) if n > 1 else None
+            later_masked = terms.later_masked(n, frames_per_segment) if n > 1 else None
+            metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later, later_masked, replay)
         lr_scheduler.step()
         if ema is not None:
             ema.step(trainable)
         step += 1
-        metrics.step_done(step)
+        metrics.step_done(step, replay)
         if metrics.should_log(step) or checkpointer.should_save(step, stop_at) or validator.should_validate(step):
             metrics.stop_if_not_finite(checkpointer.last)  # nothing non-finite is logged, saved or sampled
         metrics.maybe_log(step, optimizer, model)

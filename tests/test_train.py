@@ -37,7 +37,7 @@ from pipeline.training import (
 )
 from pipeline.training.config import ConfigError, load_config
 from pipeline.training.optim import no_weight_decay_names
-from pipeline.training.setup import check_cache_vae
+from pipeline.training.setup import build_loader, build_replay_loader, check_cache_vae
 from pipeline.video_io import read_video
 from train import main as train_main
 
@@ -537,6 +537,71 @@ def test_two_processes_match_one(runs):
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def replay_runs(base, tmp_path_factory):
+    """train.py on the debug config with data.replay.every=2 (steps 2 and 4 replay single segments), 4 steps:
+    uninterrupted, and stopped after step 2 (one sequence step and one replay done) then resumed."""
+    tmp = tmp_path_factory.mktemp("replay")
+    common = ["--config", str(CONFIG), *debug_overrides(base), *RUN, "data.replay.every=2",
+              "data.replay.micro_batch_size=2"]
+    out = {name: tmp / name for name in ("whole", "resumed")}
+    run([*common, f"output_dir={out['whole']}"])
+    run([*common, f"output_dir={out['resumed']}", "--stop-after", "2"])
+    run([*common, f"output_dir={out['resumed']}", "--resume", "latest"])
+    return out
+
+
+def test_replay_steps_log_apart_and_resume_exactly(replay_runs):
+    whole, resumed = metrics(replay_runs["whole"]), metrics(replay_runs["resumed"])
+    assert sorted(whole) == sorted(resumed) == [1, 2, 3, 4]
+    for step in (1, 3):  # the stage's 2-segment sequences
+        assert "loss" in whole[step] and "loss/later_segments" in whole[step] and "loss/replay" not in whole[step]
+    for step in (2, 4):  # single segments: no later segments to measure
+        assert "loss/replay" in whole[step] and "loss" not in whole[step] and "loss/later_segments" not in whole[step]
+    for step in (1, 2, 3, 4):  # the resumed run drew the same batches from both streams
+        key = "loss/replay" if step % 2 == 0 else "loss"
+        assert resumed[step][key] == pytest.approx(whole[step][key], rel=1e-6, abs=1e-9), step
+        assert resumed[step]["grad_norm"] == pytest.approx(whole[step]["grad_norm"], rel=1e-6), step
+    a = load_file(replay_runs["whole"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(replay_runs["resumed"] / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-5)
+
+
+def test_replay_loader_gives_single_segments_at_every_level_with_the_replay_caches_texts(base, tmp_path):
+    """Latents from data.cache, texts from data.replay.cache (here a copy whose texts are marked by their video
+    and segment), one noise level per segment even when the stage's own noise is per segment."""
+    dense = tmp_path / "dense"
+    shutil.copytree(base / "cache", dense)
+    items = sorted(p for p in dense.rglob("*.safetensors") if p.name != "null.safetensors")
+    for v, path in enumerate(items):
+        tensors = load_file(path)
+        n = tensors["text"].shape[0]
+        tensors["text"] = (1000.0 * (v + 1) + torch.arange(n, dtype=torch.float32))[:, None, None].expand_as(
+            tensors["text"]).contiguous()
+        save_file(tensors, path)
+    cfg, model, scheduler = build(base, "data.replay.every=2", f"data.replay.cache={dense}",
+                                  "data.replay.micro_batch_size=3", "data.text_dropout=0",
+                                  "train.noise.uniform=0", "train.noise.context=1")
+    loader = build_replay_loader(cfg, model, scheduler.config.num_train_timesteps)
+    main = next(iter(build_loader(cfg, model, scheduler.config.num_train_timesteps)))
+    assert main["timesteps"].shape == (1, 2)  # the stage's own loader: a level per segment
+    seen = set()
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        for batch in loader:
+            assert batch["text"].shape[:2] == (3, 1) and batch["timesteps"].shape == (3,)
+            assert batch["latents"].shape[1] == model.config.latent_frames_first
+            for text, name in zip(batch["text"], batch["names"]):
+                marker = float(text[0, 0, 0])
+                assert marker >= 1000 and text.eq(marker).all(), name  # the replay cache's text, whole
+                segment = int(re.search(r"segments (\d+)-\1 ", name).group(1))
+                assert marker % 1000 == segment, name
+                seen.add(name)
+    assert len(seen) > 3  # segments of several videos and positions
+    assert build_replay_loader(config(base), model, 1000) is None
+
+
 def test_checkpoints_validation_and_export(runs, tmp_path):
     whole = runs["whole"]
     assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
@@ -634,6 +699,14 @@ BAD_INPUTS = [  # (case, overrides (tmp_path, base), error, message with {tmp} f
     ("null corrupt", lambda tmp, base: corrupt_cache(tmp, base, "null corrupt"), DatasetError,
      "{tmp}/cache/null.safetensors: unreadable"),
     ("mix cache", lambda tmp, base: [f"data.mix_cache={tmp / 'dense'}", "data.mix_rate=0.25"], DatasetError,
+     "{tmp}/dense/manifest.json: not found; run `python -m pipeline.data.precompute"),
+    ("replay every 1", lambda tmp, base: ["data.replay.every=1"], ConfigError,
+     "data.replay.every: expected 0 (off) or a step interval >= 2, got 1"),
+    ("replay single", lambda tmp, base: ["data.replay.every=2", "data.segments=1"], ConfigError,
+     "data.replay.every: the stage trains on single segments already (data.segments 1); expected 0"),
+    ("replay context", lambda tmp, base: ["data.replay.every=2", "parallel.context=2"], ConfigError,
+     "data.replay.every=2: a single segment cannot be split between parallel.context=2 ranks"),
+    ("replay cache", lambda tmp, base: ["data.replay.every=2", f"data.replay.cache={tmp / 'dense'}"], DatasetError,
      "{tmp}/dense/manifest.json: not found; run `python -m pipeline.data.precompute"),
 ]
 

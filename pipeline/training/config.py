@@ -65,6 +65,28 @@ class ModelConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """Single segments replayed inside a multi-segment stage (docs/training.md, "Replaying single segments").
+
+    every: every `every`-th optimizer step (0: never; at least 2) trains on single segments instead of the stage's
+    sequences: `micro_batch_size` segments per micro-batch (the stage's accumulation), each with its latents and
+    loss mask from data.cache and its text from `cache` (another precompute cache of the same videos, say the dense
+    register; None: data.cache's own texts), at one noise level drawn from every level (the paper's training, not
+    train.noise). So the stage keeps practising what the single-segment stage taught, drawing a segment from its
+    text, while it learns its sequences. The replayed steps' loss is logged as loss/replay, apart from `loss`.
+    """
+
+    every: int = _at_least(0, 0)
+    cache: str | None = None
+    micro_batch_size: int = _at_least(8, 1)
+
+    def __post_init__(self):
+        if self.every == 1:
+            raise ConfigError("data.replay.every: expected 0 (off) or a step interval >= 2, got 1 (no step would "
+                              "train on the stage's sequences)")
+
+
+@dataclass
 class DataConfig:
     """The dataset (docs/dataset.md) and its precomputed cache.
 
@@ -82,6 +104,7 @@ class DataConfig:
     repeat_pattern, repeat_times: sequences with a segment whose caption (in the cache's register) matches the
     regular expression repeat_pattern appear repeat_times times in every epoch instead of once, so that a rare kind
     of clip (the toy world's segments with two characters on stage: "; ") is seen more often.
+    replay: single segments replayed in a share of a multi-segment stage's steps (`ReplayConfig`).
     """
 
     root: str = "data/dataset"
@@ -101,8 +124,12 @@ class DataConfig:
     repeat_times: int = _at_least(1, 1)
     num_workers: int = _at_least(2, 0)
     vae_tiling: bool = True
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self):
+        if self.replay.every and self.segments == 1:
+            raise ConfigError("data.replay.every: the stage trains on single segments already (data.segments 1); "
+                              "expected 0")
         if not 0.0 <= self.mix_rate <= 1.0:
             raise ConfigError(f"data.mix_rate: expected a probability in [0, 1], got {self.mix_rate!r}")
         if self.mix_rate > 0 and not self.mix_cache:

@@ -32,24 +32,29 @@ class MetricLogger:
         self.path = Path(output_dir) / METRICS_FILE
         device = accelerator.device
         self.loss_sum = torch.zeros((), device=device)
+        self.replay_sum = torch.zeros((), device=device)  # the loss of steps that replay single segments
         self.grad_norm: torch.Tensor | None = None
         # on segments 2..n (multi-segment runs): loss sum and frame count, then the loss mask's error sum and weight
         self.later = torch.zeros(4, device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.items: dict[int, list[str]] = {}  # step -> the batch items seen since the last check (host only)
-        self.steps, self.last_time = 0, time.perf_counter()
+        self.steps, self.replay_steps, self.last_time = 0, 0, time.perf_counter()
         if accelerator.is_main_process:
             truncate_metrics(self.path, start)
         self.bar = tqdm(total=total, initial=start, desc="train", disable=not accelerator.is_local_main_process)
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, items: list[str],
                accumulation: int, later: tuple[torch.Tensor, torch.Tensor] | None = None,
-               later_masked: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               later_masked: tuple[torch.Tensor, torch.Tensor] | None = None, replay: bool = False) -> None:
         """One micro-batch of optimizer step `step` (1-based): its mean loss, the clipped-before norm on the
         synchronising micro-batch, the names of its items (for the non-finite stop), (sum, count) of its loss on
-        the noisy frames of segments 2..n (`LossTerms.later_segments`) and (sum, weight) of its mask-weighted error
-        there (`LossTerms.later_masked`)."""
-        self.loss_sum += loss.detach() / accumulation
+        the noisy frames of segments 2..n (`LossTerms.later_segments`), (sum, weight) of its mask-weighted error
+        there (`LossTerms.later_masked`), and whether the step replays single segments (data.replay: its loss is
+        kept apart)."""
+        if replay:
+            self.replay_sum += loss.detach() / accumulation
+        else:
+            self.loss_sum += loss.detach() / accumulation
         if later is not None:
             self.later[:2] += torch.stack([later[0].detach().float(), later[1].float()])
         if later_masked is not None:
@@ -58,11 +63,13 @@ class MetricLogger:
             self.grad_norm = grad_norm
         self.items.setdefault(step, []).extend(items)
 
-    def step_done(self, step: int) -> None:
-        total = self.loss_sum if self.grad_norm is None else self.loss_sum + self.grad_norm
+    def step_done(self, step: int, replay: bool = False) -> None:
+        total = self.loss_sum + self.replay_sum if self.grad_norm is None else \
+            self.loss_sum + self.replay_sum + self.grad_norm
         self.first_bad_step = torch.where(~torch.isfinite(total) & (self.first_bad_step < 0), step,
                                           self.first_bad_step)
         self.steps += 1
+        self.replay_steps += replay
         self.bar.update()
 
     def should_log(self, step: int) -> bool:
@@ -84,15 +91,20 @@ class MetricLogger:
 
     def maybe_log(self, step: int, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None
                   ) -> dict | None:
-        """On logging steps: the mean loss and step time since the last log, the learning rates, the gradient
-        norm, the loss on segments 2..n (loss/later_segments, multi-segment runs; loss/later_masked, its
+        """On logging steps: the mean loss (of the stage's sequences; loss/replay: of the steps that replayed
+        single segments) and step time since the last log, the learning rates, the gradient norm, the loss on
+        segments 2..n (loss/later_segments, multi-segment runs; loss/later_masked, its
         mask-weighted mean, with loss masks) and the mean |tanh(gate)| of the
         TTT gates on video tokens (ttt_gate/video), to the trackers, metrics.jsonl and the bar."""
         if not self.should_log(step):
             return None
-        mean_loss = self.accelerator.reduce(self.loss_sum, reduction="mean").item() / self.steps
+        logs = {}
+        for key, total, steps in (("loss", self.loss_sum, self.steps - self.replay_steps),
+                                  ("loss/replay", self.replay_sum, self.replay_steps)):
+            if steps:  # the same on every process: which steps replay depends on the step number only
+                logs[key] = self.accelerator.reduce(total, reduction="mean").item() / steps
         seconds = (time.perf_counter() - self.last_time) / self.steps
-        logs = {"loss": mean_loss, "step_time": seconds, **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}}
+        logs.update(step_time=seconds, **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups})
         if self.grad_norm is not None:  # DeepSpeed clips inside its engine and reports no norm here
             logs["grad_norm"] = self.accelerator.reduce(self.grad_norm, reduction="mean").item()
         later = self.accelerator.reduce(self.later, reduction="sum")
@@ -107,10 +119,11 @@ class MetricLogger:
         if self.accelerator.is_main_process:  # the same numbers as plain text, for scripts and grep
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **logs}) + "\n")
-        self.bar.set_postfix(loss=f"{mean_loss:.4g}", s_per_step=f"{seconds:.2f}")
+        self.bar.set_postfix(loss=f"{logs.get('loss', logs.get('loss/replay')):.4g}", s_per_step=f"{seconds:.2f}")
         self.loss_sum.zero_()
+        self.replay_sum.zero_()
         self.later.zero_()
-        self.steps, self.last_time = 0, time.perf_counter()
+        self.steps, self.replay_steps, self.last_time = 0, 0, time.perf_counter()
         return logs
 
     def close(self) -> None:

@@ -24,7 +24,7 @@ from ..data.dataset import read_null_embedding
 from ..data.format import read_manifest
 from ..storyboard import StoryboardError, load_storyboard
 from .components import build_components
-from .config import Config, ConfigError, to_dict
+from .config import Config, ConfigError, NoiseConfig, to_dict
 from .loss import DiffusionCollate
 from .parallel import context_parallel_mesh, data_parallel_size
 
@@ -34,8 +34,13 @@ logger = logging.getLogger(__name__)
 def check_inputs(cfg: Config) -> None:
     """Raise ConfigError / DatasetError (one line, naming the key or file and what was expected) for missing model
     directories, unreadable validation storyboards, a precompute cache whose manifest or null embedding is missing
-    or corrupt, a mix cache without a manifest; and a parallel.context that does not divide the launched processes
-    (WORLD_SIZE)."""
+    or corrupt, a mix or replay cache without a manifest; a parallel.context that does not divide the launched
+    processes (WORLD_SIZE), or one above 1 with data.replay (a single segment cannot be split)."""
+    replay = cfg.data.replay
+    if replay.every and cfg.parallel.context > 1:
+        raise ConfigError(f"data.replay.every={replay.every}: a single segment cannot be split between "
+                          f"parallel.context={cfg.parallel.context} ranks; expected data.replay.every=0 or "
+                          "parallel.context=1")
     data_parallel_size(cfg.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     model = cfg.model
     if model.builder == "pretrained" and _looks_local(model.pretrained):
@@ -62,6 +67,8 @@ def check_inputs(cfg: Config) -> None:
     caches = [("data.cache", cfg.data.cache)]
     if cfg.data.mix_rate > 0:
         caches.append(("data.mix_cache", cfg.data.mix_cache))
+    if replay.every and replay.cache:
+        caches.append(("data.replay.cache", replay.cache))
     manifests = [(key, cache, read_manifest(cache)) for key, cache in caches]
     read_null_embedding(cfg.data.cache)
     if model.builder == "pretrained" and _looks_local(model.pretrained):
@@ -149,8 +156,26 @@ def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) 
                               mix_cache=cfg.data.mix_cache, mix_rate=cfg.data.mix_rate,
                               loss_mask=cfg.train.mask_weight > 0, repeat_pattern=cfg.data.repeat_pattern,
                               repeat_times=cfg.data.repeat_times)
-    return DataLoader(dataset, batch_size=cfg.train.micro_batch_size, sampler=EpochSampler(len(dataset), cfg.seed),
-                      collate_fn=DiffusionCollate(num_train_timesteps, dataset.scaling_factor, cfg.train.noise,
+    return _loader(cfg, dataset, cfg.train.micro_batch_size, cfg.seed, cfg.train.noise, model, num_train_timesteps)
+
+
+def build_replay_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) -> DataLoader | None:
+    """The (unprepared) loader of the single segments that data.replay replays (None when it is off): latents and
+    loss masks from data.cache, texts from data.replay.cache, one noise level per segment drawn from every level.
+    Its own sample order and seeds (seed + 1), so that its noise is not the main loader's."""
+    replay = cfg.data.replay
+    if not replay.every:
+        return None
+    dataset = SequenceDataset(cfg.data.root, cfg.data.cache, 1, 1, cfg.data.text_dropout,
+                              expected=expected_manifest(cfg, model), mix_cache=replay.cache,
+                              mix_rate=1.0 if replay.cache else 0.0, loss_mask=cfg.train.mask_weight > 0)
+    return _loader(cfg, dataset, replay.micro_batch_size, cfg.seed + 1, NoiseConfig(), model, num_train_timesteps)
+
+
+def _loader(cfg: Config, dataset: SequenceDataset, batch_size: int, seed: int, noise: NoiseConfig,
+            model: torch.nn.Module, num_train_timesteps: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed),
+                      collate_fn=DiffusionCollate(num_train_timesteps, dataset.scaling_factor, noise,
                                                    model.config.latent_frames_per_segment),
                       num_workers=cfg.data.num_workers, drop_last=True, pin_memory=torch.cuda.is_available())
 
