@@ -600,6 +600,8 @@ def test_replay_loader_gives_single_segments_at_every_level_with_the_replay_cach
                 seen.add(name)
     assert len(seen) > 3  # segments of several videos and positions
     assert build_replay_loader(config(base), model, 1000) is None
+    default = build_replay_loader(config(base, "data.replay.every=2"), model, 1000)
+    assert default.batch_size == 2 * 1  # data.segments x train.micro_batch_size: the tokens of one of the stage's
 
 
 def test_checkpoints_validation_and_export(runs, tmp_path):

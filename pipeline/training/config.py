@@ -69,8 +69,9 @@ class ReplayConfig:
     """Single segments replayed inside a multi-segment stage (docs/training.md, "Replaying single segments").
 
     every: every `every`-th optimizer step (0: never; at least 2) trains on single segments instead of the stage's
-    sequences: `micro_batch_size` segments per micro-batch (the stage's accumulation), each with its latents and
-    loss mask from data.cache and its text from `cache` (another precompute cache of the same videos, say the dense
+    sequences: `micro_batch_size` segments per micro-batch (None: data.segments x train.micro_batch_size, as many as
+    a micro-batch of the stage's sequences holds; the stage's accumulation applies), each with its latents and loss
+    mask from data.cache and its text from `cache` (another precompute cache of the same videos, say the dense
     register; None: data.cache's own texts), at one noise level drawn from every level (the paper's training, not
     train.noise). So the stage keeps practising what the single-segment stage taught, drawing a segment from its
     text, while it learns its sequences. The replayed steps' loss is logged as loss/replay, apart from `loss`.
@@ -78,7 +79,7 @@ class ReplayConfig:
 
     every: int = _at_least(0, 0)
     cache: str | None = None
-    micro_batch_size: int = _at_least(8, 1)
+    micro_batch_size: int | None = _at_least(None, 1)
 
     def __post_init__(self):
         if self.every == 1:
