@@ -64,8 +64,7 @@ class MetricLogger:
         self.items.setdefault(step, []).extend(items)
 
     def step_done(self, step: int, replay: bool = False) -> None:
-        total = self.loss_sum + self.replay_sum if self.grad_norm is None else \
-            self.loss_sum + self.replay_sum + self.grad_norm
+        total = self.loss_sum + self.replay_sum + (0.0 if self.grad_norm is None else self.grad_norm)
         self.first_bad_step = torch.where(~torch.isfinite(total) & (self.first_bad_step < 0), step,
                                           self.first_bad_step)
         self.steps += 1
