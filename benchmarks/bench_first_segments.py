@@ -7,8 +7,8 @@ character it brings in. So this measures the pretrained model itself, the precon
 (benchmarks/bench_long_range.py): a model that cannot draw a character in its introducing segment cannot keep it.
 Each MODEL is an exported pipeline directory (a train.py `final/`, with or without TTT). The held-out stories are the
 long-range benchmark's (seed 1000, made on first use in OUT/heldout); frames are scored as rendered (no mp4 step);
-DPM-solver, 20 steps, each model's own guidance scale (pipeline config; --guidance to set one), seed 1000,
-as in docs/results.md.
+DPM-solver, 20 steps, each model's own guidance scale (pipeline config; --guidance to set one), seed 1000 (each
+story a noise stream of its own derived from it, as in the long-range benchmark), as in docs/results.md.
 """
 
 from __future__ import annotations
@@ -43,18 +43,19 @@ def first_segments(storyboard: dict, k: int) -> dict:
 
 
 def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int):
-    """Each storyboard sampled by the exported pipeline `model` in joint mode, in order: uint8 (F, H, W, 3) frames."""
+    """Each storyboard sampled by the exported pipeline `model` in joint mode, in order: uint8 (F, H, W, 3) frames.
+    Storyboard i draws its noise from story_generator(seed, i)."""
     import numpy as np
-    import torch
+    from bench_long_range import story_generator
     from tqdm.auto import tqdm
 
     from pipeline import TTTVideoPipeline
 
     pipe = TTTVideoPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    for storyboard in tqdm(storyboards, desc=Path(model).parent.name or model, unit="story"):
+    for index, storyboard in enumerate(tqdm(storyboards, desc=Path(model).parent.name or model, unit="story")):
         frames = pipe(storyboard, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+                      generator=story_generator(seed, index), output_type="np").frames[0]
         yield (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 

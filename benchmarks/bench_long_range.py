@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-segments", choices=("all", "named"), default="all",
                    help="where --memory-guidance applies: every segment, or only those whose text only names "
                    "characters (no introduction, no scene opening; 0 elsewhere)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same noise for every variant)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: story i draws its noise from a stream of its "
+                   "own derived from it (story_generator), the same for every variant and mode")
     p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
                    "for the reconstruction ceiling (a 60-s video takes ~25 s to encode and decode on one CPU core; "
                    "0: none, the row kept only if an earlier run's videos are in OUT)")
@@ -167,6 +168,18 @@ def segment_guidance(storyboard: dict, guidance: float, guidance_named: float | 
             for segment in parse_storyboard(storyboard).segments]
 
 
+def story_generator(seed: int, index: int):
+    """The noise of held-out story `index` (its place in name order): a stream of its own, derived from `seed`.
+    Drawn from one generator seeded alike, every story of a reading would share its noise, and the reading would not
+    be the independent draws its binomial standard error assumes (docs/results.md, "Segment 1 is not lost in long
+    videos"). The same (seed, index) for every model and mode keeps the comparisons between them on the same noise."""
+    import torch
+
+    from pipeline.toyworld.dataset import story_seed
+
+    return torch.Generator().manual_seed(story_seed(seed, index))
+
+
 def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
                  mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
                  memory_segments: str = "all") -> None:
@@ -174,8 +187,6 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
     guidance_named: see `segment_guidance`; memory_guidance: the pipeline's memory_guidance_scale, on every segment
     or (memory_segments "named") only on those that only name characters."""
-    import torch
-
     from pipeline import TTTVideoPipeline
     from pipeline.video_io import read_video, write_video
 
@@ -184,7 +195,7 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     videos.mkdir(parents=True, exist_ok=True)
     seconds = {}
-    for path in sorted(storyboards.glob("*.storyboard.json")):
+    for index, path in enumerate(sorted(storyboards.glob("*.storyboard.json"))):
         story_id = path.name[: -len(".storyboard.json")]
         given = None
         if mode == "recall":
@@ -196,7 +207,7 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         memory = memory_guidance if memory_segments == "all" else segment_guidance(storyboard, 0.0, memory_guidance)
         frames = pipe(path, num_inference_steps=steps, guidance_scale=scales, video=given,
                       memory_guidance_scale=memory,
-                      generator=torch.Generator().manual_seed(seed), output_type="np").frames[0]
+                      generator=story_generator(seed, index), output_type="np").frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
         shutil.copyfile(path, videos / path.name)
@@ -237,7 +248,7 @@ def guidance_for(args: argparse.Namespace, model: Path) -> float:
 
 def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
     settings = {"model": str(model), "stories": args.stories, "inference_steps": args.inference_steps,
-                "guidance": guidance_for(args, model), "seed": args.seed}
+                "guidance": guidance_for(args, model), "seed": args.seed, "noise": "per story"}
     if args.guidance_named is not None:  # absent otherwise: earlier runs' renders stay valid
         settings["guidance_named"] = args.guidance_named
     if args.memory_guidance:  # likewise

@@ -47,6 +47,31 @@ def test_recall_mode_keeps_the_ground_truth_first_segment(tmp_path):
     assert len({line.count("|") for line in table.splitlines()}) == 1
 
 
+def test_every_story_draws_its_own_noise(tmp_path):
+    """Two copies of one storyboard render differently (each story its own noise stream), and the same again when
+    rendered again (the stream depends only on the seed and the story's place): in bench_first_segments and in the
+    long-range benchmark's renders. With one noise for every story a reading's stories were not independent draws."""
+    import bench_first_segments
+
+    heldout = tmp_path / "heldout"
+    generate(heldout, stories=1, min_segments=1, max_segments=1, seed=bench_long_range.HELD_OUT_SEED, progress=False)
+    board = heldout / "story_00000.storyboard.json"
+    storyboard = json.loads(board.read_text())
+    model = str(ROOT / "models" / "default")
+    first, second = bench_first_segments.rendered(model, [storyboard, storyboard], 2, 1.0, 0)
+    assert not np.array_equal(first, second)
+    again = next(bench_first_segments.rendered(model, [storyboard], 2, 1.0, 0))
+    np.testing.assert_array_equal(first, again)
+
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("story_00000", "story_00001"):
+        (twins / f"{name}.storyboard.json").write_text(board.read_text())
+    bench_long_range.sample_child(model, twins, tmp_path / "videos", steps=2, guidance=1.0, seed=0)
+    videos = [read_video(tmp_path / "videos" / f"{name}.mp4")[0] for name in ("story_00000", "story_00001")]
+    assert videos[0].shape == first.shape and not np.array_equal(*videos)
+
+
 def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys):
     """--memory-guidance: passed to the pipeline (a 2-segment story renders otherwise), kept in the renders'
     settings (so a run at another scale renders again) and checked."""
