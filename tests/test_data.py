@@ -474,6 +474,48 @@ def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_pa
         config(tmp_path, "data.mix_rate=1.5", f"data.mix_cache={dense}")
 
 
+def test_repeat_pattern_matches_the_mix_caches_register_too_and_reaches_the_replay(base, tmp_path):
+    """A sequence repeats when its captions match in the cache's register or in the mix cache's (its texts may come
+    from either); data.replay.repeat_pattern / repeat_times reach the replayed segments, whose texts come from
+    data.replay.cache; a pattern that matches neither register is refused, naming the setting."""
+    from pipeline.training.setup import build_replay_loader
+
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = with_dense(read_metadata(tmp_path / "dataset"))  # "dense 0 video0.mp4", ...: only in that register
+    write_metadata(tmp_path / "dataset", records)
+    root, story, dense = tmp_path / "dataset", tmp_path / "story", tmp_path / "dense"
+    for overrides in ([f"data.cache={story}"], ["data.caption=dense", f"data.latents_from={story}",
+                                                 f"data.cache={dense}"]):
+        precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", *overrides), torch.float32,
+                   Accelerator(cpu=True))
+    first = r"^dense 0 "  # the first segment of every video
+    with pytest.raises(DatasetError, match=r"^data.repeat_pattern: no sequence's 'text' caption matches"):
+        SequenceDataset(root, story, segments=1, repeat_pattern=first, repeat_times=3)
+    plain = SequenceDataset(root, story, segments=1, mix_cache=dense, mix_rate=0.5)
+    thrice = SequenceDataset(root, story, segments=1, mix_cache=dense, mix_rate=0.5, repeat_pattern=first,
+                             repeat_times=3)
+    assert thrice.repeated == len(records) == 3
+    assert sorted(thrice.windows) == sorted(plain.windows + 2 * [w for w in plain.windows if w[1] == 0])
+    with pytest.raises(DatasetError, match=r"^data.repeat_pattern: no sequence's 'text' or 'dense' caption matches "
+                       r"'purple'"):
+        SequenceDataset(root, story, segments=1, mix_cache=dense, mix_rate=0.5, repeat_pattern="purple",
+                        repeat_times=2)
+    model_sizes = SimpleNamespace(config=SimpleNamespace(
+        max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
+    replay = [f"data.root={root}", f"data.cache={story}", "data.segments=2", "data.replay.every=2",
+              f"data.replay.cache={dense}"]
+    assert len(build_replay_loader(config(tmp_path, *replay), model_sizes, 1000).dataset) == len(plain)
+    cfg = config(tmp_path, *replay, f"data.replay.repeat_pattern={first}", "data.replay.repeat_times=3")
+    assert sorted(build_replay_loader(cfg, model_sizes, 1000).dataset.windows) == sorted(thrice.windows)
+    assert len(build_loader(cfg, model_sizes, 1000).dataset) == len(SequenceDataset(root, story, segments=2))  # once
+    with pytest.raises(DatasetError, match=r"^data.replay.repeat_pattern: no sequence's 'text' or 'dense' caption"):
+        build_replay_loader(config(tmp_path, *replay, "data.replay.repeat_pattern=purple",
+                                   "data.replay.repeat_times=2"), model_sizes, 1000)
+    with pytest.raises(ConfigError, match=r"^data.replay.repeat_pattern: expected a regular expression for "
+                       r"data.replay.repeat_times 2, got none$"):
+        config(tmp_path, "data.replay.every=2", "data.replay.repeat_times=2")
+
+
 def test_missing_and_corrupt_items_are_skipped_and_counted(base, tmp_path, caplog):
     shutil.copytree(base / "cache", tmp_path / "cache")
     records = read_metadata(base / "dataset")

@@ -70,6 +70,8 @@ class SequenceDataset(Dataset):
     sequence's texts come from `mix_cache`: another precompute cache of the same videos and text shapes (another
     caption register); it must hold every video that `cache` holds. With `loss_mask`, items also return loss_mask
     (T, h, w) float32 in [0, 1], joined like the latents; every video then needs a mask (DatasetError otherwise).
+    A window with a segment whose caption matches `repeat_pattern`, in the cache's register or the mix cache's,
+    appears `repeat_times` times instead of once; `repeat_key` names the setting in the error when none matches.
 
     Videos whose cache item is missing or unreadable are skipped and counted in the log (`skipped`).
     """
@@ -77,7 +79,7 @@ class SequenceDataset(Dataset):
     def __init__(self, root: str | os.PathLike, cache: str | os.PathLike, segments: int, stride: int = 1,
                  text_dropout: float = 0.0, expected: dict | None = None, mix_cache: str | os.PathLike | None = None,
                  mix_rate: float = 0.0, loss_mask: bool = False, repeat_pattern: str | None = None,
-                 repeat_times: int = 1):
+                 repeat_times: int = 1, repeat_key: str = "data.repeat_pattern"):
         if segments < 1 or stride < 1:
             raise DatasetError(f"segments and stride must be >= 1, got {segments} and {stride}")
         if not 0.0 <= text_dropout <= 1.0:
@@ -103,7 +105,11 @@ class SequenceDataset(Dataset):
         self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
         self.mix_items: dict[Path, Path] = {}  # cache item -> the mix cache's item of the same video
         repeat = re.compile(repeat_pattern) if repeat_pattern and repeat_times > 1 else None
-        register = self.manifest.get("caption", "text")
+        # the pattern is looked for in every register a sequence may take its texts from
+        registers = [self.manifest.get("caption", "text")]
+        if self.mix_cache is not None:
+            registers.append(read_manifest(self.mix_cache).get("caption", "text"))
+        registers = list(dict.fromkeys(registers))
         self.repeated = 0  # windows that appear repeat_times times
         records = read_metadata(root)
         for number, record in enumerate(records, start=1):
@@ -125,8 +131,8 @@ class SequenceDataset(Dataset):
                 self.skipped["too_short"] += 1
             for start in range(0, num - segments + 1, stride):
                 times = repeat_times if repeat and any(
-                    repeat.search(record.segments[i].caption(register) or "") for i in range(start, start + segments)) \
-                    else 1
+                    repeat.search(record.segments[i].caption(register) or "")
+                    for i in range(start, start + segments) for register in registers) else 1
                 self.windows.extend([(path, start)] * times)
                 self.repeated += times > 1
             self.videos[path] = record.video
@@ -136,8 +142,8 @@ class SequenceDataset(Dataset):
                     segments, len(records), self.skipped)
         if repeat is not None:
             if not self.repeated:
-                raise DatasetError(f"data.repeat_pattern: no sequence's {register!r} caption matches "
-                                   f"{repeat_pattern!r} in {cache}")
+                raise DatasetError(f"{repeat_key}: no sequence's {' or '.join(map(repr, registers))} caption "
+                                   f"matches {repeat_pattern!r} in {cache}")
             logger.info("dataset: %d sequences match %r and appear %d times each", self.repeated, repeat_pattern,
                         repeat_times)
         if not self.windows:

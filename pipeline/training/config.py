@@ -64,6 +64,18 @@ class ModelConfig:
     ttt: TTTConfig = field(default_factory=TTTConfig)
 
 
+def check_repeat(prefix: str, pattern: str | None, times: int) -> None:
+    """A repeat_pattern / repeat_times pair (DataConfig, ReplayConfig): times above 1 need a regular expression."""
+    if times > 1 and not pattern:
+        raise ConfigError(f"{prefix}repeat_pattern: expected a regular expression for {prefix}repeat_times {times}, "
+                          "got none")
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"{prefix}repeat_pattern: not a regular expression ({e}): {pattern!r}") from None
+
+
 @dataclass
 class ReplayConfig:
     """Single segments replayed inside a multi-segment stage (docs/training.md, "Replaying single segments").
@@ -75,16 +87,21 @@ class ReplayConfig:
     register; None: data.cache's own texts), at one noise level drawn from every level (the paper's training, not
     train.noise). So the stage keeps practising what the single-segment stage taught, drawing a segment from its
     text, while it learns its sequences. The replayed steps' loss is logged as loss/replay, apart from `loss`.
+    repeat_pattern, repeat_times: as data's, for the replayed segments (matched in data.cache's register and in
+    `cache`'s), so that a rare kind of segment (two characters on stage) is replayed more often.
     """
 
     every: int = _at_least(0, 0)
     cache: str | None = None
     micro_batch_size: int | None = _at_least(None, 1)
+    repeat_pattern: str | None = None
+    repeat_times: int = _at_least(1, 1)
 
     def __post_init__(self):
         if self.every == 1:
             raise ConfigError("data.replay.every: expected 0 (off) or a step interval >= 2, got 1 (no step would "
                               "train on the stage's sequences)")
+        check_repeat("data.replay.", self.repeat_pattern, self.repeat_times)
 
 
 @dataclass
@@ -102,9 +119,9 @@ class DataConfig:
     mix_cache, mix_rate: another precompute cache of the same videos (another caption register, say the dense one);
     each sequence takes all its texts from it with probability mix_rate (its latents always come from `cache`), so
     a stage can keep some sequences whose every text describes what is on screen.
-    repeat_pattern, repeat_times: sequences with a segment whose caption (in the cache's register) matches the
-    regular expression repeat_pattern appear repeat_times times in every epoch instead of once, so that a rare kind
-    of clip (the toy world's segments with two characters on stage: "; ") is seen more often.
+    repeat_pattern, repeat_times: sequences with a segment whose caption (in the cache's register or the mix
+    cache's) matches the regular expression repeat_pattern appear repeat_times times in every epoch instead of once,
+    so that a rare kind of clip (the toy world's segments with two characters on stage: "; ") is seen more often.
     replay: single segments replayed in a share of a multi-segment stage's steps (`ReplayConfig`).
     """
 
@@ -136,15 +153,7 @@ class DataConfig:
         if self.mix_rate > 0 and not self.mix_cache:
             raise ConfigError(f"data.mix_cache: expected a precompute cache folder for data.mix_rate {self.mix_rate}, "
                               "got none")
-        if self.repeat_times > 1 and not self.repeat_pattern:
-            raise ConfigError(f"data.repeat_pattern: expected a regular expression for data.repeat_times "
-                              f"{self.repeat_times}, got none")
-        if self.repeat_pattern is not None:
-            try:
-                re.compile(self.repeat_pattern)
-            except re.error as e:
-                raise ConfigError(f"data.repeat_pattern: not a regular expression ({e}): {self.repeat_pattern!r}") \
-                    from None
+        check_repeat("data.", self.repeat_pattern, self.repeat_times)
 
 
 @dataclass

@@ -168,7 +168,9 @@ def build_replay_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps
         return None
     dataset = SequenceDataset(cfg.data.root, cfg.data.cache, 1, 1, cfg.data.text_dropout,
                               expected=expected_manifest(cfg, model), mix_cache=replay.cache,
-                              mix_rate=1.0 if replay.cache else 0.0, loss_mask=cfg.train.mask_weight > 0)
+                              mix_rate=1.0 if replay.cache else 0.0, loss_mask=cfg.train.mask_weight > 0,
+                              repeat_pattern=replay.repeat_pattern, repeat_times=replay.repeat_times,
+                              repeat_key="data.replay.repeat_pattern")
     batch_size = replay.micro_batch_size or cfg.data.segments * cfg.train.micro_batch_size  # the stage's tokens
     return _loader(cfg, dataset, batch_size, cfg.seed + 1, NoiseConfig(), model, num_train_timesteps)
 
