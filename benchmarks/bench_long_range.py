@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.atomic import atomic_write_text  # noqa: E402  (after the path insert; light: no torch)
+from pipeline.atomic import atomic_write_text, build_dir_atomically  # noqa: E402  (after the path insert; light: no torch)
 
 VARIANTS = {  # name -> model.ttt overrides
     "local": {"ttt_type": "none", "attention_window": "segment"},
@@ -130,9 +130,11 @@ def held_out_stories(out: Path, stories: int) -> Path:
     current = first.is_file() and (load_truth(first).to_dict()
                                    == sample_story(story_seed(HELD_OUT_SEED, 0), 20, 20).to_dict())
     if len(list(folder.glob("*.storyboard.json"))) != stories or not current:
-        shutil.rmtree(folder, ignore_errors=True)
-        run([sys.executable, "-m", "pipeline.toyworld", "generate", "--out", str(folder), "--stories", str(stories),
-             "--segments", "20", "--seed", str(HELD_OUT_SEED)], out / "logs" / "heldout.log")
+        # made in a temporary sibling and swapped in whole: a killed run leaves no half folder, and two benchmarks
+        # that make it at once each swap in the same stories instead of deleting each other's files
+        build_dir_atomically(folder, lambda tmp: run(
+            [sys.executable, "-m", "pipeline.toyworld", "generate", "--out", str(tmp), "--stories", str(stories),
+             "--segments", "20", "--seed", str(HELD_OUT_SEED)], out / "logs" / "heldout.log"))
     return folder
 
 

@@ -193,6 +193,32 @@ def test_held_out_stories_are_made_again_when_the_world_changed(tmp_path):
     assert len(list(folder.glob("*.storyboard.json"))) == 2
 
 
+def test_held_out_stories_are_swapped_in_whole(tmp_path, monkeypatch):
+    """Two benchmarks that make the held-out stories at once both get the whole folder (each used to delete the other's
+    files as it started), and a run that fails while making them leaves the old folder as it was, nothing half-made."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: bench_long_range.held_out_stories(tmp_path, 2), range(2)))
+    folder = tmp_path / "heldout"
+    assert folders == [folder, folder]
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == sorted(["metadata.jsonl"] + [f"story_0000{i}{end}" for i in range(2)
+                                                  for end in (".mask.mp4", ".mp4", ".storyboard.json", ".truth.json")])
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    def killed(command, log):  # the generator dies after its first story
+        out = Path(command[command.index("--out") + 1])
+        (out / "story_00000.storyboard.json").write_text("{}")
+        raise RuntimeError("generate failed")
+
+    monkeypatch.setattr(bench_long_range, "run", killed)
+    with pytest.raises(RuntimeError, match="generate failed"):
+        bench_long_range.held_out_stories(tmp_path, 3)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
 def test_each_model_samples_at_its_own_guidance_unless_told(tmp_path):
     from argparse import Namespace
 
