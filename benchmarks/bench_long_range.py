@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.atomic import atomic_write_text, build_dir_atomically  # noqa: E402  (after the path insert; light: no torch)
+from pipeline.atomic import atomic_write_text, build_dir_atomically  # noqa: E402  (after the path insert; no torch)
 
 VARIANTS = {  # name -> model.ttt overrides
     "local": {"ttt_type": "none", "attention_window": "segment"},

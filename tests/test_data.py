@@ -33,7 +33,7 @@ from pipeline.text_encoding import encode_text
 from pipeline.training.components import build_components
 from pipeline.training.config import ConfigError, load_config
 from pipeline.training.loss import DiffusionCollate
-from pipeline.training.setup import build_loader
+from pipeline.training.setup import build_loader, build_replay_loader
 from pipeline.video_io import read_video, write_video
 
 
@@ -478,8 +478,6 @@ def test_repeat_pattern_matches_the_mix_caches_register_too_and_reaches_the_repl
     """A sequence repeats when its captions match in the cache's register or in the mix cache's (its texts may come
     from either); data.replay.repeat_pattern / repeat_times reach the replayed segments, whose texts come from
     data.replay.cache; a pattern that matches neither register is refused, naming the setting."""
-    from pipeline.training.setup import build_replay_loader
-
     shutil.copytree(base / "dataset", tmp_path / "dataset")
     records = with_dense(read_metadata(tmp_path / "dataset"))  # "dense 0 video0.mp4", ...: only in that register
     write_metadata(tmp_path / "dataset", records)
