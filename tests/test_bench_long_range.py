@@ -207,6 +207,7 @@ def test_held_out_stories_are_swapped_in_whole(tmp_path, monkeypatch):
                                                   for end in (".mask.mp4", ".mp4", ".storyboard.json", ".truth.json")])
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
     def killed(command, log):  # the generator dies after its first story
         out = Path(command[command.index("--out") + 1])
         (out / "story_00000.storyboard.json").write_text("{}")

@@ -165,6 +165,11 @@ def test_precompute_matches_direct_encoding(base):
     assert torch.equal(null["text_mask"], null_mask[0])
 
 
+# what build_loader and build_replay_loader read of a model: the tiny test pipeline's sizes
+MODEL_SIZES = SimpleNamespace(config=SimpleNamespace(
+    max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
+
+
 def with_dense(records: list[VideoRecord], skip: str | None = None) -> list[VideoRecord]:
     """The records with a "dense" caption on every segment (none on the video named `skip`)."""
     return [dataclasses.replace(r, segments=tuple(
@@ -393,10 +398,8 @@ def test_sequences_whose_caption_matches_appear_repeat_times_per_epoch(base):
     assert len(SequenceDataset(root, cache, segments=1, repeat_pattern="red", repeat_times=1)) == 9
     with pytest.raises(DatasetError, match=r"^data.repeat_pattern: no sequence's 'text' caption matches 'purple'"):
         SequenceDataset(root, cache, segments=1, repeat_pattern="purple", repeat_times=2)
-    model_sizes = SimpleNamespace(config=SimpleNamespace(
-        max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
     cfg = config(base, "data.segments=1", "data.repeat_pattern=red", "data.repeat_times=3")
-    assert len(build_loader(cfg, model_sizes, 1000).dataset) == 13  # the config reaches the dataset
+    assert len(build_loader(cfg, MODEL_SIZES, 1000).dataset) == 13  # the config reaches the dataset
     with pytest.raises(ConfigError, match=r"^data.repeat_pattern: expected a regular expression for "
                        r"data.repeat_times 2, got none$"):
         config(base, "data.repeat_times=2")
@@ -456,10 +459,8 @@ def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_pa
     kinds = [kind(seed) for seed in range(200)]
     assert 10 < kinds.count("null") < 70 and 50 < kinds.count("dense") < 110  # about 40 and 80 of 200
     assert kinds == [kind(seed) for seed in range(200)]  # the same by seed
-    model_sizes = SimpleNamespace(config=SimpleNamespace(  # what build_loader reads of a model: the tiny one's sizes
-        max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
     cfg = config(tmp_path, f"data.root={root}", f"data.cache={story}", f"data.mix_cache={dense}", "data.mix_rate=0.5")
-    loaded = build_loader(cfg, model_sizes, 1000).dataset  # the config reaches the dataset
+    loaded = build_loader(cfg, MODEL_SIZES, 1000).dataset  # the config reaches the dataset
     assert (loaded.mix_rate, loaded.mix_cache, len(loaded.mix_items)) == (0.5, dense, 3)
     dropped = SequenceDataset(root, story, segments=2, mix_cache=dense, mix_rate=1.0, text_dropout=1.0)
     torch.testing.assert_close(dropped[(0, 5)]["text"], null.expand(2, -1, -1))
@@ -498,17 +499,15 @@ def test_repeat_pattern_matches_the_mix_caches_register_too_and_reaches_the_repl
                        r"'purple'"):
         SequenceDataset(root, story, segments=1, mix_cache=dense, mix_rate=0.5, repeat_pattern="purple",
                         repeat_times=2)
-    model_sizes = SimpleNamespace(config=SimpleNamespace(
-        max_text_seq_length=8, latent_frames_first=4, latent_frames_per_segment=3, in_channels=4, text_embed_dim=16))
     replay = [f"data.root={root}", f"data.cache={story}", "data.segments=2", "data.replay.every=2",
               f"data.replay.cache={dense}"]
-    assert len(build_replay_loader(config(tmp_path, *replay), model_sizes, 1000).dataset) == len(plain)
+    assert len(build_replay_loader(config(tmp_path, *replay), MODEL_SIZES, 1000).dataset) == len(plain)
     cfg = config(tmp_path, *replay, f"data.replay.repeat_pattern={first}", "data.replay.repeat_times=3")
-    assert sorted(build_replay_loader(cfg, model_sizes, 1000).dataset.windows) == sorted(thrice.windows)
-    assert len(build_loader(cfg, model_sizes, 1000).dataset) == len(SequenceDataset(root, story, segments=2))  # once
+    assert sorted(build_replay_loader(cfg, MODEL_SIZES, 1000).dataset.windows) == sorted(thrice.windows)
+    assert len(build_loader(cfg, MODEL_SIZES, 1000).dataset) == len(SequenceDataset(root, story, segments=2))  # once
     with pytest.raises(DatasetError, match=r"^data.replay.repeat_pattern: no sequence's 'text' or 'dense' caption"):
         build_replay_loader(config(tmp_path, *replay, "data.replay.repeat_pattern=purple",
-                                   "data.replay.repeat_times=2"), model_sizes, 1000)
+                                   "data.replay.repeat_times=2"), MODEL_SIZES, 1000)
     with pytest.raises(ConfigError, match=r"^data.replay.repeat_pattern: expected a regular expression for "
                        r"data.replay.repeat_times 2, got none$"):
         config(tmp_path, "data.replay.every=2", "data.replay.repeat_times=2")

@@ -95,21 +95,20 @@ class SequenceDataset(Dataset):
         self.frames_first = self.manifest["latent_frames_first"]
         self.frames_per_segment = self.manifest["latent_frames_per_segment"]
         self.null_text, self.null_mask = read_null_embedding(cache)
+        # the caption registers a sequence may take its texts from (repeat_pattern is looked for in each)
+        registers = [self.manifest.get("caption", "text")]
         if self.mix_cache is not None:
+            mix_manifest = read_manifest(self.mix_cache)
             # the texts must fit the model as the main cache's do; the caption register is what differs
-            check_manifest(read_manifest(self.mix_cache), {k: v for k, v in (expected or {}).items() if k != "caption"},
+            check_manifest(mix_manifest, {k: v for k, v in (expected or {}).items() if k != "caption"},
                            self.mix_cache)
+            registers = list(dict.fromkeys([*registers, mix_manifest.get("caption", "text")]))
 
         self.skipped: dict[str, int] = {"missing": 0, "corrupt": 0, "too_short": 0}
         self.windows: list[tuple[Path, int]] = []  # (cache item, first segment)
         self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
         self.mix_items: dict[Path, Path] = {}  # cache item -> the mix cache's item of the same video
         repeat = re.compile(repeat_pattern) if repeat_pattern and repeat_times > 1 else None
-        # the pattern is looked for in every register a sequence may take its texts from
-        registers = [self.manifest.get("caption", "text")]
-        if self.mix_cache is not None:
-            registers.append(read_manifest(self.mix_cache).get("caption", "text"))
-        registers = list(dict.fromkeys(registers))
         self.repeated = 0  # windows that appear repeat_times times
         records = read_metadata(root)
         for number, record in enumerate(records, start=1):
