@@ -314,7 +314,7 @@ def row(name: str, summary: dict, timing: dict | None) -> dict:
               for s in REPORTED_SEGMENTS},
            **{k: summary[k] for k in ("identity", "identity_intro", "identity_recall", "consistency", "background",
                                       "background_recall", "motion", "presence", "color", "color_intro",
-                                      "color_recall", "shape", "size")}}
+                                      "color_recall", "shape", "size", "continuity", "continuity_inside")}}
     if timing is not None:
         seconds = list(timing["seconds"].values())
         out.update(seconds_per_video=sum(seconds) / len(seconds), peak_rss_gib=timing["peak_rss_bytes"] / 2**30,
@@ -328,7 +328,8 @@ def markdown(rows: list[dict], chance: dict) -> str:
 
     head = ("| variant (mode) | identity at intro | " + " | ".join(f"after intro @{s}" for s in REPORTED_SEGMENTS)
             + " | after intro (all) | identity (all) | colour at intro | colour after intro | background"
-            " | backdrop after scene start | action | s / 60-s video | peak RSS GiB |")
+            " | backdrop after scene start | action | in place after a boundary (mid-segment) | s / 60-s video"
+            " | peak RSS GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         timing = (f"{r['seconds_per_video']:.1f} | {r['peak_rss_gib']:.2f}" if "seconds_per_video" in r else "- | -")
@@ -336,10 +337,11 @@ def markdown(rows: list[dict], chance: dict) -> str:
                      + " | ".join(pct(r[f'after_intro@{s}']) for s in REPORTED_SEGMENTS)
                      + f" | {pct(r['identity_recall'])} | {pct(r['identity'])} | {pct(r['color_intro'])} | "
                      f"{pct(r['color_recall'])} | {pct(r['background'])} | "
-                     f"{pct(r['background_recall'])} | {pct(r['motion'])} | {timing} |")
+                     f"{pct(r['background_recall'])} | {pct(r['motion'])} | {pct(r['continuity'])} "
+                     f"({pct(r['continuity_inside'])}) | {timing} |")
     lines.append(f"| chance | {' | '.join([pct(chance['identity'])] * (len(REPORTED_SEGMENTS) + 3))} | "
                  f"{pct(chance['color_intro'])} | {pct(chance['color_recall'])} | {pct(chance['background'])} | "
-                 f"{pct(chance['background_recall'])} | | | |")
+                 f"{pct(chance['background_recall'])} | | | | |")
     return "\n".join(lines)
 
 

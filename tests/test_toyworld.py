@@ -40,7 +40,7 @@ from pipeline.toyworld.world import (
 from pipeline.video_io import read_video
 
 CHECKS = ("background", "background_recall", "presence", "color", "color_intro", "color_recall", "shape", "size",
-          "identity", "identity_intro", "identity_recall", "motion", "consistency")
+          "identity", "identity_intro", "identity_recall", "motion", "consistency", "continuity", "continuity_inside")
 
 
 def _score(story: Story, frames: np.ndarray):
@@ -284,6 +284,37 @@ def test_metrics_catch_corruptions(kind):
             flags += corruption.detected(_score(story, corruption.render()))
     assert len(flags) >= 40
     assert np.mean(flags) >= 0.95
+
+
+def test_continuity_catches_characters_that_jump_at_a_segment_boundary():
+    """One segment drawn a quarter of the frame to the right: a character carried into it or out of it jumps at that
+    boundary, at no other, and inside the segment it still moves as it should. (Only characters alone on stage and
+    in the frame's left part count at the two boundaries: the tracker follows positions, so another character moved
+    onto this one's place, or a shift past the frame's edge, would be read as staying.)"""
+    into, out_of, elsewhere, inside = [], [], [], []
+    seed = 0
+    while (len(into) < 15 or len(out_of) < 15) and seed < 300:
+        story = sample_story(seed, 4, 8)
+        seed += 1
+        k = len(story.segments) // 2
+        states = plan(story)
+        frames = render_story(story)
+        start, stop = segment_frames(k)
+        frames[start:stop] = np.roll(frames[start:stop], 16, axis=2)  # 16 of 64 pixels: past CONTINUITY_RADIUS
+        for seg in _score(story, frames).segments:
+            for c in seg.characters:
+                if c.continuous is None:
+                    continue
+                inside.append(c.continuous_inside)
+                if seg.index not in (k, k + 1):
+                    elsewhere.append(c.continuous)
+                elif len(seg.characters) == 1 and states[seg.index].positions[c.name][0] < 0.55:
+                    (into if seg.index == k else out_of).append(c.continuous)
+    assert len(into) >= 15 and len(out_of) >= 15 and len(elsewhere) > 50
+    assert not any(into) and not any(out_of)
+    assert np.mean(elsewhere) >= 0.98 and np.mean(inside) >= 0.95
+    summary = summarize([_score(story, render_story(story))])  # the last story, unrolled: every boundary kept
+    assert summary["continuity"] == summary["continuity_inside"] == 1.0 and summary["counts"]["continuity"] > 0
 
 
 def test_a_wrong_backdrop_counts_against_background_recall_only_after_the_scene_start():

@@ -3,6 +3,7 @@
 1. Per segment: the backdrop; per character on stage: presence, colour, shape and size, and whether its motion
    matches the text's action. Identity = colour, shape and size all as introduced.
 2. Per character, consistency: its appearance in each later segment equals what was drawn at its introduction.
+   Continuity: a character on stage across a boundary inside a scene is still where it was one latent frame later.
 3. `summarize`: the accuracy of every check over videos, by segment, with the chance levels.
 """
 
@@ -45,6 +46,9 @@ from .world import (
     segment_frames,
 )
 
+CONTINUITY_FRAMES = 4  # one latent frame of the VAE (4x temporal compression)
+# of the frame (x in widths, y in heights): the world's fastest motion (a hop) over CONTINUITY_FRAMES stays inside
+CONTINUITY_RADIUS = 0.2
 _LOOKS = len(SHAPES) * len(COLORS) * len(SIZES)
 CHANCE = {
     "background": 1.0 / (len(BACKDROP_COLORS) * len(PATTERNS)),
@@ -78,6 +82,11 @@ class CharacterResult:
     size_ok: bool
     motion_ok: bool
     consistent: bool | None = None  # same look as drawn at its introduction; None in the introducing segment
+    # still where it was CONTINUITY_FRAMES frames after the previous segment's last frame (across the boundary) and
+    # over the same span in the middle of this segment (inside); None unless it was on stage and found in the
+    # previous segment's last frame, in the same scene
+    continuous: bool | None = None
+    continuous_inside: bool | None = None
 
     @property
     def identity_ok(self) -> bool:
@@ -143,11 +152,22 @@ def score_video(frames: np.ndarray, storyboard: dict | Script) -> VideoResult:
         observed = max(votes, key=votes.count)
         result = SegmentResult(seg.index, seg.scene, seg.backdrop, observed)
         for name in seg.on_stage():
-            result.characters.append(_check_character(seg, name, script.cast[name], tracks[name], pixels,
-                                                      first, stop, s))
+            character = _check_character(seg, name, script.cast[name], tracks[name], pixels, first, stop, s)
+            before = script.segments[seg.index - 1] if not seg.scene_start else None
+            if before is not None and name in before.on_stage() and tracks[name].found[start - 1]:
+                character.continuous = _stays(tracks[name], start - 1)
+                character.continuous_inside = _stays(tracks[name], (start + stop) // 2 - 1)
+            result.characters.append(character)
         results.append(result)
     _mark_consistency(script, results)
     return VideoResult(script.title, results)
+
+
+def _stays(obs: Observation, frame: int) -> bool:
+    """Found CONTINUITY_FRAMES frames after `frame` within CONTINUITY_RADIUS of where it was there (found)."""
+    later = frame + CONTINUITY_FRAMES
+    return bool(obs.found[later] and obs.found[frame]
+                and np.hypot(obs.x[later] - obs.x[frame], obs.y[later] - obs.y[frame]) < CONTINUITY_RADIUS)
 
 
 def _check_character(seg: ScriptSegment, name: str, expected: Appearance, obs: Observation, pixels: Pixels,
@@ -260,13 +280,17 @@ def summarize(results: list[VideoResult], given: int = 0) -> dict:
     equal to the look drawn at the introduction. background_recall: the backdrop in the segments after a scene's
     first, whose texts do not name it (memory again, of the scene rather than a character). color_intro and
     color_recall: the colour alone, where introduced and after (memory of the one attribute a weak model may draw
-    well; a character not drawn counts as wrong).
+    well; a character not drawn counts as wrong). continuity: a character on stage on both sides of a boundary inside
+    a scene, found in the earlier segment's last frame, is found CONTINUITY_FRAMES frames later within
+    CONTINUITY_RADIUS of where it was (the toy world's motion never moves it further); continuity_inside: the same
+    characters over the same span in the middle of the later segment. Segments are generated with attention inside
+    each and only TTT across them, so the gap between the two is what the model fails to carry over a boundary.
     """
     if given < 0:
         raise ValueError(f"given: expected a number of segments >= 0, got {given}")
     checks = {k: [] for k in ("background", "background_recall", "presence", "color", "color_intro", "color_recall",
                               "shape", "size", "identity", "identity_intro", "identity_recall", "motion",
-                              "consistency")}
+                              "consistency", "continuity", "continuity_inside")}
     by_segment: dict[int, list[bool]] = {}
     recall_by_segment: dict[int, list[bool]] = {}
     color_recall_by_segment: dict[int, list[bool]] = {}
@@ -295,6 +319,9 @@ def summarize(results: list[VideoResult], given: int = 0) -> dict:
                     color_recall_by_segment.setdefault(seg.index, []).append(c.color_ok)
                 if c.consistent is not None:
                     checks["consistency"].append(c.consistent)
+                if c.continuous is not None:
+                    checks["continuity"].append(c.continuous)
+                    checks["continuity_inside"].append(c.continuous_inside)
     summary = {k: (float(np.mean(v)) if v else float("nan")) for k, v in checks.items()}
     summary["counts"] = {k: len(v) for k, v in checks.items()}
     summary["videos"] = len(results)

@@ -25,6 +25,8 @@ _ROWS = (
     ("identity_recall", "identity after the introduction (memory)"),
     ("consistency", "later looks equal the look drawn at intro"),
     ("motion", "motion matches the action"),
+    ("continuity", "still in place just after a segment boundary"),
+    ("continuity_inside", "the same, mid-segment (no boundary)"),
 )
 
 
