@@ -98,6 +98,8 @@ def test_toy_curriculum_chains_its_stages():
     for stage in configs[1:]:
         assert (stage.data.caption, stage.data.cache, stage.data.latents_from) == ("text", story.cache, None)
         assert stage.data.mix_cache == pretrain.data.cache and 0 < stage.data.mix_rate < 1
+        # single segments with dense captions replayed in a share of the steps keep segment 1 drawn (docs/results.md)
+        assert stage.data.replay.every >= 2 and stage.data.replay.cache == pretrain.data.cache
     assert f"data.caption=text data.cache={story.cache} data.latents_from=null" in script
 
 
