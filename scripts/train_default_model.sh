@@ -6,7 +6,7 @@
 # toy-world dataset -> tiny VAE -> base pipeline (random transformer) -> precompute (story and dense captions) ->
 # pretraining without TTT on 3-s segments with dense captions -> stock "pretrained" CogVideoX -> gate: does it draw
 # the characters its texts describe? -> TTT-Linear curriculum: 3 s on dense captions -> 15 s -> 60 s on story
-# captions, a quarter of the sequences on dense ones -> models/default/.
+# captions, a quarter of the sequences on dense ones, every fourth step on single segments -> models/default/.
 # Every setting is in configs/toy/ (docs/default_model.md explains them). Intermediate results go to outputs/toy/;
 # delete it to start over. STORIES (default 150) sets the number of 20-segment training stories; FROM=N starts at
 # step N (the earlier steps' outputs must be there), e.g. FROM=7 to redo only the TTT curriculum; TO=N stops after
@@ -76,10 +76,10 @@ if step 7 "TTT-Linear inserted, 3-s stage (dense captions)"; then  # FROM=N redo
 fi
 # steps 8-9 weight the characters' error by the mask videos of step 1 (train.mask_weight); a dataset made before
 # they existed: python -m pipeline.toyworld masks --data outputs/toy/dataset, then FROM=4
-if step 8 "15-s stage, 3,000 steps: segment 1 clean, the rest noisy at [600, 1000), characters x2, a quarter on dense texts"; then
+if step 8 "15-s stage, 4,000 steps (every 4th on single segments): segment 1 clean, the rest at t >= 600"; then
     OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/15s.yaml --overwrite
 fi
-if step 9 "60-s stage: half at one noise level, half with clean context segments and the rest at [600, 1000)"; then
+if step 9 "60-s stage, 400 steps (every 4th on single segments): half at one level, half with clean context"; then
     OMP_NUM_THREADS=$TTT_THREADS python train.py --config configs/toy/ttt/60s.yaml --overwrite
 fi
 if step 10 "install into models/default"; then
