@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             batch = next(replays if replay else batches)
             with accelerator.accumulate(model):
                 terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight,
-                                        cfg.train.mask_weight, cfg.train.mask_dilate)
+                                        cfg.train.mask_weight, cfg.train.mask_dilate, cfg.train.boundary_weight,
+                                        frames_per_segment)
                 loss = terms.per_sample.mean()
                 accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 grad_norm = None

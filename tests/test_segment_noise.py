@@ -212,7 +212,7 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
                              f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
                              "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
-                             "train.noise.context=0.5", "train.noise.t_min=500"],
+                             "train.noise.context=0.5", "train.noise.t_min=500", "train.boundary_weight=1.5"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -221,6 +221,7 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
                                        "context_rate": 0.5, "t_min": 500, "t_max": None,
                                        "context_t_min": None}
+    assert saved["train"]["boundary_weight"] == 1.5
 
 
 def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames():
@@ -241,6 +242,37 @@ def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames(
     expected = plain + 2.0 * errors.topk(k, dim=1).values.mean(dim=1)
     torch.testing.assert_close(hard, expected, rtol=1e-6, atol=0)
     assert (hard > plain).all()
+
+
+@pytest.mark.parametrize("noise", [None, CONTEXT_FIRST], ids=["one level", "clean segment 1"])
+def test_boundary_term_adds_the_error_of_the_first_frame_of_each_segment_that_continues_a_scene(noise):
+    """train.boundary_weight: loss = plain loss + weight x the mean weighted error over the first latent frame of each
+    noisy segment 2..n whose scene_start is False: here segment 3 only (segment 2 opens a scene), written out in
+    float64 from the scheduler's formulas. A sequence of one segment gains nothing."""
+    from pipeline.training import diffusion_terms
+
+    batch = collate(noise)
+    scheduler = make_scheduler("ddim")
+    prediction = torch.randn(batch["latents"].shape)
+    plain = diffusion_terms(Recorder(prediction.clone()), scheduler, batch).per_sample
+    terms = diffusion_terms(Recorder(prediction.clone()), scheduler, batch, boundary_weight=2.5,
+                            frames_per_segment=FRAMES_PER_SEGMENT)
+    frame_t = batch["frame_timesteps"] if noise else batch["timesteps"][:, None].expand(batch["latents"].shape[:2])
+    a = scheduler.alphas_cumprod.double()[frame_t][:, :, None, None, None]
+    latents = batch["latents"].double()
+    inputs = a.sqrt() * latents + (1 - a).sqrt() * batch["noise"].double()  # segment 3 is noisy in both modes
+    errors = (a.sqrt() * inputs - (1 - a).sqrt() * prediction.double() - latents).pow(2) / (1 - a)
+    boundary = FRAMES_FIRST + FRAMES_PER_SEGMENT  # segment 3's first latent frame
+    expected = plain.double() + 2.5 * errors[:, boundary].flatten(1).mean(dim=1)
+    torch.testing.assert_close(terms.per_sample.double(), expected, rtol=1e-5, atol=0)
+    single = {**batch, "scene_start": batch["scene_start"][:, :1]}
+    alone = diffusion_terms(Recorder(prediction.clone()), scheduler, single, boundary_weight=2.5,
+                            frames_per_segment=FRAMES_PER_SEGMENT)
+    torch.testing.assert_close(alone.per_sample, plain)
+    with pytest.raises(ValueError, match="train.boundary_weight > 0 needs the model's latent_frames_per_segment"):
+        diffusion_terms(Recorder(prediction.clone()), scheduler, batch, boundary_weight=2.5)
+    with pytest.raises(ConfigError, match=r"train.boundary_weight: expected a weight >= 0, got -1"):
+        load_config(None, ["train.boundary_weight=-1"])
 
 
 def test_later_segment_loss_is_the_mean_over_noisy_frames_after_segment_one():

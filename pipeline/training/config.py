@@ -212,7 +212,8 @@ class TrainConfig:
     "lora" (TTT + LoRA of rank lora_rank on attn1's to_q, to_k, to_v, to_out.0). noise: per-segment noise levels
     (`NoiseConfig`). hard_fraction, hard_weight: the loss's term on each sample's largest errors; mask_weight: its
     term on the elements the dataset's loss masks cover, grown by mask_dilate latent positions first
-    (pipeline.training.loss.diffusion_terms); 0: the plain objective.
+    (pipeline.training.loss.diffusion_terms); boundary_weight: its term on the first latent frame of each segment that
+    continues a scene; 0: the plain objective.
     """
 
     steps: int = _at_least(5000, 1)
@@ -230,6 +231,7 @@ class TrainConfig:
     hard_weight: float = 0.0
     mask_weight: float = 0.0
     mask_dilate: int = 0
+    boundary_weight: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.hard_fraction <= 1.0:
@@ -241,6 +243,8 @@ class TrainConfig:
         if self.mask_dilate < 0:
             raise ConfigError(f"train.mask_dilate: expected a whole number of latent positions >= 0, "
                               f"got {self.mask_dilate!r}")
+        if self.boundary_weight < 0:
+            raise ConfigError(f"train.boundary_weight: expected a weight >= 0, got {self.boundary_weight!r}")
 
 
 @dataclass

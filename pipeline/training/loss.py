@@ -132,16 +132,30 @@ class LossTerms:
         return later
 
 
+def continuing_first_frames(scene_start: torch.Tensor, num_frames: int, frames_per_segment: int) -> torch.Tensor:
+    """(B, T) bool: the first latent frame of each segment 2..n that continues its scene (scene_start (B, n) False
+    there), for sequences of num_frames latent frames whose segments 2..n have frames_per_segment each."""
+    num_segments = scene_start.shape[1]
+    first = num_frames - (num_segments - 1) * frames_per_segment  # the first segment's frames
+    marks = torch.zeros(scene_start.shape[0], num_frames, dtype=torch.bool, device=scene_start.device)
+    starts = first + frames_per_segment * torch.arange(num_segments - 1, device=scene_start.device)
+    marks[:, starts] = ~scene_start[:, 1:].bool()
+    return marks
+
+
 def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
                    hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
-                   mask_dilate: int = 0) -> torch.Tensor:
+                   mask_dilate: int = 0, boundary_weight: float = 0.0,
+                   frames_per_segment: int | None = None) -> torch.Tensor:
     """Per-sample weighted loss (B,) float32 for a `DiffusionCollate` batch (see the module docstring)."""
-    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight, mask_weight, mask_dilate).per_sample
+    return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight, mask_weight, mask_dilate,
+                           boundary_weight, frames_per_segment).per_sample
 
 
 def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
                     hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
-                    mask_dilate: int = 0) -> LossTerms:
+                    mask_dilate: int = 0, boundary_weight: float = 0.0,
+                    frames_per_segment: int | None = None) -> LossTerms:
     """`diffusion_loss` with its parts (`LossTerms`).
 
     hard_fraction, hard_weight (train.hard_fraction / train.hard_weight): each sample's loss gains hard_weight times
@@ -156,7 +170,14 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     mask_dilate (train.mask_dilate): first grow the mask by that many latent positions in each spatial direction (each
     position takes the largest value within that distance in the frame): the ring of backdrop around a subject then
     counts too, so drawing it too large costs as drawing it wrong does. Masks and logged terms use the grown mask.
+
+    boundary_weight (train.boundary_weight), with the model's latent frames_per_segment: each sample's loss gains
+    boundary_weight times the mean weighted squared error over the first latent frame of each noisy segment that
+    continues a scene (segments 2..n whose scene_start is False; a sample without one gains 0). Segment windows share
+    no frame, so at high noise only memory can tell where a scene's characters stood when the segment before ended.
     """
+    if boundary_weight > 0 and frames_per_segment is None:
+        raise ValueError("train.boundary_weight > 0 needs the model's latent_frames_per_segment")
     hard = hard_fraction > 0 and hard_weight > 0
     masked = "loss_mask" in batch
     if mask_weight > 0 and not masked:
@@ -180,6 +201,9 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
         top = flat.topk(int(k.max()), dim=1).values  # (B, k_max), descending
         take = torch.arange(top.shape[1], device=top.device)[None] < k[:, None]
         per_sample = per_sample + hard_weight * (top * take).sum(dim=1) / k
+    if boundary_weight > 0 and batch["scene_start"].shape[1] > 1:
+        boundary = continuing_first_frames(batch["scene_start"], per_frame.shape[1], frames_per_segment) & noisy
+        per_sample = per_sample + boundary_weight * (per_frame * boundary).sum(dim=1) / boundary.sum(dim=1).clamp(min=1)
     return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame)
 
 
