@@ -217,6 +217,8 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
+    # logged on steps whose batch has a noisy segment that continues a scene (step 1 with these seeds)
+    assert [math.isfinite(log["loss/boundary"]) for log in logs if "loss/boundary" in log] == [True]
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
                                        "context_rate": 0.5, "t_min": 500, "t_max": None,
@@ -265,6 +267,9 @@ def test_boundary_term_adds_the_error_of_the_first_frame_of_each_segment_that_co
     boundary = FRAMES_FIRST + FRAMES_PER_SEGMENT  # segment 3's first latent frame
     expected = plain.double() + 2.5 * errors[:, boundary].flatten(1).mean(dim=1)
     torch.testing.assert_close(terms.per_sample.double(), expected, rtol=1e-5, atol=0)
+    total, count = terms.boundary(batch["scene_start"], FRAMES_PER_SEGMENT)  # logged as loss/boundary
+    assert count == 2
+    torch.testing.assert_close(total.double(), errors[:, boundary].flatten(1).mean(dim=1).sum(), rtol=1e-5, atol=0)
     single = {**batch, "scene_start": batch["scene_start"][:, :1]}
     alone = diffusion_terms(Recorder(prediction.clone()), scheduler, single, boundary_weight=2.5,
                             frames_per_segment=FRAMES_PER_SEGMENT)

@@ -125,6 +125,12 @@ class LossTerms:
         later = self._later(num_segments, frames_per_segment)
         return (self.masked_frame * later).sum(), (self.mask_frame * later).sum()
 
+    def boundary(self, scene_start: torch.Tensor, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum, count) of the per-frame loss over the noisy first latent frames of the segments that continue a scene
+        (`continuing_first_frames`): where only memory can tell where the characters stood a moment before."""
+        marks = continuing_first_frames(scene_start, self.per_frame.shape[1], frames_per_segment) & self.noisy
+        return (self.per_frame * marks).sum(), marks.sum()
+
     def _later(self, num_segments: int, frames_per_segment: int) -> torch.Tensor:
         first = self.per_frame.shape[1] - (num_segments - 1) * frames_per_segment
         later = self.noisy.clone()
@@ -201,10 +207,11 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
         top = flat.topk(int(k.max()), dim=1).values  # (B, k_max), descending
         take = torch.arange(top.shape[1], device=top.device)[None] < k[:, None]
         per_sample = per_sample + hard_weight * (top * take).sum(dim=1) / k
+    terms = LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame)
     if boundary_weight > 0 and batch["scene_start"].shape[1] > 1:
-        boundary = continuing_first_frames(batch["scene_start"], per_frame.shape[1], frames_per_segment) & noisy
-        per_sample = per_sample + boundary_weight * (per_frame * boundary).sum(dim=1) / boundary.sum(dim=1).clamp(min=1)
-    return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame)
+        marks = continuing_first_frames(batch["scene_start"], per_frame.shape[1], frames_per_segment) & noisy
+        terms.per_sample = per_sample + boundary_weight * (per_frame * marks).sum(dim=1) / marks.sum(dim=1).clamp(min=1)
+    return terms
 
 
 def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
