@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> None:
             n = batch["text"].shape[1]
             later = terms.later_segments(n, frames_per_segment) if n > 1 else None
             later_masked = terms.later_masked(n, frames_per_segment) if n > 1 else None
-            boundary = terms.boundary(batch["scene_start"], frames_per_segment) if n > 1 else None
             metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later, later_masked, replay,
-                           boundary)
+                           terms.boundary())
         lr_scheduler.step()
         if ema is not None:
             ema.step(trainable)

@@ -267,13 +267,18 @@ def test_boundary_term_adds_the_error_of_the_first_frame_of_each_segment_that_co
     boundary = FRAMES_FIRST + FRAMES_PER_SEGMENT  # segment 3's first latent frame
     expected = plain.double() + 2.5 * errors[:, boundary].flatten(1).mean(dim=1)
     torch.testing.assert_close(terms.per_sample.double(), expected, rtol=1e-5, atol=0)
-    total, count = terms.boundary(batch["scene_start"], FRAMES_PER_SEGMENT)  # logged as loss/boundary
+    total, count = terms.boundary()  # logged as loss/boundary
     assert count == 2
     torch.testing.assert_close(total.double(), errors[:, boundary].flatten(1).mean(dim=1).sum(), rtol=1e-5, atol=0)
-    single = {**batch, "scene_start": batch["scene_start"][:, :1]}
-    alone = diffusion_terms(Recorder(prediction.clone()), scheduler, single, boundary_weight=2.5,
+    # a sequence of segment 1 alone (as replayed steps give): the plain loss, nothing marked
+    single = {key: value[:, :FRAMES_FIRST] if key in ("latents", "noise", "frame_timesteps", "frame_noisy") else
+              value[:, :1] if key in ("text", "text_mask", "scene_start", "timesteps") and value.dim() > 1 else value
+              for key, value in batch.items()}
+    first = prediction[:, :FRAMES_FIRST].clone()
+    alone = diffusion_terms(Recorder(first.clone()), scheduler, single, boundary_weight=2.5,
                             frames_per_segment=FRAMES_PER_SEGMENT)
-    torch.testing.assert_close(alone.per_sample, plain)
+    torch.testing.assert_close(alone.per_sample, diffusion_terms(Recorder(first.clone()), scheduler, single).per_sample)
+    assert alone.boundary()[1] == 0
     with pytest.raises(ValueError, match="train.boundary_weight > 0 needs the model's latent_frames_per_segment"):
         diffusion_terms(Recorder(prediction.clone()), scheduler, batch, boundary_weight=2.5)
     with pytest.raises(ConfigError, match=r"train.boundary_weight: expected a weight >= 0, got -1"):

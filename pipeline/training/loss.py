@@ -103,13 +103,16 @@ class LossTerms:
     """What one batch's loss is made of: per_sample (B,) float32 (what is optimised), per_frame (B, T) the weighted
     squared error per latent frame (0 on clean context frames), noisy (B, T) bool (False on clean context frames);
     with a loss mask in the batch, masked_frame (B, T) the mask-weighted sum of the weighted squared errors per frame
-    and mask_frame (B, T) the mask's sum over the frame's elements (both 0 on clean context frames)."""
+    and mask_frame (B, T) the mask's sum over the frame's elements (both 0 on clean context frames); given the model's
+    frames per segment, boundary_frames (B, T) bool, the noisy first latent frames of the segments that continue a
+    scene (`continuing_first_frames`)."""
 
     per_sample: torch.Tensor
     per_frame: torch.Tensor
     noisy: torch.Tensor
     masked_frame: torch.Tensor | None = None
     mask_frame: torch.Tensor | None = None
+    boundary_frames: torch.Tensor | None = None
 
     def later_segments(self, num_segments: int, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) of the per-frame loss over the noisy frames of segments 2..n: in the toy world's story
@@ -125,11 +128,12 @@ class LossTerms:
         later = self._later(num_segments, frames_per_segment)
         return (self.masked_frame * later).sum(), (self.mask_frame * later).sum()
 
-    def boundary(self, scene_start: torch.Tensor, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sum, count) of the per-frame loss over the noisy first latent frames of the segments that continue a scene
-        (`continuing_first_frames`): where only memory can tell where the characters stood a moment before."""
-        marks = continuing_first_frames(scene_start, self.per_frame.shape[1], frames_per_segment) & self.noisy
-        return (self.per_frame * marks).sum(), marks.sum()
+    def boundary(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sum, count) of the per-frame loss over `boundary_frames`, where only memory can tell where the characters
+        stood a moment before; None without them."""
+        if self.boundary_frames is None:
+            return None
+        return (self.per_frame * self.boundary_frames).sum(), self.boundary_frames.sum()
 
     def _later(self, num_segments: int, frames_per_segment: int) -> torch.Tensor:
         first = self.per_frame.shape[1] - (num_segments - 1) * frames_per_segment
@@ -184,6 +188,7 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     """
     if boundary_weight > 0 and frames_per_segment is None:
         raise ValueError("train.boundary_weight > 0 needs the model's latent_frames_per_segment")
+    boundary_frames = None
     hard = hard_fraction > 0 and hard_weight > 0
     masked = "loss_mask" in batch
     if mask_weight > 0 and not masked:
@@ -207,11 +212,12 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
         top = flat.topk(int(k.max()), dim=1).values  # (B, k_max), descending
         take = torch.arange(top.shape[1], device=top.device)[None] < k[:, None]
         per_sample = per_sample + hard_weight * (top * take).sum(dim=1) / k
-    terms = LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame)
-    if boundary_weight > 0 and batch["scene_start"].shape[1] > 1:
-        marks = continuing_first_frames(batch["scene_start"], per_frame.shape[1], frames_per_segment) & noisy
-        terms.per_sample = per_sample + boundary_weight * (per_frame * marks).sum(dim=1) / marks.sum(dim=1).clamp(min=1)
-    return terms
+    if frames_per_segment is not None:
+        boundary_frames = continuing_first_frames(batch["scene_start"], per_frame.shape[1], frames_per_segment) & noisy
+        if boundary_weight > 0:
+            per_sample = per_sample + boundary_weight * ((per_frame * boundary_frames).sum(dim=1)
+                                                         / boundary_frames.sum(dim=1).clamp(min=1))
+    return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame, boundary_frames)
 
 
 def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
