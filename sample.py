@@ -39,7 +39,7 @@ from pipeline.loading import (
     resolve_device,
 )
 from pipeline.schedulers import SCHEDULERS, make_scheduler
-from pipeline.storyboard import StoryboardError, load_storyboard
+from pipeline.storyboard import MEMORY_GUIDANCE_SEGMENTS, StoryboardError, load_storyboard
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_STORYBOARD = ROOT / "examples" / "toy_story.json"
@@ -60,9 +60,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "default: the model's own (its model_index.json's guidance_scale: 2 for the bundled model, 6 for "
                    "CogVideoX)")
     p.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
-    p.add_argument("--memory-guidance", type=memory_scales, default=0.0, metavar="M[,M...]",
-                   help="memory guidance (docs/sampling.md): push each segment toward what the TTT layers carry from "
-                   "the rest of the video; one number, or one per storyboard segment (e.g. 0,2,2); default 0: off")
+    p.add_argument("--memory-guidance", type=memory_scales, default=None, metavar="M[,M...]",
+                   help="memory guidance (docs/sampling.md): push segments toward what the TTT layers carry from the "
+                   "rest of the video; one number, or one per storyboard segment (e.g. 0,2,2); 0: off; default: the "
+                   "model's own (its model_index.json's memory_guidance_scale: 4 for the bundled model, else 0)")
+    p.add_argument("--memory-segments", choices=MEMORY_GUIDANCE_SEGMENTS, default=None,
+                   help="where one --memory-guidance number applies: every segment, or those that continue a scene "
+                   "(not the first segment, not a scene's first); default: the model's own (continuing for the "
+                   "bundled model, else all)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
@@ -95,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     if args.regenerate is not None and args.video is None:
         raise UsageError("--regenerate needs --video (the video whose other segments are kept)")
+    if isinstance(args.memory_guidance, list) and args.memory_segments is not None:
+        raise UsageError("--memory-segments places one --memory-guidance number; a list gives each segment its own "
+                         "already")
     if args.reference is not None and args.video is not None:
         raise UsageError("--reference cannot be combined with --video; give one of them")
     if args.reference is not None and args.save_latents:
@@ -103,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, path in (("--video", args.video), ("--reference", args.reference)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag}: file not found: {path}")
-    check_cache(args)  # without --guidance, again once the model (and its guidance) is loaded
+    check_cache(args)  # without --guidance or --memory-guidance, again once the model (and its own) is loaded
     return args
 
 
@@ -118,8 +126,9 @@ def memory_scales(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
-def memory_on(scale: float | list[float]) -> bool:
-    return max(scale if isinstance(scale, list) else [scale]) > 0
+def memory_on(scale: float | list[float] | None) -> bool:
+    """Whether memory guidance is on (None, the model's own before it is loaded: off until then)."""
+    return scale is not None and max(scale if isinstance(scale, list) else [scale]) > 0
 
 
 def check_cache(args: argparse.Namespace, note: str = "") -> None:
@@ -174,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance is None:
         args.guidance = pipe.config.guidance_scale
         check_cache(args, f" (the model's guidance is {args.guidance:g})")
+    if args.memory_guidance is None:
+        args.memory_guidance = pipe.config.memory_guidance_scale
+        check_cache(args, f" (the model's memory guidance is {args.memory_guidance:g}; --memory-guidance 0 turns it "
+                          "off)")
+    if args.memory_segments is None:
+        args.memory_segments = pipe.config.memory_guidance_segments
     if memory_on(args.memory_guidance) and not pipe.transformer.has_ttt:
         raise InputError(f"--memory-guidance: --model {args.model} has no TTT layers to guide by")
     if args.steps > pipe.scheduler.config.num_train_timesteps:
@@ -199,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     result = pipe(storyboard, num_inference_steps=args.steps, guidance_scale=args.guidance,
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
                   cfg_mode=args.cfg_mode, max_segments=args.max_segments, strict_text=args.strict_text,
-                  memory_guidance_scale=args.memory_guidance, output_type="np", **context)
+                  memory_guidance_scale=args.memory_guidance, memory_guidance_segments=args.memory_segments,
+                  output_type="np", **context)
     elapsed = time.perf_counter() - start
     if mesh is not None:
         torch.distributed.destroy_process_group()
@@ -213,15 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         save_latents(result.latents, latents_path(output), video=output)
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
           f"({storyboard.num_segments} segments{kept}), {args.steps} steps at guidance {args.guidance:g}"
-          f"{memory_note(args.memory_guidance)}, generated in "
+          f"{memory_note(args.memory_guidance, args.memory_segments)}, generated in "
           f"{elapsed:.1f} s")
     return 0
 
 
-def memory_note(scale: float | list[float]) -> str:
+def memory_note(scale: float | list[float], where: str = "all") -> str:
     if not memory_on(scale):
         return ""
-    return f", memory guidance {','.join(f'{m:g}' for m in scale) if isinstance(scale, list) else f'{scale:g}'}"
+    if isinstance(scale, list):
+        return f", memory guidance {','.join(f'{m:g}' for m in scale)}"
+    return f", memory guidance {scale:g}" + (" on the segments that continue a scene" if where == "continuing" else "")
 
 
 def context_arguments(args: argparse.Namespace, pipe, num_segments: int) -> tuple[dict, str]:

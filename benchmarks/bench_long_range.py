@@ -49,6 +49,7 @@ STAGES = ("3s", "15s", "60s")
 STAGE_CONFIG = "configs/toy/ttt/{stage}.yaml"
 REPORTED_SEGMENTS = (1, 5, 10, 20)  # identity accuracy at these segments (1-based)
 MODES = ("joint", "recall")
+MEMORY_SEGMENTS = ("all", "named", "continuing")
 HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
 
 
@@ -72,12 +73,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="guidance for the segments whose text only names characters (no introduction, no scene "
                    "opening): what the model draws there comes from memory, which strong guidance overrides; "
                    "default: the same as the other segments")
-    p.add_argument("--memory-guidance", type=float, default=0.0, metavar="M",
+    p.add_argument("--memory-guidance", type=float, default=None, metavar="M",
                    help="the pipeline's memory_guidance_scale: M x (the prediction minus the same without TTT) added, "
-                   "which pushes a segment toward what TTT carries (default 0: off; where: --memory-segments)")
-    p.add_argument("--memory-segments", choices=("all", "named"), default="all",
-                   help="where --memory-guidance applies: every segment, or only those whose text only names "
-                   "characters (no introduction, no scene opening; 0 elsewhere)")
+                   "which pushes a segment toward what TTT carries (0: off; where: --memory-segments); default: each "
+                   "model's own, as sample.py (its model_index.json's memory_guidance_scale and _segments)")
+    p.add_argument("--memory-segments", choices=MEMORY_SEGMENTS, default=None,
+                   help="where --memory-guidance applies (0 elsewhere): every segment; only those whose text only "
+                   "names characters (no introduction, no scene opening); or every segment that continues a scene "
+                   "(neither segment 1 nor a scene's first); default: the model's own")
+    p.add_argument("--memory-intro", type=float, default=None, metavar="M",
+                   help="with --memory-segments continuing: the scale on the segments among them whose text "
+                   "introduces a character (default: --memory-guidance's)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: story i draws its noise from a stream of its "
                    "own derived from it (story_generator), the same for every variant and mode")
     p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
@@ -104,8 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.trained = dict(item.split("=", 1) for item in args.trained)
     if args.stories < 1 or args.inference_steps < 1:
         p.error("--stories and --inference-steps must be at least 1")
-    if not args.memory_guidance >= 0:
+    if args.memory_guidance is not None and not args.memory_guidance >= 0:
         p.error(f"--memory-guidance: expected a number >= 0, got {args.memory_guidance}")
+    if args.memory_intro is not None and not (args.memory_intro >= 0 and args.memory_segments == "continuing"):
+        where = args.memory_segments or "the model's own segments"
+        p.error(f"--memory-intro: expected a number >= 0 with --memory-segments continuing, got {args.memory_intro} "
+                f"with {where}")
     return args
 
 
@@ -170,6 +180,25 @@ def segment_guidance(storyboard: dict, guidance: float, guidance_named: float | 
             for segment in parse_storyboard(storyboard).segments]
 
 
+def memory_scales(storyboard: dict, memory_guidance: float, where: str = "all",
+                  intro: float | None = None) -> float | list[float]:
+    """The pipeline's memory_guidance_scale for a toy-world storyboard: `memory_guidance` on every segment (where
+    "all"), or one scale per segment, 0 except on those that only name characters ("named", as `segment_guidance`)
+    or on those that continue a scene ("continuing": neither segment 1 nor a scene's first; `intro`, when given, on
+    the ones among them whose text introduces a character)."""
+    from pipeline.toyworld.text import parse_storyboard
+
+    if where == "all":
+        return memory_guidance
+    if where == "named":
+        return segment_guidance(storyboard, 0.0, memory_guidance)
+    if where != "continuing":
+        raise ValueError(f"where: expected one of {MEMORY_SEGMENTS}, got {where!r}")
+    at_intro = memory_guidance if intro is None else intro
+    return [0.0 if i == 0 or segment.scene_start else at_intro if segment.intros else memory_guidance
+            for i, segment in enumerate(parse_storyboard(storyboard).segments)]
+
+
 def story_generator(seed: int, index: int):
     """The noise of held-out story `index` (its place in name order): a stream of its own, derived from `seed`.
     Drawn from one generator seeded alike, every story of a reading would share its noise, and the reading would not
@@ -184,11 +213,10 @@ def story_generator(seed: int, index: int):
 
 def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
                  mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
-                 memory_segments: str = "all") -> None:
+                 memory_segments: str = "all", memory_intro: float | None = None) -> None:
     """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
-    guidance_named: see `segment_guidance`; memory_guidance: the pipeline's memory_guidance_scale, on every segment
-    or (memory_segments "named") only on those that only name characters."""
+    guidance_named: see `segment_guidance`; memory_guidance, memory_segments, memory_intro: see `memory_scales`."""
     from pipeline import TTTVideoPipeline
     from pipeline.video_io import read_video, write_video
 
@@ -206,9 +234,9 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         started = time.perf_counter()
         storyboard = json.loads(path.read_text())
         scales = segment_guidance(storyboard, guidance, guidance_named)
-        memory = memory_guidance if memory_segments == "all" else segment_guidance(storyboard, 0.0, memory_guidance)
+        memory = memory_scales(storyboard, memory_guidance, memory_segments, memory_intro)
         frames = pipe(path, num_inference_steps=steps, guidance_scale=scales, video=given,
-                      memory_guidance_scale=memory,
+                      memory_guidance_scale=memory, memory_guidance_segments="all",  # placed by memory_scales
                       generator=story_generator(seed, index), output_type="np").frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
@@ -224,8 +252,11 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
                "--seed", str(args.seed)]
     if args.guidance_named is not None:
         command += ["--guidance-named", str(args.guidance_named)]
-    if args.memory_guidance:
-        command += ["--memory-guidance", str(args.memory_guidance), "--memory-segments", args.memory_segments]
+    memory, where = memory_for(args, model)
+    if memory:
+        command += ["--memory-guidance", str(memory), "--memory-segments", where]
+    if args.memory_intro is not None:
+        command += ["--memory-intro", str(args.memory_intro)]
     log = args.out / "logs" / f"sample-{videos.parent.name}-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -248,14 +279,26 @@ def guidance_for(args: argparse.Namespace, model: Path) -> float:
     return args.guidance if args.guidance is not None else saved_guidance_scale(model)
 
 
+def memory_for(args: argparse.Namespace, model: Path) -> tuple[float, str]:
+    """--memory-guidance and --memory-segments, or the model's own where not given."""
+    from pipeline.pipeline_ttt_video import saved_memory_guidance
+
+    scale, where = saved_memory_guidance(model)
+    return (scale if args.memory_guidance is None else args.memory_guidance,
+            where if args.memory_segments is None else args.memory_segments)
+
+
 def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
     settings = {"model": str(model), "stories": args.stories, "inference_steps": args.inference_steps,
                 "guidance": guidance_for(args, model), "seed": args.seed, "noise": "per story"}
     if args.guidance_named is not None:  # absent otherwise: earlier runs' renders stay valid
         settings["guidance_named"] = args.guidance_named
-    if args.memory_guidance:  # likewise
-        settings["memory_guidance"] = args.memory_guidance
-        settings["memory_segments"] = args.memory_segments
+    memory, where = memory_for(args, model)
+    if memory:  # likewise
+        settings["memory_guidance"] = memory
+        settings["memory_segments"] = where
+    if args.memory_intro is not None:  # likewise
+        settings["memory_intro"] = args.memory_intro
     return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 
@@ -350,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         model, storyboards, videos, mode = args.sample
         sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode,
-                     args.guidance_named, args.memory_guidance, args.memory_segments)
+                     args.guidance_named, args.memory_guidance or 0.0, args.memory_segments or "all", args.memory_intro)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",

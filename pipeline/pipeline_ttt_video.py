@@ -56,6 +56,7 @@ from .packaged_text_encoder import PackagedTextEncoder  # noqa: F401
 from .segment_context import SegmentContext, VideoInput, build_context, encode_video, latent_segments
 from .storyboard import (
     DEFAULT_MAX_SEGMENTS,
+    MEMORY_GUIDANCE_SEGMENTS,
     SEGMENT_SECONDS,
     Segment,
     Storyboard,
@@ -89,11 +90,32 @@ def saved_guidance_scale(folder: str | os.PathLike) -> float:
     return float(index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
+def saved_memory_guidance(folder: str | os.PathLike) -> tuple[float, str]:
+    """The memory guidance a saved pipeline folder keeps (model_index.json's memory_guidance_scale and
+    memory_guidance_segments), without loading it; a folder saved before pipelines kept one gets (0, "all")."""
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    return float(index.get("memory_guidance_scale", 0.0)), index.get("memory_guidance_segments", "all")
+
+
 def checked_guidance_scale(scale: Any, where: str = "guidance_scale") -> float:
     """One guidance scale: a finite number >= 0 (not a bool), as float; ValueError naming `where` otherwise."""
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"{where}: expected a finite number >= 0, got {scale!r}")
     return float(scale)
+
+
+def memory_guidance_scales(memory_guidance_scale: float | Sequence[float], memory_guidance_segments: str,
+                           storyboard: Storyboard) -> float | list[float]:
+    """A call's memory_guidance_scale checked (as `segment_guidance_scales`) and placed: a number on "all" segments
+    stays a number; on "continuing" ones it becomes one scale per segment, 0 on the first and on each scene's first.
+    A list gives each segment its own already and is taken as it is. ValueError naming the argument otherwise."""
+    if memory_guidance_segments not in MEMORY_GUIDANCE_SEGMENTS:
+        raise ValueError(f"memory_guidance_segments: expected one of {', '.join(MEMORY_GUIDANCE_SEGMENTS)}, got "
+                         f"{memory_guidance_segments!r}")
+    scale = segment_guidance_scales(memory_guidance_scale, storyboard.num_segments, "memory_guidance_scale")
+    if isinstance(scale, list) or memory_guidance_segments == "all":
+        return scale
+    return [scale if continues else 0.0 for continues in storyboard.continues_scene]
 
 
 def segment_guidance_scales(guidance_scale: float | Sequence[float], num_segments: int,
@@ -123,6 +145,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: the classifier-free guidance scale `__call__` uses when given none: the scale this model was
             measured to sample best at (6, CogVideoX's, unless its training recipe measured another). Stored in the
             pipeline's config (model_index.json).
+        memory_guidance_scale, memory_guidance_segments: likewise `__call__`'s memory guidance when given none
+            (default 0: off; "all" or "continuing", see `__call__`). Stored in the pipeline's config; a scale > 0
+            needs a transformer with TTT layers.
 
     LoRA: diffusers' CogVideoX loader (`load_lora_weights`, `fuse_lora`, `set_adapters`, ...) on the transformer's
     attention; cache hooks: `transformer.enable_cache(...)` (docs/sampling.md).
@@ -140,6 +165,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         scheduler: CogVideoXDDIMScheduler | CogVideoXDPMScheduler,
         fps: float | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
+        memory_guidance_scale: float = 0.0,
+        memory_guidance_segments: str = "all",
     ):
         super().__init__()
         if not isinstance(transformer, CogVideoXTTTTransformer3DModel):
@@ -147,6 +174,12 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             raise TypeError(f"transformer: expected a CogVideoXTTTTransformer3DModel, got {type(transformer).__name__}"
                             "; for a stock CogVideoX pipeline use TTTVideoPipeline.from_cogvideox(path)")
         guidance_scale = checked_guidance_scale(guidance_scale)
+        memory_guidance_scale = checked_guidance_scale(memory_guidance_scale, "memory_guidance_scale")
+        if memory_guidance_segments not in MEMORY_GUIDANCE_SEGMENTS:
+            raise ValueError(f"memory_guidance_segments: expected one of {', '.join(MEMORY_GUIDANCE_SEGMENTS)}, got "
+                             f"{memory_guidance_segments!r}")
+        if memory_guidance_scale > 0 and not transformer.has_ttt:
+            raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
         if type(transformer) is CogVideoXTTTTransformer3DModel:
@@ -158,7 +191,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         self.vae_scale_factor_temporal = self.vae.config.temporal_compression_ratio
         if fps is None:
             fps = self.frames_per_segment / SEGMENT_SECONDS
-        self.register_to_config(fps=float(fps), guidance_scale=guidance_scale)
+        self.register_to_config(fps=float(fps), guidance_scale=guidance_scale,
+                                memory_guidance_scale=memory_guidance_scale,
+                                memory_guidance_segments=memory_guidance_segments)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     @property
@@ -388,7 +423,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         num_videos_per_prompt: int = 1,
         num_inference_steps: int = 50,
         guidance_scale: float | Sequence[float] | None = None,
-        memory_guidance_scale: float | Sequence[float] = 0.0,
+        memory_guidance_scale: float | Sequence[float] | None = None,
+        memory_guidance_segments: str | None = None,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
         height: int | None = None,
@@ -430,9 +466,13 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             memory_guidance_scale: m > 0 adds m * (conditional prediction - the same without the TTT layers) to the
                 guided prediction: it pushes each segment further toward what TTT carries from the rest of the video
                 (the look of a character that the text only names). One more transformer pass per step, without
-                TTT. A number or one per storyboard segment, like guidance_scale; 0 (the default) is off. Needs a
-                transformer with TTT layers; of diffusers' cache hooks, only FirstBlockCache and TaylorSeer (whose state
-                is kept per call, "cond_without_ttt" for this one). docs/sampling.md, "Memory guidance".
+                TTT. A number or one per storyboard segment, like guidance_scale; 0 is off; None: the pipeline's
+                own (`self.config.memory_guidance_scale`, 0 unless its recipe measured another). Needs a transformer
+                with TTT layers; of diffusers' cache hooks, only FirstBlockCache and TaylorSeer (whose state is kept
+                per call, "cond_without_ttt" for this one). docs/sampling.md, "Memory guidance".
+            memory_guidance_segments: where a single memory_guidance_scale applies: "all" segments, or "continuing"
+                ones (0 on the storyboard's first segment and on each scene's first, whose texts set the stage);
+                None: the pipeline's own (`self.config.memory_guidance_segments`). A list of scales is taken as it is.
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -479,8 +519,10 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale = segment_guidance_scales(
             self.config.guidance_scale if guidance_scale is None else guidance_scale, storyboard.num_segments)
         self._guidance_scale = guidance_scale
-        memory_scale = segment_guidance_scales(memory_guidance_scale, storyboard.num_segments,
-                                               "memory_guidance_scale")
+        memory_scale = memory_guidance_scales(
+            self.config.memory_guidance_scale if memory_guidance_scale is None else memory_guidance_scale,
+            self.config.memory_guidance_segments if memory_guidance_segments is None else memory_guidance_segments,
+            storyboard)
         memory_per_segment = isinstance(memory_scale, list)
         do_memory_guidance = max(memory_scale) > 0 if memory_per_segment else memory_scale > 0
         if do_memory_guidance and not getattr(self.transformer, "has_ttt", False):

@@ -36,6 +36,9 @@ from .atomic import atomic_write_text
 
 SEGMENT_SECONDS = 3.0
 DEFAULT_MAX_SEGMENTS = 21  # 63 s, the longest stage of the training recipe
+# where one memory guidance scale applies (the pipeline's memory_guidance_segments): every segment, or those that
+# continue a scene (`Storyboard.continues_scene`)
+MEMORY_GUIDANCE_SEGMENTS = ("all", "continuing")
 MAX_FILE_BYTES = 1 << 20  # 1 MiB: 30 times a 63-s storyboard of 226-token texts
 # nodes + characters of a YAML document with its aliases expanded; an alias-free file under MAX_FILE_BYTES stays under
 MAX_EXPANDED_SIZE = 2 * MAX_FILE_BYTES
@@ -94,6 +97,12 @@ class Storyboard:
                 scenes.append([])
             scenes[-1].append(segment)
         return scenes
+
+    @property
+    def continues_scene(self) -> list[bool]:
+        """Per segment: whether it continues a scene, i.e. is neither the first segment nor a scene's first (whose
+        texts set the stage, with nothing before them in the scene to carry over)."""
+        return [i > 0 and not segment.scene_start for i, segment in enumerate(self.segments)]
 
     @property
     def texts(self) -> list[str]:

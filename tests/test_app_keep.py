@@ -81,6 +81,22 @@ def test_default_settings_sample_at_the_pipelines_own_guidance(tmp_path):
         renderer.render(story(1), Settings(steps=1, cache="faster"))
 
 
+def test_default_settings_sample_at_the_pipelines_own_memory_guidance(tmp_path):
+    """Settings() leaves memory guidance to the pipeline (its config's scale and segments, 3 on the segments that
+    continue a scene here; the bundled model keeps 4 there): the same latents as asking for 3, not the plain run; a
+    cache that cannot take memory guidance is refused against that scale."""
+    pipe = tiny_ttt_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    pipe.register_to_config(memory_guidance_scale=3.0, memory_guidance_segments="continuing")
+    renderer = Renderer(pipe, OutputFolders(tmp_path))
+    chosen = {None: Settings(steps=2, seed=1), **{m: Settings(steps=2, seed=1, memory_guidance=m) for m in (0.0, 3.0)}}
+    latents = {m: load_latents(renderer.render(story(2), settings).latents)[0] for m, settings in chosen.items()}
+    torch.testing.assert_close(latents[None], latents[3.0], atol=0, rtol=0)
+    assert (latents[None] - latents[0.0]).abs().max() > 1e-4
+    with pytest.raises(SettingsError, match="cache: cache 'faster' keeps one state for every transformer call"):
+        renderer.render(story(1), Settings(steps=1, cache="faster"))
+
+
 def test_memory_guidance_setting_reaches_the_pipeline_and_is_checked(renderer, tmp_path):
     """Settings.memory_guidance is the pipeline's memory_guidance_scale: 0 is the plain run, > 0 another video; with a
     cache that keeps one state for every call, or on a model without TTT layers, it is a settings error."""

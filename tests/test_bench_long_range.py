@@ -99,6 +99,17 @@ def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys)
     assert bench_long_range.sampling_settings(args, Path(model), "joint")["memory_segments"] == "named"
     plain = bench_long_range.sampling_settings(bench_long_range.parse_args(common), Path(model), "recall")
     assert "memory_guidance" not in plain  # earlier runs' renders stay valid
+    # without --memory-guidance each model samples at its own, as sample.py does (model_index.json)
+    own = tmp_path / "own"
+    own.mkdir()
+    index = json.loads((Path(model) / "model_index.json").read_text())
+    (own / "model_index.json").write_text(json.dumps({**index, "memory_guidance_scale": 4.0,
+                                                      "memory_guidance_segments": "continuing"}))
+    settings = bench_long_range.sampling_settings(bench_long_range.parse_args(common), own, "joint")
+    assert settings["memory_guidance"] == 4.0 and settings["memory_segments"] == "continuing"
+    off = bench_long_range.parse_args([*common, "--memory-guidance", "0"])
+    assert "memory_guidance" not in bench_long_range.sampling_settings(off, own, "joint")
+    assert bench_long_range.memory_for(off, own) == (0.0, "continuing")
     with pytest.raises(SystemExit) as error:
         bench_long_range.parse_args([*common, "--memory-guidance", "-1"])
     assert error.value.code == 2
@@ -232,3 +243,36 @@ def test_each_model_samples_at_its_own_guidance_unless_told(tmp_path):
     assert bench_long_range.guidance_for(mine, old) == 6.0  # saved before pipelines kept one: CogVideoX's
     assert bench_long_range.guidance_for(Namespace(guidance=4.5), new) == 4.5
     assert bench_long_range.guidance_for(mine, ROOT / "models" / "default") == 2.0  # the recipe's
+
+
+def test_memory_scales_on_the_segments_that_continue_a_scene(capsys):
+    """--memory-segments continuing: memory guidance everywhere but segment 1 and each scene's first segment, with
+    --memory-intro's scale where such a segment introduces a character; "named" leaves those introductions at 0."""
+    from pipeline.toyworld.dataset import story_seed, storyboard_dict
+    from pipeline.toyworld.sampler import sample_story
+
+    storyboard = storyboard_dict(sample_story(story_seed(bench_long_range.HELD_OUT_SEED, 0), 20, 20))
+    scenes = storyboard["scenes"]
+    openings = {sum(len(scene["segments"]) for scene in scenes[:i]) for i in range(len(scenes))}
+    texts = [seg["text"] for scene in scenes for seg in scene["segments"]]
+    introduces = [", a " in text for text in texts]  # "Bo, a big green circle, slides in from the left."
+    assert any(introduces[i] for i in range(20) if i not in openings)  # the story has an introduction mid-scene
+    assert bench_long_range.memory_scales(storyboard, 4.0) == 4.0
+    continuing = bench_long_range.memory_scales(storyboard, 4.0, "continuing", intro=1.0)
+    named = bench_long_range.memory_scales(storyboard, 4.0, "named")
+    for i in range(20):
+        expected = 0.0 if i in openings else 1.0 if introduces[i] else 4.0
+        assert continuing[i] == expected, (i, texts[i], continuing[i])
+        assert named[i] == (0.0 if i in openings or introduces[i] else 4.0), (i, texts[i], named[i])
+    assert bench_long_range.memory_scales(storyboard, 4.0, "continuing") == [
+        0.0 if i in openings else 4.0 for i in range(20)]
+    model = str(ROOT / "models" / "default")
+    common = ["--variants", "linear", "--trained", f"linear={model}", "--memory-guidance", "4"]
+    args = bench_long_range.parse_args([*common, "--memory-segments", "continuing", "--memory-intro", "1"])
+    settings = bench_long_range.sampling_settings(args, Path(model), "joint")
+    assert settings["memory_segments"] == "continuing" and settings["memory_intro"] == 1.0
+    with pytest.raises(SystemExit) as error:
+        bench_long_range.parse_args([*common, "--memory-intro", "1"])
+    assert error.value.code == 2
+    assert ("--memory-intro: expected a number >= 0 with --memory-segments continuing, got 1.0 with the model's own "
+            "segments") in capsys.readouterr().err

@@ -59,6 +59,11 @@ def test_yaml_extends_and_overrides(tmp_path):
     (["train.steps=0"], "train.steps: expected a number >= 1, got 0"),
     (["optim.lr=-1e-5"], "optim.lr: expected a number >= 0.0, got -1e-05"),
     (["optim.ttt_lr=-0.1"], "optim.ttt_lr: expected a number >= 0.0, got -0.1"),
+    (["validation.memory_guidance_scale=-1"], "validation.memory_guidance_scale: expected a number >= 0.0, got -1"),
+    (["validation.memory_guidance_segments=named"], "validation.memory_guidance_segments: expected one of "
+                                                    "['all', 'continuing']"),
+    (["model.ttt.ttt_type=none", "validation.memory_guidance_scale=2"],
+     "validation.memory_guidance_scale: a model without TTT layers (model.ttt.ttt_type none) has nothing to guide by"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:

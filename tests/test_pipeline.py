@@ -6,6 +6,7 @@ here 8/3 fps, so every segment plays for exactly 3 s (CogVideoX: 48 frames, 16 f
 """
 
 import copy
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -410,6 +411,49 @@ def test_memory_guidance_errors(pipe):
     set_cache(cached, "pab")
     with pytest.raises(ValueError, match="memory_guidance_scale: not combined with PyramidAttentionBroadcastConfig"):
         generate(cached, storyboard, memory_guidance_scale=1.0)
+
+
+def test_memory_guidance_on_the_segments_that_continue_a_scene(pipe, tmp_path):
+    """memory_guidance_segments "continuing" puts one scale on every segment but the first and each scene's first
+    (the call with that list, exactly); the pipeline's own scale and place, saved in its config, are what a call that
+    gives none uses; a list is taken as it is; bad values are refused naming the argument."""
+    storyboard = story(["a red ball rolls", "the ball stops", "a blue box", "the box spins"], scene_starts=[2])
+    assert storyboard.continues_scene == [False, True, False, True]
+    one_step = {"num_inference_steps": 1, "output_type": "latent"}
+    continuing = generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=2.0,
+                          memory_guidance_segments="continuing", **one_step)
+    listed = generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=[0.0, 2.0, 0.0, 2.0], **one_step)
+    assert torch.equal(continuing, listed)
+    everywhere = generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=2.0, **one_step)
+    assert not torch.allclose(continuing, everywhere)
+    assert pipe.config.memory_guidance_scale == 0.0 and pipe.config.memory_guidance_segments == "all"
+    plain = generate(pipe, storyboard, guidance_scale=3.0, **one_step)
+    assert torch.equal(plain, generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=0.0, **one_step))
+
+    own = TTTVideoPipeline(**pipe.components, memory_guidance_scale=2.0, memory_guidance_segments="continuing")
+    own.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["memory_guidance_scale"] == 2.0 and index["memory_guidance_segments"] == "continuing"
+    loaded = TTTVideoPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    own_default = generate(loaded, storyboard, guidance_scale=3.0, **one_step)
+    for kwargs in ({"memory_guidance_scale": 2.0, "memory_guidance_segments": "continuing"},
+                   {"memory_guidance_scale": [0.0, 2.0, 0.0, 2.0]}):
+        assert torch.equal(own_default, generate(loaded, storyboard, guidance_scale=3.0, **kwargs, **one_step))
+    for kwargs in ({"memory_guidance_scale": 0.0}, {"memory_guidance_segments": "all"}):
+        assert not torch.allclose(own_default, generate(loaded, storyboard, guidance_scale=3.0, **kwargs, **one_step))
+    assert torch.equal(generate(loaded, storyboard, guidance_scale=3.0, memory_guidance_segments="all", **one_step),
+                       generate(loaded, storyboard, guidance_scale=3.0, memory_guidance_scale=[2.0] * 4, **one_step))
+
+    with pytest.raises(ValueError, match="memory_guidance_segments: expected one of all, continuing, got 'named'"):
+        generate(pipe, storyboard, memory_guidance_scale=1.0, memory_guidance_segments="named")
+    with pytest.raises(ValueError, match="memory_guidance_segments: expected one of all, continuing, got 'later'"):
+        TTTVideoPipeline(**pipe.components, memory_guidance_segments="later")
+    with pytest.raises(ValueError, match="memory_guidance_scale: expected a finite number >= 0, got -2"):
+        TTTVideoPipeline(**pipe.components, memory_guidance_scale=-2)
+    local = local_attention_copy(pipe)
+    with pytest.raises(ValueError, match="memory_guidance_scale: this transformer has no TTT layers"):
+        TTTVideoPipeline(**local.components, memory_guidance_scale=1.0)
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

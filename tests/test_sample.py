@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, HEIGHT, WIDTH, tiny_components
 
 from models import CogVideoXTTTTransformer3DModel
@@ -106,9 +107,13 @@ def test_a_missing_default_model_is_a_usage_error(tmp_path, monkeypatch):
                                    "'0,x'"),
     (["--memory-guidance", "2", "--cache", "pab"], "--cache pab: cache 'pab' keeps one state for every transformer "
                                                    "call, and memory guidance's pass without TTT is a call of its own"),
+    (["--memory-guidance", "0,2", "--memory-segments", "all"], "--memory-segments places one --memory-guidance "
+                                                               "number; a list gives each segment its own already"),
+    (["--memory-segments", "named"], "argument --memory-segments: invalid choice: 'named'"),
 ], ids=["steps-zero", "steps-text", "max-segments", "steps-fraction", "guidance", "guidance-nan", "guidance-inf",
         "seed-negative", "seed-too-big", "cfg-mode", "scheduler", "dtype", "unknown", "cache",
-        "cache-pab-sequential", "cache-faster-no-guidance", "memory-negative", "memory-text", "memory-cache"])
+        "cache-pab-sequential", "cache-faster-no-guidance", "memory-negative", "memory-text", "memory-cache",
+        "memory-segments-with-a-list", "memory-segments-unknown"])
 def test_bad_flags(flags, message, tmp_path):
     assert_one_line_error(run(*flags, cwd=tmp_path), 2, message)
 
@@ -128,6 +133,35 @@ def test_the_models_own_guidance_is_the_default(model_dir, short_story, tmp_path
                  "--guidance", 3, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "1 steps at guidance 3," in result.stdout
+
+
+def test_the_models_own_memory_guidance_is_the_default(model_dir, tmp_path):
+    """Without --memory-guidance the model's config decides (here 4 on the segments that continue a scene): the
+    same video as those flags on a model without it, named in the summary; --memory-guidance 0 turns it off, and a
+    cache that cannot take it is refused once the model is loaded, naming the model's scale."""
+    own = tmp_path / "own"
+    shutil.copytree(model_dir, own)
+    index = json.loads((own / "model_index.json").read_text())
+    assert index["memory_guidance_scale"] == 0.0 and index["memory_guidance_segments"] == "all"
+    (own / "model_index.json").write_text(json.dumps({**index, "memory_guidance_scale": 4.0,
+                                                      "memory_guidance_segments": "continuing"}))
+    story = tmp_path / "one_scene.txt"
+    story.write_text("a red ball rolls\nthe ball stops\n")  # one scene: segment 2 continues it
+    latents = {}
+    for name, model, flags in (("own", own, []), ("off", own, ["--memory-guidance", 0]),
+                               ("flags", model_dir, ["--memory-guidance", 4, "--memory-segments", "continuing"])):
+        out = tmp_path / f"{name}.mp4"
+        result = run("--model", model, "--storyboard", story, "--output", out, "--steps", 2, "--save-latents", *flags,
+                     cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert ("memory guidance 4 on the segments that continue a scene" in result.stdout) == (name != "off")
+        latents[name] = load_file(tmp_path / f"{name}.latents.safetensors")["latents"]
+    assert torch.equal(latents["own"], latents["flags"])
+    assert not torch.allclose(latents["own"][:, FRAMES_FIRST:], latents["off"][:, FRAMES_FIRST:])
+    assert_one_line_error(run("--model", own, "--storyboard", story, "--cache", "pab", cwd=tmp_path), 2,
+                          "--cache pab: cache 'pab' keeps one state for every transformer call, and memory guidance's "
+                          "pass without TTT is a call of its own: use first-block or taylorseer (or no cache) with "
+                          "memory guidance (the model's memory guidance is 4; --memory-guidance 0 turns it off)")
 
 
 def test_memory_guidance_per_segment_changes_the_guided_segment(model_dir, short_story, tmp_path):

@@ -502,7 +502,8 @@ def runs(base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("runs")
     common = ["--config", str(CONFIG), *debug_overrides(base), *RUN]
     out = {name: tmp / name for name in ("whole", "resumed", "two")}
-    run([*common, f"output_dir={out['whole']}", "validation.every=4"])
+    run([*common, f"output_dir={out['whole']}", "validation.every=4", "validation.memory_guidance_scale=1.5",
+         "validation.memory_guidance_segments=continuing"])
     run([*common, f"output_dir={out['resumed']}", "--stop-after", "2"])
     assert sorted(metrics(out["resumed"])) == [1, 2]
     run([*common, f"output_dir={out['resumed']}", "--resume", "latest"])
@@ -619,14 +620,17 @@ def test_checkpoints_validation_and_export(runs, tmp_path):
     for name, value in trained.items():
         assert torch.equal(exported[name], value), name
 
-    # ... and sample.py renders with it, at the config's validation guidance (debug.yaml: 2, not the default 6)
-    assert json.loads((whole / "final" / "model_index.json").read_text())["guidance_scale"] == 2.0
+    # ... and sample.py renders with it, at the config's validation guidance (debug.yaml: 2, not the default 6) and
+    # memory guidance (the run's: 1.5 on the segments that continue a scene)
+    index = json.loads((whole / "final" / "model_index.json").read_text())
+    assert index["guidance_scale"] == 2.0
+    assert index["memory_guidance_scale"] == 1.5 and index["memory_guidance_segments"] == "continuing"
     out = tmp_path / "story.mp4"
     result = subprocess.run([sys.executable, "sample.py", "--model", str(whole / "final"), "--storyboard",
                              "configs/storyboards/debug.json", "--output", str(out), "--steps", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 steps at guidance 2," in result.stdout
+    assert "2 steps at guidance 2, memory guidance 1.5 on the segments that continue a scene," in result.stdout
     frames, fps = read_video(out)
     assert frames.shape == (25, 32, 32, 3) and fps == 4
 

@@ -139,9 +139,12 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                     cache = gr.Radio(list(CACHES), value="none", label="Cache", elem_id="cache",
                                      info="Reuse work across steps (diffusers' cache hooks): faster, slightly "
                                           "different; see docs/sampling.md.")
-                    memory = gr.Slider(0, MAX_MEMORY_GUIDANCE, value=0, step=0.5, label="Memory guidance",
-                                       visible=renderer.has_ttt, elem_id="memory-guidance",
-                                       info="Push each segment toward what the TTT layers remember of earlier ones "
+                    where = ("every segment that continues a scene" if pipe.config.memory_guidance_segments
+                             == "continuing" else "every segment")
+                    memory = gr.Slider(0, MAX_MEMORY_GUIDANCE, value=float(pipe.config.memory_guidance_scale),
+                                       step=0.5, label="Memory guidance", visible=renderer.has_ttt,
+                                       elem_id="memory-guidance",
+                                       info=f"Push {where} toward what the TTT layers remember of earlier ones "
                                             "(0: off; one more pass per step; of the caches, only "
                                             "first-block and taylorseer combine with it).")
             with gr.Column(scale=2):

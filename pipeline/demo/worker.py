@@ -57,9 +57,10 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     """How to sample: seed -1 draws a random one (the one used is reported with the result); guidance None: the
-    pipeline's own scale (its config's guidance_scale, as the page's slider starts); memory_guidance > 0: the
-    pipeline's memory_guidance_scale on every segment (needs TTT layers; of the caches, only those that keep a state
-    per call: docs/sampling.md)."""
+    pipeline's own scale (its config's guidance_scale, as the page's slider starts); memory_guidance: the pipeline's
+    memory_guidance_scale, on the segments its config's memory_guidance_segments names (every segment, or those that
+    continue a scene); None: the pipeline's own scale, as the page's slider starts; > 0 needs TTT layers, and of the
+    caches only those that keep a state per call combine with it (docs/sampling.md)."""
 
     steps: int = 50
     guidance: float | None = None
@@ -67,7 +68,7 @@ class Settings:
     seed: int = -1
     sampler: str = "ddim"
     cache: str = "none"
-    memory_guidance: float = 0.0
+    memory_guidance: float | None = None
 
     def checked(self) -> Settings:
         """The settings with whole numbers as ints; raises SettingsError naming each bad field."""
@@ -82,20 +83,22 @@ class Settings:
             problems.append(f"sampler: expected one of {', '.join(SCHEDULERS)}, got {self.sampler!r}")
         if self.cache not in CACHES:
             problems.append(f"cache: expected one of {', '.join(CACHES)}, got {self.cache!r}")
-        memory_ok = (isinstance(self.memory_guidance, (int, float)) and not isinstance(self.memory_guidance, bool)
-                     and 0 <= self.memory_guidance <= MAX_MEMORY_GUIDANCE)
+        memory_ok = self.memory_guidance is None or (
+            isinstance(self.memory_guidance, (int, float)) and not isinstance(self.memory_guidance, bool)
+            and 0 <= self.memory_guidance <= MAX_MEMORY_GUIDANCE)
         if not memory_ok:
             problems.append(f"memory_guidance: expected a number from 0 (off) to {MAX_MEMORY_GUIDANCE:g}, got "
                             f"{self.memory_guidance!r}")
-        if self.cache in CACHES:  # guidance None (the pipeline's own): checked again once Renderer.resolved knows it
+        if self.cache in CACHES:  # None (the pipeline's own): checked again once Renderer.resolved knows it
             guidance = self.guidance if isinstance(self.guidance, (int, float)) else None
-            memory = memory_ok and self.memory_guidance > 0
+            memory = memory_ok and self.memory_guidance is not None and self.memory_guidance > 0
             problems += [f"cache: {p}" for p in cache_problems(self.cache, guidance, "batched", memory)]
         if problems:
             raise SettingsError(problems)
         guidance = None if self.guidance is None else float(self.guidance)
+        memory = None if self.memory_guidance is None else float(self.memory_guidance)
         return Settings(int(self.steps), guidance, bool(self.dynamic_cfg), int(self.seed), self.sampler, self.cache,
-                        float(self.memory_guidance))
+                        memory)
 
 
 @dataclass(frozen=True)
@@ -197,10 +200,13 @@ class Renderer:
         return bool(getattr(self.pipe.transformer, "has_ttt", False))
 
     def resolved(self, settings: Settings) -> Settings:
-        """Checked settings for this model: guidance None becomes the pipeline's own scale (checked against the cache
-        like a chosen one), and memory guidance is refused for a model without TTT layers. Raises SettingsError."""
+        """Checked settings for this model: guidance and memory guidance None become the pipeline's own scales
+        (checked against the cache like chosen ones), and memory guidance is refused for a model without TTT layers.
+        Raises SettingsError."""
         if settings.guidance is None:
             settings = replace(settings, guidance=float(self.pipe.config.guidance_scale))
+        if settings.memory_guidance is None:
+            settings = replace(settings, memory_guidance=float(self.pipe.config.memory_guidance_scale))
         settings = settings.checked()
         if settings.memory_guidance > 0 and not self.has_ttt:
             raise SettingsError(["memory_guidance: this model has no TTT layers to guide by; set it to 0"])

@@ -23,6 +23,7 @@ import yaml
 from models.transformer_ttt import TRAINABLE_MODES, ttt_config_fields
 
 from ..atomic import atomic_write_text
+from ..storyboard import MEMORY_GUIDANCE_SEGMENTS
 
 
 class ConfigError(ValueError):
@@ -286,12 +287,15 @@ class LogConfig:
 class ValidationConfig:
     """Every `every` steps (0: never), sample each storyboard file listed in `storyboards` to an mp4 under
     output_dir/validation and log it. cpu_offload: move idle components to the CPU while sampling on a GPU.
-    guidance_scale is also the exported pipeline's default (its config's guidance_scale)."""
+    guidance_scale, memory_guidance_scale and memory_guidance_segments are also the exported pipeline's defaults (its
+    config's; memory guidance: docs/sampling.md, "Memory guidance"; a scale > 0 needs TTT layers)."""
 
     every: int = _at_least(0, 0)
     storyboards: list[str] = field(default_factory=list)
     num_inference_steps: int = 50
     guidance_scale: float = _at_least(6.0, 0.0)
+    memory_guidance_scale: float = _at_least(0.0, 0.0)
+    memory_guidance_segments: str = _choice("all", MEMORY_GUIDANCE_SEGMENTS)
     seed: int = 0
     cpu_offload: bool = True
 
@@ -317,6 +321,11 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if self.validation.memory_guidance_scale > 0 and self.model.ttt.ttt_type == "none":
+            raise ConfigError(f"validation.memory_guidance_scale: a model without TTT layers (model.ttt.ttt_type "
+                              f"none) has nothing to guide by; expected 0, got {self.validation.memory_guidance_scale}")
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

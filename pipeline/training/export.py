@@ -97,14 +97,16 @@ def full_transformer(accelerator: Accelerator, model: torch.nn.Module) -> torch.
 
 def build_pipeline(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler) -> TTTVideoPipeline:
     """The sampling pipeline around the (unwrapped) trained transformer; tokenizer, text encoder and VAE are loaded
-    here, on the CPU, only when validation or the export needs them. Its default guidance scale is the config's
-    `validation.guidance_scale`."""
+    here, on the CPU, only when validation or the export needs them. Its default guidance scale and memory guidance
+    are the config's (`validation.guidance_scale`, `validation.memory_guidance_scale`, `..._segments`)."""
     parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
     dtype = torch_dtype(cfg.train.mixed_precision) if accelerator.device.type == "cuda" else torch.float32
     return TTTVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"].to(dtype),
                             vae=parts["vae"].to(dtype), transformer=accelerator.unwrap_model(model),
                             scheduler=scheduler, fps=cfg.data.fps,
-                            guidance_scale=cfg.validation.guidance_scale)
+                            guidance_scale=cfg.validation.guidance_scale,
+                            memory_guidance_scale=cfg.validation.memory_guidance_scale,
+                            memory_guidance_segments=cfg.validation.memory_guidance_segments)
 
 
 def export_final(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler, ema,
