@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where --memory-guidance applies (0 elsewhere): every segment; only those whose text only "
                    "names characters (no introduction, no scene opening); or every segment that continues a scene "
                    "(neither segment 1 nor a scene's first); default: the model's own")
+    p.add_argument("--memory-timesteps", default=None, metavar="LOW,HIGH",
+                   help="memory guidance only on the steps whose timestep t has LOW <= t < HIGH (the pipeline's "
+                   "memory_guidance_timesteps; default: every step)")
     p.add_argument("--memory-intro", type=float, default=None, metavar="M",
                    help="with --memory-segments continuing: the scale on the segments among them whose text "
                    "introduces a character (default: --memory-guidance's)")
@@ -112,6 +115,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--stories and --inference-steps must be at least 1")
     if args.memory_guidance is not None and not args.memory_guidance >= 0:
         p.error(f"--memory-guidance: expected a number >= 0, got {args.memory_guidance}")
+    if args.memory_timesteps is not None:
+        try:
+            low, high = (int(v) for v in args.memory_timesteps.split(","))
+        except ValueError:
+            p.error(f"--memory-timesteps: expected LOW,HIGH (whole numbers), got {args.memory_timesteps!r}")
+        if not 0 <= low < high:
+            p.error(f"--memory-timesteps: expected 0 <= LOW < HIGH, got {args.memory_timesteps!r}")
+        args.memory_timesteps = (low, high)
     if args.memory_intro is not None and not (args.memory_intro >= 0 and args.memory_segments == "continuing"):
         where = args.memory_segments or "the model's own segments"
         p.error(f"--memory-intro: expected a number >= 0 with --memory-segments continuing, got {args.memory_intro} "
@@ -213,10 +224,12 @@ def story_generator(seed: int, index: int):
 
 def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
                  mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
-                 memory_segments: str = "all", memory_intro: float | None = None) -> None:
+                 memory_segments: str = "all", memory_intro: float | None = None,
+                 memory_timesteps: tuple[int, int] | None = None) -> None:
     """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
-    guidance_named: see `segment_guidance`; memory_guidance, memory_segments, memory_intro: see `memory_scales`."""
+    guidance_named: see `segment_guidance`; memory_guidance, memory_segments, memory_intro: see `memory_scales`;
+    memory_timesteps: the pipeline's memory_guidance_timesteps."""
     from pipeline import TTTVideoPipeline
     from pipeline.video_io import read_video, write_video
 
@@ -237,6 +250,7 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         memory = memory_scales(storyboard, memory_guidance, memory_segments, memory_intro)
         frames = pipe(path, num_inference_steps=steps, guidance_scale=scales, video=given,
                       memory_guidance_scale=memory, memory_guidance_segments="all",  # placed by memory_scales
+                      memory_guidance_timesteps=memory_timesteps,
                       generator=story_generator(seed, index), output_type="np").frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
@@ -257,6 +271,8 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
         command += ["--memory-guidance", str(memory), "--memory-segments", where]
     if args.memory_intro is not None:
         command += ["--memory-intro", str(args.memory_intro)]
+    if args.memory_timesteps is not None:
+        command += ["--memory-timesteps", ",".join(map(str, args.memory_timesteps))]
     log = args.out / "logs" / f"sample-{videos.parent.name}-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -299,6 +315,8 @@ def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
         settings["memory_segments"] = where
     if args.memory_intro is not None:  # likewise
         settings["memory_intro"] = args.memory_intro
+    if args.memory_timesteps is not None:  # likewise
+        settings["memory_timesteps"] = list(args.memory_timesteps)
     return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 
@@ -393,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample:
         model, storyboards, videos, mode = args.sample
         sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode,
-                     args.guidance_named, args.memory_guidance or 0.0, args.memory_segments or "all", args.memory_intro)
+                     args.guidance_named, args.memory_guidance or 0.0, args.memory_segments or "all", args.memory_intro,
+                     args.memory_timesteps)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",

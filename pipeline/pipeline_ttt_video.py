@@ -425,6 +425,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: float | Sequence[float] | None = None,
         memory_guidance_scale: float | Sequence[float] | None = None,
         memory_guidance_segments: str | None = None,
+        memory_guidance_timesteps: tuple[int, int] | None = None,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
         height: int | None = None,
@@ -473,6 +474,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             memory_guidance_segments: where a single memory_guidance_scale applies: "all" segments, or "continuing"
                 ones (0 on the storyboard's first segment and on each scene's first, whose texts set the stage);
                 None: the pipeline's own (`self.config.memory_guidance_segments`). A list of scales is taken as it is.
+            memory_guidance_timesteps: (low, high): memory guidance only on the steps whose timestep t has low <= t <
+                high (guidance in a limited interval, as Kynkäänniemi et al. 2024 did for classifier-free guidance);
+                None: on every step.
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -525,6 +529,10 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             storyboard)
         memory_per_segment = isinstance(memory_scale, list)
         do_memory_guidance = max(memory_scale) > 0 if memory_per_segment else memory_scale > 0
+        interval = memory_guidance_timesteps
+        if interval is not None and not (len(interval) == 2 and 0 <= interval[0] < interval[1]):
+            raise ValueError(f"memory_guidance_timesteps: expected (low, high) with 0 <= low < high, got "
+                             f"{memory_guidance_timesteps!r}")
         if do_memory_guidance and not getattr(self.transformer, "has_ttt", False):
             raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
         if do_memory_guidance and self.transformer.is_cache_enabled and not isinstance(
@@ -624,7 +632,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 if do_classifier_free_guidance:
                     noise_pred_uncond = noise_pred[0]
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
-                if do_memory_guidance:  # the conditional branch again, without TTT
+                if do_memory_guidance and (memory_guidance_timesteps is None or memory_guidance_timesteps[0]
+                                           <= timestep_values[i] < memory_guidance_timesteps[1]):
+                    # the conditional branch again, without TTT
                     with self.transformer.ttt_skipped():
                         noise_pred_local = self._predict(latents, t, prompt_embeds, prompt_mask, None, None,
                                                          scene_start, cfg_mode, attention_kwargs, context,

@@ -271,6 +271,14 @@ def test_memory_scales_on_the_segments_that_continue_a_scene(capsys):
     args = bench_long_range.parse_args([*common, "--memory-segments", "continuing", "--memory-intro", "1"])
     settings = bench_long_range.sampling_settings(args, Path(model), "joint")
     assert settings["memory_segments"] == "continuing" and settings["memory_intro"] == 1.0
+    args = bench_long_range.parse_args([*common, "--memory-timesteps", "600,1000"])
+    assert args.memory_timesteps == (600, 1000)
+    assert bench_long_range.sampling_settings(args, Path(model), "joint")["memory_timesteps"] == [600, 1000]
+    for bad, message in (("600", "expected LOW,HIGH (whole numbers), got '600'"),
+                         ("700,600", "expected 0 <= LOW < HIGH, got '700,600'")):
+        with pytest.raises(SystemExit):
+            bench_long_range.parse_args([*common, "--memory-timesteps", bad])
+        assert f"--memory-timesteps: {message}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         bench_long_range.parse_args([*common, "--memory-intro", "1"])
     assert error.value.code == 2

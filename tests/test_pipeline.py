@@ -456,6 +456,28 @@ def test_memory_guidance_on_the_segments_that_continue_a_scene(pipe, tmp_path):
         TTTVideoPipeline(**local.components, memory_guidance_scale=1.0)
 
 
+def test_memory_guidance_in_a_timestep_interval(pipe):
+    """memory_guidance_timesteps (low, high): memory guidance only on the steps with low <= t < high; an interval over
+    every step is the call without one, an interval over none the plain call, exactly; one over the first step only
+    is neither; a bad interval is refused."""
+    storyboard = story(["a red ball rolls", "the ball stops"])
+    two_steps = {"num_inference_steps": 2, "output_type": "latent", "guidance_scale": 3.0}
+    plain = generate(pipe, storyboard, **two_steps)
+    guided = generate(pipe, storyboard, memory_guidance_scale=2.0, **two_steps)
+    first, second = pipe.scheduler.timesteps.tolist()
+    assert first > second
+    assert torch.equal(generate(pipe, storyboard, memory_guidance_scale=2.0, memory_guidance_timesteps=(0, 1000),
+                                **two_steps), guided)
+    assert torch.equal(generate(pipe, storyboard, memory_guidance_scale=2.0,
+                                memory_guidance_timesteps=(first + 1, first + 2), **two_steps), plain)
+    early = generate(pipe, storyboard, memory_guidance_scale=2.0, memory_guidance_timesteps=(second + 1, first + 1),
+                     **two_steps)
+    assert not torch.allclose(early, plain) and not torch.allclose(early, guided)
+    for interval in ((5, 5), (-1, 10), (3,)):
+        with pytest.raises(ValueError, match=r"memory_guidance_timesteps: expected \(low, high\) with 0 <= low"):
+            generate(pipe, storyboard, memory_guidance_scale=1.0, memory_guidance_timesteps=interval)
+
+
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"cfg_mode": "fast"}, ValueError, "cfg_mode must be one of ('batched', 'sequential'), got 'fast'"),
     ({"output_type": "gif"}, ValueError, "output_type must be one of ('np', 'pil', 'pt', 'latent'), got 'gif'"),
