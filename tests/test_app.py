@@ -317,7 +317,7 @@ def test_the_guidance_slider_starts_at_the_models_own_scale(tmp_path):
     assert sliders["Guidance"] == 2.5
 
 
-def test_the_memory_guidance_slider_shows_only_for_a_model_with_ttt(tmp_path):
+def test_the_memory_guidance_slider_shows_only_for_a_model_with_ttt_and_starts_at_its_own(tmp_path):
     import gradio as gr
     from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, tiny_components
     from tiny_ttt_pipeline import tiny_ttt_pipeline
@@ -334,6 +334,12 @@ def test_the_memory_guidance_slider_shows_only_for_a_model_with_ttt(tmp_path):
         demo = build_demo(pipe, output_dir=tmp_path)
         memory = [b for b in demo.blocks.values() if isinstance(b, gr.Slider) and b.label == "Memory guidance"]
         assert len(memory) == 1 and memory[0].value == 0 and memory[0].visible is shown
+        assert memory[0].info.startswith("Push every segment toward")
+    own = tiny_ttt_pipeline()  # a model with memory guidance of its own: the slider starts there and says where
+    own.register_to_config(memory_guidance_scale=3.0, memory_guidance_segments="continuing")
+    memory = [b for b in build_demo(own, output_dir=tmp_path).blocks.values()
+              if isinstance(b, gr.Slider) and b.label == "Memory guidance"]
+    assert memory[0].value == 3.0 and memory[0].info.startswith("Push every segment that continues a scene toward")
 
 
 def test_summary_counts_segments_seconds_and_scenes():
