@@ -63,11 +63,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-guidance", type=memory_scales, default=None, metavar="M[,M...]",
                    help="memory guidance (docs/sampling.md): push segments toward what the TTT layers carry from the "
                    "rest of the video; one number, or one per storyboard segment (e.g. 0,2,2); 0: off; default: the "
-                   "model's own (its model_index.json's memory_guidance_scale: 4 for the bundled model, else 0)")
+                   "model's own (its model_index.json's memory_guidance_scale; 0 for the bundled model)")
     p.add_argument("--memory-segments", choices=MEMORY_GUIDANCE_SEGMENTS, default=None,
                    help="where one --memory-guidance number applies: every segment, or those that continue a scene "
-                   "(not the first segment, not a scene's first); default: the model's own (continuing for the "
-                   "bundled model, else all)")
+                   "(not the first segment, not a scene's first); default: the model's own (all for the bundled "
+                   "model)")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for scale in seconds:
             started = time.perf_counter()
-            pipe(storyboard, num_inference_steps=args.steps, memory_guidance_scale=scale, output_type="latent",
-                 generator=torch.Generator().manual_seed(0))
+            pipe(storyboard, num_inference_steps=args.steps, memory_guidance_scale=scale,
+                 memory_guidance_segments="all", output_type="latent", generator=torch.Generator().manual_seed(0))
             seconds[scale].append(time.perf_counter() - started)
     for scale, values in seconds.items():
         print(f"memory_guidance_scale {scale:g}: " + ", ".join(f"{v:.1f}" for v in values)

@@ -104,14 +104,20 @@ def checked_guidance_scale(scale: Any, where: str = "guidance_scale") -> float:
     return float(scale)
 
 
+def checked_memory_guidance_segments(segments: Any) -> str:
+    """memory_guidance_segments: one of MEMORY_GUIDANCE_SEGMENTS; ValueError naming what was given otherwise."""
+    if segments not in MEMORY_GUIDANCE_SEGMENTS:
+        raise ValueError(f"memory_guidance_segments: expected one of {', '.join(MEMORY_GUIDANCE_SEGMENTS)}, got "
+                         f"{segments!r}")
+    return segments
+
+
 def memory_guidance_scales(memory_guidance_scale: float | Sequence[float], memory_guidance_segments: str,
                            storyboard: Storyboard) -> float | list[float]:
     """A call's memory_guidance_scale checked (as `segment_guidance_scales`) and placed: a number on "all" segments
     stays a number; on "continuing" ones it becomes one scale per segment, 0 on the first and on each scene's first.
     A list gives each segment its own already and is taken as it is. ValueError naming the argument otherwise."""
-    if memory_guidance_segments not in MEMORY_GUIDANCE_SEGMENTS:
-        raise ValueError(f"memory_guidance_segments: expected one of {', '.join(MEMORY_GUIDANCE_SEGMENTS)}, got "
-                         f"{memory_guidance_segments!r}")
+    checked_memory_guidance_segments(memory_guidance_segments)
     scale = segment_guidance_scales(memory_guidance_scale, storyboard.num_segments, "memory_guidance_scale")
     if isinstance(scale, list) or memory_guidance_segments == "all":
         return scale
@@ -175,9 +181,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                             "; for a stock CogVideoX pipeline use TTTVideoPipeline.from_cogvideox(path)")
         guidance_scale = checked_guidance_scale(guidance_scale)
         memory_guidance_scale = checked_guidance_scale(memory_guidance_scale, "memory_guidance_scale")
-        if memory_guidance_segments not in MEMORY_GUIDANCE_SEGMENTS:
-            raise ValueError(f"memory_guidance_segments: expected one of {', '.join(MEMORY_GUIDANCE_SEGMENTS)}, got "
-                             f"{memory_guidance_segments!r}")
+        checked_memory_guidance_segments(memory_guidance_segments)
         if memory_guidance_scale > 0 and not transformer.has_ttt:
             raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
