@@ -205,9 +205,12 @@ def memory_scales(storyboard: dict, memory_guidance: float, where: str = "all",
         return segment_guidance(storyboard, 0.0, memory_guidance)
     if where != "continuing":
         raise ValueError(f"where: expected one of {MEMORY_SEGMENTS}, got {where!r}")
+    from pipeline.storyboard import load_storyboard
+
     at_intro = memory_guidance if intro is None else intro
-    return [0.0 if i == 0 or segment.scene_start else at_intro if segment.intros else memory_guidance
-            for i, segment in enumerate(parse_storyboard(storyboard).segments)]
+    continues = load_storyboard(storyboard).continues_scene  # the pipeline's own "continuing"
+    return [0.0 if not goes_on else at_intro if segment.intros else memory_guidance
+            for goes_on, segment in zip(continues, parse_storyboard(storyboard).segments, strict=True)]
 
 
 def story_generator(seed: int, index: int):
