@@ -52,6 +52,18 @@ def test_the_memoryless_baseline_loses_the_looks_after_the_introductions_and_not
     assert row == f"| colour after intro | 100.0 ({count}) | {other_rate:.1f} ({count}), {diff:+.1f} ± {error:.1f} |"
 
 
+def test_in_place_is_split_by_the_size_drawn(folders):
+    for folder in folders:
+        readings = paired_readings.items(paired_readings.scored(folder))
+        small, big = readings["in place (drawn small)"], readings["in place (drawn big)"]
+        assert small and big and not set(small) & set(big)  # both sizes drawn, no character in both
+        everything = readings["in place at boundary"]
+        assert {**small, **big} == {k: v for k, v in everything.items() if k in small or k in big}
+        assert len(small) + len(big) >= 0.9 * len(everything)  # all but the characters not found
+    truth = paired_readings.items(paired_readings.scored(folders[0]))
+    assert paired_readings.rate(truth["in place (drawn small)"]) == 100.0  # the ground truth never jumps
+
+
 def test_the_score_cache_is_redone_when_a_video_changes(folders, tmp_path):
     truth, _ = folders
     copy = tmp_path / "copy"
