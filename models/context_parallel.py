@@ -264,8 +264,10 @@ def shard_layout(layout: SegmentLayout, group, rank: int, world: int) -> ShardLa
 
     def token_order(whole: TokenOrder, index: torch.Tensor, start: int, reverse: bool) -> TokenOrder:
         rope = None if whole.rope is None else tuple(t[start:start + lengths[rank]] for t in whole.rope)
+        own = layout.forward.segment_lengths[mine.start:mine.stop]  # this rank's segments, forward order
         return TokenOrder(index.to(device), torch.argsort(index).to(device), rope, len(mine) * lt,
-                          HeadExchange(tuple(lengths), reverse, group, rank, world), whole.grid)
+                          HeadExchange(tuple(lengths), reverse, group, rank, world), whole.grid,
+                          own[::-1] if reverse else own)
 
     mask = layout.window_attn_mask
     return ShardLayout(

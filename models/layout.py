@@ -14,6 +14,7 @@ Two token arrangements are used:
 from __future__ import annotations
 
 import functools
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,8 @@ class TokenOrder:
     exchange: None, or under context parallelism (N is then one rank's tokens) what moves the TTT op's inputs to
     every token of the sequence and back (`TTTLayer.forward`'s exchange).
     grid: (h, w) of a frame's tokens (the video tokens are whole frames in raster order; `TTTLayer.neighbours`).
+    segment_lengths: how many tokens each segment (its text, then its frames) has in this order, one after another
+    (under context parallelism, this rank's segments).
     """
 
     index: torch.Tensor
@@ -53,6 +56,7 @@ class TokenOrder:
     num_text: int
     exchange: object | None = None  # context parallelism: the TTT layer's all-to-alls (models/context_parallel.py)
     grid: tuple[int, int] | None = None
+    segment_lengths: tuple[int, ...] = ()
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Canonical (B, N, ...) → this order."""
@@ -61,6 +65,11 @@ class TokenOrder:
     def scatter(self, x: torch.Tensor) -> torch.Tensor:
         """This order (B, N, ...) → canonical."""
         return x.index_select(1, self.inverse)
+
+    def segment_runs(self) -> list[slice]:
+        """The slice of this order that each segment's tokens fill, in order."""
+        ends = list(itertools.accumulate(self.segment_lengths))
+        return [slice(end - length, end) for end, length in zip(ends, self.segment_lengths)]
 
 
 @dataclass(frozen=True)
@@ -242,9 +251,12 @@ def segment_layout(
     def dev_pair(pair):
         return None if pair is None else tuple(t.to(device) for t in pair)
 
-    def token_order(index: torch.Tensor) -> TokenOrder:
+    lengths = tuple(text_len + len(seg) * hw for seg in segments)  # each segment's run in the forward order
+
+    def token_order(index: torch.Tensor, segment_lengths: tuple[int, ...]) -> TokenOrder:
         rope = None if ttt_table is None else (ttt_table[0][index], ttt_table[1][index])
-        return TokenOrder(dev(index), dev(torch.argsort(index)), dev_pair(rope), n_text, grid=tuple(grid))
+        return TokenOrder(dev(index), dev(torch.argsort(index)), dev_pair(rope), n_text, grid=tuple(grid),
+                          segment_lengths=segment_lengths)
 
     return SegmentLayout(
         num_segments=num_segments, text_len=text_len, tokens_per_frame=hw, num_frames=num_frames,
@@ -252,6 +264,7 @@ def segment_layout(
         windows_are_partition=partition,
         overlap_count=dev(count[:, None]), window_attn_mask=dev(attn_mask),
         window_rope=dev_pair(window_rope),
-        forward=token_order(forward), reverse=token_order(reverse), full_rope=dev_pair(full_rope),
+        forward=token_order(forward, lengths), reverse=token_order(reverse, lengths[::-1]),
+        full_rope=dev_pair(full_rope),
         frame_segment=dev(frame_segments(num_segments, frames_first, frames_per_segment)),
     )

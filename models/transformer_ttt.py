@@ -39,6 +39,9 @@ TTT_CONFIG_KEYS = ("ttt_type", "ttt_num_heads", "ttt_head_dim", "ttt_mini_batch_
                    "overlap_frames", "checkpoint_ttt", "attention_window", "ttt_rope", "ttt_conv")
 TRAINABLE_MODES = ("full", "ttt", "ttt+attn", "lora")  # set_trainable's modes
 ATTENTION_WINDOWS = ("segment", "full")
+# the transformer's prediction without memory (`without_memory`): every segment's TTT apart (TTT within a segment,
+# nothing carried between segments) or the TTT layers skipped (segment-local attention alone)
+MEMORY_BASELINES = ("segments_apart", "no_ttt")
 _ATTN_TRAINABLE = ("attn1.to_q.", "attn1.to_k.", "attn1.to_v.", "attn1.to_out.0.", "attn1.norm_q.", "attn1.norm_k.")
 
 
@@ -56,6 +59,7 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         self.ttt = ttt_layer  # None: local attention only (the baseline without TTT)
         self.gate_init, self.checkpoint_ttt, self.full_attention = gate_init, checkpoint_ttt, full_attention
         self.ttt_skipped = False  # set by CogVideoXTTTTransformer3DModel.ttt_skipped(): the block runs without TTT
+        self.ttt_segments_apart = False  # set by ..._segments_apart(): every segment's TTT from the initial state
         if ttt_layer is not None:
             self.gate_forward_text = nn.Parameter(torch.full((dim,), float(gate_init)))
             self.gate_forward_video = nn.Parameter(torch.full((dim,), float(gate_init)))
@@ -121,7 +125,14 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         Under context parallelism x is the rank's part and `order.exchange` spreads the scan over the ranks."""
         mask = None if token_mask is None else order.gather(token_mask)
         inputs = order.gather(self.ttt.neighbours(x, order.num_text, order.grid))
-        if self.checkpoint_ttt and torch.is_grad_enabled():
+        if self.ttt_segments_apart:  # each segment's run alone: TTT within it, nothing carried from another
+            # (under context parallelism a rank holds whole segments, so nothing moves between ranks)
+            parts = []
+            for run in order.segment_runs():
+                rope = None if order.rope is None else (order.rope[0][run], order.rope[1][run])
+                parts.append(self.ttt(inputs[:, run], None if mask is None else mask[:, run], rope))
+            y = torch.cat(parts, dim=1)
+        elif self.checkpoint_ttt and torch.is_grad_enabled():
             y = checkpoint(self.ttt, inputs, mask, order.rope, use_reentrant=False, exchange=order.exchange)
         else:
             y = self.ttt(inputs, mask, order.rope, exchange=order.exchange)
@@ -413,7 +424,7 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
     @contextlib.contextmanager
     def ttt_skipped(self) -> Iterator[None]:
         """Inside it, every block skips its TTT layers: the prediction of segment-local attention alone, without what
-        TTT carries between segments (memory guidance's extra branch, pipeline_ttt_video.py). Restored on exit."""
+        TTT carries between segments (memory guidance's "no_ttt" branch, pipeline_ttt_video.py). Restored on exit."""
         blocks = [block for block in self.transformer_blocks if block.ttt is not None]
         for block in blocks:
             block.ttt_skipped = True
@@ -422,6 +433,26 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         finally:
             for block in blocks:
                 block.ttt_skipped = False
+
+    @contextlib.contextmanager
+    def ttt_segments_apart(self) -> Iterator[None]:
+        """Inside it, every block's TTT layers read each segment alone, from their initial state: what TTT does within
+        a segment stays, what it carries between segments is gone (memory guidance's "segments_apart" branch).
+        Restored on exit."""
+        blocks = [block for block in self.transformer_blocks if block.ttt is not None]
+        for block in blocks:
+            block.ttt_segments_apart = True
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.ttt_segments_apart = False
+
+    def without_memory(self, baseline: str) -> contextlib.AbstractContextManager:
+        """`ttt_segments_apart()` for "segments_apart", `ttt_skipped()` for "no_ttt" (MEMORY_BASELINES)."""
+        if baseline not in MEMORY_BASELINES:
+            raise ValueError(f"expected one of {', '.join(MEMORY_BASELINES)}, got {baseline!r}")
+        return self.ttt_segments_apart() if baseline == "segments_apart" else self.ttt_skipped()
 
     def segment_layout(self, num_segments: int, height: int, width: int, device: torch.device) -> SegmentLayout:
         """The (cached) layout for n segments on a latent grid of height x width."""

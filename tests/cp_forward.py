@@ -11,6 +11,7 @@ take different inputs. Exits non-zero on the first mismatch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ CASES = {  # name: (segments, model config, gradient checkpointing); "per-segmen
     "linear-3-segments-uneven-checkpointed-conv": (3, dict(ttt_type="linear", checkpoint_ttt=True, ttt_conv=3), True),
     "mlp-3-segments-no-overlap": (3, dict(ttt_type="mlp", overlap_frames=0), False),
     "mlp-5-segments": (5, dict(ttt_type="mlp", ttt_mini_batch_size=7), False),
+    "mlp-5-segments-apart": (5, dict(ttt_type="mlp", ttt_mini_batch_size=7), False),  # inside ttt_segments_apart()
 }
 
 
@@ -94,8 +96,11 @@ def main() -> None:
             data["timestep"] = torch.tensor([[999, 0, 500], [17, 640, 0]])[:, :n]
         weight = torch.randn(data["hidden_states"].shape, generator=torch.Generator().manual_seed(99))
 
-        ref_out, ref_grads, ref_input_grads = run(reference, data, weight)
-        out, grads, input_grads = run(parallel, data, weight)
+        apart = "segments-apart" in case
+        with reference.ttt_segments_apart() if apart else contextlib.nullcontext():
+            ref_out, ref_grads, ref_input_grads = run(reference, data, weight)
+        with parallel.ttt_segments_apart() if apart else contextlib.nullcontext():
+            out, grads, input_grads = run(parallel, data, weight)
         parallel.context_parallel.reduce_gradients(parallel.parameters())
         for g in input_grads.values():
             dist.all_reduce(g, group=mesh["cp"].get_group())

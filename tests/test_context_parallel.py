@@ -32,11 +32,12 @@ def test_forward_and_every_gradient_equal_one_process_on_2_ranks():
     """tests/cp_forward.py: fp32 output, input gradients and every parameter gradient within 1e-5 of one process;
     2 segments on 2 ranks, 3 on 2 with one noise level per segment (each rank's levels cut from the (B, n) timestep),
     3 on 2 (uneven, with checkpointing and the TTT input's spatial convolution), no overlap frame, 5 segments and a
-    mini-batch (7) that does not divide the ranks' chunks."""
+    mini-batch (7) that does not divide the ranks' chunks, and the same with every segment's TTT apart (memory
+    guidance's branch: each rank reads its own segments alone)."""
     result = torchrun("tests/cp_forward.py")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("cp ok")]
-    assert len(lines) == 5, result.stdout
+    assert len(lines) == 6, result.stdout
     assert "segments per rank [2, 1]" in result.stdout
 
 

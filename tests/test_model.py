@@ -85,6 +85,40 @@ def test_ttt_is_the_only_long_range_path(base, overlap):
         assert (diff > 1e-4) if expect_change else (diff == 0.0), (gate, diff)
 
 
+def test_ttt_segments_apart_is_every_segment_alone(base):
+    """Inside `ttt_segments_apart()` each segment's output is the model's output on that segment alone (its frames,
+    its text): TTT works within a segment and carries nothing between them (no overlap frame: windows share none).
+    Checked in float64 on a model whose
+    segments all have the same frame count and whose TTT RoPE is spatial, so a segment alone is the same sequence;
+    on the default layout (first segment longer, global RoPE) for the first segment. Restored on exit."""
+    g = torch.Generator().manual_seed(5)
+    n, frames = 3, FRAMES_PER_SEGMENT
+    latents = torch.randn(2, n * frames, LATENT_CHANNELS, 4, 4, generator=g, dtype=torch.float64)
+    text = torch.randn(2, n, TEXT_LEN, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor([999, 17])
+    model = ttt_model(base, gate_init=0.5, latent_frames_first=frames, ttt_rope="spatial", overlap_frames=0).double()
+    with torch.no_grad():
+        whole = model(latents, text, t).sample
+        with model.ttt_segments_apart():
+            apart = model(latents, text, t).sample
+            changed = text.clone()
+            changed[:, 0] += 1.0
+            assert torch.equal(model(latents, changed, t).sample[:, frames:], apart[:, frames:])
+        for i in range(n):
+            part = slice(i * frames, (i + 1) * frames)
+            alone = model(latents[:, part], text[:, i:i + 1], t).sample
+            torch.testing.assert_close(apart[:, part], alone, rtol=0, atol=1e-10)
+            assert (whole[:, part] - apart[:, part]).abs().max() > 1e-4  # the whole sequence is not that
+        assert not any(block.ttt_segments_apart for block in model.transformer_blocks)
+
+        default = ttt_model(base, gate_init=0.5, overlap_frames=0).double()
+        latents, text = latents[:, :FRAMES_FIRST + FRAMES_PER_SEGMENT], text[:, :2]
+        with default.ttt_segments_apart():
+            first = default(latents, text, t).sample[:, :FRAMES_FIRST]
+        alone = default(latents[:, :FRAMES_FIRST], text[:, :1], t).sample
+        torch.testing.assert_close(first, alone, rtol=0, atol=1e-10)
+
+
 def test_all_windows_run_in_one_attention_call(base):
     model = ttt_model(base)
     calls = []
