@@ -24,6 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
+from models.transformer_ttt import MEMORY_BASELINES
 from pipeline.cache import CACHES, cache_problems, set_cache
 from pipeline.loading import (
     DEFAULT_MODEL,
@@ -68,6 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where one --memory-guidance number applies: every segment, or those that continue a scene "
                    "(not the first segment, not a scene's first); default: the model's own (all for the bundled "
                    "model)")
+    p.add_argument("--memory-baseline", choices=MEMORY_BASELINES, default=None,
+                   help="what memory guidance pushes away from: the prediction with every segment's TTT apart (only "
+                   "what TTT carries between segments is pushed) or with no TTT at all (which also draws characters "
+                   "big); default: the model's own")
     p.add_argument("--seed", type=int, default=0, help=f"0 to {MAX_SEED} (default 0)")
     p.add_argument("--device", default=None, help="torch device; default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on a GPU, float32 on the CPU")
@@ -189,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                           "off)")
     if args.memory_segments is None:
         args.memory_segments = pipe.config.memory_guidance_segments
+    if args.memory_baseline is None:
+        args.memory_baseline = pipe.config.memory_guidance_baseline
     if memory_on(args.memory_guidance) and not pipe.transformer.has_ttt:
         raise InputError(f"--memory-guidance: --model {args.model} has no TTT layers to guide by")
     if args.steps > pipe.scheduler.config.num_train_timesteps:
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                   use_dynamic_cfg=args.dynamic_cfg, generator=torch.Generator("cpu").manual_seed(args.seed),
                   cfg_mode=args.cfg_mode, max_segments=args.max_segments, strict_text=args.strict_text,
                   memory_guidance_scale=args.memory_guidance, memory_guidance_segments=args.memory_segments,
-                  output_type="np", **context)
+                  memory_guidance_baseline=args.memory_baseline, output_type="np", **context)
     elapsed = time.perf_counter() - start
     if mesh is not None:
         torch.distributed.destroy_process_group()
@@ -229,17 +236,19 @@ def main(argv: list[str] | None = None) -> int:
         save_latents(result.latents, latents_path(output), video=output)
     print(f"wrote {output}: {len(frames) / result.fps:.2f} s, {len(frames)} frames at {result.fps:g} fps "
           f"({storyboard.num_segments} segments{kept}), {args.steps} steps at guidance {args.guidance:g}"
-          f"{memory_note(args.memory_guidance, args.memory_segments)}, generated in "
+          f"{memory_note(args.memory_guidance, args.memory_segments, args.memory_baseline)}, generated in "
           f"{elapsed:.1f} s")
     return 0
 
 
-def memory_note(scale: float | list[float], where: str = "all") -> str:
+def memory_note(scale: float | list[float], where: str = "all", baseline: str = "segments_apart") -> str:
     if not memory_on(scale):
         return ""
+    away = "" if baseline == "segments_apart" else " (away from no TTT)"
     if isinstance(scale, list):
-        return f", memory guidance {','.join(f'{m:g}' for m in scale)}"
-    return f", memory guidance {scale:g}" + (" on the segments that continue a scene" if where == "continuing" else "")
+        return f", memory guidance {','.join(f'{m:g}' for m in scale)}{away}"
+    return (f", memory guidance {scale:g}" + (" on the segments that continue a scene" if where == "continuing" else "")
+            + away)
 
 
 def context_arguments(args: argparse.Namespace, pipe, num_segments: int) -> tuple[dict, str]:

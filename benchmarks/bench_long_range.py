@@ -50,6 +50,7 @@ STAGE_CONFIG = "configs/toy/ttt/{stage}.yaml"
 REPORTED_SEGMENTS = (1, 5, 10, 20)  # identity accuracy at these segments (1-based)
 MODES = ("joint", "recall")
 MEMORY_SEGMENTS = ("all", "named", "continuing")
+MEMORY_BASELINES = ("segments_apart", "no_ttt")  # models/transformer_ttt.py's, named here without importing torch
 HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
 
 
@@ -74,13 +75,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "opening): what the model draws there comes from memory, which strong guidance overrides; "
                    "default: the same as the other segments")
     p.add_argument("--memory-guidance", type=float, default=None, metavar="M",
-                   help="the pipeline's memory_guidance_scale: M x (the prediction minus the same without TTT) added, "
+                   help="the pipeline's memory_guidance_scale: M x (the prediction minus the same without memory) "
+                   "added, "
                    "which pushes a segment toward what TTT carries (0: off; where: --memory-segments); default: each "
                    "model's own, as sample.py (its model_index.json's memory_guidance_scale and _segments)")
     p.add_argument("--memory-segments", choices=MEMORY_SEGMENTS, default=None,
                    help="where --memory-guidance applies (0 elsewhere): every segment; only those whose text only "
                    "names characters (no introduction, no scene opening); or every segment that continues a scene "
                    "(neither segment 1 nor a scene's first); default: the model's own")
+    p.add_argument("--memory-baseline", choices=MEMORY_BASELINES, default=None,
+                   help="the prediction without memory that memory guidance pushes away from: every segment's TTT "
+                   "apart, or no TTT (the pipeline's memory_guidance_baseline); default: the model's own")
     p.add_argument("--memory-timesteps", default=None, metavar="LOW,HIGH",
                    help="memory guidance only on the steps whose timestep t has LOW <= t < HIGH (the pipeline's "
                    "memory_guidance_timesteps; default: every step)")
@@ -228,11 +233,11 @@ def story_generator(seed: int, index: int):
 def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
                  mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
                  memory_segments: str = "all", memory_intro: float | None = None,
-                 memory_timesteps: tuple[int, int] | None = None) -> None:
+                 memory_timesteps: tuple[int, int] | None = None, memory_baseline: str | None = None) -> None:
     """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
     guidance_named: see `segment_guidance`; memory_guidance, memory_segments, memory_intro: see `memory_scales`;
-    memory_timesteps: the pipeline's memory_guidance_timesteps."""
+    memory_timesteps, memory_baseline: the pipeline's memory_guidance_timesteps and _baseline (None: its own)."""
     from pipeline import TTTVideoPipeline
     from pipeline.video_io import read_video, write_video
 
@@ -253,7 +258,7 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         memory = memory_scales(storyboard, memory_guidance, memory_segments, memory_intro)
         frames = pipe(path, num_inference_steps=steps, guidance_scale=scales, video=given,
                       memory_guidance_scale=memory, memory_guidance_segments="all",  # placed by memory_scales
-                      memory_guidance_timesteps=memory_timesteps,
+                      memory_guidance_timesteps=memory_timesteps, memory_guidance_baseline=memory_baseline,
                       generator=story_generator(seed, index), output_type="np").frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
@@ -269,9 +274,9 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
                "--seed", str(args.seed)]
     if args.guidance_named is not None:
         command += ["--guidance-named", str(args.guidance_named)]
-    memory, where = memory_for(args, model)
+    memory, where, baseline = memory_for(args, model)
     if memory:
-        command += ["--memory-guidance", str(memory), "--memory-segments", where]
+        command += ["--memory-guidance", str(memory), "--memory-segments", where, "--memory-baseline", baseline]
     if args.memory_intro is not None:
         command += ["--memory-intro", str(args.memory_intro)]
     if args.memory_timesteps is not None:
@@ -298,13 +303,14 @@ def guidance_for(args: argparse.Namespace, model: Path) -> float:
     return args.guidance if args.guidance is not None else saved_guidance_scale(model)
 
 
-def memory_for(args: argparse.Namespace, model: Path) -> tuple[float, str]:
-    """--memory-guidance and --memory-segments, or the model's own where not given."""
+def memory_for(args: argparse.Namespace, model: Path) -> tuple[float, str, str]:
+    """--memory-guidance, --memory-segments and --memory-baseline, or the model's own where not given."""
     from pipeline.pipeline_ttt_video import saved_memory_guidance
 
-    scale, where = saved_memory_guidance(model)
+    scale, where, baseline = saved_memory_guidance(model)
     return (scale if args.memory_guidance is None else args.memory_guidance,
-            where if args.memory_segments is None else args.memory_segments)
+            where if args.memory_segments is None else args.memory_segments,
+            baseline if args.memory_baseline is None else args.memory_baseline)
 
 
 def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
@@ -312,10 +318,11 @@ def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
                 "guidance": guidance_for(args, model), "seed": args.seed, "noise": "per story"}
     if args.guidance_named is not None:  # absent otherwise: earlier runs' renders stay valid
         settings["guidance_named"] = args.guidance_named
-    memory, where = memory_for(args, model)
+    memory, where, baseline = memory_for(args, model)
     if memory:  # likewise
         settings["memory_guidance"] = memory
         settings["memory_segments"] = where
+        settings["memory_baseline"] = baseline
     if args.memory_intro is not None:  # likewise
         settings["memory_intro"] = args.memory_intro
     if args.memory_timesteps is not None:  # likewise
@@ -415,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         model, storyboards, videos, mode = args.sample
         sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode,
                      args.guidance_named, args.memory_guidance or 0.0, args.memory_segments or "all", args.memory_intro,
-                     args.memory_timesteps)
+                     args.memory_timesteps, args.memory_baseline)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",

@@ -46,6 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from models import CogVideoXTTTTransformer3DModel
 from models.layout import frame_segments
+from models.transformer_ttt import MEMORY_BASELINES
 
 from .atomic import atomic_write_text
 from .code_bundle import BUNDLE_FILE, CLASS_NAME_ENTRY, CODE_FILE, CODE_FILE_TEXT, bundle_text
@@ -90,11 +91,13 @@ def saved_guidance_scale(folder: str | os.PathLike) -> float:
     return float(index.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
 
 
-def saved_memory_guidance(folder: str | os.PathLike) -> tuple[float, str]:
-    """The memory guidance a saved pipeline folder keeps (model_index.json's memory_guidance_scale and
-    memory_guidance_segments), without loading it; a folder saved before pipelines kept one gets (0, "all")."""
+def saved_memory_guidance(folder: str | os.PathLike) -> tuple[float, str, str]:
+    """The memory guidance a saved pipeline folder keeps (model_index.json's memory_guidance_scale, _segments and
+    _baseline), without loading it; what a folder saved before pipelines kept them lacks is the default, as
+    `from_pretrained` gives it: (0, "all", "segments_apart")."""
     index = json.loads((Path(folder) / "model_index.json").read_text())
-    return float(index.get("memory_guidance_scale", 0.0)), index.get("memory_guidance_segments", "all")
+    return (float(index.get("memory_guidance_scale", 0.0)), index.get("memory_guidance_segments", "all"),
+            index.get("memory_guidance_baseline", "segments_apart"))
 
 
 def checked_guidance_scale(scale: Any, where: str = "guidance_scale") -> float:
@@ -102,6 +105,14 @@ def checked_guidance_scale(scale: Any, where: str = "guidance_scale") -> float:
     if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"{where}: expected a finite number >= 0, got {scale!r}")
     return float(scale)
+
+
+def checked_memory_guidance_baseline(baseline: Any) -> str:
+    """memory_guidance_baseline: one of MEMORY_BASELINES; ValueError naming what was given otherwise."""
+    if baseline not in MEMORY_BASELINES:
+        raise ValueError(f"memory_guidance_baseline: expected one of {', '.join(MEMORY_BASELINES)}, got "
+                         f"{baseline!r}")
+    return baseline
 
 
 def checked_memory_guidance_segments(segments: Any) -> str:
@@ -151,9 +162,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: the classifier-free guidance scale `__call__` uses when given none: the scale this model was
             measured to sample best at (6, CogVideoX's, unless its training recipe measured another). Stored in the
             pipeline's config (model_index.json).
-        memory_guidance_scale, memory_guidance_segments: likewise `__call__`'s memory guidance when given none
-            (default 0: off; "all" or "continuing", see `__call__`). Stored in the pipeline's config; a scale > 0
-            needs a transformer with TTT layers.
+        memory_guidance_scale, memory_guidance_segments, memory_guidance_baseline: likewise `__call__`'s memory
+            guidance when given none (default 0: off; "all" or "continuing"; "segments_apart" or "no_ttt", see
+            `__call__`). Stored in the pipeline's config; a scale > 0 needs a transformer with TTT layers.
 
     LoRA: diffusers' CogVideoX loader (`load_lora_weights`, `fuse_lora`, `set_adapters`, ...) on the transformer's
     attention; cache hooks: `transformer.enable_cache(...)` (docs/sampling.md).
@@ -173,6 +184,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         memory_guidance_scale: float = 0.0,
         memory_guidance_segments: str = "all",
+        memory_guidance_baseline: str = "segments_apart",
     ):
         super().__init__()
         if not isinstance(transformer, CogVideoXTTTTransformer3DModel):
@@ -182,6 +194,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale = checked_guidance_scale(guidance_scale)
         memory_guidance_scale = checked_guidance_scale(memory_guidance_scale, "memory_guidance_scale")
         checked_memory_guidance_segments(memory_guidance_segments)
+        checked_memory_guidance_baseline(memory_guidance_baseline)
         if memory_guidance_scale > 0 and not transformer.has_ttt:
             raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
         self.register_modules(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
@@ -197,7 +210,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             fps = self.frames_per_segment / SEGMENT_SECONDS
         self.register_to_config(fps=float(fps), guidance_scale=guidance_scale,
                                 memory_guidance_scale=memory_guidance_scale,
-                                memory_guidance_segments=memory_guidance_segments)
+                                memory_guidance_segments=memory_guidance_segments,
+                                memory_guidance_baseline=memory_guidance_baseline)
         self.video_processor = VideoProcessor(vae_scale_factor=self.vae_scale_factor_spatial)
 
     @property
@@ -429,6 +443,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         guidance_scale: float | Sequence[float] | None = None,
         memory_guidance_scale: float | Sequence[float] | None = None,
         memory_guidance_segments: str | None = None,
+        memory_guidance_baseline: str | None = None,
         memory_guidance_timesteps: tuple[int, int] | None = None,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
@@ -468,16 +483,22 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 guidance_scale None: the pipeline's own (`self.config.guidance_scale`); a list: one scale per
                 storyboard segment, each applied to its segment's frames (say, guidance where a text describes what
                 to draw and little where the model should draw what earlier segments showed; docs/sampling.md).
-            memory_guidance_scale: m > 0 adds m * (conditional prediction - the same without the TTT layers) to the
-                guided prediction: it pushes each segment further toward what TTT carries from the rest of the video
-                (the look of a character that the text only names). One more transformer pass per step, without
-                TTT. A number or one per storyboard segment, like guidance_scale; 0 is off; None: the pipeline's
-                own (`self.config.memory_guidance_scale`, 0 unless its recipe measured another). Needs a transformer
-                with TTT layers; of diffusers' cache hooks, only FirstBlockCache and TaylorSeer (whose state is kept
-                per call, "cond_without_ttt" for this one). docs/sampling.md, "Memory guidance".
+            memory_guidance_scale: m > 0 adds m * (conditional prediction - the same without memory, see
+                memory_guidance_baseline) to the guided prediction: it pushes each segment further toward what TTT
+                carries from the rest of the video (the look of a character that the text only names). One more
+                transformer pass per step. A number or one per storyboard segment, like guidance_scale; 0 is off;
+                None: the pipeline's own (`self.config.memory_guidance_scale`, 0 unless its recipe measured
+                another). Needs a transformer with TTT layers; of diffusers' cache hooks, only FirstBlockCache and
+                TaylorSeer (whose state is kept per call, "cond_without_memory" for this one). docs/sampling.md,
+                "Memory guidance".
             memory_guidance_segments: where a single memory_guidance_scale applies: "all" segments, or "continuing"
                 ones (0 on the storyboard's first segment and on each scene's first, whose texts set the stage);
                 None: the pipeline's own (`self.config.memory_guidance_segments`). A list of scales is taken as it is.
+            memory_guidance_baseline: the prediction without memory: "segments_apart" (the TTT layers read each
+                segment alone, from their initial state: TTT's work within a segment stays, only what it carries
+                between segments is taken away) or "no_ttt" (the TTT layers skipped: segment-local attention alone,
+                which also takes TTT's work within the segment and pushes characters to be drawn big);
+                None: the pipeline's own (`self.config.memory_guidance_baseline`).
             memory_guidance_timesteps: (low, high): memory guidance only on the steps whose timestep t has low <= t <
                 high (guidance in a limited interval, as Kynkäänniemi et al. 2024 did for classifier-free guidance);
                 None: on every step.
@@ -531,6 +552,8 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             self.config.memory_guidance_scale if memory_guidance_scale is None else memory_guidance_scale,
             self.config.memory_guidance_segments if memory_guidance_segments is None else memory_guidance_segments,
             storyboard)
+        memory_baseline = checked_memory_guidance_baseline(
+            self.config.memory_guidance_baseline if memory_guidance_baseline is None else memory_guidance_baseline)
         memory_per_segment = isinstance(memory_scale, list)
         do_memory_guidance = max(memory_scale) > 0 if memory_per_segment else memory_scale > 0
         interval = memory_guidance_timesteps
@@ -638,12 +661,12 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                     noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
                 if do_memory_guidance and (memory_guidance_timesteps is None or memory_guidance_timesteps[0]
                                            <= timestep_values[i] < memory_guidance_timesteps[1]):
-                    # the conditional branch again, without TTT
-                    with self.transformer.ttt_skipped():
-                        noise_pred_local = self._predict(latents, t, prompt_embeds, prompt_mask, None, None,
+                    # the conditional branch again, without memory
+                    with self.transformer.without_memory(memory_baseline):
+                        noise_pred_alone = self._predict(latents, t, prompt_embeds, prompt_mask, None, None,
                                                          scene_start, cfg_mode, attention_kwargs, context,
-                                                         cache_context="cond_without_ttt")
-                    noise_pred = noise_pred + memory_scale * (noise_pred_text - noise_pred_local)
+                                                         cache_context="cond_without_memory")
+                    noise_pred = noise_pred + memory_scale * (noise_pred_text - noise_pred_alone)
 
                 if is_dpm:
                     latents, old_pred_original_sample = self.scheduler.step(

@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_long_range  # noqa: E402
 
+from models.transformer_ttt import MEMORY_BASELINES  # noqa: E402
 from pipeline.toyworld.dataset import generate  # noqa: E402
 from pipeline.toyworld.text import parse_storyboard  # noqa: E402
 from pipeline.video_io import read_video  # noqa: E402
@@ -104,12 +105,17 @@ def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys)
     own.mkdir()
     index = json.loads((Path(model) / "model_index.json").read_text())
     (own / "model_index.json").write_text(json.dumps({**index, "memory_guidance_scale": 4.0,
-                                                      "memory_guidance_segments": "continuing"}))
+                                                      "memory_guidance_segments": "continuing",
+                                                      "memory_guidance_baseline": "no_ttt"}))
     settings = bench_long_range.sampling_settings(bench_long_range.parse_args(common), own, "joint")
     assert settings["memory_guidance"] == 4.0 and settings["memory_segments"] == "continuing"
+    assert settings["memory_baseline"] == "no_ttt"
+    apart = bench_long_range.parse_args([*common, "--memory-baseline", "segments_apart"])
+    assert bench_long_range.sampling_settings(apart, own, "joint")["memory_baseline"] == "segments_apart"
     off = bench_long_range.parse_args([*common, "--memory-guidance", "0"])
     assert "memory_guidance" not in bench_long_range.sampling_settings(off, own, "joint")
-    assert bench_long_range.memory_for(off, own) == (0.0, "continuing")
+    assert bench_long_range.memory_for(off, own) == (0.0, "continuing", "no_ttt")
+    assert bench_long_range.MEMORY_BASELINES == MEMORY_BASELINES  # the benchmark names the model's choices
     with pytest.raises(SystemExit) as error:
         bench_long_range.parse_args([*common, "--memory-guidance", "-1"])
     assert error.value.code == 2

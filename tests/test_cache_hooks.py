@@ -74,7 +74,7 @@ def test_sequential_guidance_with_first_block_cache(pipe, uncached):
 
 @pytest.mark.parametrize("name", ["first-block", "taylorseer"])
 def test_memory_guidance_with_a_per_context_cache(pipe, name):
-    """Memory guidance's pass without TTT is a call of its own ("cond_without_ttt"): FirstBlockCache and TaylorSeer
+    """Memory guidance's pass without TTT is a call of its own ("cond_without_memory"): FirstBlockCache and TaylorSeer
     keep its state apart from the guided call's, skip work in both and stay within their tolerance of the uncached
     memory-guided run; the hooks that keep one state for every call are refused before any step."""
     memory = {"memory_guidance_scale": 2.0}

@@ -62,6 +62,8 @@ def test_yaml_extends_and_overrides(tmp_path):
     (["validation.memory_guidance_scale=-1"], "validation.memory_guidance_scale: expected a number >= 0.0, got -1"),
     (["validation.memory_guidance_segments=named"], "validation.memory_guidance_segments: expected one of "
                                                     "['all', 'continuing']"),
+    (["validation.memory_guidance_baseline=local"], "validation.memory_guidance_baseline: expected one of "
+                                                    "['segments_apart', 'no_ttt']"),
     (["model.ttt.ttt_type=none", "validation.memory_guidance_scale=2"],
      "validation.memory_guidance_scale: a model without TTT layers (model.ttt.ttt_type none) has nothing to guide by"),
 ])

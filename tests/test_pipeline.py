@@ -372,12 +372,12 @@ def test_ttt_skipped_is_local_attention_and_restores(pipe):
 
 
 def test_memory_guidance_adds_the_ttt_difference(pipe):
-    """memory_guidance_scale m adds m x (conditional prediction - the same without TTT) to the guided prediction.
-    After one DDIM step (affine in the prediction, the same noise) the latents are those of the guided call plus m x
-    (the unguided call's - the TTT-less copy's unguided call's); per segment, each segment's frames follow its own
-    m; m = 0 is the plain call exactly."""
+    """memory_guidance_scale m with memory_guidance_baseline "no_ttt" adds m x (conditional prediction - the same
+    without TTT) to the guided prediction. After one DDIM step (affine in the prediction, the same noise) the latents
+    are those of the guided call plus m x (the unguided call's - the TTT-less copy's unguided call's); per segment,
+    each segment's frames follow its own m; m = 0 is the plain call exactly."""
     storyboard = story(["a red ball rolls", "a blue box", "a green cone"], scene_starts=[2])
-    one_step = {"num_inference_steps": 1, "output_type": "latent"}
+    one_step = {"num_inference_steps": 1, "output_type": "latent", "memory_guidance_baseline": "no_ttt"}
     guided = generate(pipe, storyboard, guidance_scale=3.0, **one_step)
     conditional = generate(pipe, storyboard, guidance_scale=1.0, **one_step)
     local = generate(local_attention_copy(pipe), storyboard, guidance_scale=1.0, **one_step)
@@ -396,6 +396,44 @@ def test_memory_guidance_adds_the_ttt_difference(pipe):
         expected = guided + m * (conditional - local)
         torch.testing.assert_close(mixed[:, frames], expected[:, frames], rtol=1e-4, atol=1e-5)
     assert pipe.transformer.has_ttt and not any(block.ttt_skipped for block in pipe.transformer.transformer_blocks)
+
+
+def test_memory_guidance_from_the_segments_apart(pipe, tmp_path):
+    """The default baseline, "segments_apart": m x (conditional prediction - the same with every segment's TTT
+    apart, `ttt_segments_apart()`, tests/test_model.py) is added, after one DDIM step exactly as the latents show; it
+    is not the "no_ttt" push; on the first segment of a one-segment story it is no push at all (alone is the whole);
+    the pipeline's config keeps its baseline through save/load; a bad one is refused naming the argument."""
+    storyboard = story(["a red ball rolls", "a blue box", "a green cone"], scene_starts=[2])
+    one_step = {"num_inference_steps": 1, "output_type": "latent"}
+    assert pipe.config.memory_guidance_baseline == "segments_apart"
+    guided = generate(pipe, storyboard, guidance_scale=3.0, **one_step)
+    conditional = generate(pipe, storyboard, guidance_scale=1.0, **one_step)
+    with pipe.transformer.ttt_segments_apart():
+        apart = generate(pipe, storyboard, guidance_scale=1.0, **one_step)
+    assert (conditional - apart).abs().max() > 1e-4
+    pushed = generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=2.0, **one_step)
+    torch.testing.assert_close(pushed, guided + 2.0 * (conditional - apart), rtol=1e-4, atol=1e-5)
+    assert torch.equal(pushed, generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=2.0,
+                                        memory_guidance_baseline="segments_apart", **one_step))
+    no_ttt = generate(pipe, storyboard, guidance_scale=3.0, memory_guidance_scale=2.0,
+                      memory_guidance_baseline="no_ttt", **one_step)
+    assert (pushed - no_ttt).abs().max() > 1e-4
+    single = story(["a red ball rolls"])
+    torch.testing.assert_close(generate(pipe, single, guidance_scale=3.0, memory_guidance_scale=2.0, **one_step),
+                               generate(pipe, single, guidance_scale=3.0, **one_step), rtol=1e-5, atol=1e-6)
+    assert not any(block.ttt_segments_apart for block in pipe.transformer.transformer_blocks)
+
+    own = TTTVideoPipeline(**pipe.components, memory_guidance_scale=2.0, memory_guidance_baseline="no_ttt")
+    own.save_pretrained(tmp_path / "pipe")
+    assert json.loads((tmp_path / "pipe" / "model_index.json").read_text())["memory_guidance_baseline"] == "no_ttt"
+    loaded = TTTVideoPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(generate(loaded, storyboard, guidance_scale=3.0, **one_step), no_ttt,
+                               rtol=1e-5, atol=1e-6)  # reloaded weights: the same up to float rounding
+    with pytest.raises(ValueError, match="memory_guidance_baseline: expected one of segments_apart, no_ttt, got 'x'"):
+        generate(pipe, storyboard, memory_guidance_scale=1.0, memory_guidance_baseline="x")
+    with pytest.raises(ValueError, match="memory_guidance_baseline: expected one of segments_apart, no_ttt, got 'x'"):
+        TTTVideoPipeline(**pipe.components, memory_guidance_baseline="x")
 
 
 def test_memory_guidance_errors(pipe):

@@ -136,28 +136,34 @@ def test_the_models_own_guidance_is_the_default(model_dir, short_story, tmp_path
 
 
 def test_the_models_own_memory_guidance_is_the_default(model_dir, tmp_path):
-    """Without --memory-guidance the model's config decides (here 4 on the segments that continue a scene): the
-    same video as those flags on a model without it, named in the summary; --memory-guidance 0 turns it off, and a
-    cache that cannot take it is refused once the model is loaded, naming the model's scale."""
+    """Without --memory-guidance the model's config decides (here 4 on the segments that continue a scene, away from
+    the prediction without TTT): the same video as those flags on a model without it, named in the summary;
+    --memory-guidance 0 turns it off, --memory-baseline segments_apart pushes otherwise, and a cache that cannot
+    take it is refused once the model is loaded, naming the model's scale."""
     own = tmp_path / "own"
     shutil.copytree(model_dir, own)
     index = json.loads((own / "model_index.json").read_text())
     assert index["memory_guidance_scale"] == 0.0 and index["memory_guidance_segments"] == "all"
     (own / "model_index.json").write_text(json.dumps({**index, "memory_guidance_scale": 4.0,
-                                                      "memory_guidance_segments": "continuing"}))
+                                                      "memory_guidance_segments": "continuing",
+                                                      "memory_guidance_baseline": "no_ttt"}))
     story = tmp_path / "one_scene.txt"
     story.write_text("a red ball rolls\nthe ball stops\n")  # one scene: segment 2 continues it
     latents = {}
     for name, model, flags in (("own", own, []), ("off", own, ["--memory-guidance", 0]),
-                               ("flags", model_dir, ["--memory-guidance", 4, "--memory-segments", "continuing"])):
+                               ("flags", model_dir, ["--memory-guidance", 4, "--memory-segments", "continuing",
+                                                     "--memory-baseline", "no_ttt"]),
+                               ("apart", own, ["--memory-baseline", "segments_apart"])):
         out = tmp_path / f"{name}.mp4"
         result = run("--model", model, "--storyboard", story, "--output", out, "--steps", 2, "--save-latents", *flags,
                      cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert ("memory guidance 4 on the segments that continue a scene" in result.stdout) == (name != "off")
+        assert ("(away from no TTT)" in result.stdout) == (name in ("own", "flags"))
         latents[name] = load_file(tmp_path / f"{name}.latents.safetensors")["latents"]
     assert torch.equal(latents["own"], latents["flags"])
-    assert not torch.allclose(latents["own"][:, FRAMES_FIRST:], latents["off"][:, FRAMES_FIRST:])
+    for other in ("off", "apart"):
+        assert not torch.allclose(latents["own"][:, FRAMES_FIRST:], latents[other][:, FRAMES_FIRST:])
     assert_one_line_error(run("--model", own, "--storyboard", story, "--cache", "pab", cwd=tmp_path), 2,
                           "--cache pab: cache 'pab' keeps one state for every transformer call, and memory guidance's "
                           "pass without TTT is a call of its own: use first-block or taylorseer (or no cache) with "

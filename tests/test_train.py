@@ -503,7 +503,7 @@ def runs(base, tmp_path_factory):
     common = ["--config", str(CONFIG), *debug_overrides(base), *RUN]
     out = {name: tmp / name for name in ("whole", "resumed", "two")}
     run([*common, f"output_dir={out['whole']}", "validation.every=4", "validation.memory_guidance_scale=1.5",
-         "validation.memory_guidance_segments=continuing"])
+         "validation.memory_guidance_segments=continuing", "validation.memory_guidance_baseline=no_ttt"])
     run([*common, f"output_dir={out['resumed']}", "--stop-after", "2"])
     assert sorted(metrics(out["resumed"])) == [1, 2]
     run([*common, f"output_dir={out['resumed']}", "--resume", "latest"])
@@ -621,10 +621,11 @@ def test_checkpoints_validation_and_export(runs, tmp_path):
         assert torch.equal(exported[name], value), name
 
     # ... and sample.py renders with it, at the config's validation guidance (debug.yaml: 2, not the default 6) and
-    # memory guidance (the run's: 1.5 on the segments that continue a scene)
+    # memory guidance (the run's: 1.5 on the segments that continue a scene, away from the prediction without TTT)
     index = json.loads((whole / "final" / "model_index.json").read_text())
     assert index["guidance_scale"] == 2.0
     assert index["memory_guidance_scale"] == 1.5 and index["memory_guidance_segments"] == "continuing"
+    assert index["memory_guidance_baseline"] == "no_ttt"
     out = tmp_path / "story.mp4"
     result = subprocess.run([sys.executable, "sample.py", "--model", str(whole / "final"), "--storyboard",
                              "configs/storyboards/debug.json", "--output", str(out), "--steps", "2"],

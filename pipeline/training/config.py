@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from models.transformer_ttt import TRAINABLE_MODES, ttt_config_fields
+from models.transformer_ttt import MEMORY_BASELINES, TRAINABLE_MODES, ttt_config_fields
 
 from ..atomic import atomic_write_text
 from ..storyboard import MEMORY_GUIDANCE_SEGMENTS
@@ -287,7 +287,7 @@ class LogConfig:
 class ValidationConfig:
     """Every `every` steps (0: never), sample each storyboard file listed in `storyboards` to an mp4 under
     output_dir/validation and log it. cpu_offload: move idle components to the CPU while sampling on a GPU.
-    guidance_scale, memory_guidance_scale and memory_guidance_segments are also the exported pipeline's defaults (its
+    guidance_scale and memory_guidance_scale, _segments and _baseline are also the exported pipeline's defaults (its
     config's; memory guidance: docs/sampling.md, "Memory guidance"; a scale > 0 needs TTT layers)."""
 
     every: int = _at_least(0, 0)
@@ -296,6 +296,7 @@ class ValidationConfig:
     guidance_scale: float = _at_least(6.0, 0.0)
     memory_guidance_scale: float = _at_least(0.0, 0.0)
     memory_guidance_segments: str = _choice("all", MEMORY_GUIDANCE_SEGMENTS)
+    memory_guidance_baseline: str = _choice("segments_apart", MEMORY_BASELINES)
     seed: int = 0
     cpu_offload: bool = True
 

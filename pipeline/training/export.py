@@ -98,7 +98,8 @@ def full_transformer(accelerator: Accelerator, model: torch.nn.Module) -> torch.
 def build_pipeline(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler) -> TTTVideoPipeline:
     """The sampling pipeline around the (unwrapped) trained transformer; tokenizer, text encoder and VAE are loaded
     here, on the CPU, only when validation or the export needs them. Its default guidance scale and memory guidance
-    are the config's (`validation.guidance_scale`, `validation.memory_guidance_scale`, `..._segments`)."""
+    are the config's (`validation.guidance_scale`, `validation.memory_guidance_scale`, `..._segments`,
+    `..._baseline`)."""
     parts = build_components(cfg.model, cfg.train, ("tokenizer", "text_encoder", "vae"))
     dtype = torch_dtype(cfg.train.mixed_precision) if accelerator.device.type == "cuda" else torch.float32
     return TTTVideoPipeline(tokenizer=parts["tokenizer"], text_encoder=parts["text_encoder"].to(dtype),
@@ -106,7 +107,8 @@ def build_pipeline(cfg: Config, accelerator: Accelerator, model: torch.nn.Module
                             scheduler=scheduler, fps=cfg.data.fps,
                             guidance_scale=cfg.validation.guidance_scale,
                             memory_guidance_scale=cfg.validation.memory_guidance_scale,
-                            memory_guidance_segments=cfg.validation.memory_guidance_segments)
+                            memory_guidance_segments=cfg.validation.memory_guidance_segments,
+                            memory_guidance_baseline=cfg.validation.memory_guidance_baseline)
 
 
 def export_final(cfg: Config, accelerator: Accelerator, model: torch.nn.Module, scheduler, ema,
