@@ -18,6 +18,7 @@ from models import CogVideoXTTTTransformer3DModel
 from pipeline import TTTVideoPipeline
 from pipeline.code_bundle import BUNDLE_FILE, CODE_FILE, REPO_CODE_FILE_TEXT
 from pipeline.packaged_text_encoder import PACKAGED_FILE, PackagedTextEncoder, package_dir
+from pipeline.pipeline_ttt_video import saved_memory_guidance
 from pipeline.toy.model import MAX_DEFAULT_MODEL_BYTES, install, to_base, toy_args
 from pipeline.toy.vae import train_vae
 from pipeline.training.config import ConfigError, load_config
@@ -110,11 +111,14 @@ def test_default_model_is_the_recipes_layer_without_a_shared_frame():
 
 
 def test_default_model_samples_at_the_recipes_guidance():
-    """The recipe's exports carry its measured guidance scale (configs/toy/base.yaml), so sample.py, the demo and the
-    benchmarks use it unless told otherwise; the bundled model is one of those exports."""
-    recipe = load_config(ROOT / "configs" / "toy" / f"{STAGES[-1]}.yaml").validation.guidance_scale
-    assert recipe == 2.0
-    assert json.loads((DEFAULT_MODEL / "model_index.json").read_text())["guidance_scale"] == recipe
+    """The recipe's exports carry its measured guidance scale (configs/toy/base.yaml) and the last stage's memory
+    guidance (configs/toy/ttt/60s.yaml), so sample.py, the demo and the benchmarks use them unless told otherwise;
+    the bundled model is one of those exports."""
+    recipe = load_config(ROOT / "configs" / "toy" / f"{STAGES[-1]}.yaml").validation
+    assert recipe.guidance_scale == 2.0
+    assert json.loads((DEFAULT_MODEL / "model_index.json").read_text())["guidance_scale"] == recipe.guidance_scale
+    assert saved_memory_guidance(DEFAULT_MODEL) == (12.0, "continuing", "segments_apart") == (
+        recipe.memory_guidance_scale, recipe.memory_guidance_segments, recipe.memory_guidance_baseline)
 
 
 def test_toy_args_reject_unknown_keys_naming_them():
