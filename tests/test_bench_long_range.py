@@ -95,11 +95,14 @@ def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys)
     common = ["--variants", "linear", "--trained", f"linear={model}"]
     args = bench_long_range.parse_args([*common, "--memory-guidance", "1.5"])
     settings = bench_long_range.sampling_settings(args, Path(model), "recall")
-    assert settings["memory_guidance"] == 1.5 and settings["memory_segments"] == "all"
+    assert settings["memory_guidance"] == 1.5  # placed and pushed as the bundled model's own say
+    assert settings["memory_segments"] == "continuing" and settings["memory_baseline"] == "segments_apart"
     args = bench_long_range.parse_args([*common, "--memory-guidance", "1.5", "--memory-segments", "named"])
     assert bench_long_range.sampling_settings(args, Path(model), "joint")["memory_segments"] == "named"
     plain = bench_long_range.sampling_settings(bench_long_range.parse_args(common), Path(model), "recall")
-    assert "memory_guidance" not in plain  # earlier runs' renders stay valid
+    assert plain["memory_guidance"] == 12.0  # the bundled model's own
+    off = bench_long_range.parse_args([*common, "--memory-guidance", "0"])
+    assert "memory_guidance" not in bench_long_range.sampling_settings(off, Path(model), "recall")  # as before
     # without --memory-guidance each model samples at its own, as sample.py does (model_index.json)
     own = tmp_path / "own"
     own.mkdir()
