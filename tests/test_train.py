@@ -631,7 +631,8 @@ def test_checkpoints_validation_and_export(runs, tmp_path):
                              "configs/storyboards/debug.json", "--output", str(out), "--steps", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 steps at guidance 2, memory guidance 1.5 on the segments that continue a scene," in result.stdout
+    assert ("2 steps at guidance 2, memory guidance 1.5 on the segments that continue a scene (away from no TTT),"
+            in result.stdout)
     frames, fps = read_video(out)
     assert frames.shape == (25, 32, 32, 3) and fps == 4
 
