@@ -422,31 +422,27 @@ class CogVideoXTTTTransformer3DModel(CogVideoXTransformer3DModel):
         return any(block.ttt is not None for block in self.transformer_blocks)
 
     @contextlib.contextmanager
-    def ttt_skipped(self) -> Iterator[None]:
-        """Inside it, every block skips its TTT layers: the prediction of segment-local attention alone, without what
-        TTT carries between segments (memory guidance's "no_ttt" branch, pipeline_ttt_video.py). Restored on exit."""
+    def _ttt_blocks_flagged(self, flag: str) -> Iterator[None]:
+        """Sets the boolean `flag` on every block with TTT layers; cleared on exit (also by an exception)."""
         blocks = [block for block in self.transformer_blocks if block.ttt is not None]
         for block in blocks:
-            block.ttt_skipped = True
+            setattr(block, flag, True)
         try:
             yield
         finally:
             for block in blocks:
-                block.ttt_skipped = False
+                setattr(block, flag, False)
 
-    @contextlib.contextmanager
-    def ttt_segments_apart(self) -> Iterator[None]:
+    def ttt_skipped(self) -> contextlib.AbstractContextManager:
+        """Inside it, every block skips its TTT layers: the prediction of segment-local attention alone, without what
+        TTT carries between segments (memory guidance's "no_ttt" branch, pipeline_ttt_video.py). Restored on exit."""
+        return self._ttt_blocks_flagged("ttt_skipped")
+
+    def ttt_segments_apart(self) -> contextlib.AbstractContextManager:
         """Inside it, every block's TTT layers read each segment alone, from their initial state: what TTT does within
         a segment stays, what it carries between segments is gone (memory guidance's "segments_apart" branch).
         Restored on exit."""
-        blocks = [block for block in self.transformer_blocks if block.ttt is not None]
-        for block in blocks:
-            block.ttt_segments_apart = True
-        try:
-            yield
-        finally:
-            for block in blocks:
-                block.ttt_segments_apart = False
+        return self._ttt_blocks_flagged("ttt_segments_apart")
 
     def without_memory(self, baseline: str) -> contextlib.AbstractContextManager:
         """`ttt_segments_apart()` for "segments_apart", `ttt_skipped()` for "no_ttt" (MEMORY_BASELINES)."""
