@@ -127,11 +127,7 @@ class CogVideoXTTTBlock(CogVideoXBlock):
         inputs = order.gather(self.ttt.neighbours(x, order.num_text, order.grid))
         if self.ttt_segments_apart:  # each segment's run alone: TTT within it, nothing carried from another
             # (under context parallelism a rank holds whole segments, so nothing moves between ranks)
-            parts = []
-            for run in order.segment_runs():
-                rope = None if order.rope is None else (order.rope[0][run], order.rope[1][run])
-                parts.append(self.ttt(inputs[:, run], None if mask is None else mask[:, run], rope))
-            y = torch.cat(parts, dim=1)
+            y = self.ttt.forward_apart(inputs, order.segment_runs(), mask, order.rope)
         elif self.checkpoint_ttt and torch.is_grad_enabled():
             y = checkpoint(self.ttt, inputs, mask, order.rope, use_reentrant=False, exchange=order.exchange)
         else:

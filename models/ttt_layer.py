@@ -130,6 +130,27 @@ class TTTLayer(nn.Module):
         out = self.project_out(out)
         return (out, state) if return_state else out
 
+    def forward_apart(self, x: torch.Tensor, runs: list[slice], token_mask: torch.Tensor | None = None,
+                      rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every run of the sequence read alone, from the initial state: the same as `forward` on each `x[:, run]`
+        (with its mask and RoPE rows), concatenated. x: (B, L, W); runs: consecutive slices covering [0, L);
+        token_mask (B, L); rope: (cos, sin) each (L, D). Returns (B, L, W).
+
+        prepare and project_out read token by token, so they run once over the whole sequence; the runs of one
+        length go through the op together as one batch (B * runs, H, length, D), so a sequence of n equal
+        segments costs one scan of a segment's length instead of n."""
+        q, k, target, eta = self.prepare(x, token_mask, rope)  # (B, H, L, D) x 3, (B, H, L)
+        out = torch.empty_like(q)
+        by_length: dict[int, list[slice]] = {}
+        for run in runs:
+            by_length.setdefault(run.stop - run.start, []).append(run)
+        for group in by_length.values():
+            # (B, H, L, ...) -> (runs * B, H, length, ...)
+            scanned = self.scan(*(torch.cat([t[:, :, run] for run in group], dim=0) for t in (q, k, target, eta)))
+            for run, part in zip(group, scanned.chunk(len(group), dim=0)):
+                out[:, :, run] = part
+        return self.project_out(out)
+
     def prepare(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         """Token-wise half before the op: x (B, L, W) -> q, k, target (B, H, L, D) and eta (B, H, L).

@@ -158,3 +158,37 @@ def test_conv_adds_each_frames_neighbours_to_its_video_tokens():
     for bad in (2, -1):
         with pytest.raises(ValueError, match="ttt_conv must be 0"):
             TTTLayer(width=4, num_heads=1, head_dim=16, conv=bad)
+
+
+@pytest.mark.parametrize("ttt_type", ["mlp", "linear"])
+def test_runs_read_apart_equal_each_run_alone(ttt_type):
+    """`forward_apart` (the runs of one length scanned as one batch) against `forward` on each run by itself, in
+    float64 with random parameters, masked tokens, RoPE rows and runs of uneven lengths (two of 9 tokens, a short
+    last mini-batch in each): outputs and every gradient. Each run alone is not the whole sequence read through."""
+    module = layer(ttt_type).double()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
+    x = torch.randn(2, 28, 24, generator=generator, dtype=torch.float64)
+    mask = torch.rand(2, 28, generator=generator) > 0.25
+    rope = rope_for(28)
+    runs = [slice(0, 10), slice(10, 19), slice(19, 28)]
+    weights = torch.randn(2, 28, 24, generator=generator, dtype=torch.float64)
+
+    def outputs_and_gradients(read):
+        xi = x.clone().requires_grad_(True)
+        out = read(xi)
+        grads = torch.autograd.grad((out * weights).sum(), [xi, *module.parameters()])
+        return out.detach(), grads
+
+    def alone(xi: torch.Tensor) -> torch.Tensor:
+        return torch.cat([module(xi[:, run], mask[:, run], (rope[0][run], rope[1][run])) for run in runs], dim=1)
+
+    got, got_grads = outputs_and_gradients(lambda xi: module.forward_apart(xi, runs, mask, rope))
+    expected, expected_grads = outputs_and_gradients(alone)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+    for name, g, e in zip(["x", *(n for n, _ in module.named_parameters())], got_grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=name)
+    with torch.no_grad():
+        assert (module(x, mask, rope)[:, 10:] - got[:, 10:]).abs().max() > 1e-3
