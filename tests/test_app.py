@@ -342,6 +342,29 @@ def test_the_memory_guidance_slider_shows_only_for_a_model_with_ttt_and_starts_a
     assert memory[0].value == 3.0 and memory[0].info.startswith("Push every segment that continues a scene toward")
 
 
+def test_a_models_own_memory_guidance_above_the_demos_range_is_taken_and_reachable(tmp_path):
+    """A model saved with a memory guidance scale above MAX_MEMORY_GUIDANCE: the slider reaches it and starts there,
+    and the renderer takes it as the default setting (it refused it once: the demo could not render at all)."""
+    import gradio as gr
+    from tiny_ttt_pipeline import tiny_ttt_pipeline
+
+    from pipeline.demo import build_demo
+    from pipeline.demo.worker import MAX_MEMORY_GUIDANCE, Renderer, Settings, SettingsError
+
+    pipe = tiny_ttt_pipeline()
+    own = MAX_MEMORY_GUIDANCE + 10
+    pipe.register_to_config(memory_guidance_scale=own)
+    memory = [b for b in build_demo(pipe, output_dir=tmp_path).blocks.values()
+              if isinstance(b, gr.Slider) and b.label == "Memory guidance"]
+    assert memory[0].maximum == own and memory[0].value == own
+    renderer = Renderer(pipe, OutputFolders(tmp_path / "outputs"))
+    assert renderer.resolved(Settings()).memory_guidance == own
+    with pytest.raises(SettingsError, match=f"memory_guidance: expected a number from 0 \\(off\\) to {own:g}, got"):
+        renderer.resolved(Settings(memory_guidance=own + 1))
+    with pytest.raises(SettingsError, match=f"to {MAX_MEMORY_GUIDANCE:g}, got"):
+        Settings(memory_guidance=MAX_MEMORY_GUIDANCE + 1).checked()
+
+
 def test_summary_counts_segments_seconds_and_scenes():
     rows = [["a", False, ""], ["b", True, ""], ["", False, ""], ["c", True, ""], ["", False, ""]]
     assert storyboard_summary(rows, 21) == "**4 segments · 12 s · 3 scenes** — row 3 without text"

@@ -49,7 +49,6 @@ from .editor import (
 )
 from .worker import (
     KEEP_OUTPUTS,
-    MAX_MEMORY_GUIDANCE,
     MAX_STEPS,
     LastVideos,
     OutputFolders,
@@ -141,7 +140,7 @@ def build_demo(pipe, max_segments: int | None = DEFAULT_MAX_SEGMENTS, max_queue:
                                           "different; see docs/sampling.md.")
                     where = ("every segment that continues a scene" if pipe.config.memory_guidance_segments
                              == "continuing" else "every segment")
-                    memory = gr.Slider(0, MAX_MEMORY_GUIDANCE, value=float(pipe.config.memory_guidance_scale),
+                    memory = gr.Slider(0, renderer.max_memory_guidance, value=float(pipe.config.memory_guidance_scale),
                                        step=0.5, label="Memory guidance", visible=renderer.has_ttt,
                                        elem_id="memory-guidance",
                                        info=f"Push {where} toward what the TTT layers remember of earlier ones "

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_STEPS = 200
 MAX_SEED = 2**32 - 1
-MAX_MEMORY_GUIDANCE = 20.0
+MAX_MEMORY_GUIDANCE = 50.0  # the toy world was measured up to 48 (docs/results.md); a model's own scale may be higher
 PREVIEW_HEIGHT = 96  # pixels per preview frame
 PREVIEW_COLUMNS = 7  # preview frames per row (21 segments = 3 rows)
 PREVIEWS_PER_RUN = 10  # previews over a run, whatever the step count
@@ -70,8 +70,9 @@ class Settings:
     cache: str = "none"
     memory_guidance: float | None = None
 
-    def checked(self) -> Settings:
-        """The settings with whole numbers as ints; raises SettingsError naming each bad field."""
+    def checked(self, max_memory_guidance: float = MAX_MEMORY_GUIDANCE) -> Settings:
+        """The settings with whole numbers as ints; raises SettingsError naming each bad field.
+        max_memory_guidance: the most memory guidance allowed (a model's own scale may lie above the default)."""
         problems = []
         if not is_whole(self.steps) or not 1 <= self.steps <= MAX_STEPS:
             problems.append(f"steps: expected a whole number from 1 to {MAX_STEPS}, got {self.steps!r}")
@@ -85,9 +86,9 @@ class Settings:
             problems.append(f"cache: expected one of {', '.join(CACHES)}, got {self.cache!r}")
         memory_ok = self.memory_guidance is None or (
             isinstance(self.memory_guidance, (int, float)) and not isinstance(self.memory_guidance, bool)
-            and 0 <= self.memory_guidance <= MAX_MEMORY_GUIDANCE)
+            and 0 <= self.memory_guidance <= max_memory_guidance)
         if not memory_ok:
-            problems.append(f"memory_guidance: expected a number from 0 (off) to {MAX_MEMORY_GUIDANCE:g}, got "
+            problems.append(f"memory_guidance: expected a number from 0 (off) to {max_memory_guidance:g}, got "
                             f"{self.memory_guidance!r}")
         if self.cache in CACHES:  # None (the pipeline's own): checked again once Renderer.resolved knows it
             guidance = self.guidance if isinstance(self.guidance, (int, float)) else None
@@ -199,6 +200,11 @@ class Renderer:
         """Whether the model has TTT layers (memory guidance needs them)."""
         return bool(getattr(self.pipe.transformer, "has_ttt", False))
 
+    @property
+    def max_memory_guidance(self) -> float:
+        """The most memory guidance the demo takes: MAX_MEMORY_GUIDANCE, or the model's own scale where higher."""
+        return max(MAX_MEMORY_GUIDANCE, float(self.pipe.config.memory_guidance_scale))
+
     def resolved(self, settings: Settings) -> Settings:
         """Checked settings for this model: guidance and memory guidance None become the pipeline's own scales
         (checked against the cache like chosen ones), and memory guidance is refused for a model without TTT layers.
@@ -207,7 +213,7 @@ class Renderer:
             settings = replace(settings, guidance=float(self.pipe.config.guidance_scale))
         if settings.memory_guidance is None:
             settings = replace(settings, memory_guidance=float(self.pipe.config.memory_guidance_scale))
-        settings = settings.checked()
+        settings = settings.checked(self.max_memory_guidance)
         if settings.memory_guidance > 0 and not self.has_ttt:
             raise SettingsError(["memory_guidance: this model has no TTT layers to guide by; set it to 0"])
         return settings
