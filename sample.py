@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-guidance", type=memory_scales, default=None, metavar="M[,M...]",
                    help="memory guidance (docs/sampling.md): push segments toward what the TTT layers carry from the "
                    "rest of the video; one number, or one per storyboard segment (e.g. 0,2,2); 0: off; default: the "
-                   "model's own (its model_index.json's memory_guidance_scale; 12 for the bundled model)")
+                   "model's own (its model_index.json's memory_guidance_scale; 24 for the bundled model)")
     p.add_argument("--memory-segments", choices=MEMORY_GUIDANCE_SEGMENTS, default=None,
                    help="where one --memory-guidance number applies: every segment, or those that continue a scene "
                    "(not the first segment, not a scene's first); default: the model's own (continuing for the bundled "

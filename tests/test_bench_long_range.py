@@ -100,7 +100,7 @@ def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys)
     args = bench_long_range.parse_args([*common, "--memory-guidance", "1.5", "--memory-segments", "named"])
     assert bench_long_range.sampling_settings(args, Path(model), "joint")["memory_segments"] == "named"
     plain = bench_long_range.sampling_settings(bench_long_range.parse_args(common), Path(model), "recall")
-    assert plain["memory_guidance"] == 12.0  # the bundled model's own
+    assert plain["memory_guidance"] == 24.0  # the bundled model's own
     off = bench_long_range.parse_args([*common, "--memory-guidance", "0"])
     assert "memory_guidance" not in bench_long_range.sampling_settings(off, Path(model), "recall")  # as before
     # without --memory-guidance each model samples at its own, as sample.py does (model_index.json)

@@ -117,7 +117,7 @@ def test_default_model_samples_at_the_recipes_guidance():
     recipe = load_config(ROOT / "configs" / "toy" / f"{STAGES[-1]}.yaml").validation
     assert recipe.guidance_scale == 2.0
     assert json.loads((DEFAULT_MODEL / "model_index.json").read_text())["guidance_scale"] == recipe.guidance_scale
-    assert saved_memory_guidance(DEFAULT_MODEL) == (12.0, "continuing", "segments_apart") == (
+    assert saved_memory_guidance(DEFAULT_MODEL) == (24.0, "continuing", "segments_apart") == (
         recipe.memory_guidance_scale, recipe.memory_guidance_segments, recipe.memory_guidance_baseline)
 
 
