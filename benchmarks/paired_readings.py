@@ -1,6 +1,7 @@
 """Two or more renders of the same toy-world stories, read against the first, character by character.
 
     python benchmarks/paired_readings.py outputs/e2e/j50-T10/linear/videos outputs/e2e/j50-mc4/linear/videos
+    python benchmarks/paired_readings.py --given 1 A/linear/videos-recall B/linear/videos-recall   # recall mode
 
 Each FOLDER holds mp4s and their storyboards (a `bench_long_range.py` run's `<variant>/videos`, or any folder
 `python -m pipeline.toyworld score` reads). Every folder is scored with the toy world's checks (cached beside it in
@@ -42,13 +43,18 @@ READINGS = ("identity at intro", "colour at intro", "colour after intro", "ident
             "in place at boundary", "in place (drawn small)", "in place (drawn big)", "in place mid-segment")
 
 
-def items(results: list) -> dict[str, dict[tuple, bool]]:
-    """Per reading, {item: right} over scored videos ((path, VideoResult) pairs of `score_folder`)."""
+def items(results: list, given: int = 0) -> dict[str, dict[tuple, bool]]:
+    """Per reading, {item: right} over scored videos ((path, VideoResult) pairs of `score_folder`). given: how many
+    leading segments of every video were given rather than generated (recall mode: 1); they hold no item, while the
+    characters and scenes they introduce are read after them."""
     out: dict[str, dict[tuple, bool]] = {name: {} for name in READINGS}
     for path, video in results:
         story = path.stem
         seen = set()
         for seg in video.segments:
+            if seg.index < given:
+                seen.add(seg.scene)
+                continue
             if seg.scene in seen:
                 out["backdrop after start"][story, seg.index] = seg.background_ok
             seen.add(seg.scene)
@@ -118,14 +124,19 @@ def table(names: list[str], readings: list[dict[str, dict[tuple, bool]]]) -> str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", type=Path, help="folders of videos and storyboards; the first is the base")
+    p.add_argument("--given", type=int, default=0, metavar="N",
+                   help="leading segments of every video that were given, not generated, and so not read (a "
+                   "`bench_long_range.py --modes recall` run's videos-recall: 1)")
     args = p.parse_args(argv)
+    if args.given < 0:
+        p.error(f"--given: expected a number of segments >= 0, got {args.given}")
     if len(args.folders) < 2:
         p.error("expected at least two folders: the base and one to read against it")
     for folder in args.folders:
         if not folder.is_dir():
             p.error(f"{folder}: no such folder")
     try:
-        readings = [items(scored(folder)) for folder in args.folders]
+        readings = [items(scored(folder), args.given) for folder in args.folders]
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

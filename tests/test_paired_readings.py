@@ -64,6 +64,24 @@ def test_in_place_is_split_by_the_size_drawn(folders):
     assert paired_readings.rate(truth["in place (drawn small)"]) == 100.0  # the ground truth never jumps
 
 
+def test_given_segments_hold_no_item_and_what_they_introduce_is_read_after_them(folders, capsys):
+    """Recall mode gives segment 1: its introductions are not the model's, so --given 1 leaves them out, and the
+    characters and scene it introduces are still read in the segments after it."""
+    truth, memoryless = folders
+    results = paired_readings.scored(memoryless)
+    whole, given = paired_readings.items(results), paired_readings.items(results, given=1)
+    for name in paired_readings.READINGS:
+        assert set(given[name]) == {key for key in whole[name] if key[1] >= 1}, name
+    assert any(key[1] == 0 for key in whole["identity at intro"])  # segment 1 introduces characters
+    assert given["colour after intro"] and given["backdrop after start"]  # read after segment 1 as before
+    assert paired_readings.main(["--given", "1", str(truth), str(memoryless)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| identity at intro |"))
+    assert row.startswith(f"| identity at intro | 100.0 ({len(given['identity at intro'])}) |")
+    with pytest.raises(SystemExit) as error:
+        paired_readings.main(["--given", "-1", str(truth), str(memoryless)])
+    assert error.value.code == 2 and "--given: expected a number of segments >= 0, got -1" in capsys.readouterr().err
+
+
 def test_the_score_cache_is_redone_when_a_video_changes(folders, tmp_path):
     truth, _ = folders
     copy = tmp_path / "copy"
