@@ -7,7 +7,7 @@ from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, tiny_components
 from tiny_ttt_pipeline import tiny_ttt_pipeline
 
 from pipeline.demo.editor import kept_rows
-from pipeline.demo.worker import OutputFolders, Renderer, Settings, SettingsError, keep_arguments
+from pipeline.demo.worker import MAX_MEMORY_GUIDANCE, OutputFolders, Renderer, Settings, SettingsError, keep_arguments
 from pipeline.segment_context import load_latents
 from pipeline.storyboard import Segment, Storyboard
 
@@ -83,7 +83,7 @@ def test_default_settings_sample_at_the_pipelines_own_guidance(tmp_path):
 
 def test_default_settings_sample_at_the_pipelines_own_memory_guidance(tmp_path):
     """Settings() leaves memory guidance to the pipeline (its config's scale and segments, 3 on the segments that
-    continue a scene here; the bundled model keeps 4 there): the same latents as asking for 3, not the plain run; a
+    continue a scene here; the bundled model keeps 24 there): the same latents as asking for 3, not the plain run; a
     cache that cannot take memory guidance is refused against that scale."""
     pipe = tiny_ttt_pipeline()
     pipe.set_progress_bar_config(disable=True)
@@ -107,7 +107,8 @@ def test_memory_guidance_setting_reaches_the_pipeline_and_is_checked(renderer, t
     assert (guided - plain).abs().max() > 1e-4
     with pytest.raises(SettingsError, match=r"cache: cache 'faster' keeps one state for every transformer call"):
         Settings(memory_guidance=2, cache="faster").checked()
-    with pytest.raises(SettingsError, match=r"memory_guidance: expected a number from 0 \(off\) to 20, got -1"):
+    with pytest.raises(SettingsError,
+                       match=rf"memory_guidance: expected a number from 0 \(off\) to {MAX_MEMORY_GUIDANCE:g}, got -1"):
         Settings(memory_guidance=-1).checked()
     from models import CogVideoXTTTTransformer3DModel
     from pipeline.pipeline_ttt_video import TTTVideoPipeline
