@@ -139,6 +139,9 @@ class TTTLayer(nn.Module):
         prepare and project_out read token by token, so they run once over the whole sequence; the runs of one
         length go through the op together as one batch (B * runs, H, length, D), so a sequence of n equal
         segments costs one scan of a segment's length instead of n."""
+        starts = [0] + [run.stop for run in runs[:-1]]
+        assert [run.start for run in runs] == starts and runs[-1].stop == x.shape[1], \
+            f"runs must tile [0, {x.shape[1]}) in order, got {runs}"
         q, k, target, eta = self.prepare(x, token_mask, rope)  # (B, H, L, D) x 3, (B, H, L)
         out = torch.empty_like(q)
         by_length: dict[int, list[slice]] = {}
