@@ -57,19 +57,25 @@ def hand_written_forward(module: TTTLayer, x: torch.Tensor, mask: torch.Tensor, 
     return out @ module.wo.weight.T + module.wo.bias
 
 
-@pytest.mark.parametrize("ttt_type", ["mlp", "linear"])
-def test_layer_assembles_the_design_around_the_op(ttt_type):
-    """L2 norm of q, k per head -> RoPE -> target LN_h(v - k) + k -> eta -> op -> post-norm -> wo, in float64 with
-    every parameter random (so that no term vanishes), masked tokens, text and video RoPE and a short last
-    mini-batch (28 tokens, m = 8). The layer rounds q, k and eta through float32 (RoPE, sigmoid): ~3e-7 apart."""
+def random_case(ttt_type: str, seed: int) -> tuple[TTTLayer, torch.Tensor, torch.Tensor, tuple, torch.Generator]:
+    """A float64 layer with every parameter random (so that no term vanishes), 2 x 28 random tokens, a random mask
+    (a quarter masked), the RoPE rows of 28 tokens, and the generator for anything more."""
     module = layer(ttt_type).double()
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
     x = torch.randn(2, 28, 24, generator=generator, dtype=torch.float64)
     mask = torch.rand(2, 28, generator=generator) > 0.25
-    rope = rope_for(28)
+    return module, x, mask, rope_for(28), generator
+
+
+@pytest.mark.parametrize("ttt_type", ["mlp", "linear"])
+def test_layer_assembles_the_design_around_the_op(ttt_type):
+    """L2 norm of q, k per head -> RoPE -> target LN_h(v - k) + k -> eta -> op -> post-norm -> wo, in float64 with
+    every parameter random (so that no term vanishes), masked tokens, text and video RoPE and a short last
+    mini-batch (28 tokens, m = 8). The layer rounds q, k and eta through float32 (RoPE, sigmoid): ~3e-7 apart."""
+    module, x, mask, rope, _ = random_case(ttt_type, seed=1)
     with torch.no_grad():
         expected = hand_written_forward(module, x, mask, tuple(t.double() for t in rope))
         got = module(x, mask, rope)
@@ -165,14 +171,7 @@ def test_runs_read_apart_equal_each_run_alone(ttt_type):
     """`forward_apart` (the runs of one length scanned as one batch) against `forward` on each run by itself, in
     float64 with random parameters, masked tokens, RoPE rows and runs of uneven lengths (two of 9 tokens, a short
     last mini-batch in each): outputs and every gradient. Each run alone is not the whole sequence read through."""
-    module = layer(ttt_type).double()
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.3)
-    x = torch.randn(2, 28, 24, generator=generator, dtype=torch.float64)
-    mask = torch.rand(2, 28, generator=generator) > 0.25
-    rope = rope_for(28)
+    module, x, mask, rope, generator = random_case(ttt_type, seed=3)
     runs = [slice(0, 10), slice(10, 19), slice(19, 28)]
     weights = torch.randn(2, 28, 24, generator=generator, dtype=torch.float64)
 
