@@ -11,6 +11,10 @@ folder counts the items both have, with the standard error of the mean paired di
 independent, so that standard error reads somewhat small. Readings (percent):
 
     identity at intro      the whole look (colour, shape, size) in the segment that introduces the character
+    identity at intro (alone / beside another)
+                           the same, split by who else is on stage there: in the toy world's stories a scene's
+                           first segment introduces its one character, a later segment brings a newcomer in beside
+                           whoever is there (the bundled model draws 1 in 25 of those right, docs/results.md)
     colour at intro        its colour there
     colour after intro     the colour in later segments (memory)
     identity after intro   the whole look there
@@ -38,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.atomic import atomic_path  # noqa: E402  (after the path insert)
 
-READINGS = ("identity at intro", "colour at intro", "colour after intro", "identity after intro",
+READINGS = ("identity at intro", "identity at intro (alone)", "identity at intro (beside another)", "colour at intro",
+            "colour after intro", "identity after intro",
             "drawn big after intro", "size after (big)", "size after (small)", "backdrop after start",
             "in place at boundary", "in place (drawn small)", "in place (drawn big)", "in place mid-segment")
 
@@ -62,6 +67,8 @@ def items(results: list, given: int = 0) -> dict[str, dict[tuple, bool]]:
                 key = (story, seg.index, c.name)
                 if c.introduced_here:
                     out["identity at intro"][key] = c.identity_ok
+                    company = "alone" if len(seg.characters) == 1 else "beside another"
+                    out[f"identity at intro ({company})"][key] = c.identity_ok
                     out["colour at intro"][key] = c.color_ok
                 else:
                     out["colour after intro"][key] = c.color_ok

@@ -2,6 +2,7 @@
 
 import shutil
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,24 @@ def test_in_place_is_split_by_the_size_drawn(folders):
         assert len(small) + len(big) >= 0.9 * len(everything)  # all but the characters not found
     truth = paired_readings.items(paired_readings.scored(folders[0]))
     assert paired_readings.rate(truth["in place (drawn small)"]) == 100.0  # the ground truth never jumps
+
+
+def test_introductions_are_split_by_who_else_is_on_stage(folders):
+    """The introductions read apart: a character alone on stage, and one brought in beside another. Who is on stage
+    is counted here from every reading's items of that segment, not from the split."""
+    for folder in folders:
+        readings = paired_readings.items(paired_readings.scored(folder))
+        alone, beside = readings["identity at intro (alone)"], readings["identity at intro (beside another)"]
+        assert alone and beside and not set(alone) & set(beside)
+        assert {**alone, **beside} == readings["identity at intro"]
+        on_stage = defaultdict(set)
+        for name in ("identity at intro", "colour after intro"):
+            for story, segment, character in readings[name]:
+                on_stage[story, segment].add(character)
+        assert all(len(on_stage[key[:2]]) == 1 for key in alone)
+        assert all(len(on_stage[key[:2]]) >= 2 for key in beside)
+    truth = paired_readings.items(paired_readings.scored(folders[0]))
+    assert paired_readings.rate(truth["identity at intro (beside another)"]) == 100.0
 
 
 def test_given_segments_hold_no_item_and_what_they_introduce_is_read_after_them(folders, capsys):
