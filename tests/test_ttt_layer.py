@@ -191,3 +191,11 @@ def test_runs_read_apart_equal_each_run_alone(ttt_type):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-10, msg=name)
     with torch.no_grad():
         assert (module(x, mask, rope)[:, 10:] - got[:, 10:]).abs().max() > 1e-3
+
+
+def test_runs_that_do_not_tile_the_sequence_are_refused():
+    """A gap, an overlap or a short last run would leave tokens unwritten (forward_apart fills an empty tensor)."""
+    module, x, mask, rope, _ = random_case("linear", seed=3)
+    for runs in ([slice(0, 10), slice(12, 28)], [slice(0, 10), slice(8, 28)], [slice(0, 10), slice(10, 20)]):
+        with pytest.raises(AssertionError, match=r"runs must tile \[0, 28\) in order"):
+            module.forward_apart(x, runs, mask, rope)
