@@ -51,6 +51,7 @@ REPORTED_SEGMENTS = (1, 5, 10, 20)  # identity accuracy at these segments (1-bas
 MODES = ("joint", "recall")
 MEMORY_SEGMENTS = ("all", "named", "continuing")
 MEMORY_BASELINES = ("segments_apart", "no_ttt")  # models/transformer_ttt.py's, named here without importing torch
+REGISTERS = ("story", "dense", "unshaped")  # pipeline.toyworld.dataset's, named here without importing torch
 HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
 
 
@@ -92,6 +93,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--memory-intro", type=float, default=None, metavar="M",
                    help="with --memory-segments continuing: the scale on the segments among them whose text "
                    "introduces a character (default: --memory-guidance's)")
+    p.add_argument("--register", choices=REGISTERS, default="story", help="the texts the videos are rendered from: "
+                   "story (what users write: a look only where a character comes in; the default) or dense (every "
+                   "segment describes each character on stage: what the model draws when the text tells it "
+                   "everything memory should carry); scored against the story storyboards either way")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: story i draws its noise from a stream of its "
                    "own derived from it (story_generator), the same for every variant and mode")
     p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
@@ -233,12 +238,16 @@ def story_generator(seed: int, index: int):
 def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidance: float, seed: int,
                  mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
                  memory_segments: str = "all", memory_intro: float | None = None,
-                 memory_timesteps: tuple[int, int] | None = None, memory_baseline: str | None = None) -> None:
+                 memory_timesteps: tuple[int, int] | None = None, memory_baseline: str | None = None,
+                 register: str = "story") -> None:
     """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
+    register: the texts rendered from, the story's own (<id>.truth.json beside the storyboard) in that register; the
+    story storyboard is copied beside the video for scoring, and places the guidance scales, in every register.
     guidance_named: see `segment_guidance`; memory_guidance, memory_segments, memory_intro: see `memory_scales`;
     memory_timesteps, memory_baseline: the pipeline's memory_guidance_timesteps and _baseline (None: its own)."""
     from pipeline import TTTVideoPipeline
+    from pipeline.toyworld.dataset import load_truth, storyboard_dict
     from pipeline.video_io import read_video, write_video
 
     pipe = TTTVideoPipeline.from_pretrained(model)
@@ -256,7 +265,9 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         storyboard = json.loads(path.read_text())
         scales = segment_guidance(storyboard, guidance, guidance_named)
         memory = memory_scales(storyboard, memory_guidance, memory_segments, memory_intro)
-        frames = pipe(path, num_inference_steps=steps, guidance_scale=scales, video=given,
+        rendered = path if register == "story" else storyboard_dict(
+            load_truth(path.with_name(f"{story_id}.truth.json")), register)
+        frames = pipe(rendered, num_inference_steps=steps, guidance_scale=scales, video=given,
                       memory_guidance_scale=memory, memory_guidance_segments="all",  # placed by memory_scales
                       memory_guidance_timesteps=memory_timesteps, memory_guidance_baseline=memory_baseline,
                       generator=story_generator(seed, index), output_type="np").frames[0]
@@ -271,7 +282,7 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
     """Renders in a child process; returns its timing plus its peak resident memory (bytes)."""
     command = [sys.executable, __file__, "--sample", str(model), str(storyboards), str(videos), mode,
                "--inference-steps", str(args.inference_steps), "--guidance", str(guidance_for(args, model)),
-               "--seed", str(args.seed)]
+               "--seed", str(args.seed), "--register", args.register]
     if args.guidance_named is not None:
         command += ["--guidance-named", str(args.guidance_named)]
     memory, where, baseline = memory_for(args, model)
@@ -327,6 +338,8 @@ def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
         settings["memory_intro"] = args.memory_intro
     if args.memory_timesteps is not None:  # likewise
         settings["memory_timesteps"] = list(args.memory_timesteps)
+    if args.register != "story":  # likewise
+        settings["register"] = args.register
     return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         model, storyboards, videos, mode = args.sample
         sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode,
                      args.guidance_named, args.memory_guidance or 0.0, args.memory_segments or "all", args.memory_intro,
-                     args.memory_timesteps, args.memory_baseline)
+                     args.memory_timesteps, args.memory_baseline, args.register)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",

@@ -125,6 +125,40 @@ def test_memory_guidance_reaches_the_renderer_and_the_settings(tmp_path, capsys)
     assert "--memory-guidance: expected a number >= 0, got -1.0" in capsys.readouterr().err
 
 
+def test_the_dense_register_renders_the_dense_texts_and_is_scored_as_the_story(tmp_path):
+    """--register dense: the videos are rendered from every segment's dense caption (the same scenes and cuts), the
+    story storyboard goes beside them for scoring, and the register is kept in the renders' settings."""
+    from pipeline.toyworld.dataset import REGISTERS, load_truth, storyboard_dict
+
+    heldout = tmp_path / "heldout"
+    generate(heldout, stories=1, min_segments=2, max_segments=2, seed=bench_long_range.HELD_OUT_SEED, progress=False)
+    story = load_truth(heldout / "story_00000.truth.json")
+    plain, dense = storyboard_dict(story), storyboard_dict(story, "dense")
+    assert plain == json.loads((heldout / "story_00000.storyboard.json").read_text())
+    texts = [[seg["text"] for seg in scene["segments"]] for scene in dense["scenes"]]
+    assert [len(t) for t in texts] == [len(scene["segments"]) for scene in plain["scenes"]]
+    assert sum(texts, []) == [seg.dense_text for seg in story.segments]
+    assert "On stage:" in texts[-1][-1] and sum(texts, []) != [seg.text for seg in story.segments]
+    with pytest.raises(ValueError, match="register: expected one of"):
+        storyboard_dict(story, "shouting")
+    assert bench_long_range.REGISTERS == REGISTERS
+
+    model = str(ROOT / "models" / "default")
+    outputs = {}
+    for register in ("story", "dense"):
+        videos = tmp_path / register
+        bench_long_range.sample_child(model, heldout, videos, steps=2, guidance=2.0, seed=0, register=register)
+        outputs[register], _ = read_video(videos / "story_00000.mp4")
+        assert json.loads((videos / "story_00000.storyboard.json").read_text()) == plain  # scored as the story
+    assert np.abs(outputs["story"].astype(float) - outputs["dense"]).mean() > 0.5  # other texts, same noise
+
+    common = ["--variants", "linear", "--trained", f"linear={model}"]
+    story_settings = bench_long_range.sampling_settings(bench_long_range.parse_args(common), Path(model), "joint")
+    assert "register" not in story_settings  # the story renders of earlier runs stay valid
+    args = bench_long_range.parse_args([*common, "--register", "dense"])
+    assert bench_long_range.sampling_settings(args, Path(model), "joint") == {**story_settings, "register": "dense"}
+
+
 def test_guidance_named_lowers_only_the_segments_that_only_name_characters():
     """--guidance-named: the segments whose text introduces a character or opens a scene keep the guidance; the ones
     that only name characters get their own scale (per segment, the pipeline's guidance_scale list)."""

@@ -33,15 +33,30 @@ from .world import FPS, FRAMES_PER_SEGMENT, Story, on_stage, plan
 MASK_SUFFIX = ".mask.mp4"
 
 
-def story_storyboard(story: Story) -> Storyboard:
-    """The story as a project storyboard; every scene after the first opens with a cut."""
-    segments = [Segment(seg.text, scene_start=i > 0 and seg.scene_start) for i, seg in enumerate(story.segments)]
+REGISTERS = ("story", "dense", "unshaped")  # the caption registers of `story_record`
+
+
+def story_storyboard(story: Story, register: str = "story") -> Storyboard:
+    """The story as a project storyboard; every scene after the first opens with a cut. register: the segments'
+    texts, "story" (what users write) or one of the captions of `story_captions` ("dense", "unshaped"), the same
+    scenes and cuts either way."""
+    if register == "story":
+        texts = [seg.text for seg in story.segments]
+    elif register in REGISTERS:
+        texts = [captions.get(register) for captions in story_captions(story)]
+        if None in texts:  # truth files written before the dense register have no dense text
+            raise ValueError(f"register {register!r}: story {story.seed} has no such caption for segment "
+                             f"{texts.index(None) + 1}; regenerate its folder")
+    else:
+        raise ValueError(f"register: expected one of {REGISTERS}, got {register!r}")
+    segments = [Segment(text, scene_start=i > 0 and seg.scene_start)
+                for i, (seg, text) in enumerate(zip(story.segments, texts, strict=True))]
     return Storyboard(segments, title=story.title)
 
 
-def storyboard_dict(story: Story) -> dict:
-    """The story's storyboard in the project's JSON format (`Storyboard.to_dict`)."""
-    return story_storyboard(story).to_dict()
+def storyboard_dict(story: Story, register: str = "story") -> dict:
+    """The story's storyboard in the project's JSON format (`Storyboard.to_dict`), its texts in `register`."""
+    return story_storyboard(story, register).to_dict()
 
 
 def story_record(story: Story, video: str, mask: str | None = None) -> VideoRecord:
