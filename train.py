@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.accumulate(model):
                 terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight,
                                         cfg.train.mask_weight, cfg.train.mask_dilate, cfg.train.boundary_weight,
-                                        frames_per_segment)
+                                        frames_per_segment, cfg.train.told_weight)
                 loss = terms.per_sample.mean()
                 accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 grad_norm = None
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             later = terms.later_segments(n, frames_per_segment) if n > 1 else None
             later_masked = terms.later_masked(n, frames_per_segment) if n > 1 else None
             metrics.record(step + 1, loss, grad_norm, batch["names"], accumulation, later, later_masked, replay,
-                           terms.boundary())
+                           terms.boundary(), terms.told())
         lr_scheduler.step()
         if ema is not None:
             ema.step(trainable)

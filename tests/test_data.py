@@ -475,6 +475,53 @@ def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_pa
         config(tmp_path, "data.mix_rate=1.5", f"data.mix_cache={dense}")
 
 
+def test_a_told_cache_gives_every_sequence_the_told_texts_beside_its_own(base, tmp_path):
+    """data.told_cache (for train.told_weight): every item also carries the told cache's texts of its segments, and
+    told says whether its own texts are the cache's (not dropped, not mixed); its own texts are drawn as without it."""
+    shutil.copytree(base / "dataset", tmp_path / "dataset")
+    records = with_dense(read_metadata(tmp_path / "dataset"))
+    write_metadata(tmp_path / "dataset", records)
+    root, story, dense = tmp_path / "dataset", tmp_path / "story", tmp_path / "dense"
+    dense_overrides = ["data.caption=dense", f"data.latents_from={story}", f"data.cache={dense}"]
+    for overrides in ([f"data.cache={story}"], dense_overrides):
+        precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", *overrides), torch.float32,
+                   Accelerator(cpu=True))
+    mixing = {"segments": 2, "mix_cache": dense, "mix_rate": 0.5, "text_dropout": 0.2}
+    plain = SequenceDataset(root, story, segments=2, text_dropout=0.2)
+    without, told = SequenceDataset(root, story, **mixing), SequenceDataset(root, story, told_cache=dense, **mixing)
+    start = told.windows[1][1]
+    dense_item = load_file(item_path(dense, records[0]))
+    null = load_file(base / "cache" / "null.safetensors")["text"]
+    owns = []
+    for seed in range(60):
+        item = told[(1, seed)]
+        torch.testing.assert_close(item["told_text"], dense_item["text"][start:start + 2].float())
+        assert torch.equal(item["told_text_mask"], dense_item["text_mask"][start:start + 2].bool())
+        torch.testing.assert_close(item["text"], without[(1, seed)]["text"])  # the same draws as without it
+        owns.append(bool(item["told"]))
+        if owns[-1]:  # the story texts
+            torch.testing.assert_close(item["text"], plain[(1, seed)]["text"])
+        else:  # dropped or mixed
+            assert torch.allclose(item["text"], null.expand_as(item["text"])) or torch.equal(item["text"],
+                                                                                               item["told_text"])
+    assert 10 < sum(owns) < 50  # about 0.8 x 0.5 of 60
+    assert "told_text" not in without[(1, 0)]
+    cfg = config(tmp_path, f"data.root={root}", f"data.cache={story}", f"data.told_cache={dense}",
+                 "train.told_weight=1.0")
+    assert build_loader(cfg, MODEL_SIZES, 1000).dataset.told_cache == dense  # the config reaches the dataset
+    unused = config(tmp_path, f"data.root={root}", f"data.cache={story}", f"data.told_cache={dense}")
+    assert build_loader(unused, MODEL_SIZES, 1000).dataset.told_cache is None  # read only for the term
+    item_path(dense, records[-1]).unlink()
+    with pytest.raises(DatasetError, match=r"items/video2-.*safetensors: not found in the told cache; expected the "
+                       r"texts of the video's 4 segments"):
+        SequenceDataset(root, story, segments=2, told_cache=dense)
+    with pytest.raises(ConfigError, match=r"^data.told_cache: expected a precompute cache folder for "
+                       r"train.told_weight 0.5, got none$"):
+        config(tmp_path, "train.told_weight=0.5")
+    with pytest.raises(ConfigError, match=r"^train.told_weight: expected a weight >= 0, got -1"):
+        config(tmp_path, "train.told_weight=-1", f"data.told_cache={dense}")
+
+
 def test_repeat_pattern_matches_the_mix_caches_register_too_and_reaches_the_replay(base, tmp_path):
     """A sequence repeats when its captions match in the cache's register or in the mix cache's (its texts may come
     from either); data.replay.repeat_pattern / repeat_times reach the replayed segments, whose texts come from

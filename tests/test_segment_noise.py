@@ -200,7 +200,8 @@ def test_noise_config_is_checked(tmp_path):
 
 
 def test_train_py_runs_the_noise_modes(tmp_path):
-    """train.py wires train.noise into its collate (mixed modes, 2 steps of the debug config) and saves it resolved."""
+    """train.py wires train.noise into its collate (mixed modes, 2 steps of the debug config) and saves it resolved;
+    likewise the boundary and told terms (the told cache here is the cache itself: the term is there, and 0)."""
     import json
     import subprocess
     import sys
@@ -212,18 +213,20 @@ def test_train_py_runs_the_noise_modes(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
                              f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
                              "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
-                             "train.noise.context=0.5", "train.noise.t_min=500", "train.boundary_weight=1.5"],
+                             "train.noise.context=0.5", "train.noise.t_min=500", "train.boundary_weight=1.5",
+                             f"data.told_cache={base / 'cache'}", "train.told_weight=0.5"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
     # logged on steps whose batch has a noisy segment that continues a scene (step 1 with these seeds)
     assert [math.isfinite(log["loss/boundary"]) for log in logs if "loss/boundary" in log] == [True]
+    assert [log["loss/told"] for log in logs] == [0.0, 0.0]  # told what its own texts tell
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
                                        "context_rate": 0.5, "t_min": 500, "t_max": None,
                                        "context_t_min": None}
-    assert saved["train"]["boundary_weight"] == 1.5
+    assert saved["train"]["boundary_weight"] == 1.5 and saved["train"]["told_weight"] == 0.5
 
 
 def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames():
@@ -283,6 +286,80 @@ def test_boundary_term_adds_the_error_of_the_first_frame_of_each_segment_that_co
         diffusion_terms(Recorder(prediction.clone()), scheduler, batch, boundary_weight=2.5)
     with pytest.raises(ConfigError, match=r"train.boundary_weight: expected a weight >= 0, got -1"):
         load_config(None, ["train.boundary_weight=-1"])
+
+
+@pytest.mark.parametrize("noise", [None, CONTEXT_FIRST], ids=["one level", "clean segment 1"])
+def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(model, noise):
+    """train.told_weight: loss = plain loss + weight x the mean weighted squared distance, over the noisy frames of
+    segments 2..n, between the x_0 estimate and the same model's estimate from the told texts (plus mask_weight x
+    its mask-weighted mean), only for samples whose texts are their own; written out in float64 from two forward
+    passes. Its gradient is the distance's with the told estimate held fixed; a single segment gains nothing."""
+    from pipeline.training import diffusion_terms
+
+    torch.manual_seed(0)
+    batch = collate(noise)
+    batch["told_text"] = torch.randn(batch["text"].shape)
+    batch["told_text_mask"] = batch["text_mask"].clone()
+    batch["told"] = torch.tensor([True, False])
+    batch["loss_mask"] = (torch.rand(batch["latents"].shape[0], FRAMES, 4, 4) < 0.3).float()
+    scheduler = make_scheduler("ddim")
+    frame_t = batch["frame_timesteps"] if noise else batch["timesteps"][:, None].expand(batch["latents"].shape[:2])
+    a = scheduler.alphas_cumprod.double()[frame_t][:, :, None, None, None]
+    latents = batch["latents"].double()
+    inputs = a.sqrt() * latents + (1 - a).sqrt() * batch["noise"].double()
+    if noise is not None:  # clean segment 1 enters as it is
+        inputs = torch.where(batch["frame_noisy"][:, :, None, None, None], inputs, latents)
+
+    def x0(text):
+        prediction = model(hidden_states=inputs.float(), encoder_hidden_states=text, timestep=batch["timesteps"],
+                           encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
+                           return_dict=False)[0]
+        return a.sqrt() * inputs - (1 - a).sqrt() * prediction.double()
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+    for mask_weight in (0.0, 2.0):
+        plain = diffusion_terms(model, scheduler, batch, mask_weight=mask_weight).per_sample
+        plain_grads = grads(plain.sum())
+        terms = diffusion_terms(model, scheduler, batch, mask_weight=mask_weight,
+                                frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0)
+        told_grads = grads(terms.per_sample.sum())
+        with torch.no_grad():
+            target = x0(batch["told_text"])
+        model.zero_grad()
+        distance = (x0(batch["text"]) - target).pow(2) / (1 - a)  # (B, T, C, h, w)
+        later = distance[:, FRAMES_FIRST:]
+        term = later.flatten(1).mean(dim=1)
+        on = batch["loss_mask"][:, FRAMES_FIRST:, None].double()
+        term = term + mask_weight * (later * on).sum(dim=(1, 2, 3, 4)) / (on.sum(dim=(1, 2, 3, 4)) * LATENT_CHANNELS)
+        term = term * batch["told"]  # the second sample's texts are not its own: nothing
+        expected = plain.detach().double() + 3.0 * term
+        torch.testing.assert_close(terms.per_sample.detach().double(), expected, rtol=1e-4, atol=1e-6)
+        assert terms.per_sample[0] > plain[0] and terms.per_sample[1] == plain[1]
+        # the told estimate passes no gradient back: the gradient is the plain loss's plus the distance's with the
+        # told estimate held fixed
+        for told_grad, plain_grad, term_grad in zip(told_grads, plain_grads, grads(3.0 * term.sum()), strict=True):
+            torch.testing.assert_close(told_grad.double(), plain_grad.double() + term_grad, rtol=1e-3, atol=1e-6)
+        total, count = terms.told()  # logged as loss/told
+        assert count == 2 * FRAMES_PER_SEGMENT
+        torch.testing.assert_close(total.double(), later[0].flatten(1).mean(dim=1).sum(), rtol=1e-4, atol=0)
+    same = {**batch, "told_text": batch["text"], "told": torch.tensor([True, True])}  # told what it was told
+    torch.testing.assert_close(diffusion_terms(model, scheduler, same, frames_per_segment=FRAMES_PER_SEGMENT,
+                                               told_weight=3.0).per_sample,
+                               diffusion_terms(model, scheduler, same).per_sample)
+    single = {key: value[:, :FRAMES_FIRST] if key in ("latents", "noise", "frame_timesteps", "frame_noisy",
+                                                      "loss_mask") else
+              value[:, :1] if key in ("text", "text_mask", "scene_start", "timesteps", "told_text",
+                                      "told_text_mask") and value.dim() > 1 else value
+              for key, value in batch.items()}
+    alone = diffusion_terms(model, scheduler, single, frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0)
+    torch.testing.assert_close(alone.per_sample, diffusion_terms(model, scheduler, single).per_sample)
+    without = {k: v for k, v in batch.items() if not k.startswith("told")}
+    with pytest.raises(ValueError, match=r"train.told_weight > 0 needs the batch's told_text \(data.told_cache\)"):
+        diffusion_terms(model, scheduler, without, frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0)
 
 
 def test_later_segment_loss_is_the_mean_over_noisy_frames_after_segment_one():

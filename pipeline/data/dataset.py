@@ -72,6 +72,9 @@ class SequenceDataset(Dataset):
     (T, h, w) float32 in [0, 1], joined like the latents; every video then needs a mask (DatasetError otherwise).
     A window with a segment whose caption matches `repeat_pattern`, in the cache's register or the mix cache's,
     appears `repeat_times` times instead of once; `repeat_key` names the setting in the error when none matches.
+    With `told_cache` (another cache of the same videos, its texts in a register that tells everything on screen),
+    items also return told_text (segments, L, D), told_text_mask (segments, L) from it and told: () bool, True when
+    the item's own texts are its cache's (neither dropped nor mixed), for the loss's told term (train.told_weight).
 
     Videos whose cache item is missing or unreadable are skipped and counted in the log (`skipped`).
     """
@@ -79,7 +82,8 @@ class SequenceDataset(Dataset):
     def __init__(self, root: str | os.PathLike, cache: str | os.PathLike, segments: int, stride: int = 1,
                  text_dropout: float = 0.0, expected: dict | None = None, mix_cache: str | os.PathLike | None = None,
                  mix_rate: float = 0.0, loss_mask: bool = False, repeat_pattern: str | None = None,
-                 repeat_times: int = 1, repeat_key: str = "data.repeat_pattern"):
+                 repeat_times: int = 1, repeat_key: str = "data.repeat_pattern",
+                 told_cache: str | os.PathLike | None = None):
         if segments < 1 or stride < 1:
             raise DatasetError(f"segments and stride must be >= 1, got {segments} and {stride}")
         if not 0.0 <= text_dropout <= 1.0:
@@ -89,6 +93,7 @@ class SequenceDataset(Dataset):
                                f"{mix_rate}")
         self.cache, self.segments, self.text_dropout, self.loss_mask = Path(cache), segments, text_dropout, loss_mask
         self.mix_cache, self.mix_rate = (Path(mix_cache), mix_rate) if mix_rate > 0 else (None, 0.0)
+        self.told_cache = Path(told_cache) if told_cache is not None else None
         self.manifest = read_manifest(cache)
         check_manifest(self.manifest, expected or {}, cache)
         self.scaling_factor = float(self.manifest["scaling_factor"])
@@ -103,11 +108,15 @@ class SequenceDataset(Dataset):
             check_manifest(mix_manifest, {k: v for k, v in (expected or {}).items() if k != "caption"},
                            self.mix_cache)
             registers = list(dict.fromkeys([*registers, mix_manifest.get("caption", "text")]))
+        if self.told_cache is not None:  # likewise
+            check_manifest(read_manifest(self.told_cache),
+                           {k: v for k, v in (expected or {}).items() if k != "caption"}, self.told_cache)
 
         self.skipped: dict[str, int] = {"missing": 0, "corrupt": 0, "too_short": 0}
         self.windows: list[tuple[Path, int]] = []  # (cache item, first segment)
         self.videos: dict[Path, str] = {}  # cache item -> its video (for error messages)
         self.mix_items: dict[Path, Path] = {}  # cache item -> the mix cache's item of the same video
+        self.told_items: dict[Path, Path] = {}  # cache item -> the told cache's item of the same video
         repeat = re.compile(repeat_pattern) if repeat_pattern and repeat_times > 1 else None
         self.repeated = 0  # windows that appear repeat_times times
         records = read_metadata(root)
@@ -136,7 +145,9 @@ class SequenceDataset(Dataset):
                 self.repeated += times > 1
             self.videos[path] = record.video
             if self.mix_cache is not None and num >= segments:
-                self.mix_items[path] = self._check_mix_item(item_path(self.mix_cache, record), num)
+                self.mix_items[path] = self._check_texts_item(item_path(self.mix_cache, record), num, "mix")
+            if self.told_cache is not None and num >= segments:
+                self.told_items[path] = self._check_texts_item(item_path(self.told_cache, record), num, "told")
         logger.info("dataset: %d sequences of %d segments from %d videos; skipped videos: %s", len(self.windows),
                     segments, len(records), self.skipped)
         if repeat is not None:
@@ -161,21 +172,23 @@ class SequenceDataset(Dataset):
             raise DatasetError(f"latent_mean has shape {shape}, expected ({num_segments}, {self.frames_first}, ...)")
         return shape[0]
 
-    def _check_mix_item(self, path: Path, num_segments: int) -> Path:
-        """The mix cache's item for a video of `num_segments` segments: readable, with a text per segment."""
+    def _check_texts_item(self, path: Path, num_segments: int, which: str) -> Path:
+        """The `which` ("mix", "told") cache's item for a video of `num_segments` segments: readable, with a text per
+        segment."""
         if not path.is_file():
-            raise DatasetError(f"{path}: not found in the mix cache; expected the texts of the video's {num_segments} "
-                               "segments (precompute the mix cache for every video)")
+            raise DatasetError(f"{path}: not found in the {which} cache; expected the texts of the video's "
+                               f"{num_segments} segments (precompute the {which} cache for every video)")
         try:
             with safe_open(str(path), framework="pt") as f:
                 shape = f.get_slice("text").get_shape()
                 if "text_mask" not in f.keys():
                     raise DatasetError("tensor 'text_mask' missing")
         except (OSError, SafetensorError, DatasetError) as e:
-            raise DatasetError(f"{path}: the mix cache's item is unreadable ({e}); expected the texts of the video's "
-                               f"{num_segments} segments (delete it and precompute the mix cache again)") from None
+            raise DatasetError(f"{path}: the {which} cache's item is unreadable ({e}); expected the texts of the "
+                               f"video's {num_segments} segments (delete it and precompute the {which} cache again)"
+                               ) from None
         if shape[0] != num_segments:
-            raise DatasetError(f"{path}: the mix cache's item has texts for {shape[0]} segments, expected "
+            raise DatasetError(f"{path}: the {which} cache's item has texts for {shape[0]} segments, expected "
                                f"{num_segments}")
         return path
 
@@ -195,19 +208,29 @@ class SequenceDataset(Dataset):
             mask = f.get_slice("loss_mask")[start:stop].float() if self.loss_mask else None  # (n, F1, h, w)
         scene_start[0] = False
         rng = random.Random(seed)
+        own = True  # the texts are the cache's own
         if rng.random() < self.text_dropout:
             text = self.null_text.expand_as(text).clone()
             text_mask = self.null_mask.expand_as(text_mask).clone()
+            own = False
         elif self.mix_cache is not None and rng.random() < self.mix_rate:  # drawn only when mixing: no change if not
-            with safe_open(str(self.mix_items[path]), framework="pt") as f:
-                text = f.get_slice("text")[start:stop].float()
-                text_mask = f.get_slice("text_mask")[start:stop].bool()
+            text, text_mask = self._texts(self.mix_items[path], start, stop)
+            own = False
         item = {"latent_mean": self._join(mean), "latent_logvar": self._join(logvar), "text": text,
                 "text_mask": text_mask, "scene_start": scene_start, "seed": torch.tensor(seed, dtype=torch.int64),
                 "name": f"{self.videos[path]} segments {start}-{stop - 1} (cache {path.name})"}
         if mask is not None:
             item["loss_mask"] = self._join(mask)
+        if self.told_cache is not None:
+            item["told_text"], item["told_text_mask"] = self._texts(self.told_items[path], start, stop)
+            item["told"] = torch.tensor(own)
         return item
+
+    @staticmethod
+    def _texts(path: Path, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segments start..stop-1's text (n, L, D) float32 and text_mask (n, L) bool from a cache item."""
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_slice("text")[start:stop].float(), f.get_slice("text_mask")[start:stop].bool()
 
     def _join(self, per_segment: torch.Tensor) -> torch.Tensor:
         """(n, F1, ...) per-segment encodings → (T, ...): all frames of the first segment, then each later

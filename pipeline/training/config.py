@@ -124,6 +124,8 @@ class DataConfig:
     cache's) matches the regular expression repeat_pattern appear repeat_times times in every epoch instead of once,
     so that a rare kind of clip (the toy world's segments with two characters on stage: "; ") is seen more often.
     replay: single segments replayed in a share of a multi-segment stage's steps (`ReplayConfig`).
+    told_cache: another precompute cache of the same videos whose texts tell everything on screen (the dense
+    register), read beside every sequence's own texts for the loss's told term (train.told_weight).
     """
 
     root: str = "data/dataset"
@@ -139,6 +141,7 @@ class DataConfig:
     latents_from: str | None = None
     mix_cache: str | None = None
     mix_rate: float = 0.0
+    told_cache: str | None = None
     repeat_pattern: str | None = None
     repeat_times: int = _at_least(1, 1)
     num_workers: int = _at_least(2, 0)
@@ -214,7 +217,8 @@ class TrainConfig:
     (`NoiseConfig`). hard_fraction, hard_weight: the loss's term on each sample's largest errors; mask_weight: its
     term on the elements the dataset's loss masks cover, grown by mask_dilate latent positions first
     (pipeline.training.loss.diffusion_terms); boundary_weight: its term on the first latent frame of each segment that
-    continues a scene; 0: the plain objective.
+    continues a scene; told_weight: its term on the distance from the same model's prediction given data.told_cache's
+    texts, on segments 2..n; 0: the plain objective.
     """
 
     steps: int = _at_least(5000, 1)
@@ -233,6 +237,7 @@ class TrainConfig:
     mask_weight: float = 0.0
     mask_dilate: int = 0
     boundary_weight: float = 0.0
+    told_weight: float = 0.0
 
     def __post_init__(self):
         if not 0.0 <= self.hard_fraction <= 1.0:
@@ -246,6 +251,8 @@ class TrainConfig:
                               f"got {self.mask_dilate!r}")
         if self.boundary_weight < 0:
             raise ConfigError(f"train.boundary_weight: expected a weight >= 0, got {self.boundary_weight!r}")
+        if self.told_weight < 0:
+            raise ConfigError(f"train.told_weight: expected a weight >= 0, got {self.told_weight!r}")
 
 
 @dataclass
@@ -324,6 +331,9 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self):
+        if self.train.told_weight > 0 and not self.data.told_cache:
+            raise ConfigError(f"data.told_cache: expected a precompute cache folder for train.told_weight "
+                              f"{self.train.told_weight}, got none")
         if self.validation.memory_guidance_scale > 0 and self.model.ttt.ttt_type == "none":
             raise ConfigError(f"validation.memory_guidance_scale: a model without TTT layers (model.ttt.ttt_type "
                               f"none) has nothing to guide by; expected 0, got {self.validation.memory_guidance_scale}")

@@ -35,8 +35,9 @@ class MetricLogger:
         self.replay_sum = torch.zeros((), device=device)  # the loss of steps that replay single segments
         self.grad_norm: torch.Tensor | None = None
         # on segments 2..n (multi-segment runs): loss sum and frame count, then the loss mask's error sum and weight,
-        # then the loss sum and frame count on the first frames of the segments that continue a scene
-        self.later = torch.zeros(6, device=device)
+        # then the loss sum and frame count on the first frames of the segments that continue a scene, then the
+        # distance from the told prediction and its frame count
+        self.later = torch.zeros(8, device=device)
         self.first_bad_step = torch.full((), -1, device=device)
         self.items: dict[int, list[str]] = {}  # step -> the batch items seen since the last check (host only)
         self.steps, self.replay_steps, self.last_time = 0, 0, time.perf_counter()
@@ -47,13 +48,14 @@ class MetricLogger:
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None, items: list[str],
                accumulation: int, later: tuple[torch.Tensor, torch.Tensor] | None = None,
                later_masked: tuple[torch.Tensor, torch.Tensor] | None = None, replay: bool = False,
-               boundary: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               boundary: tuple[torch.Tensor, torch.Tensor] | None = None,
+               told: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """One micro-batch of optimizer step `step` (1-based): its mean loss, the clipped-before norm on the
         synchronising micro-batch, the names of its items (for the non-finite stop), (sum, count) of its loss on
         the noisy frames of segments 2..n (`LossTerms.later_segments`), (sum, weight) of its mask-weighted error
         there (`LossTerms.later_masked`), whether the step replays single segments (data.replay: its loss is
         kept apart), and (sum, count) of its loss on the first frames of segments that continue a scene
-        (`LossTerms.boundary`)."""
+        (`LossTerms.boundary`), and of its distance from the told prediction (`LossTerms.told`)."""
         if replay:
             self.replay_sum += loss.detach() / accumulation
         else:
@@ -63,7 +65,9 @@ class MetricLogger:
         if later_masked is not None:
             self.later[2:4] += torch.stack([later_masked[0].detach().float(), later_masked[1].detach().float()])
         if boundary is not None:
-            self.later[4:] += torch.stack([boundary[0].detach().float(), boundary[1].float()])
+            self.later[4:6] += torch.stack([boundary[0].detach().float(), boundary[1].float()])
+        if told is not None:
+            self.later[6:] += torch.stack([told[0].detach().float(), told[1].float()])
         if grad_norm is not None:
             self.grad_norm = grad_norm
         self.items.setdefault(step, []).extend(items)
@@ -97,10 +101,10 @@ class MetricLogger:
                   ) -> dict | None:
         """On logging steps: the mean loss (of the stage's sequences; loss/replay: of the steps that replayed
         single segments) and step time since the last log, the learning rates, the gradient norm, the loss on
-        segments 2..n (loss/later_segments, multi-segment runs; loss/later_masked, its
-        mask-weighted mean, with loss masks; loss/boundary, on the first frames of the segments that continue a
-        scene) and the mean |tanh(gate)| of the
-        TTT gates on video tokens (ttt_gate/video), to the trackers, metrics.jsonl and the bar."""
+        segments 2..n (loss/later_segments, multi-segment runs; loss/later_masked, its mask-weighted mean, with loss
+        masks; loss/boundary, on the first frames of the segments that continue a scene; loss/told, the distance from
+        the told prediction, with train.told_weight) and the mean |tanh(gate)| of the TTT gates on video tokens
+        (ttt_gate/video), to the trackers, metrics.jsonl and the bar."""
         if not self.should_log(step):
             return None
         logs = {}
@@ -119,6 +123,8 @@ class MetricLogger:
             logs["loss/later_masked"] = (later[2] / later[3]).item()
         if later[5] > 0:
             logs["loss/boundary"] = (later[4] / later[5]).item()
+        if later[7] > 0:
+            logs["loss/told"] = (later[6] / later[7]).item()
         gate = video_gate_magnitude(model) if model is not None else None
         if gate is not None:
             logs["ttt_gate/video"] = gate

@@ -30,7 +30,8 @@ class DiffusionCollate:
     The batch holds latents (B, T, C, h, w) = (mean + exp(logvar / 2) ε') x scaling_factor, noise (B, T, C, h, w),
     timesteps (B,) int64, text (B, n, L, D), text_mask (B, n, L), scene_start (B, n), and names (B strings, where
     each sample comes from, for error messages), and loss_mask (B, T, h, w) when the items carry one (a dataset with
-    masks and train.mask_weight > 0). Drawing from per-sample seeds
+    masks and train.mask_weight > 0), told_text (B, n, L, D), told_text_mask (B, n, L) and told (B,) bool when they
+    carry those (data.told_cache). Drawing from per-sample seeds
     makes a sample's noise independent of the batch it lands in, the process that loads it and the device.
     With a `NoiseConfig` other than uniform only (which needs the model's latent_frames_per_segment), timesteps are
     (B, n), one level per segment, and the batch adds frame_timesteps (B, T) and frame_noisy (B, T) bool (False on
@@ -69,7 +70,9 @@ class DiffusionCollate:
                 frame_segment = frame_segments(num_segments, first, self.frames_per_segment)
                 frame_timesteps.append(timesteps[-1][frame_segment])
                 frame_noisy.append(~clean[frame_segment])
-        batch = default_collate([{k: item[k] for k in ("text", "text_mask", "scene_start")} for item in items])
+        texts = ("text", "text_mask", "scene_start", *(("told_text", "told_text_mask", "told")
+                                                       if "told_text" in items[0] else ()))
+        batch = default_collate([{k: item[k] for k in texts} for item in items])
         batch.update(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.stack(timesteps),
                      names=[str(item.get("name", "?")) for item in items])
         if "loss_mask" in items[0]:
@@ -105,7 +108,8 @@ class LossTerms:
     with a loss mask in the batch, masked_frame (B, T) the mask-weighted sum of the weighted squared errors per frame
     and mask_frame (B, T) the mask's sum over the frame's elements (both 0 on clean context frames); given the model's
     frames per segment, boundary_frames (B, T) bool, the noisy first latent frames of the segments that continue a
-    scene (`continuing_first_frames`)."""
+    scene (`continuing_first_frames`); with train.told_weight, told_frame (B, T) the weighted squared distance per
+    frame from the prediction given the told texts, and told_frames (B, T) bool, the frames it counts on."""
 
     per_sample: torch.Tensor
     per_frame: torch.Tensor
@@ -113,6 +117,8 @@ class LossTerms:
     masked_frame: torch.Tensor | None = None
     mask_frame: torch.Tensor | None = None
     boundary_frames: torch.Tensor | None = None
+    told_frame: torch.Tensor | None = None
+    told_frames: torch.Tensor | None = None
 
     def later_segments(self, num_segments: int, frames_per_segment: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum, count) of the per-frame loss over the noisy frames of segments 2..n: in the toy world's story
@@ -135,6 +141,12 @@ class LossTerms:
             return None
         return (self.per_frame * self.boundary_frames).sum(), self.boundary_frames.sum()
 
+    def told(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(sum, count) of the per-frame distance from the told prediction over `told_frames`; None without it."""
+        if self.told_frame is None:
+            return None
+        return (self.told_frame * self.told_frames).sum(), self.told_frames.sum()
+
     def _later(self, num_segments: int, frames_per_segment: int) -> torch.Tensor:
         first = self.per_frame.shape[1] - (num_segments - 1) * frames_per_segment
         later = self.noisy.clone()
@@ -156,16 +168,16 @@ def continuing_first_frames(scene_start: torch.Tensor, num_frames: int, frames_p
 def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
                    hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
                    mask_dilate: int = 0, boundary_weight: float = 0.0,
-                   frames_per_segment: int | None = None) -> torch.Tensor:
+                   frames_per_segment: int | None = None, told_weight: float = 0.0) -> torch.Tensor:
     """Per-sample weighted loss (B,) float32 for a `DiffusionCollate` batch (see the module docstring)."""
     return diffusion_terms(model, scheduler, batch, hard_fraction, hard_weight, mask_weight, mask_dilate,
-                           boundary_weight, frames_per_segment).per_sample
+                           boundary_weight, frames_per_segment, told_weight).per_sample
 
 
 def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
                     hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
                     mask_dilate: int = 0, boundary_weight: float = 0.0,
-                    frames_per_segment: int | None = None) -> LossTerms:
+                    frames_per_segment: int | None = None, told_weight: float = 0.0) -> LossTerms:
     """`diffusion_loss` with its parts (`LossTerms`).
 
     hard_fraction, hard_weight (train.hard_fraction / train.hard_weight): each sample's loss gains hard_weight times
@@ -185,16 +197,29 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     boundary_weight times the mean weighted squared error over the first latent frame of each noisy segment that
     continues a scene (segments 2..n whose scene_start is False; a sample without one gains 0). Segment windows share
     no frame, so at high noise only memory can tell where a scene's characters stood when the segment before ended.
+
+    told_weight (train.told_weight), with batch["told_text"] (data.told_cache: the same segments' texts in a
+    register that tells everything on screen, the toy world's dense one), the model's frames_per_segment and more than
+    one segment: the same model, without gradient, predicts the same noisy input again from the told texts; each
+    sample whose texts are its own (batch["told"]: not dropped, not mixed) gains told_weight times the mean weighted
+    squared distance of its x_0 estimate from that told one over the noisy frames of segments 2..n (plus mask_weight
+    times the mask-weighted mean, as the loss's own term). Where the story text only names a character, the told
+    prediction draws the look the text would have told: a target for memory that holds the look without the noise of
+    where exactly the character is on screen, which the ground truth's error carries at high noise.
     """
     if boundary_weight > 0 and frames_per_segment is None:
         raise ValueError("train.boundary_weight > 0 needs the model's latent_frames_per_segment")
-    boundary_frames = None
+    told = told_weight > 0 and frames_per_segment is not None and batch["text"].shape[1] > 1
+    if told and "told_text" not in batch:
+        raise ValueError("train.told_weight > 0 needs the batch's told_text (data.told_cache)")
+    boundary_frames = told_frame = told_frames = None
     hard = hard_fraction > 0 and hard_weight > 0
     masked = "loss_mask" in batch
     if mask_weight > 0 and not masked:
         raise ValueError("train.mask_weight > 0 needs the batch's loss_mask (a dataset with mask videos)")
-    errors, noisy, per_frame, per_sample = _weighted_errors(model, scheduler, batch, elements=hard or masked)
-    masked_frame = mask_frame = None
+    errors, noisy, per_frame, per_sample, prediction = _weighted_errors(model, scheduler, batch,
+                                                                        elements=hard or masked)
+    masked_frame = mask_frame = mask = None
     if masked:
         mask = batch["loss_mask"].float()  # (B, T, h, w)
         if mask_dilate > 0:
@@ -217,15 +242,33 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
         if boundary_weight > 0:
             per_sample = per_sample + boundary_weight * ((per_frame * boundary_frames).sum(dim=1)
                                                          / boundary_frames.sum(dim=1).clamp(min=1))
-    return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame, boundary_frames)
+    if told:
+        with torch.no_grad():
+            told_batch = {**batch, "text": batch["told_text"], "text_mask": batch["told_text_mask"]}
+            target = _weighted_errors(model, scheduler, told_batch)[4]
+        # the weighted squared distance of the x_0 estimates, (√(1 - ᾱ_t) Δv)² / (1 - ᾱ_t): that of the predictions
+        distance = (prediction - target).pow(2)  # (B, T, C, h, w)
+        first = per_frame.shape[1] - (batch["text"].shape[1] - 1) * frames_per_segment
+        told_frames = noisy & batch["told"][:, None]
+        told_frames[:, :first] = False  # segments 2..n
+        told_frame = distance.flatten(2).mean(dim=2)
+        term = (told_frame * told_frames).sum(dim=1) / told_frames.sum(dim=1).clamp(min=1)
+        if mask is not None and mask_weight > 0:
+            on = mask * told_frames[:, :, None, None]
+            term = term + mask_weight * ((distance * on[:, :, None]).sum(dim=(1, 2, 3, 4))
+                                         / (on.sum(dim=(1, 2, 3)) * distance.shape[2]).clamp(min=1e-8))
+        per_sample = per_sample + told_weight * term
+    return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame, boundary_frames, told_frame, told_frames)
 
 
 def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
-                     elements: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(errors, noisy, per_frame, per_sample): (1 / (1 - ᾱ_t)) (x0_pred - x0)^2 per latent element (B, T, C, h, w)
-    float32 (with one level per sample only when `elements`: otherwise None, no extra tensor of the latents' size),
-    which frames are noisy (B, T), the per-frame mean (B, T) (0 on clean frames) and the per-sample loss (B,) over
-    the noisy frames, in the original objective's order of operations."""
+                     elements: bool = False) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor]:
+    """(errors, noisy, per_frame, per_sample, prediction): (1 / (1 - ᾱ_t)) (x0_pred - x0)^2 per latent element
+    (B, T, C, h, w) float32 (with one level per sample only when `elements`: otherwise None, no extra tensor of the
+    latents' size), which frames are noisy (B, T), the per-frame mean (B, T) (0 on clean frames), the per-sample loss
+    (B,) over the noisy frames, in the original objective's order of operations; and the model's v prediction
+    (B, T, C, h, w) float32."""
     latents, noise = batch["latents"], batch["noise"]
     if "frame_timesteps" not in batch:  # one level per sample: the original objective
         timesteps = batch["timesteps"]
@@ -240,7 +283,7 @@ def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, 
         all_frames = torch.ones(latents.shape[:2], dtype=torch.bool, device=latents.device)
         errors = weights[:, None, None, None, None] * squared if elements else None
         return (errors, all_frames, weights[:, None] * squared.flatten(2).mean(dim=2),
-                weights * squared.flatten(1).mean(dim=1))
+                weights * squared.flatten(1).mean(dim=1), prediction.float())
     # a level per segment: each frame noised and weighted at its segment's level; clean frames enter as the clean
     # latents (exactly as the sampler gives them) and are left out of the loss
     noisy_frames = batch["frame_noisy"]
@@ -254,4 +297,5 @@ def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, 
     x0 = a.sqrt() * noisy.float() - (1 - a).sqrt() * prediction.float()  # v → x_0 estimate
     errors = (x0 - latents.float()).pow(2) / (1 - a)
     per_frame = torch.where(noisy_frames, errors.flatten(2).mean(dim=2), torch.zeros((), device=errors.device))
-    return errors, noisy_frames, per_frame, per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1)
+    return (errors, noisy_frames, per_frame, per_frame.sum(dim=1) / noisy_frames.sum(dim=1).clamp(min=1),
+            prediction.float())

@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 def check_inputs(cfg: Config) -> None:
     """Raise ConfigError / DatasetError (one line, naming the key or file and what was expected) for missing model
     directories, unreadable validation storyboards, a precompute cache whose manifest or null embedding is missing
-    or corrupt, a mix or replay cache without a manifest; a parallel.context that does not divide the launched
+    or corrupt, a mix, told or replay cache without a manifest; a parallel.context that does not divide the launched
     processes (WORLD_SIZE), or one above 1 with data.replay (a single segment cannot be split)."""
     replay = cfg.data.replay
     if replay.every and cfg.parallel.context > 1:
@@ -67,6 +67,8 @@ def check_inputs(cfg: Config) -> None:
     caches = [("data.cache", cfg.data.cache)]
     if cfg.data.mix_rate > 0:
         caches.append(("data.mix_cache", cfg.data.mix_cache))
+    if cfg.train.told_weight > 0:
+        caches.append(("data.told_cache", cfg.data.told_cache))
     if replay.every and replay.cache:
         caches.append(("data.replay.cache", replay.cache))
     manifests = [(key, cache, read_manifest(cache)) for key, cache in caches]
@@ -155,7 +157,8 @@ def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) 
                               cfg.data.text_dropout, expected=expected_manifest(cfg, model),
                               mix_cache=cfg.data.mix_cache, mix_rate=cfg.data.mix_rate,
                               loss_mask=cfg.train.mask_weight > 0, repeat_pattern=cfg.data.repeat_pattern,
-                              repeat_times=cfg.data.repeat_times)
+                              repeat_times=cfg.data.repeat_times,
+                              told_cache=cfg.data.told_cache if cfg.train.told_weight > 0 else None)
     return _loader(cfg, dataset, cfg.train.micro_batch_size, cfg.seed, cfg.train.noise, model, num_train_timesteps)
 
 
