@@ -18,6 +18,7 @@ independent, so that standard error reads somewhat small. Readings (percent):
                            two seeds, 2 of 50 without memory guidance (docs/results.md)
     colour at intro        its colour there
     colour after intro     the colour in later segments (memory)
+    shape after intro      the shape there (of three: a third by chance)
     identity after intro   the whole look there
     drawn big after intro  of the characters found after their introduction, the share drawn big (of their looks,
                            47% are big in the long-range benchmark's 50 held-out stories)
@@ -44,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.atomic import atomic_path  # noqa: E402  (after the path insert)
 
 READINGS = ("identity at intro", "identity at intro (alone)", "identity at intro (beside another)", "colour at intro",
-            "colour after intro", "identity after intro",
+            "colour after intro", "shape after intro", "identity after intro",
             "drawn big after intro", "size after (big)", "size after (small)", "backdrop after start",
             "in place at boundary", "in place (drawn small)", "in place (drawn big)", "in place mid-segment")
 
@@ -73,6 +74,7 @@ def items(results: list, given: int = 0) -> dict[str, dict[tuple, bool]]:
                     out["colour at intro"][key] = c.color_ok
                 else:
                     out["colour after intro"][key] = c.color_ok
+                    out["shape after intro"][key] = c.shape_ok
                     out["identity after intro"][key] = c.identity_ok
                     out[f"size after ({c.expected.size})"][key] = c.size_ok
                     if c.observed is not None:

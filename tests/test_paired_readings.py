@@ -37,6 +37,9 @@ def test_the_memoryless_baseline_loses_the_looks_after_the_introductions_and_not
     truth, memoryless = folders
     base, other = (paired_readings.items(paired_readings.scored(f)) for f in folders)
     assert paired_readings.rate(base["colour after intro"]) == 100.0  # the ground truth: every look kept
+    assert paired_readings.rate(base["shape after intro"]) == 100.0
+    assert set(other["shape after intro"]) == set(other["colour after intro"])  # the same characters, read for shape
+    assert paired_readings.paired(base["shape after intro"], other["shape after intro"])[0] < -20
     assert len(base["colour after intro"]) > 20 and set(base["colour after intro"]) == set(other["colour after intro"])
     diff, error, count = paired_readings.paired(base["colour after intro"], other["colour after intro"])
     assert diff < -40 and 0 < error < 15 and count == len(base["colour after intro"])
