@@ -357,6 +357,8 @@ def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(mo
               for key, value in batch.items()}
     alone = diffusion_terms(model, scheduler, single, frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0)
     torch.testing.assert_close(alone.per_sample, diffusion_terms(model, scheduler, single).per_sample)
+    with pytest.raises(ValueError, match="train.told_weight > 0 needs the model's latent_frames_per_segment"):
+        diffusion_terms(model, scheduler, batch, told_weight=3.0)
     without = {k: v for k, v in batch.items() if not k.startswith("told")}
     with pytest.raises(ValueError, match=r"train.told_weight > 0 needs the batch's told_text \(data.told_cache\)"):
         diffusion_terms(model, scheduler, without, frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0)

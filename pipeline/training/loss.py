@@ -209,7 +209,9 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     """
     if boundary_weight > 0 and frames_per_segment is None:
         raise ValueError("train.boundary_weight > 0 needs the model's latent_frames_per_segment")
-    told = told_weight > 0 and frames_per_segment is not None and batch["text"].shape[1] > 1
+    if told_weight > 0 and frames_per_segment is None:
+        raise ValueError("train.told_weight > 0 needs the model's latent_frames_per_segment")
+    told = told_weight > 0 and batch["text"].shape[1] > 1
     if told and "told_text" not in batch:
         raise ValueError("train.told_weight > 0 needs the batch's told_text (data.told_cache)")
     boundary_frames = told_frame = told_frames = None
