@@ -423,10 +423,9 @@ def test_text_dropout_uses_the_null_embedding(base):
     assert dropped == [torch.equal(half[(0, seed)]["text"], sample["text"]) for seed in range(200)]  # by seed
 
 
-def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_path):
-    """data.mix_cache / mix_rate: with probability mix_rate a sequence takes all its texts from the other register's
-    cache (its latents still from data.cache), chosen by the sample's seed; text dropout still wins; rate 0 reads
-    exactly what it always did; a mix cache without every video, or a rate without a cache, is refused up front."""
+def story_and_dense_caches(base, tmp_path):
+    """A copy of the base dataset with dense captions, and two caches of it: the story register's and the dense one's
+    (its latents copied from the story cache). Returns (root, story cache, dense cache, records)."""
     shutil.copytree(base / "dataset", tmp_path / "dataset")
     records = with_dense(read_metadata(tmp_path / "dataset"))
     write_metadata(tmp_path / "dataset", records)
@@ -435,6 +434,14 @@ def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_pa
     for overrides in ([f"data.cache={story}"], dense_overrides):
         precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", *overrides), torch.float32,
                    Accelerator(cpu=True))
+    return root, story, dense, records
+
+
+def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_path):
+    """data.mix_cache / mix_rate: with probability mix_rate a sequence takes all its texts from the other register's
+    cache (its latents still from data.cache), chosen by the sample's seed; text dropout still wins; rate 0 reads
+    exactly what it always did; a mix cache without every video, or a rate without a cache, is refused up front."""
+    root, story, dense, records = story_and_dense_caches(base, tmp_path)
     plain = SequenceDataset(root, story, segments=2)
     always = SequenceDataset(root, story, segments=2, mix_cache=dense, mix_rate=1.0)
     start = plain.windows[1][1]
@@ -478,14 +485,7 @@ def test_a_mix_cache_gives_some_sequences_the_other_registers_texts(base, tmp_pa
 def test_a_told_cache_gives_every_sequence_the_told_texts_beside_its_own(base, tmp_path):
     """data.told_cache (for train.told_weight): every item also carries the told cache's texts of its segments, and
     told says whether its own texts are the cache's (not dropped, not mixed); its own texts are drawn as without it."""
-    shutil.copytree(base / "dataset", tmp_path / "dataset")
-    records = with_dense(read_metadata(tmp_path / "dataset"))
-    write_metadata(tmp_path / "dataset", records)
-    root, story, dense = tmp_path / "dataset", tmp_path / "story", tmp_path / "dense"
-    dense_overrides = ["data.caption=dense", f"data.latents_from={story}", f"data.cache={dense}"]
-    for overrides in ([f"data.cache={story}"], dense_overrides):
-        precompute(config(tmp_path, f"model.pretrained={base / 'pipeline'}", *overrides), torch.float32,
-                   Accelerator(cpu=True))
+    root, story, dense, records = story_and_dense_caches(base, tmp_path)
     mixing = {"segments": 2, "mix_cache": dense, "mix_rate": 0.5, "text_dropout": 0.2}
     plain = SequenceDataset(root, story, segments=2, text_dropout=0.2)
     without, told = SequenceDataset(root, story, **mixing), SequenceDataset(root, story, told_cache=dense, **mixing)
