@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. build
     accelerator = build_accelerator(cfg)
     set_seed(cfg.seed)  # the same TTT initialisation on every process
-    model, sampler_scheduler, mesh = build_model(cfg, accelerator)  # mesh: (dp, cp), None without cp
+    model, sampler_scheduler, mesh, teacher = build_model(cfg, accelerator)  # mesh: (dp, cp), None without cp
     noise_scheduler = training_scheduler(sampler_scheduler)
     loader = build_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
     replay_loader = build_replay_loader(cfg, model, noise_scheduler.config.num_train_timesteps)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             with accelerator.accumulate(model):
                 terms = diffusion_terms(model, noise_scheduler, batch, cfg.train.hard_fraction, cfg.train.hard_weight,
                                         cfg.train.mask_weight, cfg.train.mask_dilate, cfg.train.boundary_weight,
-                                        frames_per_segment, cfg.train.told_weight)
+                                        frames_per_segment, cfg.train.told_weight, teacher)
                 loss = terms.per_sample.mean()
                 accelerator.backward(loss * cfg.parallel.context)  # pipeline/training/parallel.py: why x cp
                 grad_norm = None

@@ -199,9 +199,11 @@ def test_noise_config_is_checked(tmp_path):
         DiffusionCollate(1000, SCALING, CONTEXT_FIRST)
 
 
-def test_train_py_runs_the_noise_modes(tmp_path):
+@pytest.mark.parametrize("teacher", ["self", "initial"])
+def test_train_py_runs_the_noise_modes(tmp_path, teacher):
     """train.py wires train.noise into its collate (mixed modes, 2 steps of the debug config) and saves it resolved;
-    likewise the boundary and told terms (the told cache here is the cache itself: the term is there, and 0)."""
+    likewise the boundary and told terms (the told cache here is the cache itself: the model's own told prediction is
+    its prediction, distance 0; a frozen teacher's is only until the first optimizer step moves the model)."""
     import json
     import subprocess
     import sys
@@ -214,19 +216,22 @@ def test_train_py_runs_the_noise_modes(tmp_path):
                              f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
                              "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
                              "train.noise.context=0.5", "train.noise.t_min=500", "train.boundary_weight=1.5",
-                             f"data.told_cache={base / 'cache'}", "train.told_weight=0.5"],
+                             f"data.told_cache={base / 'cache'}", "train.told_weight=0.5",
+                             f"train.told_teacher={teacher}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
     # logged on steps whose batch has a noisy segment that continues a scene (step 1 with these seeds)
     assert [math.isfinite(log["loss/boundary"]) for log in logs if "loss/boundary" in log] == [True]
-    assert [log["loss/told"] for log in logs] == [0.0, 0.0]  # told what its own texts tell
+    told = [log["loss/told"] for log in logs]  # told what its own texts tell
+    assert told[0] == 0.0 and (told[1] == 0.0 if teacher == "self" else told[1] > 0.0)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
                                        "context_rate": 0.5, "t_min": 500, "t_max": None,
                                        "context_t_min": None}
     assert saved["train"]["boundary_weight"] == 1.5 and saved["train"]["told_weight"] == 0.5
+    assert saved["train"]["told_teacher"] == teacher
 
 
 def test_hard_term_adds_the_mean_of_each_samples_largest_errors_on_noisy_frames():
@@ -288,15 +293,30 @@ def test_boundary_term_adds_the_error_of_the_first_frame_of_each_segment_that_co
         load_config(None, ["train.boundary_weight=-1"])
 
 
+@pytest.mark.parametrize("teacher", ["self", "initial"])
 @pytest.mark.parametrize("noise", [None, CONTEXT_FIRST], ids=["one level", "clean segment 1"])
-def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(model, noise):
+def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(model, noise, teacher):
     """train.told_weight: loss = plain loss + weight x the mean weighted squared distance, over the noisy frames of
-    segments 2..n, between the x_0 estimate and the same model's estimate from the told texts (plus mask_weight x
-    its mask-weighted mean), only for samples whose texts are their own; written out in float64 from two forward
-    passes. Its gradient is the distance's with the told estimate held fixed; a single segment gains nothing."""
+    segments 2..n, between the x_0 estimate and the estimate from the told texts (plus mask_weight x its
+    mask-weighted mean), only for samples whose texts are their own; written out in float64 from two forward
+    passes. The told estimate is the same model's, or (train.told_teacher "initial") a frozen teacher's: here a
+    copy of the model with other weights, built as train.py builds it. Its gradient is the distance's with the
+    told estimate held fixed; the teacher gets none and stays as it was; a single segment gains nothing."""
+    from accelerate import Accelerator
+
     from pipeline.training import diffusion_terms
+    from pipeline.training.setup import FrozenTeacher
 
     torch.manual_seed(0)
+    frozen = None
+    if teacher == "initial":
+        other = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        frozen = FrozenTeacher(other, Accelerator(cpu=True))
+        before = [p.clone() for p in other.parameters()]
+        assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
     batch = collate(noise)
     batch["told_text"] = torch.randn(batch["text"].shape)
     batch["told_text_mask"] = batch["text_mask"].clone()
@@ -310,8 +330,8 @@ def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(mo
     if noise is not None:  # clean segment 1 enters as it is
         inputs = torch.where(batch["frame_noisy"][:, :, None, None, None], inputs, latents)
 
-    def x0(text):
-        prediction = model(hidden_states=inputs.float(), encoder_hidden_states=text, timestep=batch["timesteps"],
+    def x0(text, net=model):
+        prediction = net(hidden_states=inputs.float(), encoder_hidden_states=text, timestep=batch["timesteps"],
                            encoder_attention_mask=batch["text_mask"], scene_start=batch["scene_start"],
                            return_dict=False)[0]
         return a.sqrt() * inputs - (1 - a).sqrt() * prediction.double()
@@ -325,10 +345,10 @@ def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(mo
         plain = diffusion_terms(model, scheduler, batch, mask_weight=mask_weight).per_sample
         plain_grads = grads(plain.sum())
         terms = diffusion_terms(model, scheduler, batch, mask_weight=mask_weight,
-                                frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0)
+                                frames_per_segment=FRAMES_PER_SEGMENT, told_weight=3.0, teacher=frozen)
         told_grads = grads(terms.per_sample.sum())
         with torch.no_grad():
-            target = x0(batch["told_text"])
+            target = x0(batch["told_text"], model if frozen is None else frozen.model)
         model.zero_grad()
         distance = (x0(batch["text"]) - target).pow(2) / (1 - a)  # (B, T, C, h, w)
         later = distance[:, FRAMES_FIRST:]
@@ -346,6 +366,10 @@ def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(mo
         total, count = terms.told()  # logged as loss/told
         assert count == 2 * FRAMES_PER_SEGMENT
         torch.testing.assert_close(total.double(), later[0].flatten(1).mean(dim=1).sum(), rtol=1e-4, atol=0)
+    if frozen is not None:
+        assert all(p.grad is None for p in frozen.parameters())
+        assert all(torch.equal(p, b) for p, b in zip(frozen.parameters(), before, strict=True))
+        return
     same = {**batch, "told_text": batch["text"], "told": torch.tensor([True, True])}  # told what it was told
     torch.testing.assert_close(diffusion_terms(model, scheduler, same, frames_per_segment=FRAMES_PER_SEGMENT,
                                                told_weight=3.0).per_sample,

@@ -217,8 +217,9 @@ class TrainConfig:
     (`NoiseConfig`). hard_fraction, hard_weight: the loss's term on each sample's largest errors; mask_weight: its
     term on the elements the dataset's loss masks cover, grown by mask_dilate latent positions first
     (pipeline.training.loss.diffusion_terms); boundary_weight: its term on the first latent frame of each segment that
-    continues a scene; told_weight: its term on the distance from the same model's prediction given data.told_cache's
-    texts, on segments 2..n; 0: the plain objective.
+    continues a scene; told_weight: its term on the distance from the prediction given data.told_cache's texts, on
+    segments 2..n, by the model being trained (told_teacher "self") or by a frozen copy of it as training started
+    ("initial"); 0: the plain objective.
     """
 
     steps: int = _at_least(5000, 1)
@@ -238,6 +239,7 @@ class TrainConfig:
     mask_dilate: int = 0
     boundary_weight: float = 0.0
     told_weight: float = 0.0
+    told_teacher: str = _choice("self", ("self", "initial"))
 
     def __post_init__(self):
         if not 0.0 <= self.hard_fraction <= 1.0:

@@ -177,7 +177,8 @@ def diffusion_loss(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, ba
 def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
                     hard_fraction: float = 0.0, hard_weight: float = 0.0, mask_weight: float = 0.0,
                     mask_dilate: int = 0, boundary_weight: float = 0.0,
-                    frames_per_segment: int | None = None, told_weight: float = 0.0) -> LossTerms:
+                    frames_per_segment: int | None = None, told_weight: float = 0.0,
+                    teacher: torch.nn.Module | None = None) -> LossTerms:
     """`diffusion_loss` with its parts (`LossTerms`).
 
     hard_fraction, hard_weight (train.hard_fraction / train.hard_weight): each sample's loss gains hard_weight times
@@ -200,12 +201,14 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
 
     told_weight (train.told_weight), with batch["told_text"] (data.told_cache: the same segments' texts in a
     register that tells everything on screen, the toy world's dense one), the model's frames_per_segment and more than
-    one segment: the same model, without gradient, predicts the same noisy input again from the told texts; each
-    sample whose texts are its own (batch["told"]: not dropped, not mixed) gains told_weight times the mean weighted
-    squared distance of its x_0 estimate from that told one over the noisy frames of segments 2..n (plus mask_weight
-    times the mask-weighted mean, as the loss's own term). Where the story text only names a character, the told
-    prediction draws the look the text would have told: a target for memory that holds the look without the noise of
-    where exactly the character is on screen, which the ground truth's error carries at high noise.
+    one segment: the same model (or `teacher`, train.told_teacher "initial": a frozen copy of it as training started),
+    without gradient, predicts the same noisy input again from the told texts; each sample whose texts are its own
+    (batch["told"]: not dropped, not mixed) gains told_weight times the mean weighted squared distance of its x_0
+    estimate from that told one over the noisy frames of segments 2..n (plus mask_weight times the mask-weighted mean,
+    as the loss's own term). Where the story text only names a character, the told prediction draws the look the text
+    would have told: a target for memory that holds the look without the noise of where exactly the character is on
+    screen, which the ground truth's error carries at high noise. The model's own told prediction moves with it, so it
+    can also close the distance by heeding every text less; a frozen teacher's cannot.
     """
     if boundary_weight > 0 and frames_per_segment is None:
         raise ValueError("train.boundary_weight > 0 needs the model's latent_frames_per_segment")
@@ -247,7 +250,7 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     if told:
         with torch.no_grad():
             told_batch = {**batch, "text": batch["told_text"], "text_mask": batch["told_text_mask"]}
-            target = _weighted_errors(model, scheduler, told_batch)[4]
+            target = _weighted_errors(model if teacher is None else teacher, scheduler, told_batch)[4]
         # the weighted squared distance of the x_0 estimates, (√(1 - ᾱ_t) Δv)² / (1 - ᾱ_t): that of the predictions
         distance = (prediction - target).pow(2)  # (B, T, C, h, w)
         first = per_frame.shape[1] - (batch["text"].shape[1] - 1) * frames_per_segment

@@ -7,6 +7,7 @@ hours) into a run.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -135,20 +136,43 @@ def describe_batch(cfg: Config, accelerator: Accelerator) -> str:
             + (f" (x {context} context-parallel ranks each)" if context > 1 else ""))
 
 
-def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module, object, DeviceMesh | None]:
-    """The (unprepared) transformer to train, the sampler's scheduler and the (dp, cp) mesh (None without context
-    parallelism: parallel.context = 1). Under FSDP with activation checkpointing, diffusers' own gradient
-    checkpointing is turned off (FSDP checkpoints every wrapped block already)."""
+def build_model(cfg: Config, accelerator: Accelerator) -> tuple[torch.nn.Module, object, DeviceMesh | None,
+                                                                 torch.nn.Module | None]:
+    """The (unprepared) transformer to train, the sampler's scheduler, the (dp, cp) mesh (None without context
+    parallelism: parallel.context = 1) and the told term's frozen teacher (`FrozenTeacher`; None unless
+    train.told_weight > 0 with train.told_teacher "initial"). Under FSDP with activation checkpointing, diffusers' own
+    gradient checkpointing is turned off (FSDP checkpoints every wrapped block already)."""
     parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
     model = parts["transformer"]
+    teacher = None
+    if cfg.train.told_weight > 0 and cfg.train.told_teacher == "initial":
+        teacher = FrozenTeacher(copy.deepcopy(model), accelerator)  # before context parallelism holds a group
     mesh = context_parallel_mesh(cfg.parallel, accelerator)
     if mesh is not None:
         model.enable_context_parallel(mesh["cp"])
+        if teacher is not None:
+            teacher.model.enable_context_parallel(mesh["cp"])
     fsdp = accelerator.state.fsdp_plugin if accelerator.distributed_type == DistributedType.FSDP else None
     if fsdp is not None and fsdp.activation_checkpointing and model.is_gradient_checkpointing:
         model.disable_gradient_checkpointing()
         logger.info("FSDP activation checkpointing is on: diffusers' gradient checkpointing is left off")
-    return model, parts["scheduler"], mesh
+    return model, parts["scheduler"], mesh, teacher
+
+
+class FrozenTeacher(torch.nn.Module):
+    """The transformer as training starts (its init_from weights, also on --resume), for the told term's target:
+    never stepped, saved or wrapped; on the accelerator's device and run under its autocast as the prepared model
+    is. A whole copy on every process: under FSDP it is not sharded."""
+
+    def __init__(self, model: torch.nn.Module, accelerator: Accelerator):
+        super().__init__()
+        self.model = model.to(accelerator.device)
+        self.autocast = accelerator.autocast
+        self.requires_grad_(False).eval()
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self.autocast():
+            return self.model(*args, **kwargs)
 
 
 def build_loader(cfg: Config, model: torch.nn.Module, num_train_timesteps: int) -> DataLoader:
