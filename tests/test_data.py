@@ -4,6 +4,7 @@ import dataclasses
 import json
 import shutil
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -686,3 +687,33 @@ def test_toy_world_datasets_are_read_as_they_are_written(tmp_path):
     source, _ = read_video(tmp_path / rec.video)
     np.testing.assert_array_equal(segments[0][24], segments[1][0])  # segment 0 ends on segment 1's first frame
     np.testing.assert_allclose(segments[1][0].astype(float), source[24].astype(float), atol=1)
+
+
+def test_text_dependence_reads_how_far_the_prediction_moves_with_the_texts(base, tmp_path, capsys):
+    """benchmarks/text_dependence.py: the same noisy windows for every model, each at one level in [t_min, 1000); the
+    story prediction's mean squared distance from the null-text one and from the told one. Told what its own texts
+    tell, the told distance is 0 and the rest reads the same; a window count past the dataset's is refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from text_dependence import COLUMNS, main, text_dependence, windows
+
+    root, story, dense, _ = story_and_dense_caches(base, tmp_path)
+    batches, null_text, null_mask = windows(root, story, dense, 2, 3, 600, seed=0, batch_size=2)
+    assert [len(b["timesteps"]) for b in batches] == [2, 1] and all((b["timesteps"] >= 600).all() for b in batches)
+    cfg = config(base)
+    model = build_components(cfg.model, cfg.train, ("transformer",))["transformer"].eval()  # the tiny TTT model
+    read = text_dependence(model, batches, null_text, null_mask)
+    assert list(read) == list(COLUMNS) and all(value > 0 for value in read.values())
+    again, *_ = windows(root, story, dense, 2, 3, 600, seed=0, batch_size=2)
+    assert text_dependence(model, again, null_text, null_mask) == read  # every model sees the same windows
+    same, *_ = windows(root, story, story, 2, 3, 600, seed=0, batch_size=2)
+    told_itself = text_dependence(model, same, null_text, null_mask)
+    assert told_itself[COLUMNS[2]] == 0.0
+    assert [told_itself[c] for c in COLUMNS[:2]] == [read[c] for c in COLUMNS[:2]]
+    with pytest.raises(ValueError, match=r"^--windows: the dataset has \d+ windows of 2 segments, asked for 999$"):
+        windows(root, story, dense, 2, 999, 600, seed=0)
+    model.save_pretrained(tmp_path / "exported" / "transformer")  # the command line reads an exported pipeline
+    assert main([str(tmp_path / "exported"), "--root", str(root), "--cache", str(story), "--told-cache", str(dense),
+                 "--windows", "3", "--segments", "2", "--seed", "0"]) == 0
+    name, *values = capsys.readouterr().out.strip().splitlines()[-1].strip("| ").split(" | ")
+    assert name == str(tmp_path / "exported")  # the windows in other batches: the same means
+    assert [float(v) for v in values] == pytest.approx(list(read.values()), abs=1e-4)
