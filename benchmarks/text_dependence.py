@@ -8,9 +8,11 @@ segments from the dataset (drawn by --seed), each at one noise level in [t_min, 
 predicts v three times: from the cache's texts (the story register), from the told cache's (the dense register,
 which tells every look) and from the null text. The table gives the mean squared difference of those predictions:
 story against null on segment 1 and on segments 2..n (how much the texts count), and story against told on segments
-2..n (how far the prediction without the look told is from the one with it). A training term that pulls the story
-prediction toward the told one (train.told_weight) can close that distance by heeding the texts less, which the
-first two columns show (docs/results.md, "A training term toward the told prediction").
+2..n (how far the prediction without the look told is from the one with it); and story against the first MODEL's told
+prediction on segments 2..n, the target of a told term with a frozen teacher (train.told_teacher "initial") when the
+first MODEL is the run's start. A term that pulls the story prediction toward the model's own told one
+(train.told_weight) can close that distance by heeding the texts less, which the first two columns show
+(docs/results.md, "A training term toward the told prediction").
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-COLUMNS = ("story - null, segment 1", "story - null, segments 2-n", "story - told, segments 2-n")
+COLUMNS = ("story - null, segment 1", "story - null, segments 2-n", "story - told, segments 2-n",
+           "story - first model's told, segments 2-n")
 
 
 def windows(root: Path, cache: Path, told_cache: Path, segments: int, count: int, t_min: int, seed: int,
@@ -46,25 +49,29 @@ def windows(root: Path, cache: Path, told_cache: Path, segments: int, count: int
 
 
 @torch.no_grad()
-def text_dependence(model: torch.nn.Module, batches: list[dict], null_text: torch.Tensor,
-                    null_mask: torch.Tensor) -> dict[str, float]:
-    """The mean squared differences of COLUMNS: over each window's elements, then over the windows of `batches`."""
+def text_dependence(model: torch.nn.Module, batches: list[dict], null_text: torch.Tensor, null_mask: torch.Tensor,
+                    reference: list[torch.Tensor] | None = None) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """The mean squared differences of COLUMNS (over each window's elements, then over the windows of `batches`), the
+    last against `reference`, told predictions per batch (None: the model's own); and the model's told predictions."""
     from pipeline.schedulers import make_scheduler
 
     scheduler = make_scheduler("ddim")
     first = model.config.latent_frames_first
-    sums, count = torch.zeros(len(COLUMNS), dtype=torch.float64), 0
-    for batch in batches:
+    sums, count, tolds = torch.zeros(len(COLUMNS), dtype=torch.float64), 0, []
+    for index, batch in enumerate(batches):
         noisy = scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
         story, told, null = (
             model(hidden_states=noisy, encoder_hidden_states=text, timestep=batch["timesteps"],
                   encoder_attention_mask=mask, scene_start=batch["scene_start"], return_dict=False)[0].double()
             for text, mask in ((batch["text"], batch["text_mask"]), (batch["told_text"], batch["told_text_mask"]),
                                (null_text.expand_as(batch["text"]), null_mask.expand_as(batch["text_mask"]))))
-        parts = ((story - null)[:, :first], (story - null)[:, first:], (story - told)[:, first:])
+        target = told if reference is None else reference[index]
+        parts = ((story - null)[:, :first], (story - null)[:, first:], (story - told)[:, first:],
+                 (story - target)[:, first:])
         sums += torch.stack([part.pow(2).flatten(1).mean(dim=1).sum() for part in parts])
         count += len(story)
-    return dict(zip(COLUMNS, (sums / count).tolist(), strict=True))
+        tolds.append(told)
+    return dict(zip(COLUMNS, (sums / count).tolist(), strict=True)), tolds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     batches, null_text, null_mask = windows(args.root, args.cache, args.told_cache, args.segments, args.windows,
                                             args.t_min, args.seed)
     print(f"| model | {' | '.join(COLUMNS)} |\n|---|{'---|' * len(COLUMNS)}")
+    reference = None
     for model in args.models:
         transformer = CogVideoXTTTTransformer3DModel.from_pretrained(Path(model) / "transformer").eval()
-        values = text_dependence(transformer, batches, null_text, null_mask)
+        values, tolds = text_dependence(transformer, batches, null_text, null_mask, reference)
+        reference = tolds if reference is None else reference
         print(f"| {model} | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |", flush=True)
     return 0
 

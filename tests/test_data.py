@@ -1,5 +1,6 @@
 """Dataset format, precompute (decode → resample → crop → VAE / text encoder → cache) and the sequence dataset."""
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -692,7 +693,8 @@ def test_toy_world_datasets_are_read_as_they_are_written(tmp_path):
 def test_text_dependence_reads_how_far_the_prediction_moves_with_the_texts(base, tmp_path, capsys):
     """benchmarks/text_dependence.py: the same noisy windows for every model, each at one level in [t_min, 1000); the
     story prediction's mean squared distance from the null-text one and from the told one. Told what its own texts
-    tell, the told distance is 0 and the rest reads the same; a window count past the dataset's is refused."""
+    tell, the told distance is 0 and the rest reads the same; the last column reads the distance from another model's
+    told predictions (the first model's on the command line); a window count past the dataset's is refused."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from text_dependence import COLUMNS, main, text_dependence, windows
 
@@ -701,14 +703,27 @@ def test_text_dependence_reads_how_far_the_prediction_moves_with_the_texts(base,
     assert [len(b["timesteps"]) for b in batches] == [2, 1] and all((b["timesteps"] >= 600).all() for b in batches)
     cfg = config(base)
     model = build_components(cfg.model, cfg.train, ("transformer",))["transformer"].eval()  # the tiny TTT model
-    read = text_dependence(model, batches, null_text, null_mask)
+    read, tolds = text_dependence(model, batches, null_text, null_mask)
     assert list(read) == list(COLUMNS) and all(value > 0 for value in read.values())
+    assert read[COLUMNS[3]] == read[COLUMNS[2]]  # its own told predictions
     again, *_ = windows(root, story, dense, 2, 3, 600, seed=0, batch_size=2)
-    assert text_dependence(model, again, null_text, null_mask) == read  # every model sees the same windows
+    assert text_dependence(model, again, null_text, null_mask)[0] == read  # every model sees the same windows
     same, *_ = windows(root, story, story, 2, 3, 600, seed=0, batch_size=2)
-    told_itself = text_dependence(model, same, null_text, null_mask)
+    told_itself = text_dependence(model, same, null_text, null_mask)[0]
     assert told_itself[COLUMNS[2]] == 0.0
     assert [told_itself[c] for c in COLUMNS[:2]] == [read[c] for c in COLUMNS[:2]]
+    # the last column against another model's told predictions of the same windows: told what their own texts tell,
+    # those are its story predictions, so the distance reads the same from either side
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model_side = text_dependence(model, same, null_text, null_mask, reference=text_dependence(other, same, null_text,
+                                                                                              null_mask)[1])[0]
+    other_side = text_dependence(other, same, null_text, null_mask, reference=text_dependence(model, same, null_text,
+                                                                                              null_mask)[1])[0]
+    assert model_side[COLUMNS[3]] > 0 and model_side[COLUMNS[3]] == pytest.approx(other_side[COLUMNS[3]], rel=1e-9)
+    assert [model_side[c] for c in COLUMNS[:3]] == [told_itself[c] for c in COLUMNS[:3]]
     with pytest.raises(ValueError, match=r"^--windows: the dataset has \d+ windows of 2 segments, asked for 999$"):
         windows(root, story, dense, 2, 999, 600, seed=0)
     model.save_pretrained(tmp_path / "exported" / "transformer")  # the command line reads an exported pipeline
