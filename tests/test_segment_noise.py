@@ -203,7 +203,9 @@ def test_noise_config_is_checked(tmp_path):
 def test_train_py_runs_the_noise_modes(tmp_path, teacher):
     """train.py wires train.noise into its collate (mixed modes, 2 steps of the debug config) and saves it resolved;
     likewise the boundary and told terms (the told cache here is the cache itself: the model's own told prediction is
-    its prediction, distance 0; a frozen teacher's is only until the first optimizer step moves the model)."""
+    its prediction, distance 0; a frozen teacher's is only until the first optimizer step moves the model). A run
+    stopped after step 1 and resumed keeps the teacher at the run's start, not at the checkpoint (where step 2 would
+    read 0 again)."""
     import json
     import subprocess
     import sys
@@ -212,20 +214,29 @@ def test_train_py_runs_the_noise_modes(tmp_path, teacher):
     from tiny_training import CONFIG, debug_overrides, prepared
 
     base, run = prepared(tmp_path), tmp_path / "run"  # prepared() may hand back another test's base: own output_dir
-    result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
-                             f"output_dir={run}", "train.steps=2", "log.every=1", "checkpoint.every=0",
-                             "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
-                             "train.noise.context=0.5", "train.noise.t_min=500", "train.boundary_weight=1.5",
-                             f"data.told_cache={base / 'cache'}", "train.told_weight=0.5",
-                             f"train.told_teacher={teacher}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    def train(output_dir, *args):
+        result = subprocess.run([sys.executable, "train.py", "--config", str(CONFIG), *debug_overrides(base),
+                                 f"output_dir={output_dir}", "train.steps=2", "log.every=1", "checkpoint.every=0",
+                                 "validation.every=0", "train.noise.uniform=0.0", "train.noise.independent=0.5",
+                                 "train.noise.context=0.5", "train.noise.t_min=500", "train.boundary_weight=1.5",
+                                 f"data.told_cache={base / 'cache'}", "train.told_weight=0.5",
+                                 f"train.told_teacher={teacher}", *args],
+                                cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+    logs = train(run)
     assert [log["step"] for log in logs] == [1, 2] and all(math.isfinite(log["loss"]) for log in logs)
     # logged on steps whose batch has a noisy segment that continues a scene (step 1 with these seeds)
     assert [math.isfinite(log["loss/boundary"]) for log in logs if "loss/boundary" in log] == [True]
     told = [log["loss/told"] for log in logs]  # told what its own texts tell
     assert told[0] == 0.0 and (told[1] == 0.0 if teacher == "self" else told[1] > 0.0)
+    if teacher == "initial":
+        train(tmp_path / "resumed", "--stop-after", "1")
+        resumed = train(tmp_path / "resumed", "--resume", "latest")
+        assert [log["step"] for log in resumed] == [1, 2]
+        assert resumed[1]["loss/told"] == pytest.approx(told[1], rel=1e-4)
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["noise"] == {"uniform": 0.0, "independent": 0.5, "context": 0.5, "context_first": 0.5,
                                        "context_rate": 0.5, "t_min": 500, "t_max": None,
