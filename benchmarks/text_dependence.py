@@ -49,20 +49,19 @@ def windows(root: Path, cache: Path, told_cache: Path, segments: int, count: int
 
 
 @torch.no_grad()
-def text_dependence(model: torch.nn.Module, batches: list[dict], null_text: torch.Tensor, null_mask: torch.Tensor,
-                    reference: list[torch.Tensor] | None = None) -> tuple[dict[str, float], list[torch.Tensor]]:
+def text_dependence(model: torch.nn.Module, scheduler, batches: list[dict], null_text: torch.Tensor,
+                    null_mask: torch.Tensor, reference: list[torch.Tensor] | None = None
+                    ) -> tuple[dict[str, float], list[torch.Tensor]]:
     """The mean squared differences of COLUMNS (over each window's elements, then over the windows of `batches`), the
-    last against `reference`, told predictions per batch (None: the model's own); and the model's told predictions."""
-    from pipeline.schedulers import make_scheduler
+    last against `reference`, told predictions per batch (None: the model's own); and the model's told predictions.
+    `scheduler`: the model's training schedule (`training_scheduler`), which noises the windows as the loss does."""
+    from pipeline.training.loss import predict_v
 
-    scheduler = make_scheduler("ddim")
     first = model.config.latent_frames_first
     sums, count, tolds = torch.zeros(len(COLUMNS), dtype=torch.float64), 0, []
     for index, batch in enumerate(batches):
-        noisy = scheduler.add_noise(batch["latents"], batch["noise"], batch["timesteps"])
         story, told, null = (
-            model(hidden_states=noisy, encoder_hidden_states=text, timestep=batch["timesteps"],
-                  encoder_attention_mask=mask, scene_start=batch["scene_start"], return_dict=False)[0].double()
+            predict_v(model, scheduler, {**batch, "text": text, "text_mask": mask}).double()
             for text, mask in ((batch["text"], batch["text_mask"]), (batch["told_text"], batch["told_text_mask"]),
                                (null_text.expand_as(batch["text"]), null_mask.expand_as(batch["text_mask"]))))
         target = told if reference is None else reference[index]
@@ -89,10 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.windows < 1 or args.segments < 2 or not 0 <= args.t_min < 1000:
         p.error("expected --windows >= 1, --segments >= 2 and --t-min in [0, 1000)")
     for model in args.models:
-        if not (Path(model) / "transformer" / "config.json").is_file():
-            p.error(f"{model}: no exported pipeline (transformer/config.json) there")
+        if not all((Path(model) / part / name).is_file() for part, name in (("transformer", "config.json"),
+                                                                             ("scheduler", "scheduler_config.json"))):
+            p.error(f"{model}: no exported pipeline (transformer/config.json, scheduler/scheduler_config.json) there")
+
+    from diffusers import CogVideoXDDIMScheduler
 
     from models import CogVideoXTTTTransformer3DModel
+    from pipeline.training.components import training_scheduler
 
     batches, null_text, null_mask = windows(args.root, args.cache, args.told_cache, args.segments, args.windows,
                                             args.t_min, args.seed)
@@ -100,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     reference = None
     for model in args.models:
         transformer = CogVideoXTTTTransformer3DModel.from_pretrained(Path(model) / "transformer").eval()
-        values, tolds = text_dependence(transformer, batches, null_text, null_mask, reference)
+        scheduler = training_scheduler(CogVideoXDDIMScheduler.from_pretrained(Path(model) / "scheduler"))
+        values, tolds = text_dependence(transformer, scheduler, batches, null_text, null_mask, reference)
         reference = tolds if reference is None else reference
         print(f"| {model} | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |", flush=True)
     return 0

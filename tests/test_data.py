@@ -1,6 +1,5 @@
 """Dataset format, precompute (decode → resample → crop → VAE / text encoder → cache) and the sequence dataset."""
 
-import copy
 import dataclasses
 import json
 import shutil
@@ -15,6 +14,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from tiny import other_weights
 from tiny_training import CONFIG, cpu_launch, debug_overrides, prepared
 
 from pipeline.data import (
@@ -32,7 +32,7 @@ from pipeline.data.precompute import decode_segments, encode_frames, precompute,
 from pipeline.data.precompute import main as precompute_main
 from pipeline.data.prepare import prepare_captions, prepare_scenes, whole_segments
 from pipeline.text_encoding import encode_text
-from pipeline.training.components import build_components
+from pipeline.training.components import build_components, training_scheduler
 from pipeline.training.config import ConfigError, load_config
 from pipeline.training.loss import DiffusionCollate
 from pipeline.training.setup import build_loader, build_replay_loader
@@ -702,31 +702,32 @@ def test_text_dependence_reads_how_far_the_prediction_moves_with_the_texts(base,
     batches, null_text, null_mask = windows(root, story, dense, 2, 3, 600, seed=0, batch_size=2)
     assert [len(b["timesteps"]) for b in batches] == [2, 1] and all((b["timesteps"] >= 600).all() for b in batches)
     cfg = config(base)
-    model = build_components(cfg.model, cfg.train, ("transformer",))["transformer"].eval()  # the tiny TTT model
-    read, tolds = text_dependence(model, batches, null_text, null_mask)
+    parts = build_components(cfg.model, cfg.train, ("scheduler", "transformer"))
+    model, scheduler = parts["transformer"].eval(), training_scheduler(parts["scheduler"])  # the tiny TTT model
+
+    def measure(net, windows_, reference=None):
+        return text_dependence(net, scheduler, windows_, null_text, null_mask, reference)
+
+    read, tolds = measure(model, batches)
     assert list(read) == list(COLUMNS) and all(value > 0 for value in read.values())
     assert read[COLUMNS[3]] == read[COLUMNS[2]]  # its own told predictions
     again, *_ = windows(root, story, dense, 2, 3, 600, seed=0, batch_size=2)
-    assert text_dependence(model, again, null_text, null_mask)[0] == read  # every model sees the same windows
+    assert measure(model, again)[0] == read  # every model sees the same windows
     same, *_ = windows(root, story, story, 2, 3, 600, seed=0, batch_size=2)
-    told_itself = text_dependence(model, same, null_text, null_mask)[0]
+    told_itself = measure(model, same)[0]
     assert told_itself[COLUMNS[2]] == 0.0
     assert [told_itself[c] for c in COLUMNS[:2]] == [read[c] for c in COLUMNS[:2]]
     # the last column against another model's told predictions of the same windows: told what their own texts tell,
     # those are its story predictions, so the distance reads the same from either side
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    model_side = text_dependence(model, same, null_text, null_mask, reference=text_dependence(other, same, null_text,
-                                                                                              null_mask)[1])[0]
-    other_side = text_dependence(other, same, null_text, null_mask, reference=text_dependence(model, same, null_text,
-                                                                                              null_mask)[1])[0]
+    other = other_weights(model)
+    model_side = measure(model, same, reference=measure(other, same)[1])[0]
+    other_side = measure(other, same, reference=measure(model, same)[1])[0]
     assert model_side[COLUMNS[3]] > 0 and model_side[COLUMNS[3]] == pytest.approx(other_side[COLUMNS[3]], rel=1e-9)
     assert [model_side[c] for c in COLUMNS[:3]] == [told_itself[c] for c in COLUMNS[:3]]
     with pytest.raises(ValueError, match=r"^--windows: the dataset has \d+ windows of 2 segments, asked for 999$"):
         windows(root, story, dense, 2, 999, 600, seed=0)
     model.save_pretrained(tmp_path / "exported" / "transformer")  # the command line reads an exported pipeline
+    parts["scheduler"].save_pretrained(tmp_path / "exported" / "scheduler")
     assert main([str(tmp_path / "exported"), "--root", str(root), "--cache", str(story), "--told-cache", str(dense),
                  "--windows", "3", "--segments", "2", "--seed", "0"]) == 0
     name, *values = capsys.readouterr().out.strip().splitlines()[-1].strip("| ").split(" | ")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, tiny_transformer
+from tiny import FRAMES_FIRST, FRAMES_PER_SEGMENT, LATENT_CHANNELS, TEXT_LEN, other_weights, tiny_transformer
 
 from models import CogVideoXTTTTransformer3DModel
 from pipeline.schedulers import make_scheduler
@@ -321,10 +321,7 @@ def test_told_term_adds_the_distance_from_the_prediction_given_the_told_texts(mo
     torch.manual_seed(0)
     frozen = None
     if teacher == "initial":
-        other = copy.deepcopy(model)
-        with torch.no_grad():
-            for p in other.parameters():
-                p.add_(0.05 * torch.randn_like(p))
+        other = other_weights(model)
         frozen = FrozenTeacher(other, Accelerator(cpu=True))
         before = [p.clone() for p in other.parameters()]
         assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training

@@ -69,3 +69,16 @@ def tiny_components(seed: int = 0, scheduler: str = "ddim") -> dict:
     tokenizer, text_encoder = tiny_text_encoder(seed)
     return dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(seed), transformer=tiny_transformer(seed),
                 scheduler=make_scheduler(scheduler))
+
+
+def other_weights(model: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
+    """A copy of `model` with every weight moved by scale x N(0, 1) (its own generator): another model of the same
+    shapes, e.g. a teacher or a reference that must differ from the model under test."""
+    import copy
+
+    other, generator = copy.deepcopy(model), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return other
+

@@ -250,7 +250,7 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
     if told:
         with torch.no_grad():
             told_batch = {**batch, "text": batch["told_text"], "text_mask": batch["told_text_mask"]}
-            target = _weighted_errors(model if teacher is None else teacher, scheduler, told_batch)[4]
+            target = predict_v(model if teacher is None else teacher, scheduler, told_batch)
         # the weighted squared distance of the x_0 estimates, (√(1 - ᾱ_t) Δv)² / (1 - ᾱ_t): that of the predictions
         distance = (prediction - target).pow(2)  # (B, T, C, h, w)
         first = per_frame.shape[1] - (batch["text"].shape[1] - 1) * frames_per_segment
@@ -264,6 +264,13 @@ def diffusion_terms(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, b
                                          / (on.sum(dim=(1, 2, 3)) * distance.shape[2]).clamp(min=1e-8))
         per_sample = per_sample + told_weight * term
     return LossTerms(per_sample, per_frame, noisy, masked_frame, mask_frame, boundary_frames, told_frame, told_frames)
+
+
+def predict_v(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler,
+              batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's v prediction (B, T, C, h, w) float32 for a `DiffusionCollate` batch, noised as the loss noises it:
+    the told term's target, and what benchmarks/text_dependence.py compares across texts."""
+    return _weighted_errors(model, scheduler, batch)[4]
 
 
 def _weighted_errors(model: torch.nn.Module, scheduler: CogVideoXDDIMScheduler, batch: dict[str, torch.Tensor],
