@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "story (what users write: a look only where a character comes in; the default) or dense (every "
                    "segment describes each character on stage: what the model draws when the text tells it "
                    "everything memory should carry); scored against the story storyboards either way")
+    p.add_argument("--second-pass", action="store_true",
+                   help="draw every video twice: jointly, then every segment whose text introduces no character "
+                   "again, with the first pass's introductions kept clean as context (twice the time)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: story i draws its noise from a stream of its "
                    "own derived from it (story_generator), the same for every variant and mode")
     p.add_argument("--ceiling-stories", type=int, default=10, help="held-out stories to pass through the VAE alone "
@@ -223,6 +226,16 @@ def memory_scales(storyboard: dict, memory_guidance: float, where: str = "all",
             for goes_on, segment in zip(continues, parse_storyboard(storyboard).segments, strict=True)]
 
 
+def second_pass_segments(storyboard: dict, given: int = 0) -> list[int]:
+    """The segments that `--second-pass` draws again: those whose text introduces no character (after the `given`
+    leading segments). The introductions stay as the first pass drew them, clean context for the rest: memory then
+    reads a finished look, as the 15-s training stage shows it one (segment 1 clean, the rest noisy), not one that is
+    still noise at the steps where later segments settle their looks."""
+    from pipeline.toyworld.text import parse_storyboard
+
+    return [seg.index for seg in parse_storyboard(storyboard).segments if not seg.intros and seg.index >= given]
+
+
 def story_generator(seed: int, index: int):
     """The noise of held-out story `index` (its place in name order): a stream of its own, derived from `seed`.
     Drawn from one generator seeded alike, every story of a reading would share its noise, and the reading would not
@@ -239,13 +252,15 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
                  mode: str = "joint", guidance_named: float | None = None, memory_guidance: float = 0.0,
                  memory_segments: str = "all", memory_intro: float | None = None,
                  memory_timesteps: tuple[int, int] | None = None, memory_baseline: str | None = None,
-                 register: str = "story") -> None:
+                 register: str = "story", second_pass: bool = False) -> None:
     """In the child process: render every storyboard, write OUT/.../timing.json (seconds per video, memory).
     recall: the ground truth's first segment (<id>.mp4 beside the storyboard) is given as clean context.
     register: the texts rendered from, the story's own (<id>.truth.json beside the storyboard) in that register; the
     story storyboard is copied beside the video for scoring, and places the guidance scales, in every register.
     guidance_named: see `segment_guidance`; memory_guidance, memory_segments, memory_intro: see `memory_scales`;
-    memory_timesteps, memory_baseline: the pipeline's memory_guidance_timesteps and _baseline (None: its own)."""
+    memory_timesteps, memory_baseline: the pipeline's memory_guidance_timesteps and _baseline (None: its own).
+    second_pass: after that pass, the segments `second_pass_segments` names are drawn again from new noise (the story's
+    stream, drawn on) with every other segment of the first pass kept clean (the pipeline's `regenerate`)."""
     from pipeline import TTTVideoPipeline
     from pipeline.toyworld.dataset import load_truth, storyboard_dict
     from pipeline.video_io import read_video, write_video
@@ -267,10 +282,17 @@ def sample_child(model: str, storyboards: Path, videos: Path, steps: int, guidan
         memory = memory_scales(storyboard, memory_guidance, memory_segments, memory_intro)
         rendered = path if register == "story" else storyboard_dict(
             load_truth(path.with_name(f"{story_id}.truth.json")), register)
-        frames = pipe(rendered, num_inference_steps=steps, guidance_scale=scales, video=given,
-                      memory_guidance_scale=memory, memory_guidance_segments="all",  # placed by memory_scales
-                      memory_guidance_timesteps=memory_timesteps, memory_guidance_baseline=memory_baseline,
-                      generator=story_generator(seed, index), output_type="np").frames[0]
+        sampling = dict(num_inference_steps=steps, guidance_scale=scales, memory_guidance_scale=memory,
+                        memory_guidance_segments="all",  # placed by memory_scales
+                        memory_guidance_timesteps=memory_timesteps, memory_guidance_baseline=memory_baseline,
+                        generator=story_generator(seed, index))
+        redo = second_pass_segments(storyboard, given=0 if given is None else 1) if second_pass else []
+        if redo:
+            first = pipe(rendered, video=given, output_type="latent", **sampling)
+            frames = pipe(rendered, video_latents=first.latents, regenerate=redo, output_type="np",
+                          **sampling).frames[0]
+        else:
+            frames = pipe(rendered, video=given, output_type="np", **sampling).frames[0]
         seconds[story_id] = time.perf_counter() - started
         write_video(frames, videos / f"{story_id}.mp4", pipe.config.fps)
         shutil.copyfile(path, videos / path.name)
@@ -292,6 +314,8 @@ def sample_variant(args: argparse.Namespace, model: Path, storyboards: Path, vid
         command += ["--memory-intro", str(args.memory_intro)]
     if args.memory_timesteps is not None:
         command += ["--memory-timesteps", ",".join(map(str, args.memory_timesteps))]
+    if args.second_pass:
+        command.append("--second-pass")
     log = args.out / "logs" / f"sample-{videos.parent.name}-{mode}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
@@ -340,6 +364,8 @@ def sampling_settings(args: argparse.Namespace, model: Path, mode: str) -> dict:
         settings["memory_timesteps"] = list(args.memory_timesteps)
     if args.register != "story":  # likewise
         settings["register"] = args.register
+    if args.second_pass:  # likewise
+        settings["second_pass"] = True
     return settings if mode == "joint" else {**settings, "mode": mode}  # joint renders of earlier runs stay valid
 
 
@@ -435,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         model, storyboards, videos, mode = args.sample
         sample_child(model, Path(storyboards), Path(videos), args.inference_steps, args.guidance, args.seed, mode,
                      args.guidance_named, args.memory_guidance or 0.0, args.memory_segments or "all", args.memory_intro,
-                     args.memory_timesteps, args.memory_baseline, args.register)
+                     args.memory_timesteps, args.memory_baseline, args.register, args.second_pass)
         return 0
     if not (Path(args.base) / "model_index.json").is_file():
         print(f"error: --base {args.base}: no pipeline; run scripts/train_default_model.sh (steps 1-5) first",

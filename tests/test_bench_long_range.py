@@ -327,3 +327,32 @@ def test_memory_scales_on_the_segments_that_continue_a_scene(capsys):
     assert error.value.code == 2
     assert ("--memory-intro: expected a number >= 0 with --memory-segments continuing, got 1.0 with the model's own "
             "segments") in capsys.readouterr().err
+
+
+def test_the_second_pass_draws_again_the_segments_that_introduce_no_one(tmp_path):
+    """--second-pass: the first pass's introductions are kept (segment 1's frames as a single pass draws them), the
+    segment that only names its character is drawn again from other noise, and the setting is kept with the renders."""
+    heldout = tmp_path / "heldout"
+    generate(heldout, stories=3, min_segments=2, max_segments=2, seed=bench_long_range.HELD_OUT_SEED, progress=False)
+    for other in ("story_00000", "story_00001"):  # story 2's segment 2 only names its character
+        for path in heldout.glob(f"{other}*"):
+            path.unlink()
+    storyboard = json.loads((heldout / "story_00002.storyboard.json").read_text())
+    assert [bool(s.intros) for s in parse_storyboard(storyboard).segments] == [True, False]
+    assert bench_long_range.second_pass_segments(storyboard) == [1]
+    assert bench_long_range.second_pass_segments(storyboard, given=2) == []
+    model = str(ROOT / "models" / "default")
+    frames = {}
+    for second in (False, True):
+        videos = tmp_path / f"second{second}"
+        bench_long_range.sample_child(model, heldout, videos, steps=2, guidance=2.0, seed=0, second_pass=second)
+        frames[second], _ = read_video(videos / "story_00002.mp4")
+    first = 25  # segment 1: 24 + 1 frames at 8 fps
+    kept = np.abs(frames[True][:first].astype(float) - frames[False][:first]).mean()
+    redrawn = np.abs(frames[True][first:].astype(float) - frames[False][first:]).mean()
+    assert kept < 4 and redrawn > 3 * max(kept, 1), (kept, redrawn)  # kept up to H.264; drawn from other noise
+    common = ["--variants", "linear", "--trained", f"linear={model}"]
+    args = bench_long_range.parse_args([*common, "--second-pass"])
+    assert bench_long_range.sampling_settings(args, Path(model), "joint")["second_pass"] is True
+    assert "second_pass" not in bench_long_range.sampling_settings(bench_long_range.parse_args(common), Path(model),
+                                                                    "joint")  # earlier runs' renders stay valid

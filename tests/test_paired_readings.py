@@ -86,6 +86,27 @@ def test_introductions_are_split_by_who_else_is_on_stage(folders):
     assert paired_readings.rate(truth["identity at intro (beside another)"]) == 100.0
 
 
+def test_the_looks_after_the_introductions_are_split_by_who_else_is_on_stage(folders):
+    """As the introductions: a later segment's characters read apart when they are alone there and when someone else
+    is on stage, counted here from every reading's items of that segment."""
+    for folder in folders:
+        readings = paired_readings.items(paired_readings.scored(folder))
+        on_stage = defaultdict(set)
+        for name in ("identity at intro", "colour after intro"):
+            for story, segment, character in readings[name]:
+                on_stage[story, segment].add(character)
+        for look in ("colour", "identity"):
+            alone, beside = readings[f"{look} after intro (alone)"], readings[f"{look} after intro (beside another)"]
+            assert alone and beside and not set(alone) & set(beside)
+            assert {**alone, **beside} == readings[f"{look} after intro"]
+            assert all(len(on_stage[key[:2]]) == 1 for key in alone)
+            assert all(len(on_stage[key[:2]]) >= 2 for key in beside)
+    truth, memoryless = (paired_readings.items(paired_readings.scored(f)) for f in folders)
+    assert paired_readings.rate(truth["identity after intro (beside another)"]) == 100.0
+    alone = "colour after intro (alone)"
+    assert paired_readings.paired(truth[alone], memoryless[alone])[0] < -20
+
+
 def test_given_segments_hold_no_item_and_what_they_introduce_is_read_after_them(folders, capsys):
     """Recall mode gives segment 1: its introductions are not the model's, so --given 1 leaves them out, and the
     characters and scene it introduces are still read in the segments after it."""
