@@ -6,12 +6,13 @@
 For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
 segment among its first --within that brings in a character beside one already on stage; the story up to that segment
 is sampled in joint mode and that segment is scored: the newcomer and the others on stage, each on screen, colour,
-shape, size and identity, and whether all of them are right. In the dense register (the default) every text names the
-backdrop and describes everyone on stage, so nothing needs memory: this measures drawing two characters at once,
-which the toy world's introductions inside a scene need (docs/results.md, "Recall mode scored the segment it was
-given"); the story register is what users write. DPM-solver, 20 steps, each model's own guidance, seed 1000, as
-bench_first_segments.py. --folder DIR searches a dataset folder's stories instead, such as the training set's: the
-gap between the two is what a model learnt by heart.
+shape, size and identity, and whether all of them are right; a second table says what became of the newcomers (`fate`:
+drawn right, in the wrong shape or size, in another's colour, ..., not found). In the dense register (the default)
+every text names the backdrop and describes everyone on stage, so nothing needs memory: this measures drawing two
+characters at once, which the toy world's introductions inside a scene need (docs/results.md, "Recall mode scored the
+segment it was given"); the story register is what users write. DPM-solver, 20 steps, each model's own guidance, seed
+1000, as bench_first_segments.py. --folder DIR searches a dataset folder's stories instead, such as the training set's:
+the gap between the two is what a model learnt by heart.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from bench_first_segments import (  # noqa: E402
 
 REGISTERS = ("dense", "story")
 CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
+# what became of a newcomer (`fate`), in the order of the second table
+FATES = ("right", "its colour, wrong shape or size", "another's colour", "a colour no one has",
+         "found as another", "not found")
 
 
 @dataclass
@@ -57,6 +61,24 @@ def newcomer_segment(storyboard: dict, within: int) -> int | None:
         if seg.intros and len(seg.on_stage()) > len(seg.intros):
             return seg.index
     return None
+
+
+def fate(newcomer, others) -> str:
+    """What became of a newcomer (a scored `CharacterResult`) beside `others` (the rest on stage), one of FATES: drawn
+    right; drawn in its colour with the wrong shape or size; drawn in the colour of one of the others (the texts'
+    looks mixed up); in a colour no one on stage has; not found while one of the others was found in the
+    newcomer's colour (the tracker follows a colour from where each character was, so a newcomer drawn where the
+    other stood and the other gone reads so); or not found at all (not drawn, or drawn too small)."""
+    if newcomer.identity_ok:
+        return "right"
+    if newcomer.present:
+        if newcomer.color_ok:
+            return "its colour, wrong shape or size"
+        taken = {o.expected.color for o in others}
+        return "another's colour" if newcomer.observed.color in taken else "a colour no one has"
+    if any(o.observed is not None and o.observed.color == newcomer.expected.color for o in others):
+        return "found as another"
+    return "not found"
 
 
 def cases(folder: Path, within: int, register: str) -> list[Case]:
@@ -88,22 +110,25 @@ def with_texts(storyboard: dict, texts: list[str]) -> dict:
 
 def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, seed: int) -> dict:
     """Rates (0-1) over the cases: newcomer_<check>, other_<check> (every other character on stage), both (everyone
-    on stage right), and the counts."""
+    on stage right), the counts, and fates: how many newcomers came to each of FATES."""
     import numpy as np
 
     from pipeline.toyworld import score_video
 
     newcomers, others, both = [], [], []
+    fates = dict.fromkeys(FATES, 0)
     sampled = [with_texts(case.storyboard, case.texts) for case in found]
     for case, frames in zip(found, rendered(model, sampled, steps, guidance, seed)):
         characters = score_video(frames, case.storyboard).segments[case.segment].characters
         for c in characters:
             (newcomers if c.introduced_here else others).append([getattr(c, k) for k in CHECKS])
+            if c.introduced_here:
+                fates[fate(c, [o for o in characters if not o.introduced_here])] += 1
         both.append(all(c.identity_ok for c in characters))
     rates = {f"newcomer_{k}": float(np.mean([r[i] for r in newcomers])) for i, k in enumerate(CHECKS)}
     rates.update({f"other_{k}": float(np.mean([r[i] for r in others])) for i, k in enumerate(CHECKS)})
     return {**rates, "both": float(np.mean(both)), "segments": len(both), "newcomers": len(newcomers),
-            "others": len(others)}
+            "others": len(others), "fates": fates}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = [r[f"newcomer_{k}"] for k in CHECKS] + [r["other_present"], r["other_identity_ok"], r["both"]]
         print(f"| {model} | " + " | ".join(f"{100 * v:.1f}" for v in cells)
               + f" | {100 * standard_error(r['both'], r['segments']):.1f} | {r['segments']} |", flush=True)
+    print("\nWhat became of the newcomers (percent of them):\n\n| model | " + " | ".join(FATES) + " |\n|"
+          + "---|" * (len(FATES) + 1))
+    for model, r in results.items():
+        print(f"| {model} | " + " | ".join(f"{100 * r['fates'][k] / r['newcomers']:.1f}" for k in FATES) + " |")
     if args.json:
         from pipeline.atomic import atomic_write_text
 

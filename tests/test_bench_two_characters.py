@@ -12,9 +12,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_two_characters  # noqa: E402
 
+from pipeline.toyworld.checks import CharacterResult  # noqa: E402
 from pipeline.toyworld.dataset import generate, load_truth, storyboard_dict  # noqa: E402
 from pipeline.toyworld.sampler import sample_story  # noqa: E402
 from pipeline.toyworld.text import parse_storyboard  # noqa: E402
+from pipeline.toyworld.world import Appearance  # noqa: E402
 
 
 def test_the_cut_is_the_first_newcomer_beside_another_character():
@@ -57,6 +59,14 @@ def test_main_on_the_bundled_model(tmp_path, capsys):
     for key in ("newcomer_present", "newcomer_identity_ok", "other_present", "both"):
         assert 0.0 <= result[key] <= 1.0
     assert result["both"] <= result["newcomer_identity_ok"]  # all right needs the newcomer right
+    assert set(result["fates"]) == set(bench_two_characters.FATES)
+    assert sum(result["fates"].values()) == result["newcomers"]
+    assert result["fates"]["right"] == round(result["newcomer_identity_ok"] * result["newcomers"])
+    assert result["fates"]["not found"] + result["fates"]["found as another"] == round(
+        (1 - result["newcomer_present"]) * result["newcomers"])
+    fates = stdout.split("What became of the newcomers")[1].splitlines()
+    assert fates[2] == "| model | " + " | ".join(bench_two_characters.FATES) + " |"
+    assert fates[4].startswith(f"| {model} |") and fates[4].count("|") == len(bench_two_characters.FATES) + 2
     row = next(line for line in stdout.splitlines() if line.startswith(f"| {model} |"))
     assert row.count("|") == stdout.splitlines()[2].count("|") and row.rstrip().endswith(f"| {len(cases)} |")
     with pytest.raises(SystemExit) as error:
@@ -79,3 +89,28 @@ def test_folder_searches_a_dataset_folders_stories(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--folder", str(tmp_path / "out")])
     assert error.value.code == 2 and "--folder: " in capsys.readouterr().err
+
+
+def character(look: Appearance, observed: Appearance | None, here: bool) -> CharacterResult:
+    right = [observed is not None and getattr(observed, k) == getattr(look, k) for k in ("color", "shape", "size")]
+    return CharacterResult(name="x", action="enter left", named=True, introduced_here=here, expected=look,
+                           observed=observed, present=observed is not None, color_ok=right[0], shape_ok=right[1],
+                           size_ok=right[2], motion_ok=observed is not None)
+
+
+def test_a_newcomers_fate_names_what_it_was_drawn_as():
+    ben, ann = Appearance("circle", "red", "big"), Appearance("bar", "blue", "small")
+    other = character(ann, ann, here=False)
+    fates = {
+        "right": character(ben, ben, True),
+        "its colour, wrong shape or size": character(ben, Appearance("tower", "red", "big"), True),
+        "another's colour": character(ben, Appearance("circle", "blue", "big"), True),
+        "a colour no one has": character(ben, Appearance("circle", "green", "big"), True),
+        "not found": character(ben, None, True),
+    }
+    assert tuple(fates) == tuple(f for f in bench_two_characters.FATES if f != "found as another")
+    for expected, newcomer in fates.items():
+        assert bench_two_characters.fate(newcomer, [other]) == expected
+    # the one already there found in the newcomer's colour, the newcomer nowhere: drawn in its place
+    assert bench_two_characters.fate(character(ben, None, True), [character(ann, ben, False)]) == "found as another"
+    assert bench_two_characters.fate(character(ben, None, True), [character(ann, None, False)]) == "not found"
