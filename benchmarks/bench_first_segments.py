@@ -42,9 +42,11 @@ def first_segments(storyboard: dict, k: int) -> dict:
     return {**storyboard, "scenes": scenes}
 
 
-def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int):
+def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int,
+             memory_guidance: float | None = None):
     """Each storyboard sampled by the exported pipeline `model` in joint mode, in order: uint8 (F, H, W, 3) frames.
-    Storyboard i draws its noise from story_generator(seed, i)."""
+    Storyboard i draws its noise from story_generator(seed, i). guidance, memory_guidance: None samples at the
+    model's own (its model_index.json's guidance_scale; memory_guidance_scale where its _segments say)."""
     import numpy as np
     from bench_long_range import story_generator
     from tqdm.auto import tqdm
@@ -55,15 +57,28 @@ def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | 
     pipe.set_progress_bar_config(disable=True)
     for index, storyboard in enumerate(tqdm(storyboards, desc=Path(model).parent.name or model, unit="story")):
         frames = pipe(storyboard, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=story_generator(seed, index), output_type="np").frames[0]
+                      memory_guidance_scale=memory_guidance, generator=story_generator(seed, index),
+                      output_type="np").frames[0]
         yield (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 
-def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int) -> dict:
+def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int,
+             memory_guidance: float | None = None) -> dict:
     from pipeline.toyworld import score_video, summarize
 
-    frames = rendered(model, storyboards, steps, guidance, seed)
+    frames = rendered(model, storyboards, steps, guidance, seed, memory_guidance)
     return summarize([score_video(video, storyboard) for video, storyboard in zip(frames, storyboards)])
+
+
+def scale(text: str) -> float:
+    """A guidance scale from the command line: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +87,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inference-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance; default: each model's own (its config's guidance_scale)")
+    p.add_argument("--memory-guidance", type=scale, default=None, metavar="M",
+                   help="memory guidance scale, on the segments the model's config names (0: off); default: each "
+                   "model's own (its config's memory_guidance_scale)")
     p.add_argument("--seed", type=int, default=1000)
 
 
@@ -105,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
           f"|---|{'---|' * (len(REPORTED) + 2)}")
     below = []
     for model in args.models:
-        summary = evaluate(model, storyboards, args.inference_steps, args.guidance, args.seed)
+        summary = evaluate(model, storyboards, args.inference_steps, args.guidance, args.seed, args.memory_guidance)
         count = summary["counts"]["identity"]  # the characters introduced in the segments scored
         error = 100 * standard_error(summary["identity"], count)
         print(f"| {model} | " + " | ".join(f"{100 * summary[k]:.0f}" for k in REPORTED) + f" | {error:.1f} | {count} |",

@@ -108,7 +108,8 @@ def with_texts(storyboard: dict, texts: list[str]) -> dict:
                                      for scene in storyboard["scenes"]]}
 
 
-def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, seed: int) -> dict:
+def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, seed: int,
+             memory_guidance: float | None = None) -> dict:
     """Rates (0-1) over the cases: newcomer_<check>, other_<check> (every other character on stage), both (everyone
     on stage right), the counts, and fates: how many newcomers came to each of FATES."""
     import numpy as np
@@ -118,7 +119,7 @@ def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, 
     newcomers, others, both = [], [], []
     fates = dict.fromkeys(FATES, 0)
     sampled = [with_texts(case.storyboard, case.texts) for case in found]
-    for case, frames in zip(found, rendered(model, sampled, steps, guidance, seed)):
+    for case, frames in zip(found, rendered(model, sampled, steps, guidance, seed, memory_guidance)):
         characters = score_video(frames, case.storyboard).segments[case.segment].characters
         for c in characters:
             (newcomers if c.introduced_here else others).append([getattr(c, k) for k in CHECKS])
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
           "| all right | its standard error | segments |\n|" + "---|" * 11)
     results = {}
     for model in args.models:
-        r = results[model] = evaluate(model, found, args.inference_steps, args.guidance, args.seed)
+        r = results[model] = evaluate(model, found, args.inference_steps, args.guidance, args.seed,
+                                      args.memory_guidance)
         cells = [r[f"newcomer_{k}"] for k in CHECKS] + [r["other_present"], r["other_identity_ok"], r["both"]]
         print(f"| {model} | " + " | ".join(f"{100 * v:.1f}" for v in cells)
               + f" | {100 * standard_error(r['both'], r['segments']):.1f} | {r['segments']} |", flush=True)

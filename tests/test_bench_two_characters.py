@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,3 +115,20 @@ def test_a_newcomers_fate_names_what_it_was_drawn_as():
     # the one already there found in the newcomer's colour, the newcomer nowhere: drawn in its place
     assert bench_two_characters.fate(character(ben, None, True), [character(ann, ben, False)]) == "found as another"
     assert bench_two_characters.fate(character(ben, None, True), [character(ann, None, False)]) == "not found"
+
+
+def test_memory_guidance_is_the_models_own_unless_told(tmp_path, capsys):
+    """--memory-guidance reaches the renderer: a 2-segment story whose segment 2 continues the scene renders otherwise
+    at 0 than at the bundled model's own 24 there, and the same at 24 given as at the default."""
+    import bench_first_segments
+
+    generate(tmp_path, stories=3, min_segments=2, max_segments=2, seed=1000, progress=False)
+    storyboard = json.loads((tmp_path / "story_00002.storyboard.json").read_text())
+    model = str(ROOT / "models" / "default")
+    own, off, given = (next(bench_first_segments.rendered(model, [storyboard], 2, 2.0, 0, m))
+                       for m in (None, 0.0, 24.0))
+    assert abs(own.astype(float) - off).mean() > 0.5
+    assert np.array_equal(own, given)
+    with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--memory-guidance", "-1"])
+    assert error.value.code == 2 and "--memory-guidance: expected a number >= 0, got '-1'" in capsys.readouterr().err
