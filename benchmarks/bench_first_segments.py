@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_long_range import scale  # noqa: E402  (after the path insert; no torch)
+
 REPORTED = ("background", "presence", "color", "shape", "size", "identity")
 
 
@@ -68,17 +70,6 @@ def evaluate(model: str, storyboards: list[dict], steps: int, guidance: float | 
 
     frames = rendered(model, storyboards, steps, guidance, seed, memory_guidance)
     return summarize([score_video(video, storyboard) for video, storyboard in zip(frames, storyboards)])
-
-
-def scale(text: str) -> float:
-    """A guidance scale from the command line: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

@@ -55,6 +55,17 @@ REGISTERS = ("story", "dense", "unshaped")  # pipeline.toyworld.dataset's, named
 HELD_OUT_SEED = 1000  # the training stories use seed 0: independent streams (pipeline.toyworld.dataset.story_seed)
 
 
+def scale(text: str) -> float:
+    """A guidance scale from the command line (argparse's `type`): a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
@@ -75,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="guidance for the segments whose text only names characters (no introduction, no scene "
                    "opening): what the model draws there comes from memory, which strong guidance overrides; "
                    "default: the same as the other segments")
-    p.add_argument("--memory-guidance", type=float, default=None, metavar="M",
+    p.add_argument("--memory-guidance", type=scale, default=None, metavar="M",
                    help="the pipeline's memory_guidance_scale: M x (the prediction minus the same without memory) "
                    "added, "
                    "which pushes a segment toward what TTT carries (0: off; where: --memory-segments); default: each "
@@ -126,8 +137,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.trained = dict(item.split("=", 1) for item in args.trained)
     if args.stories < 1 or args.inference_steps < 1:
         p.error("--stories and --inference-steps must be at least 1")
-    if args.memory_guidance is not None and not args.memory_guidance >= 0:
-        p.error(f"--memory-guidance: expected a number >= 0, got {args.memory_guidance}")
     if args.memory_timesteps is not None:
         try:
             low, high = (int(v) for v in args.memory_timesteps.split(","))

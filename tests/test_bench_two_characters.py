@@ -131,4 +131,4 @@ def test_memory_guidance_is_the_models_own_unless_told(tmp_path, capsys):
     assert np.array_equal(own, given)
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--memory-guidance", "-1"])
-    assert error.value.code == 2 and "--memory-guidance: expected a number >= 0, got '-1'" in capsys.readouterr().err
+    assert error.value.code == 2 and "--memory-guidance: expected a number >= 0, got -1.0" in capsys.readouterr().err
