@@ -135,6 +135,27 @@ def memory_guidance_scales(memory_guidance_scale: float | Sequence[float], memor
     return [scale if continues else 0.0 for continues in storyboard.continues_scene]
 
 
+def checked_segment_parts(segment_parts: Any, num_segments: int) -> dict[int, list[str]]:
+    """A call's segment_parts checked: None, or one entry per storyboard segment, each None (the segment's own text)
+    or [base, part_1, ...]: a string (may be empty) and at least one non-empty string. Returns {segment index: its
+    entry} for the segments with parts; ValueError naming the entry otherwise."""
+    if segment_parts is None:
+        return {}
+    if isinstance(segment_parts, str) or not isinstance(segment_parts, Sequence) or len(segment_parts) != num_segments:
+        raise ValueError(f"segment_parts: expected one entry per storyboard segment ({num_segments}), each None or a "
+                         f"list of texts, got {segment_parts!r}")
+    parts = {}
+    for j, entry in enumerate(segment_parts):
+        if entry is None:
+            continue
+        if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) < 2 or not isinstance(
+                entry[0], str) or not all(isinstance(text, str) and text.strip() for text in entry[1:]):
+            raise ValueError(f"segment_parts[{j}] (segment {j + 1}): expected None or [base, part, ...] (a text, "
+                             f"maybe empty, then non-empty texts), got {entry!r}")
+        parts[j] = list(entry)
+    return parts
+
+
 def segment_guidance_scales(guidance_scale: float | Sequence[float], num_segments: int,
                             name: str = "guidance_scale") -> float | list[float]:
     """A call's guidance_scale (or another per-segment scale, `name`) checked: a number (every segment) or one number
@@ -445,6 +466,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         memory_guidance_segments: str | None = None,
         memory_guidance_baseline: str | None = None,
         memory_guidance_timesteps: tuple[int, int] | None = None,
+        segment_parts: Sequence[Sequence[str] | None] | None = None,
         use_dynamic_cfg: bool = False,
         negative_text: str | None = None,
         height: int | None = None,
@@ -502,6 +524,14 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             memory_guidance_timesteps: (low, high): memory guidance only on the steps whose timestep t has low <= t <
                 high (guidance in a limited interval, as Kynkäänniemi et al. 2024 did for classifier-free guidance);
                 None: on every step.
+            segment_parts: per storyboard segment None or a list of texts [base, part_1, ..., part_K]: what every
+                part shares (say, the backdrop; "" for none), then the parts (say, one per character on stage, each
+                the base and that character's sentences). A segment with parts is guided by
+                eps_u + g * ((eps_base - eps_u) + sum_k (eps_k - eps_base)) (the conjunction of Liu et al. 2022,
+                "Compositional Visual Generation with Composable Diffusion Models", on the base) instead of its whole
+                text's: each part's prediction draws one character alone, so no text asks the drawer to bind two
+                looks to two places. Its memory guidance stays on the whole text. One more transformer pass per step
+                for each entry of the segment with the most. Needs classifier-free guidance (guidance_scale > 1).
             negative_text: default negative text for segments without their own; when None the storyboard's default,
                 else "" (the null condition). Each segment's own negative_text always wins.
             height, width: pixels; default the transformer's sample size times the VAE's 8.
@@ -567,6 +597,12 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             raise ValueError(f"memory_guidance_scale: not combined with {type(self.transformer._cache_config).__name__}"
                              ", whose hooks keep one state for every transformer call, not one for the pass without "
                              "TTT; use FirstBlockCacheConfig or TaylorSeerCacheConfig, disable the cache, or pass 0")
+        parts = checked_segment_parts(segment_parts, storyboard.num_segments)
+        if parts and self.transformer.is_cache_enabled and not isinstance(
+                self.transformer._cache_config, (FirstBlockCacheConfig, TaylorSeerCacheConfig)):
+            raise ValueError(f"segment_parts: not combined with {type(self.transformer._cache_config).__name__}, whose "
+                             "hooks keep one state for every transformer call, not one per part; use "
+                             "FirstBlockCacheConfig or TaylorSeerCacheConfig, or disable the cache")
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -575,6 +611,9 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         device = self._execution_device
         per_segment = isinstance(guidance_scale, list)
         do_classifier_free_guidance = max(guidance_scale) > 1.0 if per_segment else guidance_scale > 1.0
+        if parts and not do_classifier_free_guidance:
+            raise ValueError("segment_parts: needs classifier-free guidance (guidance_scale > 1), whose unconditional "
+                             "prediction each part's direction is taken from")
         scene_start = torch.tensor([[s.scene_start for s in storyboard.segments]], device=device)  # (1, n)
 
         # 3. Clean context segments (a video to extend or regenerate, a reference clip), encoded when given as frames
@@ -606,10 +645,21 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
             null + storyboard.texts, null + storyboard.negative_texts(negative_text), do_classifier_free_guidance,
             device=device)
+        # the parts' passes: pass k gives each segment with more than k parts its part k, the others their text
+        part_passes = []
+        for k in range(max((len(p) for p in parts.values()), default=0)):
+            texts = [parts[j][k] if j in parts and k < len(parts[j]) else text
+                     for j, text in enumerate(storyboard.texts)]
+            part_passes.append((*self.encode_prompt(null + texts, do_classifier_free_guidance=False,
+                                                    device=device)[:2],
+                                [num_reference + j for j in parts if k < len(parts[j])]))
         if num_videos_per_prompt > 1:  # (1, n, ...) -> (B, n, ...)
             prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, scene_start = (
                 None if x is None else x.repeat_interleave(num_videos_per_prompt, dim=0)
                 for x in (prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, scene_start))
+            part_passes = [(e.repeat_interleave(num_videos_per_prompt, dim=0),
+                            m.repeat_interleave(num_videos_per_prompt, dim=0), segments)
+                           for e, m, segments in part_passes]
 
         # 5. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -637,6 +687,12 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             guidance_scale = self._guidance_scale = per_frame(guidance_scale, 1.0)
         if memory_per_segment:
             memory_scale = per_frame(memory_scale, 0.0)
+        frame_segment = frame_segments(num_segments, config.latent_frames_first,
+                                       config.latent_frames_per_segment).to(device)
+        composed_frames = torch.isin(frame_segment, torch.tensor([num_reference + j for j in parts],
+                                                                 dtype=torch.long, device=device)).view(1, -1, 1, 1, 1)
+        part_passes = [(e, m, torch.isin(frame_segment, torch.tensor(segments, device=device)).view(1, -1, 1, 1, 1))
+                       for e, m, segments in part_passes]
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind
@@ -658,7 +714,18 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                 noise_pred_text = noise_pred[1] if do_classifier_free_guidance else noise_pred
                 if do_classifier_free_guidance:
                     noise_pred_uncond = noise_pred[0]
-                    noise_pred = noise_pred_uncond + self.guidance_scale * (noise_pred_text - noise_pred_uncond)
+                    direction = noise_pred_text - noise_pred_uncond
+                    if part_passes:  # a segment with parts: the sum of its parts' directions
+                        composed = base = None
+                        for k, (embeds, mask, frames) in enumerate(part_passes):
+                            part = self._predict(latents, t, embeds, mask, None, None, scene_start, cfg_mode,
+                                                 attention_kwargs, context, cache_context=f"part_{k}")
+                            if k == 0:  # every segment with parts has its base here
+                                base, composed = part, part - noise_pred_uncond
+                            else:
+                                composed = composed + frames * (part - base)
+                        direction = torch.where(composed_frames, composed, direction)
+                    noise_pred = noise_pred_uncond + self.guidance_scale * direction
                 if do_memory_guidance and (memory_guidance_timesteps is None or memory_guidance_timesteps[0]
                                            <= timestep_values[i] < memory_guidance_timesteps[1]):
                     # the conditional branch again, without memory

@@ -451,6 +451,53 @@ def test_memory_guidance_errors(pipe):
         generate(cached, storyboard, memory_guidance_scale=1.0)
 
 
+def test_segment_parts_guide_a_segment_by_the_sum_of_its_parts(pipe):
+    """segment_parts [base, part_1, part_2] on one segment: its frames are guided by (eps_base - eps_u) +
+    sum_k (eps_k - eps_base), each eps the conditional prediction with that text in the segment's place (the other
+    segments keep theirs); the other segments' frames are the plain call's. After one DDIM step (affine in the
+    prediction, the same noise) each eps is read off a call with that text in place at guidance 1, and eps_u off the
+    plain call at guidance 3 and 1."""
+    texts = ["a red ball rolls", "a box and a cone", "a yellow star"]
+    base, parts = "a white room", ["a blue box", "a green cone"]
+    one_step = {"num_inference_steps": 1, "output_type": "latent"}
+
+    def with_segment_1(text: str, scale: float) -> torch.Tensor:
+        return generate(pipe, story([texts[0], text, texts[2]], scene_starts=[2]), guidance_scale=scale, **one_step)
+
+    composed = generate(pipe, story(texts, scene_starts=[2]), guidance_scale=3.0,
+                        segment_parts=[None, [base, *parts], None], **one_step)
+    plain = with_segment_1(texts[1], 3.0)
+    unconditional = (plain - 3.0 * with_segment_1(texts[1], 1.0)) / (1 - 3.0)
+    base_latents = with_segment_1(base, 1.0)
+    expected = unconditional + 3.0 * (base_latents - unconditional
+                                      + sum(with_segment_1(part, 1.0) - base_latents for part in parts))
+    segment_1 = slice(FRAMES_FIRST, FRAMES_FIRST + FRAMES_PER_SEGMENT)
+    torch.testing.assert_close(composed[:, segment_1], expected[:, segment_1], rtol=1e-4, atol=1e-5)
+    assert (composed[:, segment_1] - plain[:, segment_1]).abs().max() > 1e-3
+    others = torch.ones(composed.shape[1], dtype=torch.bool)
+    others[segment_1] = False
+    torch.testing.assert_close(composed[:, others], plain[:, others], rtol=1e-5, atol=1e-6)
+    assert torch.equal(generate(pipe, story(texts, scene_starts=[2]), guidance_scale=3.0,
+                                segment_parts=[None] * 3, **one_step), plain)
+
+
+def test_segment_parts_errors(pipe):
+    storyboard = story(["a red ball rolls", "a blue box"])
+    for parts, message in (([["", "a"]], r"segment_parts: expected one entry per storyboard segment \(2\)"),
+                           ("ab", r"segment_parts: expected one entry per storyboard segment"),
+                           ([None, ["a blue box"]], r"segment_parts\[1\] \(segment 2\): expected None or \[base, "),
+                           ([None, ["", " "]], r"segment_parts\[1\] \(segment 2\): expected None or \[base, "),
+                           ([None, "a blue box"], r"segment_parts\[1\] \(segment 2\): expected None or \[base, ")):
+        with pytest.raises(ValueError, match=message):
+            generate(pipe, storyboard, guidance_scale=3.0, segment_parts=parts)
+    with pytest.raises(ValueError, match=r"segment_parts: needs classifier-free guidance \(guidance_scale > 1\)"):
+        generate(pipe, storyboard, guidance_scale=1.0, segment_parts=[None, ["", "a", "b"]])
+    cached = make_pipeline()
+    set_cache(cached, "pab")
+    with pytest.raises(ValueError, match="segment_parts: not combined with PyramidAttentionBroadcastConfig"):
+        generate(cached, storyboard, guidance_scale=3.0, segment_parts=[None, ["", "a", "b"]])
+
+
 def test_memory_guidance_on_the_segments_that_continue_a_scene(pipe, tmp_path):
     """memory_guidance_segments "continuing" puts one scale on every segment but the first and each scene's first
     (the call with that list, exactly); the pipeline's own scale and place, saved in its config, are what a call that

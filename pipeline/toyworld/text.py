@@ -117,6 +117,31 @@ def unshaped_segment_text(cast: dict[str, Appearance], on_stage: list[str], stor
     return f"{story_text} {sentence}" if story_text else sentence
 
 
+def character_parts(text: str, names: list[str]) -> list[str]:
+    """A segment's text split for composed guidance (the pipeline's segment_parts): first what every part shares, the
+    sentences that name no one (the backdrop, the camera; "" when there are none), then one text per character the
+    text names, in the order of `names`: the shared sentences, that character's own sentences and its entry of an
+    "On stage:" list, in their order. Fewer than two characters named: [] (nothing to compose)."""
+    sentences = re.split(r"(?<=\.)\s+", text.strip())
+
+    def named(sentence: str, name: str) -> bool:
+        return re.match(rf"{name}\b", sentence) is not None
+
+    shared = [s for s in sentences if not s.startswith("On stage: ") and not any(named(s, n) for n in names)]
+    parts = []
+    for name in names:
+        kept = []
+        for sentence in sentences:
+            if sentence.startswith("On stage: "):
+                kept += [f"On stage: {e}." for e in sentence[len("On stage: "):-1].split("; ")
+                         if e.startswith(f"{name},")]
+            elif named(sentence, name) or sentence in shared:
+                kept.append(sentence)
+        if len(kept) > sum(s in shared for s in kept):
+            parts.append(" ".join(kept))
+    return [" ".join(shared), *parts] if len(parts) >= 2 else []
+
+
 @dataclass
 class ScriptSegment:
     """A segment as read back from its text.
