@@ -45,10 +45,12 @@ def first_segments(storyboard: dict, k: int) -> dict:
 
 
 def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | None, seed: int,
-             memory_guidance: float | None = None):
+             memory_guidance: float | list | None = None, parts: list[list | None] | None = None):
     """Each storyboard sampled by the exported pipeline `model` in joint mode, in order: uint8 (F, H, W, 3) frames.
     Storyboard i draws its noise from story_generator(seed, i). guidance, memory_guidance: None samples at the
-    model's own (its model_index.json's guidance_scale; memory_guidance_scale where its _segments say)."""
+    model's own (its model_index.json's guidance_scale; memory_guidance_scale where its _segments say); a list:
+    one memory_guidance_scale per storyboard. parts: one segment_parts per storyboard (composed guidance; None: its
+    texts as they are)."""
     import numpy as np
     from bench_long_range import story_generator
     from tqdm.auto import tqdm
@@ -59,8 +61,9 @@ def rendered(model: str, storyboards: list[dict], steps: int, guidance: float | 
     pipe.set_progress_bar_config(disable=True)
     for index, storyboard in enumerate(tqdm(storyboards, desc=Path(model).parent.name or model, unit="story")):
         frames = pipe(storyboard, num_inference_steps=steps, guidance_scale=guidance,
-                      memory_guidance_scale=memory_guidance, generator=story_generator(seed, index),
-                      output_type="np").frames[0]
+                      memory_guidance_scale=memory_guidance[index] if isinstance(memory_guidance, list)
+                      else memory_guidance, generator=story_generator(seed, index),
+                      segment_parts=None if parts is None else parts[index], output_type="np").frames[0]
         yield (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
 
 

@@ -1,7 +1,7 @@
 """Can a model draw a character that comes in while another is on stage? Held-out toy stories cut after such a segment.
 
     python benchmarks/bench_two_characters.py MODEL [MODEL ...] [--stories 200] [--within 6] [--register dense]
-        [--folder DIR]
+        [--folder DIR] [--memory-guidance M] [--memory-intro M] [--compose] [--after K]
 
 For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
 segment among its first --within that brings in a character beside one already on stage; the story up to that segment
@@ -12,7 +12,10 @@ every text names the backdrop and describes everyone on stage, so nothing needs 
 characters at once, which the toy world's introductions inside a scene need (docs/results.md, "Recall mode scored the
 segment it was given"); the story register is what users write. DPM-solver, 20 steps, each model's own guidance, seed
 1000, as bench_first_segments.py. --folder DIR searches a dataset folder's stories instead, such as the training set's:
-the gap between the two is what a model learnt by heart.
+the gap between the two is what a model learnt by heart. --memory-intro M sets memory guidance on the segments that
+introduce someone (the scored one) apart from the rest; --compose guides the scored segment by one part of its text
+per character on stage (the pipeline's segment_parts, docs/sampling.md); --after K samples K more segments after the
+scored one, as a longer video would.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from bench_first_segments import (  # noqa: E402
     rendered,
     standard_error,
 )
+from bench_long_range import scale  # noqa: E402
 
 REGISTERS = ("dense", "story")
 CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
@@ -44,7 +48,8 @@ FATES = ("right", "its colour, wrong shape or size", "another's colour", "a colo
 
 @dataclass
 class Case:
-    """One story cut after its first segment with a newcomer beside another character (index `segment`)."""
+    """One story with a newcomer beside another character in segment `segment` (the first such), cut after it or
+    some segments later (`cases`' after)."""
 
     story_id: str
     segment: int
@@ -81,7 +86,9 @@ def fate(newcomer, others) -> str:
     return "not found"
 
 
-def cases(folder: Path, within: int, register: str) -> list[Case]:
+def cases(folder: Path, within: int, register: str, after: int = 0) -> list[Case]:
+    """The stories of `folder` with a newcomer beside another within their first `within` segments, each cut `after`
+    segments after that one (the segment scored stays the newcomer's)."""
     from pipeline.toyworld.dataset import load_truth
 
     found = []
@@ -91,10 +98,10 @@ def cases(folder: Path, within: int, register: str) -> list[Case]:
         segment = newcomer_segment(storyboard, within)
         if segment is None:
             continue
-        cut = first_segments(storyboard, segment + 1)
+        cut = first_segments(storyboard, segment + 1 + after)
         if register == "dense":
             truth = load_truth(folder / f"{story_id}.truth.json")
-            texts = [seg.dense_text for seg in truth.segments[: segment + 1]]
+            texts = [seg.dense_text for seg in truth.segments[: segment + 1 + after]]
         else:
             texts = [s["text"] for scene in cut["scenes"] for s in scene["segments"]]
         found.append(Case(story_id, segment, cut, texts))
@@ -108,10 +115,33 @@ def with_texts(storyboard: dict, texts: list[str]) -> dict:
                                      for scene in storyboard["scenes"]]}
 
 
+def composed_parts(case: Case) -> list[list[str] | None]:
+    """segment_parts for a case: the scored segment's text split into one part per character on stage (each drawn
+    alone, the pipeline's composed guidance); every other segment as it is."""
+    from pipeline.toyworld.text import character_parts, parse_storyboard
+
+    names = parse_storyboard(case.storyboard).segments[case.segment].on_stage()
+    parts: list[list[str] | None] = [None] * len(case.texts)
+    parts[case.segment] = character_parts(case.texts[case.segment], names) or None
+    return parts
+
+
+def intro_scales(model: str, found: list[Case], memory_guidance: float | None, intro: float) -> list[list[float]]:
+    """--memory-intro: per case, one memory guidance scale per segment: `memory_guidance` (None: the model's own) on
+    the segments that continue a scene, `intro` on those among them that introduce a character, 0 elsewhere."""
+    from bench_long_range import memory_scales
+
+    from pipeline.pipeline_ttt_video import saved_memory_guidance
+
+    scale = saved_memory_guidance(model)[0] if memory_guidance is None else memory_guidance
+    return [memory_scales(case.storyboard, scale, "continuing", intro) for case in found]
+
+
 def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, seed: int,
-             memory_guidance: float | None = None) -> dict:
+             memory_guidance: float | None = None, compose: bool = False, memory_intro: float | None = None) -> dict:
     """Rates (0-1) over the cases: newcomer_<check>, other_<check> (every other character on stage), both (everyone
-    on stage right), the counts, and fates: how many newcomers came to each of FATES."""
+    on stage right), the counts, and fates: how many newcomers came to each of FATES. compose: the scored segment is
+    guided by one part per character (`composed_parts`); memory_intro: see `intro_scales`."""
     import numpy as np
 
     from pipeline.toyworld import score_video
@@ -119,7 +149,10 @@ def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, 
     newcomers, others, both = [], [], []
     fates = dict.fromkeys(FATES, 0)
     sampled = [with_texts(case.storyboard, case.texts) for case in found]
-    for case, frames in zip(found, rendered(model, sampled, steps, guidance, seed, memory_guidance)):
+    parts = [composed_parts(case) for case in found] if compose else None
+    if memory_intro is not None:
+        memory_guidance = intro_scales(model, found, memory_guidance, memory_intro)
+    for case, frames in zip(found, rendered(model, sampled, steps, guidance, seed, memory_guidance, parts)):
         characters = score_video(frames, case.storyboard).segments[case.segment].characters
         for c in characters:
             (newcomers if c.introduced_here else others).append([getattr(c, k) for k in CHECKS])
@@ -141,6 +174,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="texts to sample from: dense (everyone on stage described) or story (what users write)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_two_characters",
                    help="where the held-out stories are (or are made)")
+    p.add_argument("--after", type=int, default=0, metavar="K",
+                   help="cut each story K segments after the newcomer's (still the one scored): what the segments "
+                        "that follow do to it (default 0)")
+    p.add_argument("--compose", action="store_true",
+                   help="guide the scored segment by one part of its text per character on stage, each drawn alone "
+                        "(the pipeline's segment_parts), instead of by its whole text")
+    p.add_argument("--memory-intro", type=scale, default=None, metavar="M",
+                   help="memory guidance M on the segments that introduce a character within a scene (the scored one "
+                        "among them), --memory-guidance (default the model's own) on the other segments that "
+                        "continue a scene, none on a scene's first")
     p.add_argument("--json", type=Path, help="also write every model's rates to this JSON file")
     p.add_argument("--folder", type=Path,
                    help="search every story of this toy-world dataset folder instead of the held-out ones (the "
@@ -149,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.stories < 1 or args.within < 2:
         p.error("--stories must be at least 1 and --within at least 2 (segment 1 never has a newcomer beside another)")
+    if args.after < 0:
+        p.error(f"--after: expected a number of segments >= 0, got {args.after}")
     check_models(p, args.models)
 
     from bench_long_range import held_out_stories
@@ -158,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not searched:  # only a --folder can be empty: the held-out folder is made with --stories >= 1
         p.error(f"--folder: {folder} holds no <id>.storyboard.json; expected a folder written by "
                 "`python -m pipeline.toyworld generate`")
-    found = cases(folder, args.within, args.register)
+    found = cases(folder, args.within, args.register, args.after)
     if not found:
         print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "
               f"its first {args.within} segments; ask for a larger --within"
@@ -171,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for model in args.models:
         r = results[model] = evaluate(model, found, args.inference_steps, args.guidance, args.seed,
-                                      args.memory_guidance)
+                                      args.memory_guidance, args.compose, args.memory_intro)
         cells = [r[f"newcomer_{k}"] for k in CHECKS] + [r["other_present"], r["other_identity_ok"], r["both"]]
         print(f"| {model} | " + " | ".join(f"{100 * v:.1f}" for v in cells)
               + f" | {100 * standard_error(r['both'], r['segments']):.1f} | {r['segments']} |", flush=True)

@@ -45,6 +45,66 @@ def test_dense_cases_sample_every_segments_dense_text_and_are_scored_in_the_stor
         assert s.texts == [seg.text for seg in truth.segments[: d.segment + 1]] != d.texts
         sampled = bench_two_characters.with_texts(d.storyboard, d.texts)
         assert [x["text"] for scene in sampled["scenes"] for x in scene["segments"]] == d.texts
+    for register, short in (("dense", dense), ("story", story)):  # --after 2: two more segments, the same one scored
+        longer = bench_two_characters.cases(tmp_path, 8, register, after=2)
+        assert [(c.story_id, c.segment) for c in longer] == [(c.story_id, c.segment) for c in short]
+        for c, s in zip(longer, short):
+            assert len(c.texts) == min(c.segment + 3, 8) == len(parse_storyboard(c.storyboard).segments)
+            assert c.texts[: c.segment + 1] == s.texts
+            assert bench_two_characters.first_segments(c.storyboard, c.segment + 1) == s.storyboard
+
+
+def test_composed_parts_split_the_scored_segment_into_one_text_per_character(tmp_path):
+    """--compose: the scored segment's entry is [what every part shares, one part per character on stage]; every
+    sentence of the text is in the base or in exactly one character's part, each part names only its character (a
+    dense text: with its look), and the earlier segments keep their texts."""
+    generate(tmp_path, stories=16, min_segments=8, max_segments=8, seed=3, progress=False)
+    for register in ("dense", "story"):
+        composed = 0
+        for case in bench_two_characters.cases(tmp_path, 8, register):
+            parts = bench_two_characters.composed_parts(case)
+            assert len(parts) == case.segment + 1 and parts[:-1] == [None] * case.segment
+            segment = parse_storyboard(case.storyboard).segments[case.segment]
+            text, names = case.texts[case.segment], segment.on_stage()
+            if parts[-1] is None:  # the story register may name only the newcomer
+                assert register == "story" and sum(f"{n} " in text or f"{n}," in text for n in names) < 2
+                continue
+            composed += 1
+            base, *own = parts[-1]
+            assert not any(n in base for n in names) and len(own) == len(names)
+            for name, part in zip(names, own):
+                assert part.startswith(base.split(". ")[0]) and name in part
+                assert not any(other in part for other in names if other != name)
+            if register == "dense":
+                cast = parse_storyboard(case.storyboard).cast
+                assert all(f"{n}, {cast[n].describe()}" in part for n, part in zip(names, own))
+            words = sorted(text.replace("On stage: ", "").replace(";", ".").split())
+            told = " ".join(part.replace(base, "").replace("On stage: ", "") for part in own)
+            assert sorted((base + " " + told).split()) == words, (text, parts[-1])
+        assert composed >= 2, register
+
+
+def test_memory_intro_sets_the_scale_on_the_introductions_and_the_models_own_elsewhere(tmp_path):
+    """--memory-intro M: per case M on the segments that introduce someone within a scene (the scored one always),
+    the bundled model's own 24 on the other segments that continue a scene, 0 on a scene's first; --memory-guidance
+    replaces the 24."""
+    from pipeline.storyboard import load_storyboard
+
+    model = str(ROOT / "models" / "default")
+    generate(tmp_path, stories=8, min_segments=8, max_segments=8, seed=3, progress=False)
+    found = bench_two_characters.cases(tmp_path, 8, "story")
+    for own, scales in ((24.0, bench_two_characters.intro_scales(model, found, None, 2.0)),
+                        (6.0, bench_two_characters.intro_scales(model, found, 6.0, 2.0))):
+        assert len(scales) == len(found)
+        seen = set()
+        for case, per_segment in zip(found, scales):
+            segments = parse_storyboard(case.storyboard).segments
+            continues = load_storyboard(case.storyboard).continues_scene
+            assert len(per_segment) == len(segments) and per_segment[case.segment] == 2.0
+            for goes_on, segment, m in zip(continues, segments, per_segment):
+                assert m == (0.0 if not goes_on else 2.0 if segment.intros else own)
+                seen.add(m)
+        assert seen == {0.0, 2.0, own}
 
 
 def test_main_on_the_bundled_model(tmp_path, capsys):
