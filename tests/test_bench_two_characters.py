@@ -130,9 +130,19 @@ def test_main_on_the_bundled_model(tmp_path, capsys):
     assert fates[4].startswith(f"| {model} |") and fates[4].count("|") == len(bench_two_characters.FATES) + 2
     row = next(line for line in stdout.splitlines() if line.startswith(f"| {model} |"))
     assert row.count("|") == stdout.splitlines()[2].count("|") and row.rstrip().endswith(f"| {len(cases)} |")
+    # the same cases composed, with the push on the introductions apart and a segment after each: the same count
+    assert bench_two_characters.main([model, "--stories", "4", "--within", "20", "--inference-steps", "2",
+                                      "--out", str(tmp_path), "--json", str(out), "--compose", "--memory-intro", "2",
+                                      "--after", "1"]) == 0
+    composed = json.loads(out.read_text())
+    assert composed["results"][model]["segments"] == len(cases)
+    assert (composed["settings"]["compose"], composed["settings"]["after"]) == ("True", "1")
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--within", "1"])
     assert error.value.code == 2 and "--within at least 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--after", "-1"])
+    assert error.value.code == 2 and "--after: expected a number of segments >= 0, got -1" in capsys.readouterr().err
 
 
 def test_folder_searches_a_dataset_folders_stories(tmp_path, capsys):
