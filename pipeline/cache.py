@@ -58,7 +58,7 @@ def cache_config(name: str, pipe) -> Any | None:
 
 
 # the presets whose hooks keep one state per cache context (the pipeline names each transformer call: "cond_uncond",
-# "cond", "uncond", "cond_without_memory"); the others keep one state for every call
+# "cond", "uncond", "cond_without_memory", "part_<k>"); the others keep one state for every call
 PER_CONTEXT = ("first-block", "taylorseer")
 
 

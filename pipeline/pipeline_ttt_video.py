@@ -592,17 +592,11 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                              f"{memory_guidance_timesteps!r}")
         if do_memory_guidance and not getattr(self.transformer, "has_ttt", False):
             raise ValueError("memory_guidance_scale: this transformer has no TTT layers to guide by; pass 0")
-        if do_memory_guidance and self.transformer.is_cache_enabled and not isinstance(
-                self.transformer._cache_config, (FirstBlockCacheConfig, TaylorSeerCacheConfig)):
-            raise ValueError(f"memory_guidance_scale: not combined with {type(self.transformer._cache_config).__name__}"
-                             ", whose hooks keep one state for every transformer call, not one for the pass without "
-                             "TTT; use FirstBlockCacheConfig or TaylorSeerCacheConfig, disable the cache, or pass 0")
+        if do_memory_guidance:
+            self._check_cache_keeps_passes_apart("memory_guidance_scale", "the pass without TTT", ", or pass 0")
         parts = checked_segment_parts(segment_parts, storyboard.num_segments)
-        if parts and self.transformer.is_cache_enabled and not isinstance(
-                self.transformer._cache_config, (FirstBlockCacheConfig, TaylorSeerCacheConfig)):
-            raise ValueError(f"segment_parts: not combined with {type(self.transformer._cache_config).__name__}, whose "
-                             "hooks keep one state for every transformer call, not one per part; use "
-                             "FirstBlockCacheConfig or TaylorSeerCacheConfig, or disable the cache")
+        if parts:
+            self._check_cache_keeps_passes_apart("segment_parts", "each part's pass")
         self._attention_kwargs = attention_kwargs
         self._current_timestep = None
         self._interrupt = False
@@ -645,21 +639,18 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask = self.encode_prompt(
             null + storyboard.texts, null + storyboard.negative_texts(negative_text), do_classifier_free_guidance,
             device=device)
-        # the parts' passes: pass k gives each segment with more than k parts its part k, the others their text
-        part_passes = []
-        for k in range(max((len(p) for p in parts.values()), default=0)):
-            texts = [parts[j][k] if j in parts and k < len(parts[j]) else text
-                     for j, text in enumerate(storyboard.texts)]
-            part_passes.append((*self.encode_prompt(null + texts, do_classifier_free_guidance=False,
-                                                    device=device)[:2],
-                                [num_reference + j for j in parts if k < len(parts[j])]))
+        # the parts' passes: pass k gives each segment with more than k entries its entry k (0: the base), the others
+        # their text
+        part_embeds = [self.encode_prompt(null + [parts[j][k] if k < len(parts.get(j, ())) else text
+                                                  for j, text in enumerate(storyboard.texts)],
+                                          do_classifier_free_guidance=False, device=device)[:2]
+                       for k in range(max(map(len, parts.values()), default=0))]
         if num_videos_per_prompt > 1:  # (1, n, ...) -> (B, n, ...)
             prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, scene_start = (
                 None if x is None else x.repeat_interleave(num_videos_per_prompt, dim=0)
                 for x in (prompt_embeds, prompt_mask, negative_prompt_embeds, negative_mask, scene_start))
-            part_passes = [(e.repeat_interleave(num_videos_per_prompt, dim=0),
-                            m.repeat_interleave(num_videos_per_prompt, dim=0), segments)
-                           for e, m, segments in part_passes]
+            part_embeds = [tuple(x.repeat_interleave(num_videos_per_prompt, dim=0) for x in pair)
+                           for pair in part_embeds]
 
         # 5. Timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -687,12 +678,11 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
             guidance_scale = self._guidance_scale = per_frame(guidance_scale, 1.0)
         if memory_per_segment:
             memory_scale = per_frame(memory_scale, 0.0)
-        frame_segment = frame_segments(num_segments, config.latent_frames_first,
-                                       config.latent_frames_per_segment).to(device)
-        composed_frames = torch.isin(frame_segment, torch.tensor([num_reference + j for j in parts],
-                                                                 dtype=torch.long, device=device)).view(1, -1, 1, 1, 1)
-        part_passes = [(e, m, torch.isin(frame_segment, torch.tensor(segments, device=device)).view(1, -1, 1, 1, 1))
-                       for e, m, segments in part_passes]
+        # each part's pass with the frames it composes: (1, T, 1, 1, 1), 1 on the segments with that many entries
+        entries = [len(parts.get(j, ())) for j in range(storyboard.num_segments)]
+        part_passes = [(embeds, mask, per_frame([float(k < n) for n in entries], 0.0))
+                       for k, (embeds, mask) in enumerate(part_embeds)]
+        composed_frames = part_passes[0][2].bool() if part_passes else None  # the base's pass: every composed segment
 
         # 7. Denoising loop over the whole sequence (kept segments at t = 0, re-set after every step)
         if self.transformer.is_cache_enabled:  # a run stopped midway leaves its cache hooks' state behind
@@ -720,7 +710,7 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
                         for k, (embeds, mask, frames) in enumerate(part_passes):
                             part = self._predict(latents, t, embeds, mask, None, None, scene_start, cfg_mode,
                                                  attention_kwargs, context, cache_context=f"part_{k}")
-                            if k == 0:  # every segment with parts has its base here
+                            if k == 0:  # the base: every segment with parts has it in this pass
                                 base, composed = part, part - noise_pred_uncond
                             else:
                                 composed = composed + frames * (part - base)
@@ -778,6 +768,16 @@ class TTTVideoPipeline(DiffusionPipeline, CogVideoXLoraLoaderMixin):
         if not return_dict:
             return (frames,)
         return TTTVideoPipelineOutput(frames=frames, fps=self.config.fps, latents=latents)
+
+    def _check_cache_keeps_passes_apart(self, argument: str, passes: str, way_out: str = "") -> None:
+        """ValueError naming `argument` when diffusers' cache hooks are on and keep one state for every transformer
+        call (Pyramid Attention Broadcast, FasterCache), which an extra pass per step (`passes`) would mix up;
+        FirstBlockCache and TaylorSeer keep one per `cache_context` and are fine."""
+        if self.transformer.is_cache_enabled and not isinstance(
+                self.transformer._cache_config, (FirstBlockCacheConfig, TaylorSeerCacheConfig)):
+            raise ValueError(f"{argument}: not combined with {type(self.transformer._cache_config).__name__}, whose "
+                             f"hooks keep one state for every transformer call, not one for {passes}; use "
+                             f"FirstBlockCacheConfig or TaylorSeerCacheConfig, disable the cache{way_out}")
 
     def _predict(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor, prompt_mask: torch.Tensor,
                  negative_prompt_embeds: torch.Tensor | None, negative_mask: torch.Tensor | None,
