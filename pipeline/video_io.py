@@ -54,7 +54,9 @@ def write_video(frames, path: str | os.PathLike, fps: float, crf: int = 18) -> P
     """Encodes frames to an H.264 mp4 at `fps` (fractional rates are kept exactly, e.g. 8/3).
 
     frames: see `to_uint8_frames`; height and width must be even (yuv420p). The file is written under a temporary
-    name in the same folder and renamed, so `path` is never half-written.
+    name in the same folder and renamed, so `path` is never half-written. The same frames give the same file in any
+    process: libx264's macroblock-tree rate control is off, since with it the file depended on what the process had
+    done before (frames decoded up to 26/255 apart, measured: docs/sampling.md, "Writing the video").
     """
     frames = to_uint8_frames(frames)
     num_frames, height, width, _ = frames.shape
@@ -68,7 +70,7 @@ def write_video(frames, path: str | os.PathLike, fps: float, crf: int = 18) -> P
     with atomic_path(path, suffix=".mp4.tmp") as tmp, av.open(os.fspath(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": str(crf)}
+        stream.options = {"crf": str(crf), "x264-params": "mbtree=0"}
         for frame in frames:
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +26,7 @@ from pipeline.pipeline_ttt_video import saved_memory_guidance
 from pipeline.toy.model import MAX_DEFAULT_MODEL_BYTES, install, to_base, toy_args
 from pipeline.toy.vae import train_vae
 from pipeline.training.config import ConfigError, load_config
+from pipeline.video_io import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = ROOT / "models" / "default"
@@ -224,3 +229,37 @@ def test_vae_training_runs_calibrates_and_saves(tmp_path):
                       [*overrides, "model.builder_args.vae_training.clip_frames=5"])
     with pytest.raises(ValueError, match="clip_frames: expected 1 \\+ 8k frames"):
         train_vae(bad)
+
+
+ENCODE_AFTER_A_DECODE = """
+import sys
+import numpy as np
+from pipeline.video_io import read_video, write_video
+read_video(sys.argv[1])  # what sample.py's process has done before it writes varies; a decode stands in for it
+write_video(np.load(sys.argv[2]), sys.argv[3], 8)
+"""
+
+
+def test_the_same_frames_make_the_same_mp4_in_every_process(tmp_path):
+    """sample.py's video is the same file on every run: the frames are (the latents are bit-equal), and the writer
+    must not add a difference of its own. libx264's macroblock-tree rate control did: frames like the model's, encoded
+    in fresh processes that had decoded a video first, came out different in most runs (up to 26/255 apart after
+    decoding; 3 distinct files from 6 processes, measured), so `write_video` turns it off. The frames are the bundled
+    model's (one segment, four steps), run forward and back to 481."""
+    pipe = TTTVideoPipeline.from_pretrained(DEFAULT_MODEL)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(prompt="Scene: a navy backdrop with dots. Pip, a big red circle, slides in from the left.",
+                  num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").frames[0]
+    frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+    frames = np.concatenate([frames, frames[::-1]] * 10)[:481]  # as long as sample.py's 60 s
+    np.save(tmp_path / "frames.npy", frames)
+    write_video(frames, tmp_path / "decoded.mp4", 8)
+    script = tmp_path / "encode.py"
+    script.write_text(ENCODE_AFTER_A_DECODE)
+    files = []
+    for run in range(6):
+        out = tmp_path / f"run{run}.mp4"
+        subprocess.run([sys.executable, str(script), str(tmp_path / "decoded.mp4"), str(tmp_path / "frames.npy"),
+                        str(out)], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        files.append(out.read_bytes())
+    assert all(f == files[0] for f in files[1:]), [hashlib.md5(f).hexdigest() for f in files]
