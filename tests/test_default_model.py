@@ -244,7 +244,7 @@ def test_the_same_frames_make_the_same_mp4_in_every_process(tmp_path):
     """sample.py's video is the same file on every run: the frames are (the latents are bit-equal), and the writer
     must not add a difference of its own. libx264's macroblock-tree rate control did: frames like the model's, encoded
     in fresh processes that had decoded a video first, came out different in most runs (up to 26/255 apart after
-    decoding; 3 distinct files from 6 processes, measured), so `write_video` turns it off. The frames are the bundled
+    decoding; this test failed 2 times in 2 with it on), so `write_video` turns it off. The frames are the bundled
     model's (one segment, four steps), run forward and back to 481."""
     pipe = TTTVideoPipeline.from_pretrained(DEFAULT_MODEL)
     pipe.set_progress_bar_config(disable=True)
