@@ -216,15 +216,15 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
     return rows
 
 
-def summarize(rows: list[dict], timesteps: list[int]) -> list[dict]:
+def summarize(rows: list[dict], timesteps: list[int], split: str = "adjacent",
+              labels: tuple[str, str] = ("adjacent", "apart")) -> list[dict]:
     """Mean loss (true), mean gain, its standard error and the share of probes with a positive gain, per group
-    (all / adjacent / apart), timestep and region; with the described sequence also its mean loss, the mean text gain
-    (swapped - described) and the memory gain's share of it."""
+    (all, then the rows whose `split` is true and false, named by `labels`), timestep and region; with the described
+    sequence also its mean loss, the mean text gain (swapped - described) and the memory gain's share of it."""
     import math
 
     out = []
-    groups = {"all": rows, "adjacent": [r for r in rows if r["adjacent"]],
-              "apart": [r for r in rows if not r["adjacent"]]}
+    groups = {"all": rows, labels[0]: [r for r in rows if r[split]], labels[1]: [r for r in rows if not r[split]]}
     for group, members in groups.items():
         for i, t in enumerate(timesteps):
             for region in REGIONS:
@@ -258,13 +258,13 @@ def markdown(summaries: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def parse_timesteps(text: str) -> list[int]:
+def parse_timesteps(text: str, flag: str = "--timesteps") -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
     if not values or not all(0 < v < 1000 for v in values):
-        raise argparse.ArgumentTypeError(f"--timesteps: expected comma-separated integers in (0, 1000), got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag}: expected comma-separated integers in (0, 1000), got {text!r}")
     return values
 
 

@@ -1,7 +1,7 @@
 """Can a model draw a character that comes in while another is on stage? Held-out toy stories cut after such a segment.
 
     python benchmarks/bench_two_characters.py MODEL [MODEL ...] [--stories 200] [--within 6] [--register dense]
-        [--folder DIR] [--memory-guidance M] [--memory-intro M] [--compose] [--after K]
+        [--folder DIR] [--memory-guidance M] [--memory-intro M] [--compose] [--after K] [--told-gain T,T,...]
 
 For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
 segment among its first --within that brings in a character beside one already on stage; the story up to that segment
@@ -16,6 +16,12 @@ the gap between the two is what a model learnt by heart. --memory-intro M sets m
 introduce someone (the scored one) apart from the rest; --compose guides the scored segment by one part of its text
 per character on stage (the pipeline's segment_parts, docs/sampling.md); --after K samples K more segments after the
 scored one, as a longer video would.
+
+--told-gain T,T,... samples nothing: it reads the training loss on the newcomer's pixels of its segment at noise levels
+T (the story's true renders, earlier segments clean, the same noise for every model) with the dense text telling its
+look and telling another look (`told_gains`). The difference, the told gain, is how much the drawing of the newcomer
+follows its text, without the sampling noise that spreads this benchmark's readings by up to 18 points between seeds;
+it is read beside another character and, for contrast, for a character brought in alone (the first after segment 1).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +44,7 @@ from bench_first_segments import (  # noqa: E402
     standard_error,
 )
 from bench_long_range import scale  # noqa: E402
+from bench_memory import parse_timesteps  # noqa: E402
 
 REGISTERS = ("dense", "story")
 CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
@@ -165,6 +172,143 @@ def evaluate(model: str, found: list[Case], steps: int, guidance: float | None, 
             "others": len(others), "fates": fates}
 
 
+# --told-gain: how much the drawing of a newcomer heeds its text, read from the training loss instead of samples
+
+GROUPS = ("beside another", "alone")
+
+
+def alone_segment(storyboard: dict, within: int) -> int | None:
+    """The index of the first segment after the first and among the first `within` that introduces one character
+    with no one else on stage (None if there is none): like a newcomer beside another, never segment 1."""
+    from pipeline.toyworld.text import parse_storyboard
+
+    for seg in parse_storyboard(storyboard).segments[1:within]:
+        if len(seg.intros) == 1 and seg.on_stage() == list(seg.intros):
+            return seg.index
+    return None
+
+
+def text_probes(folder: Path, within: int) -> list[dict]:
+    """--told-gain's probes: per story of `folder`, its first newcomer beside another (`newcomer_segment`) and its
+    first character brought in alone (`alone_segment`), each {story, segment, character, beside}."""
+    from pipeline.toyworld.text import parse_storyboard
+
+    found = []
+    for path in sorted(folder.glob("*.storyboard.json")):
+        storyboard = json.loads(path.read_text())
+        segments = parse_storyboard(storyboard).segments
+        for beside, find in ((True, newcomer_segment), (False, alone_segment)):
+            segment = find(storyboard, within)
+            if segment is not None:
+                found.append({"story": path.name[: -len(".storyboard.json")], "segment": segment,
+                              "character": next(iter(segments[segment].intros)), "beside": beside})
+    return found
+
+
+def told_gains(pipe, folder: Path, probes: list[dict], timesteps: list[int], seed: int = 0,
+               progress: bool = True) -> list[dict]:
+    """Per probe, the training objective's loss on the newcomer's latent elements of its segment s (the story's true
+    renders cut after s; segments 1..s-1 clean, s noised at each timestep with the same noise for every model; every
+    text dense) with s's text telling the newcomer's true look ("true") and another look ("swapped":
+    bench_memory.swapped_look, colour and shape; the frames untouched). swapped - true, the told gain, is how far the
+    drawing of the newcomer follows what its text says, with no sampling noise; beside another character against
+    alone is the drawer's gap."""
+    from bench_memory import MemoryProbe, character_mask, swapped_story
+    from tqdm.auto import tqdm
+
+    from pipeline.toyworld.dataset import load_truth
+    from pipeline.toyworld.render import render_story
+
+    probe = MemoryProbe(pipe, timesteps, seed)
+    rows = []
+    for p in tqdm(probes, desc="probes", unit="probe", disable=not progress):
+        story = load_truth(folder / f"{p['story']}.truth.json")
+        story = replace(story, segments=story.segments[: p["segment"] + 1])  # what comes after is never read
+        other = swapped_story(story, p["character"])
+        frames = render_story(story, probe.size)
+        mask = character_mask(frames, render_story(other, probe.size), p["segment"], pipe.vae_scale_factor_temporal,
+                              pipe.vae_scale_factor_spatial)
+        latents, _, _, starts = probe.encode(story, frames)
+        told, mistold = ((latents, *probe.encode_dense_text(s), starts) for s in (story, other))
+        rows.append({**p, "character_elements": int(mask.sum()),
+                     **probe.gain(told, mistold, p["segment"], mask)})
+    return rows
+
+
+def told_gain_table(summaries: dict[str, list[dict]]) -> str:
+    lines = ["| model | newcomer (probes) | t | loss, its look told | told gain (another look told - its own) | "
+             "+- s.e. | gain > 0 |", "|---|---|---|---|---|---|---|"]
+    for model, rows in summaries.items():
+        for r in rows:
+            if r["region"] == "character":
+                lines.append(f"| {model} | {r['group']} ({r['probes']}) | {r['timestep']} | {r['loss_true']:.4f} | "
+                             f"{r['gain']:+.5f} | {r['gain_se']:.5f} | {100 * r['positive']:.0f}% |")
+    return "\n".join(lines)
+
+
+def paired_told_gains(first: list[dict], rows: list[dict], timesteps: list[int]) -> list[dict]:
+    """The told gain of `rows` minus that of `first` (the same probes, another model), per group and timestep: the
+    mean paired difference and its standard error."""
+    import math
+
+    out = []
+    for group in ("all", *GROUPS):
+        pairs = [(a, b) for a, b in zip(first, rows) if group == "all" or a["beside"] == (group == GROUPS[0])]
+        for i, t in enumerate(timesteps):
+            diffs = [(b["swapped"]["character"][i] - b["true"]["character"][i])
+                     - (a["swapped"]["character"][i] - a["true"]["character"][i]) for a, b in pairs]
+            if not diffs:
+                continue
+            mean = sum(diffs) / len(diffs)
+            var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
+            out.append({"group": group, "timestep": t, "probes": len(diffs), "difference": mean,
+                        "se": math.sqrt(var / len(diffs))})
+    return out
+
+
+def told_gain_main(args, folder: Path, searched: int) -> int:
+    """--told-gain: the table of `told_gains` per model over `text_probes`, each model's told gain against the
+    first's (paired), and the rows in --json."""
+    from bench_memory import summarize
+
+    from pipeline import TTTVideoPipeline
+
+    found = text_probes(folder, args.within)
+    counts = {g: sum(p["beside"] == (g == GROUPS[0]) for p in found) for g in GROUPS}
+    if not counts[GROUPS[0]]:
+        print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "
+              f"its first {args.within} segments; ask for a larger --within", file=sys.stderr)
+        return 1
+    print(f"{searched} stories ({folder}), within their first {args.within} segments: {counts[GROUPS[0]]} newcomers "
+          f"beside another character, {counts[GROUPS[1]]} brought in alone; the loss on the newcomer (dense texts, "
+          "earlier segments clean):\n")
+    results, summaries = {}, {}
+    for model in args.models:
+        pipe = TTTVideoPipeline.from_pretrained(model)
+        pipe.set_progress_bar_config(disable=True)
+        rows = told_gains(pipe, folder, found, args.told_gain, args.seed)
+        summaries[model] = summarize(rows, args.told_gain, "beside", GROUPS)
+        results[model] = {"summary": summaries[model], "rows": rows}
+    print(told_gain_table(summaries))
+    first = args.models[0]
+    for model in args.models[1:]:
+        results[model]["against_first"] = paired_told_gains(results[first]["rows"], results[model]["rows"],
+                                                            args.told_gain)
+    if len(args.models) > 1:
+        print(f"\nThe told gain against {first}'s, paired per probe:\n\n| model | newcomer (probes) | t | difference | "
+              "+- s.e. |\n|---|---|---|---|---|")
+        for model in args.models[1:]:
+            for r in results[model]["against_first"]:
+                print(f"| {model} | {r['group']} ({r['probes']}) | {r['timestep']} | {r['difference']:+.5f} | "
+                      f"{r['se']:.5f} |")
+    if args.json:
+        from pipeline.atomic import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
+                                                 "results": results}, indent=1) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(p)
@@ -189,7 +333,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="search every story of this toy-world dataset folder instead of the held-out ones (the "
                         "training set's: how much of what the model draws there it learnt by heart); --stories is "
                         "then unused")
+    p.add_argument("--told-gain", type=lambda text: parse_timesteps(text, "--told-gain"), metavar="T,T,...",
+                   help="sample nothing: read at these noise levels how far the training loss on each newcomer "
+                        "follows what its dense text says (its look told against another look), beside another "
+                        "character and brought in alone (`told_gains`)")
     args = p.parse_args(argv)
+    if args.told_gain is not None:
+        given = [flag for flag, on in (("--compose", args.compose), ("--memory-intro", args.memory_intro is not None),
+                                       ("--after", args.after), ("--register story", args.register == "story"),
+                                       ("--memory-guidance", args.memory_guidance is not None)) if on]
+        if given:
+            p.error(f"--told-gain reads the loss from dense texts without sampling; it takes no {', '.join(given)}")
     if args.stories < 1 or args.within < 2:
         p.error("--stories must be at least 1 and --within at least 2 (segment 1 never has a newcomer beside another)")
     if args.after < 0:
@@ -203,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     if not searched:  # only a --folder can be empty: the held-out folder is made with --stories >= 1
         p.error(f"--folder: {folder} holds no <id>.storyboard.json; expected a folder written by "
                 "`python -m pipeline.toyworld generate`")
+    if args.told_gain is not None:
+        return told_gain_main(args, folder, searched)
     found = cases(folder, args.within, args.register, args.after)
     if not found:
         print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "

@@ -202,3 +202,98 @@ def test_memory_guidance_is_the_models_own_unless_told(tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--memory-guidance", "-1"])
     assert error.value.code == 2 and "--memory-guidance: expected a number >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_told_gain_probes_a_newcomer_beside_another_and_one_brought_in_alone(tmp_path):
+    generate(tmp_path, stories=12, min_segments=8, max_segments=8, seed=3, progress=False)
+    probes = bench_two_characters.text_probes(tmp_path, 8)
+    assert {p["beside"] for p in probes} == {True, False}  # both kinds among these stories
+    for p in probes:
+        storyboard = json.loads((tmp_path / f"{p['story']}.storyboard.json").read_text())
+        seg = parse_storyboard(storyboard).segments[p["segment"]]
+        assert p["segment"] >= 1 and p["character"] in seg.intros
+        if p["beside"]:
+            assert p["segment"] == bench_two_characters.newcomer_segment(storyboard, 8)
+            assert len(seg.on_stage()) > len(seg.intros)
+        else:
+            assert seg.on_stage() == [p["character"]]
+            earlier = parse_storyboard(storyboard).segments[1:p["segment"]]
+            assert not any(len(s.intros) == 1 and s.on_stage() == list(s.intros) for s in earlier)  # the first
+
+
+def test_told_gain_differs_only_in_the_newcomers_description_and_heeds_it(tmp_path):
+    """The told and mistold sequences share latents and every text but the probed segment's, which describes the
+    newcomer in another look; the loss there reads the same on the story cut after that segment as on the whole one;
+    and the bundled model's loss on a newcomer is lower with its own look told, at a level where the look is not yet
+    on screen (t = 800), for every probe of two held-out stories."""
+    import torch
+    from bench_memory import MemoryProbe, character_mask, swapped_story
+
+    from pipeline import TTTVideoPipeline
+    from pipeline.toyworld.render import render_story
+
+    generate(tmp_path, stories=12, min_segments=8, max_segments=8, seed=3, progress=False)
+    probes = bench_two_characters.text_probes(tmp_path, 8)
+    picked = [next(p for p in probes if p["beside"]), next(p for p in probes if not p["beside"])]
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    pipe.set_progress_bar_config(disable=True)
+    rows = bench_two_characters.told_gains(pipe, tmp_path, picked, [800], progress=False)
+    for p, row in zip(picked, rows):
+        assert row["swapped"]["character"][0] > row["true"]["character"][0], p
+        assert row["character_elements"] > 0
+
+    p = picked[0]
+    story = load_truth(tmp_path / f"{p['story']}.truth.json")
+    other = swapped_story(story, p["character"])
+    probe = MemoryProbe(pipe, [800])
+    told, mistold = probe.encode_dense_text(story), probe.encode_dense_text(other)
+    differ = [s for s in range(len(story.segments)) if not torch.equal(told[0][:, s], mistold[0][:, s])]
+    assert differ[0] == p["segment"]  # from the newcomer's segment on, where the dense texts describe it
+    # the whole story gives the loss the cut one did (the cut drops only what the loss never reads)
+    frames = render_story(story, probe.size)
+    mask = character_mask(frames, render_story(other, probe.size), p["segment"], pipe.vae_scale_factor_temporal,
+                          pipe.vae_scale_factor_spatial)
+    latents, _, _, starts = probe.encode(story, frames)
+    whole = probe.gain((latents, *told, starts), (latents, *mistold, starts), p["segment"], mask)
+    for which in ("true", "swapped"):
+        assert whole[which]["character"] == pytest.approx(rows[0][which]["character"], rel=1e-4)
+
+
+def test_told_gain_main_on_the_bundled_model(tmp_path, capsys):
+    model = str(ROOT / "models" / "default")
+    out = tmp_path / "results.json"
+    assert bench_two_characters.main([model, "--stories", "6", "--within", "20", "--told-gain", "800,950",
+                                      "--out", str(tmp_path), "--json", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())["results"][model]
+    probes = bench_two_characters.text_probes(tmp_path / "heldout", 20)
+    assert len(result["rows"]) == len(probes)
+    groups = {(r["group"], r["timestep"]): r for r in result["summary"] if r["region"] == "character"}
+    beside = sum(p["beside"] for p in probes)
+    assert groups["beside another", 800]["probes"] == beside and groups["alone", 950]["probes"] == len(probes) - beside
+    table = [line for line in stdout.splitlines() if line.startswith(f"| {model} |")]
+    assert len(table) == 3 * 2  # all, beside another, alone at each of the two levels
+    assert f"| beside another ({beside}) | 800 |" in "\n".join(table)
+    for flags, named in ((["--register", "story"], "--register story"), (["--after", "1"], "--after"),
+                         (["--memory-guidance", "0"], "--memory-guidance")):
+        with pytest.raises(SystemExit) as error:
+            bench_two_characters.main([model, "--told-gain", "800", *flags])
+        assert error.value.code == 2 and f"it takes no {named}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--told-gain", "0,800"])
+    assert error.value.code == 2 and "--told-gain: expected comma-separated integers in (0, 1000)" in \
+        capsys.readouterr().err
+
+
+def test_paired_told_gains_of_known_rows():
+    def row(beside, true, swapped):
+        return {"beside": beside, "true": {"character": true}, "swapped": {"character": swapped}}
+    first = [row(True, [1.0, 2.0], [1.5, 2.0]), row(True, [1.0, 1.0], [1.0, 1.0]), row(False, [0.0, 0.0], [1.0, 0.0])]
+    other = [row(True, [1.0, 2.0], [2.0, 2.0]), row(True, [0.0, 1.0], [0.5, 1.0]), row(False, [0.0, 0.0], [0.0, 3.0])]
+    out = {(r["group"], r["timestep"]): r for r in bench_two_characters.paired_told_gains(first, other, [800, 950])}
+    # gains at 800: first 0.5, 0, 1; other 1, 0.5, 0 -> differences 0.5, 0.5, -1
+    assert out["beside another", 800]["difference"] == pytest.approx(0.5) and out["beside another", 800]["se"] == 0
+    assert out["alone", 800]["difference"] == pytest.approx(-1.0) and out["alone", 800]["probes"] == 1
+    assert out["all", 800]["difference"] == pytest.approx(0.0)
+    assert out["all", 800]["se"] == pytest.approx((1.5 / 2 / 3) ** 0.5)  # differences 0.5, 0.5, -1 about 0
+    assert out["alone", 950]["difference"] == pytest.approx(3.0)
