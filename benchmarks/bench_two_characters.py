@@ -18,10 +18,11 @@ per character on stage (the pipeline's segment_parts, docs/sampling.md); --after
 scored one, as a longer video would.
 
 --told-gain T,T,... samples nothing: it reads the training loss on the newcomer's pixels of its segment at noise levels
-T (the story's true renders, earlier segments clean, the same noise for every model) with the dense text telling its
-look and telling another look (`told_gains`). The difference, the told gain, is how much the drawing of the newcomer
-follows its text, without the sampling noise that spreads this benchmark's readings by up to 18 points between seeds;
-it is read beside another character and, for contrast, for a character brought in alone (the first after segment 1).
+T (the story's true renders, earlier segments clean, the same noise from --seed for every model) with the dense text
+telling its look and telling another look (`told_gains`). The difference, the told gain, is how much the drawing of the
+newcomer follows its text, without the sampling noise that spreads this benchmark's readings by up to 18 points between
+seeds; it is read beside another character and, for contrast, for a character brought in alone (after segment 1, as the
+newcomers).
 """
 
 from __future__ import annotations
@@ -341,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.told_gain is not None:
         given = [flag for flag, on in (("--compose", args.compose), ("--memory-intro", args.memory_intro is not None),
                                        ("--after", args.after), ("--register story", args.register == "story"),
-                                       ("--memory-guidance", args.memory_guidance is not None)) if on]
+                                       ("--memory-guidance", args.memory_guidance is not None),
+                                       ("--guidance", args.guidance is not None),
+                                       ("--inference-steps", args.inference_steps != p.get_default("inference_steps")))
+                 if on]
         if given:
             p.error(f"--told-gain reads the loss from dense texts without sampling; it takes no {', '.join(given)}")
     if args.stories < 1 or args.within < 2:

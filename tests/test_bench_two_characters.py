@@ -275,7 +275,8 @@ def test_told_gain_main_on_the_bundled_model(tmp_path, capsys):
     assert len(table) == 3 * 2  # all, beside another, alone at each of the two levels
     assert f"| beside another ({beside}) | 800 |" in "\n".join(table)
     for flags, named in ((["--register", "story"], "--register story"), (["--after", "1"], "--after"),
-                         (["--memory-guidance", "0"], "--memory-guidance")):
+                         (["--memory-guidance", "0"], "--memory-guidance"), (["--guidance", "3"], "--guidance"),
+                         (["--inference-steps", "2"], "--inference-steps")):
         with pytest.raises(SystemExit) as error:
             bench_two_characters.main([model, "--told-gain", "800", *flags])
         assert error.value.code == 2 and f"it takes no {named}" in capsys.readouterr().err
