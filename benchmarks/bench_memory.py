@@ -124,17 +124,25 @@ class MemoryProbe:
 
     def encode(self, story, frames):
         """(latents (1, T, C, h, w), text embeds (1, n, L, D), text mask (1, n, L), scene starts (1, n))."""
-        import torch
-
         from pipeline.toyworld.dataset import story_captions, story_storyboard
 
-        pipe, device = self.pipe, self.pipe._execution_device
         board = story_storyboard(story)
         texts = board.texts if self.caption == "text" else [c[self.caption] for c in story_captions(story)]
-        latents = pipe.encode_video(frames, self.size, self.size, story.title).to(device, pipe.transformer.dtype)
-        embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, device=device)
-        starts = torch.tensor([[seg.scene_start for seg in board.segments]], device=device)
+        embeds, mask, _, _ = self.pipe.encode_prompt(texts, do_classifier_free_guidance=False,
+                                                     device=self.pipe._execution_device)
+        latents, starts = self.encode_frames(story, frames)
         return latents, embeds, mask, starts
+
+    def encode_frames(self, story, frames):
+        """(latents (1, T, C, h, w), scene starts (1, n)): `encode` without the texts."""
+        import torch
+
+        from pipeline.toyworld.dataset import story_storyboard
+
+        pipe, device = self.pipe, self.pipe._execution_device
+        latents = pipe.encode_video(frames, self.size, self.size, story.title).to(device, pipe.transformer.dtype)
+        starts = torch.tensor([[seg.scene_start for seg in story_storyboard(story).segments]], device=device)
+        return latents, starts
 
     def encode_dense_text(self, story):
         """(text embeds (1, n, L, D), text mask (1, n, L)) of the story's dense-register captions."""
@@ -216,13 +224,20 @@ def measure(pipe, folder: Path, story_ids: list[str], timesteps: list[int], seed
     return rows
 
 
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of `values` and its standard error (sample variance; 0 for a single value)."""
+    import math
+
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
 def summarize(rows: list[dict], timesteps: list[int], split: str = "adjacent",
               labels: tuple[str, str] = ("adjacent", "apart")) -> list[dict]:
     """Mean loss (true), mean gain, its standard error and the share of probes with a positive gain, per group
     (all, then the rows whose `split` is true and false, named by `labels`), timestep and region; with the described
     sequence also its mean loss, the mean text gain (swapped - described) and the memory gain's share of it."""
-    import math
-
     out = []
     groups = {"all": rows, labels[0]: [r for r in rows if r[split]], labels[1]: [r for r in rows if not r[split]]}
     for group, members in groups.items():
@@ -231,11 +246,10 @@ def summarize(rows: list[dict], timesteps: list[int], split: str = "adjacent",
                 gains = [r["swapped"][region][i] - r["true"][region][i] for r in members]
                 if not gains:
                     continue
-                mean = sum(gains) / len(gains)
-                var = sum((g - mean) ** 2 for g in gains) / max(1, len(gains) - 1)
+                mean, se = mean_and_se(gains)
                 out.append({"group": group, "timestep": t, "region": region, "probes": len(gains),
                             "loss_true": sum(r["true"][region][i] for r in members) / len(members),
-                            "gain": mean, "gain_se": math.sqrt(var / len(gains)),
+                            "gain": mean, "gain_se": se,
                             "positive": sum(g > 0 for g in gains) / len(gains)})
                 if all("described" in r for r in members):
                     described = sum(r["described"][region][i] for r in members) / len(members)

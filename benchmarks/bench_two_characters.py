@@ -229,7 +229,7 @@ def told_gains(pipe, folder: Path, probes: list[dict], timesteps: list[int], see
         frames = render_story(story, probe.size)
         mask = character_mask(frames, render_story(other, probe.size), p["segment"], pipe.vae_scale_factor_temporal,
                               pipe.vae_scale_factor_spatial)
-        latents, _, _, starts = probe.encode(story, frames)
+        latents, starts = probe.encode_frames(story, frames)
         told, mistold = ((latents, *probe.encode_dense_text(s), starts) for s in (story, other))
         rows.append({**p, "character_elements": int(mask.sum()),
                      **probe.gain(told, mistold, p["segment"], mask)})
@@ -250,7 +250,7 @@ def told_gain_table(summaries: dict[str, list[dict]]) -> str:
 def paired_told_gains(first: list[dict], rows: list[dict], timesteps: list[int]) -> list[dict]:
     """The told gain of `rows` minus that of `first` (the same probes, another model), per group and timestep: the
     mean paired difference and its standard error."""
-    import math
+    from bench_memory import mean_and_se
 
     out = []
     for group in ("all", *GROUPS):
@@ -260,10 +260,8 @@ def paired_told_gains(first: list[dict], rows: list[dict], timesteps: list[int])
                      - (a["swapped"]["character"][i] - a["true"]["character"][i]) for a, b in pairs]
             if not diffs:
                 continue
-            mean = sum(diffs) / len(diffs)
-            var = sum((d - mean) ** 2 for d in diffs) / max(1, len(diffs) - 1)
-            out.append({"group": group, "timestep": t, "probes": len(diffs), "difference": mean,
-                        "se": math.sqrt(var / len(diffs))})
+            mean, se = mean_and_se(diffs)
+            out.append({"group": group, "timestep": t, "probes": len(diffs), "difference": mean, "se": se})
     return out
 
 
