@@ -2,6 +2,7 @@
 
     python benchmarks/bench_two_characters.py MODEL [MODEL ...] [--stories 200] [--within 6] [--register dense]
         [--folder DIR] [--memory-guidance M] [--memory-intro M] [--compose] [--after K] [--told-gain T,T,...]
+        [--tell newcomer]
 
 For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
 segment among its first --within that brings in a character beside one already on stage; the story up to that segment
@@ -22,7 +23,8 @@ T (the story's true renders, earlier segments clean, the same noise from --seed 
 telling its look and telling another look (`told_gains`). The difference, the told gain, is how much the drawing of the
 newcomer follows its text, without the sampling noise that spreads this benchmark's readings by up to 18 points between
 seeds; it is read beside another character and, for contrast, for a character brought in alone (after segment 1, as the
-newcomers).
+newcomers). --tell newcomer cuts the newcomer's segment text to what it says of the newcomer (`told_only`): beside
+another character, what is left of the gap is the other's pixels, not its description.
 """
 
 from __future__ import annotations
@@ -206,14 +208,33 @@ def text_probes(folder: Path, within: int) -> list[dict]:
     return found
 
 
+TELLS = ("all", "newcomer")
+
+
+def told_only(story, segment: int, character: str):
+    """The story with segment `segment`'s dense text cut to what it says of `character` and of no one (the backdrop,
+    the camera, its entry of the "On stage:" list, its own sentences: its part in composed guidance), so that no other
+    character on stage is described there. A segment that names no one else is kept as it is."""
+    from pipeline.toyworld.text import character_parts
+
+    old = story.segments[segment]
+    parts = character_parts(old.dense_text, [character, *(n for n in story.cast if n != character)])
+    if not parts:
+        return story
+    segments = list(story.segments)
+    segments[segment] = replace(old, dense_text=parts[1])
+    return replace(story, segments=segments)
+
+
 def told_gains(pipe, folder: Path, probes: list[dict], timesteps: list[int], seed: int = 0,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, tell: str = "all") -> list[dict]:
     """Per probe, the training objective's loss on the newcomer's latent elements of its segment s (the story's true
     renders cut after s; segments 1..s-1 clean, s noised at each timestep with the same noise for every model; every
     text dense) with s's text telling the newcomer's true look ("true") and another look ("swapped":
     bench_memory.swapped_look, colour and shape; the frames untouched). swapped - true, the told gain, is how far the
     drawing of the newcomer follows what its text says, with no sampling noise; beside another character against
-    alone is the drawer's gap."""
+    alone is the drawer's gap. tell "newcomer": s's text describes the newcomer alone (`told_only`, both looks), so
+    that beside another the gap splits into what the other's description costs and what its pixels cost."""
     from bench_memory import MemoryProbe, character_mask, swapped_story
     from tqdm.auto import tqdm
 
@@ -230,6 +251,8 @@ def told_gains(pipe, folder: Path, probes: list[dict], timesteps: list[int], see
         mask = character_mask(frames, render_story(other, probe.size), p["segment"], pipe.vae_scale_factor_temporal,
                               pipe.vae_scale_factor_spatial)
         latents, starts = probe.encode_frames(story, frames)
+        if tell == "newcomer":
+            story, other = (told_only(s, p["segment"], p["character"]) for s in (story, other))
         told, mistold = ((latents, *probe.encode_dense_text(s), starts) for s in (story, other))
         rows.append({**p, "character_elements": int(mask.sum()),
                      **probe.gain(told, mistold, p["segment"], mask)})
@@ -285,7 +308,7 @@ def told_gain_main(args, folder: Path, searched: int) -> int:
     for model in args.models:
         pipe = TTTVideoPipeline.from_pretrained(model)
         pipe.set_progress_bar_config(disable=True)
-        rows = told_gains(pipe, folder, found, args.told_gain, args.seed)
+        rows = told_gains(pipe, folder, found, args.told_gain, args.seed, tell=args.tell)
         summaries[model] = summarize(rows, args.told_gain, "beside", GROUPS)
         results[model] = {"summary": summaries[model], "rows": rows}
     print(told_gain_table(summaries))
@@ -336,7 +359,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="sample nothing: read at these noise levels how far the training loss on each newcomer "
                         "follows what its dense text says (its look told against another look), beside another "
                         "character and brought in alone (`told_gains`)")
+    p.add_argument("--tell", choices=TELLS, default="all",
+                   help="with --told-gain: what the newcomer's segment text describes: everyone on stage (all, the "
+                        "default) or the newcomer alone (`told_only`: what another's description costs)")
     args = p.parse_args(argv)
+    if args.tell != "all" and args.told_gain is None:
+        p.error("--tell: only with --told-gain (sampling reads --register's texts)")
     if args.told_gain is not None:
         given = [flag for flag, on in (("--compose", args.compose), ("--memory-intro", args.memory_intro is not None),
                                        ("--after", args.after), ("--register story", args.register == "story"),

@@ -259,6 +259,39 @@ def test_told_gain_differs_only_in_the_newcomers_description_and_heeds_it(tmp_pa
         assert whole[which]["character"] == pytest.approx(rows[0][which]["character"], rel=1e-4)
 
 
+def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
+    """--tell newcomer: beside another, the probed segment's dense text keeps the backdrop and the newcomer's look and
+    sentences and names no one else; every other segment, and a text that names only the newcomer, stay as they were;
+    the bundled model's told gain then reads the same for a character brought in alone and otherwise beside another."""
+    import re
+
+    from pipeline import TTTVideoPipeline
+
+    generate(tmp_path, stories=12, min_segments=8, max_segments=8, seed=3, progress=False)
+    probes = bench_two_characters.text_probes(tmp_path, 8)
+    for p in probes:
+        story = load_truth(tmp_path / f"{p['story']}.truth.json")
+        name, s = p["character"], p["segment"]
+        cut = bench_two_characters.told_only(story, s, name)
+        old, new = story.segments[s].dense_text, cut.segments[s].dense_text
+        others = [n for n in story.cast if n != name and re.search(rf"\b{n}\b", old)]
+        assert bool(others) == p["beside"], old
+        assert not any(re.search(rf"\b{n}\b", new) for n in others), new
+        assert new.startswith(old.split(". ")[0] + ".")  # the backdrop
+        assert f"On stage: {name}, {story.cast[name].describe()}." in new and new.count(name) == old.count(name)
+        assert new == old or p["beside"]
+        assert [x.dense_text for i, x in enumerate(cut.segments) if i != s] == \
+            [x.dense_text for i, x in enumerate(story.segments) if i != s]
+
+    picked = [next(p for p in probes if p["beside"]), next(p for p in probes if not p["beside"])]
+    pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
+    pipe.set_progress_bar_config(disable=True)
+    every, alone = (bench_two_characters.told_gains(pipe, tmp_path, picked, [800], progress=False, tell=tell)
+                    for tell in ("all", "newcomer"))
+    assert every[1]["true"] == alone[1]["true"] and every[1]["swapped"] == alone[1]["swapped"]
+    assert every[0]["true"]["character"] != pytest.approx(alone[0]["true"]["character"], rel=1e-4)
+
+
 def test_told_gain_main_on_the_bundled_model(tmp_path, capsys):
     model = str(ROOT / "models" / "default")
     out = tmp_path / "results.json"
@@ -280,6 +313,9 @@ def test_told_gain_main_on_the_bundled_model(tmp_path, capsys):
         with pytest.raises(SystemExit) as error:
             bench_two_characters.main([model, "--told-gain", "800", *flags])
         assert error.value.code == 2 and f"it takes no {named}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--tell", "newcomer"])
+    assert error.value.code == 2 and "--tell: only with --told-gain" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--told-gain", "0,800"])
     assert error.value.code == 2 and "--told-gain: expected comma-separated integers in (0, 1000)" in \
