@@ -23,8 +23,9 @@ T (the story's true renders, earlier segments clean, the same noise from --seed 
 telling its look and telling another look (`told_gains`). The difference, the told gain, is how much the drawing of the
 newcomer follows its text, without the sampling noise that spreads this benchmark's readings by up to 18 points between
 seeds; it is read beside another character and, for contrast, for a character brought in alone (after segment 1, as the
-newcomers). --tell newcomer cuts the newcomer's segment text to what it says of the newcomer (`told_only`): beside
-another character, what is left of the gap is the other's pixels, not its description.
+newcomers). --tell newcomer cuts the newcomer's segment text to what it says of the newcomer (`told_only`), in the
+told gain and in the dense texts sampled: beside another character, what is left of the gap is the other's pixels,
+not its description.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from bench_long_range import scale  # noqa: E402
 from bench_memory import parse_timesteps  # noqa: E402
 
 REGISTERS = ("dense", "story")
+TELLS = ("all", "newcomer")  # what the dense text of the newcomer's segment describes
 CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
 # what became of a newcomer (`fate`), in the order of the second table
 FATES = ("right", "its colour, wrong shape or size", "another's colour", "a colour no one has",
@@ -96,10 +98,12 @@ def fate(newcomer, others) -> str:
     return "not found"
 
 
-def cases(folder: Path, within: int, register: str, after: int = 0) -> list[Case]:
+def cases(folder: Path, within: int, register: str, after: int = 0, tell: str = "all") -> list[Case]:
     """The stories of `folder` with a newcomer beside another within their first `within` segments, each cut `after`
-    segments after that one (the segment scored stays the newcomer's)."""
+    segments after that one (the segment scored stays the newcomer's). tell "newcomer" (dense register): the scored
+    segment's text describes the (first) newcomer alone (`told_only`)."""
     from pipeline.toyworld.dataset import load_truth
+    from pipeline.toyworld.text import parse_storyboard
 
     found = []
     for path in sorted(folder.glob("*.storyboard.json")):
@@ -111,6 +115,8 @@ def cases(folder: Path, within: int, register: str, after: int = 0) -> list[Case
         cut = first_segments(storyboard, segment + 1 + after)
         if register == "dense":
             truth = load_truth(folder / f"{story_id}.truth.json")
+            if tell == "newcomer":
+                truth = told_only(truth, segment, next(iter(parse_storyboard(storyboard).segments[segment].intros)))
             texts = [seg.dense_text for seg in truth.segments[: segment + 1 + after]]
         else:
             texts = [s["text"] for scene in cut["scenes"] for s in scene["segments"]]
@@ -206,9 +212,6 @@ def text_probes(folder: Path, within: int) -> list[dict]:
                 found.append({"story": path.name[: -len(".storyboard.json")], "segment": segment,
                               "character": next(iter(segments[segment].intros)), "beside": beside})
     return found
-
-
-TELLS = ("all", "newcomer")
 
 
 def told_only(story, segment: int, character: str):
@@ -360,11 +363,11 @@ def main(argv: list[str] | None = None) -> int:
                         "follows what its dense text says (its look told against another look), beside another "
                         "character and brought in alone (`told_gains`)")
     p.add_argument("--tell", choices=TELLS, default="all",
-                   help="with --told-gain: what the newcomer's segment text describes: everyone on stage (all, the "
+                   help="what the dense text of the newcomer's segment describes: everyone on stage (all, the "
                         "default) or the newcomer alone (`told_only`: what another's description costs)")
     args = p.parse_args(argv)
-    if args.tell != "all" and args.told_gain is None:
-        p.error("--tell: only with --told-gain (sampling reads --register's texts)")
+    if args.tell != "all" and args.register != "dense":
+        p.error("--tell: only with dense texts (a story text describes no one but a newcomer already)")
     if args.told_gain is not None:
         given = [flag for flag, on in (("--compose", args.compose), ("--memory-intro", args.memory_intro is not None),
                                        ("--after", args.after), ("--register story", args.register == "story"),
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                 "`python -m pipeline.toyworld generate`")
     if args.told_gain is not None:
         return told_gain_main(args, folder, searched)
-    found = cases(folder, args.within, args.register, args.after)
+    found = cases(folder, args.within, args.register, args.after, args.tell)
     if not found:
         print(f"bench_two_characters: none of {searched} stories brings in a character beside another within "
               f"its first {args.within} segments; ask for a larger --within"

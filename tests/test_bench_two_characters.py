@@ -262,7 +262,8 @@ def test_told_gain_differs_only_in_the_newcomers_description_and_heeds_it(tmp_pa
 def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
     """--tell newcomer: beside another, the probed segment's dense text keeps the backdrop and the newcomer's look and
     sentences and names no one else; every other segment, and a text that names only the newcomer, stay as they were;
-    the bundled model's told gain then reads the same for a character brought in alone and otherwise beside another."""
+    the sampled cases get the same cut; the bundled model's told gain then reads the same for a character brought in
+    alone and otherwise beside another."""
     import re
 
     from pipeline import TTTVideoPipeline
@@ -282,6 +283,15 @@ def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
         assert new == old or p["beside"]
         assert [x.dense_text for i, x in enumerate(cut.segments) if i != s] == \
             [x.dense_text for i, x in enumerate(story.segments) if i != s]
+
+    # sampled likewise: only the scored segment's dense text is cut
+    for every, alone in zip(bench_two_characters.cases(tmp_path, 8, "dense"),
+                            bench_two_characters.cases(tmp_path, 8, "dense", tell="newcomer")):
+        s = every.segment
+        assert alone.texts[:s] == every.texts[:s] and alone.texts[s] != every.texts[s]
+        newcomer = next(iter(parse_storyboard(every.storyboard).segments[s].intros))
+        story = load_truth(tmp_path / f"{every.story_id}.truth.json")
+        assert alone.texts[s] == bench_two_characters.told_only(story, s, newcomer).segments[s].dense_text
 
     picked = [next(p for p in probes if p["beside"]), next(p for p in probes if not p["beside"])]
     pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
@@ -314,8 +324,8 @@ def test_told_gain_main_on_the_bundled_model(tmp_path, capsys):
             bench_two_characters.main([model, "--told-gain", "800", *flags])
         assert error.value.code == 2 and f"it takes no {named}" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
-        bench_two_characters.main([model, "--tell", "newcomer"])
-    assert error.value.code == 2 and "--tell: only with --told-gain" in capsys.readouterr().err
+        bench_two_characters.main([model, "--tell", "newcomer", "--register", "story"])
+    assert error.value.code == 2 and "--tell: only with dense texts" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--told-gain", "0,800"])
     assert error.value.code == 2 and "--told-gain: expected comma-separated integers in (0, 1000)" in \
