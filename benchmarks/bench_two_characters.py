@@ -2,7 +2,7 @@
 
     python benchmarks/bench_two_characters.py MODEL [MODEL ...] [--stories 200] [--within 6] [--register dense]
         [--folder DIR] [--memory-guidance M] [--memory-intro M] [--compose] [--after K] [--told-gain T,T,...]
-        [--tell newcomer]
+        [--tell newcomer|story]
 
 For each held-out 20-segment story (the long-range benchmark's seed, made on first use in OUT/heldout) the first
 segment among its first --within that brings in a character beside one already on stage; the story up to that segment
@@ -23,9 +23,9 @@ T (the story's true renders, earlier segments clean, the same noise from --seed 
 telling its look and telling another look (`told_gains`). The difference, the told gain, is how much the drawing of the
 newcomer follows its text, without the sampling noise that spreads this benchmark's readings by up to 18 points between
 seeds; it is read beside another character and, for contrast, for a character brought in alone (after segment 1, as the
-newcomers). --tell newcomer cuts the newcomer's segment text to what it says of the newcomer (`told_only`), in the
-told gain and in the dense texts sampled: beside another character, what is left of the gap is the other's pixels,
-not its description.
+newcomers). --tell newcomer cuts the newcomer's segment text to what it says of the newcomer, --tell story puts its
+story text there (`told_text`), in the told gain and in the dense texts sampled: beside another character, what is
+left of the gap with the newcomer alone described is the other's pixels, not its description.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from bench_long_range import scale  # noqa: E402
 from bench_memory import parse_timesteps  # noqa: E402
 
 REGISTERS = ("dense", "story")
-TELLS = ("all", "newcomer")  # what the dense text of the newcomer's segment describes
+TELLS = ("all", "newcomer", "story")  # what the dense text of the newcomer's segment says (`told_text`)
 CHECKS = ("present", "color_ok", "shape_ok", "size_ok", "identity_ok")
 # what became of a newcomer (`fate`), in the order of the second table
 FATES = ("right", "its colour, wrong shape or size", "another's colour", "a colour no one has",
@@ -100,8 +100,8 @@ def fate(newcomer, others) -> str:
 
 def cases(folder: Path, within: int, register: str, after: int = 0, tell: str = "all") -> list[Case]:
     """The stories of `folder` with a newcomer beside another within their first `within` segments, each cut `after`
-    segments after that one (the segment scored stays the newcomer's). tell "newcomer" (dense register): the scored
-    segment's text describes the (first) newcomer alone (`told_only`)."""
+    segments after that one (the segment scored stays the newcomer's). tell (dense register): what the scored
+    segment's text says (`told_text` of its first newcomer)."""
     from pipeline.toyworld.dataset import load_truth
     from pipeline.toyworld.text import parse_storyboard
 
@@ -115,8 +115,7 @@ def cases(folder: Path, within: int, register: str, after: int = 0, tell: str = 
         cut = first_segments(storyboard, segment + 1 + after)
         if register == "dense":
             truth = load_truth(folder / f"{story_id}.truth.json")
-            if tell == "newcomer":
-                truth = told_only(truth, segment, next(iter(parse_storyboard(storyboard).segments[segment].intros)))
+            truth = told_text(truth, segment, next(iter(parse_storyboard(storyboard).segments[segment].intros)), tell)
             texts = [seg.dense_text for seg in truth.segments[: segment + 1 + after]]
         else:
             texts = [s["text"] for scene in cut["scenes"] for s in scene["segments"]]
@@ -214,18 +213,26 @@ def text_probes(folder: Path, within: int) -> list[dict]:
     return found
 
 
-def told_only(story, segment: int, character: str):
-    """The story with segment `segment`'s dense text cut to what it says of `character` and of no one (the backdrop,
-    the camera, its entry of the "On stage:" list, its own sentences: its part in composed guidance), so that no other
-    character on stage is described there. A segment that names no one else is kept as it is."""
+def told_text(story, segment: int, character: str, tell: str):
+    """The story with segment `segment`'s dense text as `tell` says (TELLS): "all" keeps it; "newcomer" cuts it to
+    what it says of `character` and of no one (the backdrop, the camera, its entry of the "On stage:" list, its own
+    sentences: its part in composed guidance), so that no other character on stage is described there (a text that
+    names no one else stays as it is); "story" puts the segment's story text there (what users write: `character`
+    described, the others only named when they act)."""
     from pipeline.toyworld.text import character_parts
 
+    if tell not in TELLS:
+        raise ValueError(f"tell: expected one of {', '.join(TELLS)}, got {tell!r}")
     old = story.segments[segment]
-    parts = character_parts(old.dense_text, [character, *(n for n in story.cast if n != character)])
-    if not parts:
+    if tell == "all":
         return story
+    if tell == "story":
+        text = old.text
+    else:
+        parts = character_parts(old.dense_text, [character, *(n for n in story.cast if n != character)])
+        text = parts[1] if parts else old.dense_text
     segments = list(story.segments)
-    segments[segment] = replace(old, dense_text=parts[1])
+    segments[segment] = replace(old, dense_text=text)
     return replace(story, segments=segments)
 
 
@@ -236,7 +243,7 @@ def told_gains(pipe, folder: Path, probes: list[dict], timesteps: list[int], see
     text dense) with s's text telling the newcomer's true look ("true") and another look ("swapped":
     bench_memory.swapped_look, colour and shape; the frames untouched). swapped - true, the told gain, is how far the
     drawing of the newcomer follows what its text says, with no sampling noise; beside another character against
-    alone is the drawer's gap. tell "newcomer": s's text describes the newcomer alone (`told_only`, both looks), so
+    alone is the drawer's gap. tell: what s's text says (`told_text`, both looks); "newcomer" describes it alone, so
     that beside another the gap splits into what the other's description costs and what its pixels cost."""
     from bench_memory import MemoryProbe, character_mask, swapped_story
     from tqdm.auto import tqdm
@@ -254,8 +261,7 @@ def told_gains(pipe, folder: Path, probes: list[dict], timesteps: list[int], see
         mask = character_mask(frames, render_story(other, probe.size), p["segment"], pipe.vae_scale_factor_temporal,
                               pipe.vae_scale_factor_spatial)
         latents, starts = probe.encode_frames(story, frames)
-        if tell == "newcomer":
-            story, other = (told_only(s, p["segment"], p["character"]) for s in (story, other))
+        story, other = (told_text(s, p["segment"], p["character"], tell) for s in (story, other))
         told, mistold = ((latents, *probe.encode_dense_text(s), starts) for s in (story, other))
         rows.append({**p, "character_elements": int(mask.sum()),
                      **probe.gain(told, mistold, p["segment"], mask)})
@@ -363,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
                         "follows what its dense text says (its look told against another look), beside another "
                         "character and brought in alone (`told_gains`)")
     p.add_argument("--tell", choices=TELLS, default="all",
-                   help="what the dense text of the newcomer's segment describes: everyone on stage (all, the "
-                        "default) or the newcomer alone (`told_only`: what another's description costs)")
+                   help="what the dense text of the newcomer's segment says: everyone on stage described (all, the "
+                        "default), the newcomer alone (newcomer: what another's description costs) or its story text "
+                        "(story: the newcomer described, the others named; `told_text`)")
     args = p.parse_args(argv)
     if args.tell != "all" and args.register != "dense":
         p.error("--tell: only with dense texts (a story text describes no one but a newcomer already)")

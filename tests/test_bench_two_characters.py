@@ -259,9 +259,10 @@ def test_told_gain_differs_only_in_the_newcomers_description_and_heeds_it(tmp_pa
         assert whole[which]["character"] == pytest.approx(rows[0][which]["character"], rel=1e-4)
 
 
-def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
+def test_told_text_describes_the_newcomer_alone_or_as_the_story_does(tmp_path):
     """--tell newcomer: beside another, the probed segment's dense text keeps the backdrop and the newcomer's look and
-    sentences and names no one else; every other segment, and a text that names only the newcomer, stay as they were;
+    sentences and names no one else; every other segment, and a text that names only the newcomer, stay as they were
+    (--tell story: the segment's story text, which describes the newcomer, and nothing else changed);
     the sampled cases get the same cut; the bundled model's told gain then reads the same for a character brought in
     alone and otherwise beside another."""
     import re
@@ -273,7 +274,7 @@ def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
     for p in probes:
         story = load_truth(tmp_path / f"{p['story']}.truth.json")
         name, s = p["character"], p["segment"]
-        cut = bench_two_characters.told_only(story, s, name)
+        cut = bench_two_characters.told_text(story, s, name, "newcomer")
         old, new = story.segments[s].dense_text, cut.segments[s].dense_text
         others = [n for n in story.cast if n != name and re.search(rf"\b{n}\b", old)]
         assert bool(others) == p["beside"], old
@@ -283,6 +284,12 @@ def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
         assert new == old or p["beside"]
         assert [x.dense_text for i, x in enumerate(cut.segments) if i != s] == \
             [x.dense_text for i, x in enumerate(story.segments) if i != s]
+        told = bench_two_characters.told_text(story, s, name, "story")
+        assert told.segments[s].dense_text == story.segments[s].text != old
+        assert f"{name}, {story.cast[name].describe()}" in told.segments[s].text
+        assert [x.dense_text for x in told.segments[:s]] == [x.dense_text for x in story.segments[:s]]
+    with pytest.raises(ValueError, match="tell: expected one of all, newcomer, story"):
+        bench_two_characters.told_text(story, s, name, "none")
 
     # sampled likewise: only the scored segment's dense text is cut
     for every, alone in zip(bench_two_characters.cases(tmp_path, 8, "dense"),
@@ -291,7 +298,7 @@ def test_told_only_describes_the_newcomer_alone_in_its_segment(tmp_path):
         assert alone.texts[:s] == every.texts[:s] and alone.texts[s] != every.texts[s]
         newcomer = next(iter(parse_storyboard(every.storyboard).segments[s].intros))
         story = load_truth(tmp_path / f"{every.story_id}.truth.json")
-        assert alone.texts[s] == bench_two_characters.told_only(story, s, newcomer).segments[s].dense_text
+        assert alone.texts[s] == bench_two_characters.told_text(story, s, newcomer, "newcomer").segments[s].dense_text
 
     picked = [next(p for p in probes if p["beside"]), next(p for p in probes if not p["beside"])]
     pipe = TTTVideoPipeline.from_pretrained(str(ROOT / "models" / "default"))
