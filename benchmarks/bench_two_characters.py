@@ -223,9 +223,9 @@ def told_text(story, segment: int, character: str, tell: str):
 
     if tell not in TELLS:
         raise ValueError(f"tell: expected one of {', '.join(TELLS)}, got {tell!r}")
-    old = story.segments[segment]
     if tell == "all":
         return story
+    old = story.segments[segment]
     if tell == "story":
         text = old.text
     else:
@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tell != "all" and args.register != "dense":
         p.error("--tell: only with dense texts (a story text describes no one but a newcomer already)")
+    if args.tell != "all" and args.compose:
+        p.error("--tell: not with --compose (composed guidance splits the whole text of the newcomer's segment)")
     if args.told_gain is not None:
         given = [flag for flag, on in (("--compose", args.compose), ("--memory-intro", args.memory_intro is not None),
                                        ("--after", args.after), ("--register story", args.register == "story"),

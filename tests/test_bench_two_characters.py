@@ -334,6 +334,9 @@ def test_told_gain_main_on_the_bundled_model(tmp_path, capsys):
         bench_two_characters.main([model, "--tell", "newcomer", "--register", "story"])
     assert error.value.code == 2 and "--tell: only with dense texts" in capsys.readouterr().err
     with pytest.raises(SystemExit) as error:
+        bench_two_characters.main([model, "--tell", "story", "--compose"])
+    assert error.value.code == 2 and "--tell: not with --compose" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
         bench_two_characters.main([model, "--told-gain", "0,800"])
     assert error.value.code == 2 and "--told-gain: expected comma-separated integers in (0, 1000)" in \
         capsys.readouterr().err
